@@ -1,0 +1,65 @@
+"""Hugging Face checkpoint directories: `config.json` plus `*.safetensors`.
+
+Sharded checkpoints are read through `model.safetensors.index.json`. Tensors are
+read with safetensors' numpy API, so loading needs no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+from safetensors import safe_open
+
+from flashspec_jax.loading.params import CheckpointError, check_tensor_names, params_from_hf
+from flashspec_jax.models.config import LlamaConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Maps each tensor name to the safetensors file holding it."""
+  index = directory / INDEX_FILE
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = {name: directory / shard for name, shard in weight_map.items()}
+    absent = sorted({str(f.name) for f in files.values() if not f.exists()})
+    if absent:
+      raise CheckpointError(f"{index} names shards that are not in {directory}: {absent}")
+    return files
+  shards = sorted(directory.glob("*.safetensors"))
+  if not shards:
+    raise CheckpointError(f"no *.safetensors files (and no {INDEX_FILE}) in {directory}")
+  files = {}
+  for shard in shards:
+    with safe_open(shard, framework="np") as f:
+      files |= {name: shard for name in f.keys()}
+  return files
+
+
+def load_hf_config(directory: str | pathlib.Path) -> LlamaConfig:
+  directory = pathlib.Path(directory)
+  config_file = directory / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"no config.json in {directory}")
+  return LlamaConfig.from_hf_dict(json.loads(config_file.read_text()), name=directory.name)
+
+
+def load_hf_checkpoint(directory: str | pathlib.Path,
+                       dtype: Any = jnp.bfloat16) -> tuple[LlamaConfig, dict[str, Any]]:
+  """Loads (config, params) from an HF Llama checkpoint directory."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise CheckpointError(f"checkpoint directory {directory} does not exist")
+  config = load_hf_config(directory)
+  files = tensor_files(directory)
+  check_tensor_names(config, files, where=str(directory))
+  with contextlib.ExitStack() as stack:
+    handles = {path: stack.enter_context(safe_open(path, framework="np"))
+               for path in set(files.values())}
+    params = params_from_hf(config, lambda name: handles[files[name]].get_tensor(name), dtype,
+                            where=str(directory))
+  return config, params

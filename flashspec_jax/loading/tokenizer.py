@@ -1,0 +1,89 @@
+"""Tokenizers from an HF directory (`tokenizer.json`) or from GGUF metadata.
+
+transformers can read a GGUF tokenizer too, but only with torch installed; we
+build the byte-level BPE ourselves with `tokenizers` so that running needs no
+torch. The test suite checks it encodes exactly as transformers' GGUF path does.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import gguf
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from flashspec_jax.loading.params import CheckpointError
+
+_CONTROL = int(gguf.TokenType.CONTROL)
+_USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
+
+# llama.cpp's pre-tokenizer names -> the HF pre-tokenizer that matches them.
+_PRE_TOKENIZERS = {
+    # SmolLM splits every digit, then applies GPT-2's byte-level regex.
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+}
+
+
+def _strings(reader: gguf.GGUFReader, key: str) -> list[str]:
+  return list(reader.get_field(key).contents())
+
+
+def tokenizer_from_gguf(path: str | pathlib.Path) -> PreTrainedTokenizerFast:
+  reader = gguf.GGUFReader(path)
+  kind = reader.get_field("tokenizer.ggml.model").contents()
+  pre = reader.get_field("tokenizer.ggml.pre")
+  pre = pre.contents() if pre is not None else "gpt2"
+  if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
+    raise CheckpointError(f"GGUF tokenizer {kind!r}/{pre!r} is not supported; supported: "
+                          f"'gpt2' BPE with pre-tokenizer {sorted(_PRE_TOKENIZERS)}")
+  tokens = _strings(reader, "tokenizer.ggml.tokens")
+  types = list(reader.get_field("tokenizer.ggml.token_type").contents())
+  merges = [tuple(m.split(" ", 1)) for m in _strings(reader, "tokenizer.ggml.merges")]
+  vocab = {token: i for i, token in enumerate(tokens)}
+  bpe = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+  bpe.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+  bpe.decoder = decoders.ByteLevel()
+  bpe.add_special_tokens([t for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)])
+
+  def special(key: str) -> str | None:
+    field = reader.get_field(f"tokenizer.ggml.{key}_token_id")
+    return None if field is None else tokens[int(field.contents())]
+
+  template = reader.get_field("tokenizer.chat_template")
+  return PreTrainedTokenizerFast(
+      tokenizer_object=bpe,
+      bos_token=special("bos"), eos_token=special("eos"), unk_token=special("unknown"),
+      pad_token=special("padding"),
+      chat_template=None if template is None else template.contents())
+
+
+def load_tokenizer(source: str | pathlib.Path) -> PreTrainedTokenizerFast:
+  """A tokenizer from a `.gguf` file or an HF directory holding `tokenizer.json`."""
+  source = pathlib.Path(source)
+  if source.suffix == ".gguf":
+    return tokenizer_from_gguf(source)
+  if not (source / "tokenizer.json").exists():
+    raise CheckpointError(f"no tokenizer.json in {source}")
+  return AutoTokenizer.from_pretrained(source)
+
+
+def encode_chat(tokenizer, user_messages: Sequence[str]) -> list[list[int]]:
+  """Token ids of each message as a one-turn chat, ready for the assistant's reply.
+
+  Falls back to plain encoding for base models that have no chat template.
+  """
+  encoded = []
+  for message in user_messages:
+    if tokenizer.chat_template:
+      text = tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                           add_generation_prompt=True, tokenize=False)
+      encoded.append(tokenizer.encode(text, add_special_tokens=False))
+    else:
+      encoded.append(tokenizer.encode(message))
+  return encoded

@@ -1,0 +1,247 @@
+"""Llama-architecture decoder in Flax linen, with an explicit KV cache.
+
+One call processes T new tokens per row, starting at that row's cache length,
+so the same function serves prefill (T = prompt length), decode (T = 1), the
+speculative verify pass (T = gamma + 1) and chunked cache catch-up.
+
+Layers are unrolled in Python rather than scanned: a scan over stacked weights
+made XLA copy each layer's slice and cost 1.7x per decode step on an H200
+(`shared/context/measured_h200.md`). The Q/K/V and gate/up projections are
+stored fused, which halves the number of small GEMVs per layer at batch 1.
+
+Axis letters used in this module:
+  B batch, T new tokens, S cache slots, D model width, F MLP width,
+  N query heads, K kv heads, G query heads per kv head, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from flashspec_jax.models.config import LlamaConfig
+
+
+@struct.dataclass(kw_only=True)
+class LayerCache:
+  """Keys and values of one layer.
+
+  Attributes:
+    k: [B, S, K, H]
+    v: [B, S, K, H]
+  """
+
+  k: jax.Array
+  v: jax.Array
+
+
+@struct.dataclass(kw_only=True)
+class KVCache:
+  """Per-layer keys and values plus how many slots each row holds.
+
+  Rolling back rejected draft tokens is a change of `lengths` alone: slots at or
+  beyond a row's length are masked out and overwritten by the next write.
+
+  Attributes:
+    layers: one LayerCache per layer.
+    lengths: [B] int32, valid slots per row.
+  """
+
+  layers: tuple[LayerCache, ...]
+  lengths: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.layers[0].k.shape[1]
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch: int, capacity: int, dtype=jnp.bfloat16,
+           num_layers: int | None = None) -> KVCache:
+    shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+    layers = tuple(
+        LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        for _ in range(num_layers or config.num_layers))
+    return cls(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
+  """[H/2] inverse frequencies, with Llama 3's long-context rescaling if configured."""
+  exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** exponents)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  old_context = scaling.original_max_position_embeddings
+  low_freq_wavelen = old_context / scaling.low_freq_factor
+  high_freq_wavelen = old_context / scaling.high_freq_factor
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates x [B, T, *, H] by positions [B, T], in HF's rotate-half layout."""
+  angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed.astype(x.dtype) * scale).astype(x.dtype)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+  """Writes new [B, T, K, H] into cache [B, S, K, H] at slots starts[b] + t.
+
+  Writes past the end are dropped rather than clamped, so padding beyond a
+  row's capacity can never overwrite valid entries.
+  """
+  batch, num_new = new.shape[:2]
+  slots = starts[:, None] + jnp.arange(num_new)[None, :]
+  return cache.at[jnp.arange(batch)[:, None], slots].set(new, mode="drop")
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, positions, layer_cache: LayerCache, starts, inv_freq):
+    c = self.config
+    init = nn.initializers.normal(0.02)
+    qkv_w = self.param("qkv", init, (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
+                       self.param_dtype)
+    out_w = self.param("out", init, (c.num_heads * c.head_dim, c.hidden_size), self.param_dtype)
+
+    batch, num_new, _ = x.shape
+    qkv = jnp.einsum("BTD,DE->BTE", x, qkv_w)
+    q, k, v = jnp.split(qkv, [c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim],
+                        axis=-1)
+    q = apply_rope(q.reshape(batch, num_new, c.num_heads, c.head_dim), positions, inv_freq)
+    k = apply_rope(k.reshape(batch, num_new, c.num_kv_heads, c.head_dim), positions, inv_freq)
+    v = v.reshape(batch, num_new, c.num_kv_heads, c.head_dim)
+
+    layer_cache = LayerCache(k=write_cache(layer_cache.k, k, starts),
+                             v=write_cache(layer_cache.v, v, starts))
+
+    q = q.reshape(batch, num_new, c.num_kv_heads, c.num_groups, c.head_dim)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, layer_cache.k,
+                        preferred_element_type=jnp.float32) * c.head_dim**-0.5
+    slots = jnp.arange(layer_cache.k.shape[1])
+    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S], causal over the cache
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, layer_cache.v)
+    out = out.reshape(batch, num_new, c.num_heads * c.head_dim)
+    return jnp.einsum("BTE,ED->BTD", out, out_w), layer_cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    init = nn.initializers.normal(0.02)
+    gate_up_w = self.param("gate_up", init, (c.hidden_size, 2 * c.intermediate_size),
+                           self.param_dtype)
+    down_w = self.param("down", init, (c.intermediate_size, c.hidden_size), self.param_dtype)
+    gate, up = jnp.split(jnp.einsum("BTD,DF->BTF", x, gate_up_w), 2, axis=-1)
+    return jnp.einsum("BTF,FD->BTD", nn.silu(gate) * up, down_w)
+
+
+class Block(nn.Module):
+  config: LlamaConfig
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, positions, layer_cache, starts, inv_freq):
+    eps = self.config.rms_norm_eps
+    attn_out, layer_cache = Attention(self.config, self.param_dtype, name="attn")(
+        RMSNorm(eps, self.param_dtype, name="attn_norm")(x), positions, layer_cache, starts,
+        inv_freq)
+    x = x + attn_out
+    x = x + MLP(self.config, self.param_dtype, name="mlp")(
+        RMSNorm(eps, self.param_dtype, name="mlp_norm")(x))
+    return x, layer_cache
+
+
+class Llama(nn.Module):
+  """Llama decoder. With `num_layers` < config.num_layers it is the layer-skip
+  self-drafter: the first layers, the final norm and the head, applied to the
+  full model's parameters (linen ignores the unused layers)."""
+
+  config: LlamaConfig
+  num_layers: int | None = None
+  param_dtype: jnp.dtype = jnp.bfloat16
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens: jax.Array,  # [B, T] int32
+      cache: KVCache,
+      num_valid: jax.Array | None = None,  # [B] int32, real tokens per row; default T
+      logits_index: jax.Array | None = None,  # [B] int32, the one position to score per row
+  ) -> tuple[jax.Array, KVCache]:
+    """Appends tokens to the cache and returns f32 logits.
+
+    Returns:
+      logits: [B, T, V], or [B, V] when logits_index is given.
+      cache: the updated cache; each row's length grows by num_valid.
+    """
+    c = self.config
+    num_layers = self.num_layers or c.num_layers
+    if len(cache.layers) != num_layers:
+      raise ValueError(f"cache has {len(cache.layers)} layers, model runs {num_layers}")
+    embedding = self.param("embedding", nn.initializers.normal(1.0), (c.vocab_size, c.hidden_size),
+                           self.param_dtype)
+    starts = cache.lengths
+    positions = starts[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
+    inv_freq = rope_inverse_frequencies(c)
+
+    x = jnp.take(embedding, tokens, axis=0)
+    layers = []
+    for i in range(num_layers):
+      x, layer_cache = Block(c, self.param_dtype, name=f"layer_{i}")(
+          x, positions, cache.layers[i], starts, inv_freq)
+      layers.append(layer_cache)
+    if num_valid is None:
+      num_valid = jnp.full_like(starts, tokens.shape[1])
+    cache = KVCache(layers=tuple(layers), lengths=starts + num_valid)
+
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+    x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")(x)
+    if c.tie_word_embeddings:
+      unembedding = embedding
+    else:
+      unembedding = self.param("unembedding", nn.initializers.normal(0.02),
+                               (c.vocab_size, c.hidden_size), self.param_dtype)
+    logits = jnp.einsum("...D,VD->...V", x, unembedding, preferred_element_type=jnp.float32)
+    return logits, cache
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16) -> dict:
+  """Random parameters, created on device in one jitted call (synthetic weights)."""
+  model = Llama(config, param_dtype=param_dtype)
+  cache = jax.eval_shape(lambda: KVCache.init(config, 1, 1, dtype=param_dtype))
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.jit(model.init)(rng, tokens, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache))
