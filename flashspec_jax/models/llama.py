@@ -28,9 +28,12 @@ from flashspec_jax.models.config import LlamaConfig
 class LayerCache:
   """Keys and values of one layer.
 
+  Heads come before slots so that the attention dots batch over leading axes
+  (B, K) and XLA needs no transposed copy of the cache at each step.
+
   Attributes:
-    k: [B, S, K, H]
-    v: [B, S, K, H]
+    k: [B, K, S, H]
+    v: [B, K, S, H]
   """
 
   k: jax.Array
@@ -54,12 +57,12 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    return self.layers[0].k.shape[1]
+    return self.layers[0].k.shape[2]
 
   @classmethod
   def init(cls, config: LlamaConfig, batch: int, capacity: int, dtype=jnp.bfloat16,
            num_layers: int | None = None) -> KVCache:
-    shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, capacity, config.head_dim)
     layers = tuple(
         LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
         for _ in range(num_layers or config.num_layers))
@@ -108,14 +111,15 @@ class RMSNorm(nn.Module):
 
 
 def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-  """Writes new [B, T, K, H] into cache [B, S, K, H] at slots starts[b] + t.
+  """Writes new [B, T, K, H] into cache [B, K, S, H] at slots starts[b] + t.
 
   Writes past the end are dropped rather than clamped, so padding beyond a
   row's capacity can never overwrite valid entries.
   """
   batch, num_new = new.shape[:2]
-  slots = starts[:, None] + jnp.arange(num_new)[None, :]
-  return cache.at[jnp.arange(batch)[:, None], slots].set(new, mode="drop")
+  slots = starts[:, None] + jnp.arange(num_new)[None, :]  # [B, T]
+  # Advanced indices split by a slice index the view as [B, T, K, H], new's layout.
+  return cache.at[jnp.arange(batch)[:, None], :, slots].set(new, mode="drop")
 
 
 class Attention(nn.Module):
@@ -142,13 +146,13 @@ class Attention(nn.Module):
                              v=write_cache(layer_cache.v, v, starts))
 
     q = q.reshape(batch, num_new, c.num_kv_heads, c.num_groups, c.head_dim)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, layer_cache.k,
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, layer_cache.k,
                         preferred_element_type=jnp.float32) * c.head_dim**-0.5
-    slots = jnp.arange(layer_cache.k.shape[1])
+    slots = jnp.arange(layer_cache.k.shape[2])
     visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S], causal over the cache
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, layer_cache.v)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, layer_cache.v)
     out = out.reshape(batch, num_new, c.num_heads * c.head_dim)
     return jnp.einsum("BTE,ED->BTD", out, out_w), layer_cache
 

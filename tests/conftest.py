@@ -1,0 +1,33 @@
+"""Shared fixtures. Everything runs on the CPU in f32 unless a test says otherwise."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from flashspec_jax.models.config import LlamaConfig
+from flashspec_jax.models.llama import init_params
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+  fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                num_kv_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=())
+  return LlamaConfig(**(fields | overrides))
+
+
+def spread_params(config: LlamaConfig, seed: int, scale: float = 4.0):
+  """Random f32 weights scaled up so that a tiny model's next-token distribution is not flat."""
+  params = init_params(config, jax.random.key(seed), jnp.float32)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * scale, params)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(config, f32 params, tokenizer) of the real SmolLM2-135M-Instruct GGUF."""
+  from flashspec_jax.loading.gguf import load_gguf_checkpoint, smollm2_path
+  from flashspec_jax.loading.tokenizer import load_tokenizer
+  path = smollm2_path()
+  config, params = load_gguf_checkpoint(path, dtype=jnp.float32)
+  return config, params, load_tokenizer(path)

@@ -1,0 +1,126 @@
+"""AR generation: correctness against a full recompute, EOS, budgets, one program."""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import spread_params, tiny_config
+
+from flashspec_jax import generate as gen
+from flashspec_jax.models.llama import KVCache, Llama
+from flashspec_jax.sampling import Greedy, Temperature, TopP
+
+CONFIG = tiny_config()
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1]]
+
+
+@pytest.fixture(scope="module")
+def params():
+  return spread_params(CONFIG, seed=0)
+
+
+def greedy_by_recompute(params, config, prompt, num_tokens):
+  """Greedy continuation that re-runs the whole sequence for every token: no cache reuse."""
+  model = Llama(config, param_dtype=jnp.float32)
+  seq = list(prompt)
+  for _ in range(num_tokens):
+    cache = KVCache.init(config, 1, len(seq), jnp.float32)
+    logits, _ = model.apply(params, jnp.asarray([seq]), cache)
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  return seq[len(prompt):]
+
+
+def run(params, prompts=PROMPTS, config=CONFIG, **kwargs):
+  kwargs = dict(sampler=Greedy(), max_new_tokens=12, rng=jax.random.key(0),
+                param_dtype=jnp.float32) | kwargs
+  return gen.run_generate(params, config, prompts, **kwargs)
+
+
+def test_greedy_matches_full_recompute_for_ragged_batch(params):
+  out = run(params)
+  assert out.tokens.shape == (3, 12)
+  np.testing.assert_array_equal(out.num_tokens, [12, 12, 12])
+  for row, prompt in enumerate(PROMPTS):
+    assert out.tokens[row].tolist() == greedy_by_recompute(params, CONFIG, prompt, 12)
+
+
+def test_rows_do_not_depend_on_their_batch_mates(params):
+  batched = run(params)
+  for row, prompt in enumerate(PROMPTS):
+    assert run(params, [prompt]).tokens[0].tolist() == batched.tokens[row].tolist()
+
+
+def test_per_row_eos_stops_only_that_row(params):
+  free = run(params).tokens
+  eos = int(free[1, 4])
+  first_hit = [int(np.argmax(row == eos)) + 1 if (row == eos).any() else 12 for row in free]
+  out = run(params, eos_ids=(eos,))
+  np.testing.assert_array_equal(out.num_tokens, first_hit)
+  for row, n in enumerate(first_hit):
+    assert out.tokens[row, :n].tolist() == free[row, :n].tolist()
+    assert (out.tokens[row, n:] == gen.PAD_ID).all()
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
+def test_exact_max_new_tokens(params, max_new_tokens):
+  out = run(params, max_new_tokens=max_new_tokens)
+  assert out.tokens.shape == (3, max_new_tokens)
+  np.testing.assert_array_equal(out.num_tokens, max_new_tokens)
+
+
+def test_stream_yields_the_same_tokens_as_generate(params):
+  out = run(params, max_new_tokens=6, sampler=TopP(0.9), rng=jax.random.key(3))
+  steps = list(gen.stream(params, CONFIG, PROMPTS, sampler=TopP(0.9), max_new_tokens=6,
+                          rng=jax.random.key(3), param_dtype=jnp.float32))
+  np.testing.assert_array_equal(np.stack(steps, axis=1), out.tokens)
+
+
+def test_generate_is_one_program_without_host_transfers(params, caplog):
+  tokens, lengths = gen.prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  args = jax.device_put((params, tokens, lengths, jax.random.key(0)))
+  static = dict(model=Llama(CONFIG, param_dtype=jnp.float32), sampler=Temperature(0.7),
+                max_new_tokens=9, eos_ids=(3,), capacity=tokens.shape[1] + 9)
+
+  hlo = gen.generate.lower(*args, **static).compile().as_text()
+  assert re.search(r"= .* while\(", hlo), "the decode loop should be an XLA while loop"
+  for host_op in (r"\boutfeed\(", r"\binfeed\(", r"\bsend\(", r"\brecv\(", "callback"):
+    assert not re.search(host_op, hlo), host_op
+
+  jax.clear_caches()
+  with caplog.at_level(logging.WARNING), jax.log_compiles(), jax.transfer_guard("disallow"):
+    out = gen.generate(*args, **static)
+    out.tokens.block_until_ready()
+  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert len(compiles) == 1 and "generate" in compiles[0], compiles
+  assert int(out.steps) <= 9
+
+
+def test_nan_logits_are_reported_not_sampled(params):
+  poisoned = jax.tree.map(lambda x: x, params)
+  poisoned["params"]["final_norm"]["scale"] = jnp.full_like(
+      params["params"]["final_norm"]["scale"], jnp.nan)
+  with pytest.raises(FloatingPointError, match="NaN logits for rows \\[0, 1, 2\\]"):
+    run(poisoned)
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([[1, 2], []], "prompts \\[1\\] are empty"),
+    ([], "no prompts"),
+    ([[1, 64]], "outside the vocabulary"),
+    ([[-1, 3]], "outside the vocabulary"),
+])
+def test_bad_prompts_are_rejected(params, prompts, match):
+  with pytest.raises(ValueError, match=match):
+    run(params, prompts)
+
+
+def test_budget_beyond_cache_is_rejected(params):
+  with pytest.raises(ValueError, match="exceeds the KV cache capacity of 16"):
+    run(params, max_new_tokens=12, cache_capacity=16)
+  with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+    run(params, max_new_tokens=250)
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    run(params, max_new_tokens=0)
