@@ -166,23 +166,23 @@ def decode_step(params, state: DecodeState, *, model: Llama, sampler: Sampler,
                              nan_rows=state.nan_rows | nan_rows, rng=rng, step=state.step + 1)
 
 
-def generated_tokens(state: DecodeState, max_new_tokens: int) -> jax.Array:
+def generated_tokens(tokens: jax.Array, prompt_lens: jax.Array, seq_lens: jax.Array,
+                     max_new_tokens: int) -> jax.Array:
   """[B, max_new_tokens] tokens after each prompt, PAD_ID beyond each row's end."""
-  batch = state.tokens.shape[0]
+  batch, width = tokens.shape
   offsets = jnp.arange(max_new_tokens)[None, :]
-  picked = state.tokens[jnp.arange(batch)[:, None],
-                        jnp.minimum(state.prompt_lens[:, None] + offsets, state.tokens.shape[1] - 1)]
-  return jnp.where(offsets < state.num_generated[:, None], picked, PAD_ID)
+  picked = tokens[jnp.arange(batch)[:, None],
+                  jnp.minimum(prompt_lens[:, None] + offsets, width - 1)]
+  return jnp.where(offsets < (seq_lens - prompt_lens)[:, None], picked, PAD_ID)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampler", "max_new_tokens", "eos_ids",
-                                             "capacity"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "capacity"))
 def generate(params, prompt_tokens, prompt_lens, rng, *, model: Llama, sampler: Sampler,
              max_new_tokens: int, eos_ids: tuple[int, ...], capacity: int) -> GenerationOutput:
   """Prefill plus a `lax.while_loop` of decode steps, as one compiled program.
 
-  Use `generate_text` or `run_generate` for validated host-side inputs; this is
-  the device-side core, whose arguments must already be on device.
+  The sampler is a pytree argument: changing its temperature does not
+  recompile. `run_generate` validates host-side inputs and calls this.
   """
   state = prefill(params, prompt_tokens, prompt_lens, rng, model=model, sampler=sampler,
                   max_new_tokens=max_new_tokens, eos_ids=eos_ids, capacity=capacity)
@@ -193,7 +193,8 @@ def generate(params, prompt_tokens, prompt_lens, rng, *, model: Llama, sampler: 
   step = functools.partial(decode_step, params, model=model, sampler=sampler,
                            max_new_tokens=max_new_tokens, eos_ids=eos_ids)
   state = jax.lax.while_loop(should_continue, step, state)
-  return GenerationOutput(tokens=generated_tokens(state, max_new_tokens),
+  return GenerationOutput(tokens=generated_tokens(state.tokens, state.prompt_lens, state.seq_lens,
+                                                 max_new_tokens),
                           num_tokens=state.num_generated, nan_rows=state.nan_rows,
                           steps=state.step)
 

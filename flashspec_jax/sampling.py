@@ -1,17 +1,23 @@
-"""Sampling methods: small frozen dataclasses, hashable so they can be static under jit.
+"""Sampling methods: small frozen dataclasses that are also pytrees.
 
 Each method defines the *processed* distribution it samples from, as log
 probabilities with -inf outside its support. Speculative decoding verifies
 against exactly that distribution, so AR and speculative sampling agree.
+
+Temperatures and top-p masses are pytree leaves, so a jitted generation takes
+the sampler as an ordinary argument and a sweep over them compiles once; the
+kind of sampler and top-k's k (a shape) are static. Values are validated when
+they are concrete Python numbers.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import numbers
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 
 class Sampler(Protocol):
@@ -24,7 +30,7 @@ class Sampler(Protocol):
 
 
 def _check_temperature(temperature: float) -> None:
-  if not temperature > 0:  # also rejects NaN
+  if isinstance(temperature, numbers.Number) and not temperature > 0:  # also rejects NaN
     raise ValueError(f"temperature must be > 0, got {temperature}; use Greedy() for temperature 0")
 
 
@@ -34,7 +40,7 @@ class _Stochastic:
     return jax.random.categorical(rng, self.log_probs(logits)).astype(jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Greedy:
   """Argmax; as a distribution, the one-hot at the argmax (ties go to the lowest id)."""
 
@@ -47,7 +53,7 @@ class Greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Temperature(_Stochastic):
   temperature: float = 1.0
 
@@ -58,11 +64,11 @@ class Temperature(_Stochastic):
     return jax.nn.log_softmax(logits.astype(jnp.float32) / self.temperature, axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class TopK(_Stochastic):
   """The k most likely tokens (ties at the k-th value are all kept), then temperature."""
 
-  k: int
+  k: int = struct.field(pytree_node=False)
   temperature: float = 1.0
 
   def __post_init__(self):
@@ -76,7 +82,7 @@ class TopK(_Stochastic):
     return jax.nn.log_softmax(jnp.where(logits >= kth, logits, -jnp.inf), axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class TopP(_Stochastic):
   """Nucleus sampling: the smallest set of most likely tokens whose mass reaches p."""
 
@@ -84,7 +90,7 @@ class TopP(_Stochastic):
   temperature: float = 1.0
 
   def __post_init__(self):
-    if not 0 < self.p <= 1:
+    if isinstance(self.p, numbers.Number) and not 0 < self.p <= 1:
       raise ValueError(f"top-p must be in (0, 1], got {self.p}")
     _check_temperature(self.temperature)
 

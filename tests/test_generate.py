@@ -81,8 +81,9 @@ def test_stream_yields_the_same_tokens_as_generate(params):
 def test_generate_is_one_program_without_host_transfers(params, caplog):
   tokens, lengths = gen.prepare_prompts(PROMPTS, CONFIG.vocab_size)
   args = jax.device_put((params, tokens, lengths, jax.random.key(0)))
-  static = dict(model=Llama(CONFIG, param_dtype=jnp.float32), sampler=Temperature(0.7),
-                max_new_tokens=9, eos_ids=(3,), capacity=tokens.shape[1] + 9)
+  static = dict(model=Llama(CONFIG, param_dtype=jnp.float32),
+                sampler=jax.device_put(Temperature(0.7)), max_new_tokens=9, eos_ids=(3,),
+                capacity=tokens.shape[1] + 9)
 
   hlo = gen.generate.lower(*args, **static).compile().as_text()
   assert re.search(r"= .* while\(", hlo), "the decode loop should be an XLA while loop"

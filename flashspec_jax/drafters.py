@@ -1,0 +1,123 @@
+"""Drafters: propose gamma tokens and the full distributions q they were drawn from.
+
+A drafter is a static, hashable description; its mutable part (a KV cache) is
+a pytree that the engine carries. Every drafter sees the committed token
+buffer, so a drafter whose cache lags behind (it was not used for a while, or
+the target accepted the draft it never fed itself) first catches up on the
+tokens it has not seen, in chunks.
+
+Cache invariant, shared with the target: a drafter's cache never holds the
+row's last committed token, which is fed first at the next proposal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flashspec_jax.models.llama import KVCache, Llama
+from flashspec_jax.sampling import Sampler
+
+
+def gather_window(tokens: jax.Array, starts: jax.Array, width: int) -> jax.Array:
+  """[B, width] tokens[b, starts[b]:starts[b] + width], clamped at the buffer's end."""
+  index = jnp.minimum(starts[:, None] + jnp.arange(width)[None, :], tokens.shape[1] - 1)
+  return jnp.take_along_axis(tokens, index, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDrafter:
+  """A Llama that drafts with its own KV cache.
+
+  With `model` = Llama(target_config, num_layers=k) and params_key="target",
+  this is the layer-skip self-drafter: the target's first k layers, final norm
+  and head, sharing the target's weights. With a separate small model, its
+  params sit under params["drafters"][params_key].
+
+  Attributes:
+    model: the drafting network (static).
+    params_key: "target", or the drafter's key in params["drafters"].
+    chunk: tokens fed per catch-up forward; lags up to chunk - 1 cost no extra pass.
+    unroll: unroll the gamma draft steps in XLA (fastest on GPU); False keeps one
+      loop body, which compiles several times faster on CPU.
+  """
+
+  model: Llama
+  params_key: str = "target"
+  chunk: int = 2
+  unroll: bool = True
+
+  @property
+  def name(self) -> str:
+    layers = self.model.num_layers or self.model.config.num_layers
+    return (f"layer_skip_{layers}" if self.params_key == "target"
+            else f"model_{self.params_key}")
+
+  @property
+  def vocab_size(self) -> int:
+    return self.model.config.vocab_size
+
+  def params(self, params: dict[str, Any]):
+    return params["target"] if self.params_key == "target" else params["drafters"][self.params_key]
+
+  def init(self, params, prompt_tokens, prompt_lens, capacity: int) -> KVCache:
+    """Prefills the drafter's cache with the prompts."""
+    cache = KVCache.init(self.model.config, prompt_tokens.shape[0], capacity,
+                         dtype=self.model.param_dtype, num_layers=self.model.num_layers)
+    _, cache = self.model.apply(self.params(params), prompt_tokens, cache, num_valid=prompt_lens,
+                                logits_index=prompt_lens - 1)
+    return cache
+
+  def catch_up(self, params, cache: KVCache, tokens, seq_lens) -> tuple[jax.Array, KVCache]:
+    """Feeds every committed token the cache lacks; returns logits after the last one [B, V]."""
+    def lagging(cache):
+      return jnp.any(seq_lens - cache.lengths > self.chunk)
+
+    def feed_chunk(cache):
+      num_valid = jnp.clip(seq_lens - 1 - cache.lengths, 0, self.chunk)
+      window = gather_window(tokens, cache.lengths, self.chunk)
+      _, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
+                                  logits_index=jnp.zeros_like(num_valid))
+      return cache
+
+    cache = jax.lax.while_loop(lagging, feed_chunk, cache)
+    num_valid = seq_lens - cache.lengths  # in [1, chunk]
+    window = gather_window(tokens, cache.lengths, self.chunk)
+    logits, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
+                                     logits_index=num_valid - 1)
+    return logits, cache
+
+  def propose(self, params, cache: KVCache, tokens, seq_lens, gamma: int, sampler: Sampler,
+              rng) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Drafts gamma tokens per row.
+
+    Returns:
+      cache: holding the committed tokens and all drafts but the last.
+      draft_tokens: [B, gamma] int32.
+      draft_logq: [B, gamma, V] f32, the log q each draft was sampled from.
+    """
+    logits, cache = self.catch_up(params, cache, tokens, seq_lens)
+    keys = jax.random.split(rng, gamma)
+    first = sampler.get_next_tokens(logits, keys[0])
+
+    def draft_one(carry, key):
+      cache, previous, logq = carry
+      logits, cache = self.model.apply(self.params(params), previous[:, None], cache)
+      token = sampler.get_next_tokens(logits[:, 0], key)
+      return (cache, token, sampler.log_probs(logits[:, 0])), (previous, logq)
+
+    # Each iteration feeds the previous draft and samples the next; the last
+    # draft is never fed, as the target's pass scores it.
+    (cache, last, last_logq), (drafts, logqs) = jax.lax.scan(
+        draft_one, (cache, first, sampler.log_probs(logits)), keys[1:],
+        unroll=max(gamma - 1, 1) if self.unroll else 1)
+    draft_tokens = jnp.concatenate([drafts, last[None]], axis=0).T  # [B, gamma]
+    draft_logq = jnp.concatenate([logqs, last_logq[None]], axis=0).transpose(1, 0, 2)
+    return cache, draft_tokens, draft_logq
+
+  def rollback(self, cache: KVCache, seq_lens) -> KVCache:
+    """Forgets rejected drafts: keeps at most the committed tokens but the last."""
+    return dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths, seq_lens - 1))

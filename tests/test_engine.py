@@ -1,0 +1,175 @@
+"""The speculative engine: greedy equivalence, ragged batches, budgets, metrics, errors."""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import spread_params, tiny_config
+
+from flashspec_jax import engine
+from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.generate import PAD_ID, prepare_prompts, run_generate
+from flashspec_jax.loading.tokenizer import encode_chat
+from flashspec_jax.models.llama import Llama
+from flashspec_jax.prompts import load_prompts
+from flashspec_jax.sampling import Greedy, Temperature, TopK, TopP, make_sampler
+
+CONFIG = tiny_config(num_layers=4)
+DRAFT_CONFIG = tiny_config(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1)
+TARGET = Llama(CONFIG, param_dtype=jnp.float32)
+DRAFTERS = {
+    "small": ModelDrafter(Llama(DRAFT_CONFIG, param_dtype=jnp.float32), "small"),
+    "layer_skip": ModelDrafter(Llama(CONFIG, num_layers=2, param_dtype=jnp.float32)),
+    "self": ModelDrafter(TARGET),
+}
+PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(30, 39)),
+           [4] * 6, [60, 61, 62, 63, 0]]  # batch 8, lengths 1 to 12
+
+
+@pytest.fixture(scope="module")
+def params():
+  return {"target": spread_params(CONFIG, seed=0),
+          "drafters": {"small": spread_params(DRAFT_CONFIG, seed=1)}}
+
+
+def speculate(params, drafter="small", prompts=PROMPTS, **kwargs):
+  kwargs = dict(gamma=3, target_sampler=Greedy(), max_new_tokens=16,
+                rng=jax.random.key(0)) | kwargs
+  return engine.run_speculative(params, TARGET, DRAFTERS[drafter], prompts, **kwargs)
+
+
+@pytest.mark.parametrize("drafter", sorted(DRAFTERS))
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_speculation_equals_greedy_ar_on_a_ragged_batch(params, drafter, gamma):
+  ar = run_generate(params["target"], CONFIG, PROMPTS, sampler=Greedy(), max_new_tokens=16,
+                    rng=jax.random.key(0), param_dtype=jnp.float32)
+  out = speculate(params, drafter, gamma=gamma)
+  np.testing.assert_array_equal(out.tokens, ar.tokens)
+  np.testing.assert_array_equal(out.num_tokens, 16)
+
+
+def test_acceptance_is_ragged_across_rows(params):
+  out = speculate(params, "layer_skip", gamma=4)
+  accepted_per_step = out.metrics.accepted / np.maximum(out.metrics.steps, 1)
+  assert len(set(np.round(np.asarray(accepted_per_step), 3))) > 1
+
+
+def test_drafting_with_the_target_accepts_everything(params):
+  out = speculate(params, "self", gamma=4, max_new_tokens=21, target_sampler=Temperature(1.0))
+  summary = engine.summarize(out.metrics)
+  assert summary["alpha"] == 1.0
+  # 20 tokens after the prefill's first: four full steps of 5 tokens per row.
+  assert summary["tau"] == 5.0 and summary["steps"] == 8 * 4
+  assert summary["accept_hist"] == [0, 0, 0, 0, 32]
+
+
+def test_alpha_stops_counting_at_the_first_rejection(params):
+  out = speculate(params, "small", gamma=4, target_sampler=Temperature(1.0))
+  m = jax.tree.map(np.asarray, out.metrics)
+  hist = m.accept_hist.sum(axis=0)
+  n = np.arange(5)
+  assert m.accepted.sum() == (hist * n).sum()
+  assert m.tested.sum() == (hist * np.minimum(n + 1, 4)).sum()
+  assert m.proposed.sum() == 4 * hist.sum()
+  summary = engine.summarize(out.metrics)
+  assert summary["alpha"] == pytest.approx(m.accepted.sum() / m.tested.sum())
+  assert summary["alpha"] > m.accepted.sum() / m.proposed.sum() or summary["alpha"] == 1
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 13])
+def test_no_overshoot_of_max_new_tokens(params, max_new_tokens):
+  out = speculate(params, "self", gamma=4, max_new_tokens=max_new_tokens,
+                  target_sampler=Temperature(1.0))
+  assert out.tokens.shape == (8, max_new_tokens)
+  np.testing.assert_array_equal(out.num_tokens, max_new_tokens)
+
+
+def test_per_row_eos(params):
+  free = speculate(params, "layer_skip", gamma=4).tokens
+  eos = int(free[1, 5])
+  first_hit = [int(np.argmax(row == eos)) + 1 if (row == eos).any() else 16 for row in free]
+  out = speculate(params, "layer_skip", gamma=4, eos_ids=(eos,))
+  np.testing.assert_array_equal(out.num_tokens, first_hit)
+  for row, n in enumerate(first_hit):
+    assert out.tokens[row, :n].tolist() == free[row, :n].tolist()
+    assert (out.tokens[row, n:] == PAD_ID).all()
+
+
+def test_speculation_is_one_program_without_host_transfers(params, caplog):
+  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  args = jax.device_put((params, tokens, lengths, jax.random.key(0)))
+  samplers = jax.device_put(dict(target_sampler=TopP(0.9, 0.8), draft_sampler=Temperature(1.0)))
+  static = dict(target=TARGET, drafter=DRAFTERS["small"], gamma=4, max_new_tokens=10,
+                eos_ids=(3,), capacity=tokens.shape[1] + 10 + 5)
+  hlo = engine.speculative_generate.lower(*args, **samplers, **static).compile().as_text()
+  assert re.search(r"= .* while\(", hlo)
+  for host_op in (r"\boutfeed\(", r"\binfeed\(", r"\bsend\(", r"\brecv\(", "callback"):
+    assert not re.search(host_op, hlo), host_op
+  jax.clear_caches()
+  with caplog.at_level(logging.WARNING), jax.log_compiles(), jax.transfer_guard("disallow"):
+    out = engine.speculative_generate(*args, **samplers, **static)
+    out.tokens.block_until_ready()
+  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert len(compiles) == 1 and "speculative_generate" in compiles[0], compiles
+
+
+def test_drafter_vocabulary_must_match(params):
+  other = ModelDrafter(Llama(tiny_config(vocab_size=65), param_dtype=jnp.float32), "small")
+  with pytest.raises(ValueError, match="drafter vocabulary \\(65\\) differs from the target's "
+                                       "\\(64\\)"):
+    engine.run_speculative(params, TARGET, other, PROMPTS, gamma=2, target_sampler=Greedy(),
+                           max_new_tokens=4, rng=jax.random.key(0))
+
+
+def test_bad_gamma_is_rejected(params):
+  with pytest.raises(ValueError, match="gamma must be >= 1, got 0"):
+    speculate(params, gamma=0)
+  with pytest.raises(ValueError, match="\\+ 5 speculative slots = 33 exceeds the KV cache "
+                                       "capacity of 32"):
+    speculate(params, gamma=4, max_new_tokens=16, cache_capacity=32)
+  with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+    speculate(params, gamma=240, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: make_sampler(temperature=-0.5), "temperature must be >= 0"),
+    (lambda: make_sampler(temperature=1.0, top_p=0.0), "top_p must be in \\(0, 1\\]"),
+    (lambda: make_sampler(temperature=1.0, top_p=1.5), "top_p must be in \\(0, 1\\]"),
+    (lambda: TopP(1.2), "top-p must be in \\(0, 1\\]"),
+    (lambda: Temperature(0.0), "use Greedy\\(\\) for temperature 0"),
+    (lambda: TopK(0), "top-k needs k >= 1"),
+])
+def test_bad_sampling_settings_are_rejected(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
+
+
+def test_nan_logits_are_reported_not_sampled(params):
+  poisoned = {"target": params["target"],
+              "drafters": {"small": jax.tree.map(lambda x: x.at[...].set(jnp.nan),
+                                                 params["drafters"]["small"])}}
+  with pytest.raises(FloatingPointError, match="NaN logits for rows \\[0, 1, 2, 3, 4, 5, 6, 7\\]"):
+    speculate(poisoned, "small", target_sampler=Temperature(1.0))
+
+
+REAL_PROMPT_KINDS = {"chat": 2, "code": 2, "edit": 1}
+
+
+def test_greedy_speculation_equals_greedy_ar_on_smollm2(smollm2):
+  """Five real prompts of three kinds, 128 new tokens each, layer-skip drafter, f32."""
+  config, params, tokenizer = smollm2
+  texts = [p.text for kind, n in REAL_PROMPT_KINDS.items() for p in load_prompts(kind, n)]
+  prompts = encode_chat(tokenizer, texts)
+  ar = run_generate(params, config, prompts, sampler=Greedy(), max_new_tokens=128,
+                    rng=jax.random.key(0), eos_ids=(), param_dtype=jnp.float32)
+  target = Llama(config, param_dtype=jnp.float32)
+  drafter = ModelDrafter(Llama(config, num_layers=10, param_dtype=jnp.float32))
+  out = engine.run_speculative({"target": params}, target, drafter, prompts, gamma=4,
+                               target_sampler=Greedy(), max_new_tokens=128,
+                               rng=jax.random.key(0), eos_ids=())
+  for row in range(len(prompts)):
+    assert out.tokens[row].tolist() == ar.tokens[row].tolist(), f"prompt {row} diverges"
+  assert engine.summarize(out.metrics)["accepted"] > 0
