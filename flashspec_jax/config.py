@@ -12,21 +12,26 @@ import ml_collections
 from flashspec_jax.prompts import PROMPT_SETS, SPLITS
 
 DTYPES = ("auto", "float32", "bfloat16")
-MODES = ("ar",)
+# A method is "ar", "layer_skip:<k>" (the target's first k layers draft) or
+# "draft_model:<name>" (a separate model of a shape in configs/).
+METHOD_KINDS = ("ar", "layer_skip", "draft_model")
 
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.experiment = "default"
-  config.mode = "ar"
+  config.methods = "ar"  # comma-separated; all run on the same prompts, side by side
   # A model shape in configs/; its weights come from checkpoint_dir, the default
   # place for that model, or random weights when synthetic_weights is set.
   config.target = "smollm2_135m"
   config.checkpoint_dir = ""
+  config.draft_checkpoint_dir = ""  # for a draft_model method; "" = its default place
   config.synthetic_weights = False
   config.dtype = "auto"  # bfloat16 on GPU, float32 on CPU
   config.seed = 0
   config.batch_size = 1
+  config.results_dir = "results"
+  config.print_text = True
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.sets = "chat,code,edit"  # comma-separated, from PROMPT_SETS
@@ -39,17 +44,37 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling.top_k = 0  # 0 is off
   config.sampling.top_p = 1.0  # 1 is off
   config.sampling.max_new_tokens = 64
+  config.sampling.gamma = 4  # draft tokens per speculative step
   return config
 
 
+def _items(text: str) -> list[str]:
+  return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def prompt_sets(config: ml_collections.ConfigDict) -> list[str]:
-  return [s.strip() for s in config.prompts.sets.split(",") if s.strip()]
+  return _items(config.prompts.sets)
+
+
+def method_names(config: ml_collections.ConfigDict) -> list[str]:
+  return _items(config.methods)
+
+
+def _valid_method(name: str) -> bool:
+  kind, _, arg = name.partition(":")
+  if kind == "ar":
+    return not arg
+  if kind == "layer_skip":
+    return arg.isdigit() and int(arg) >= 1
+  return kind == "draft_model" and bool(arg)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field whose value is invalid."""
   checks = [
-      ("mode", config.mode in MODES, f"one of {MODES}"),
+      ("methods", bool(method_names(config)) and all(map(_valid_method, method_names(config)))
+       and len(set(method_names(config))) == len(method_names(config)),
+       f"distinct comma-separated methods of the forms ar, layer_skip:<k>, draft_model:<name>"),
       ("dtype", config.dtype in DTYPES, f"one of {DTYPES}"),
       ("batch_size", config.batch_size >= 1, ">= 1"),
       ("prompts.sets", bool(prompt_sets(config))
@@ -62,6 +87,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("sampling.top_k", config.sampling.top_k >= 0, ">= 0 (0 is off)"),
       ("sampling.top_p", 0 < config.sampling.top_p <= 1, "in (0, 1]"),
       ("sampling.max_new_tokens", config.sampling.max_new_tokens >= 1, ">= 1"),
+      ("sampling.gamma", config.sampling.gamma >= 1, ">= 1"),
   ]
   for field, ok, expected in checks:
     if not ok:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from flashspec_jax import results
 from flashspec_jax.bench import timing
 from flashspec_jax.generate import decode_step, prefill
 from flashspec_jax.models.config import model_config
@@ -69,7 +70,7 @@ def main(argv):
   del argv
   result = bench(_MODEL.value, [int(b) for b in _BATCH.value], _CONTEXT.value,
                  tuple(int(s) for s in _STEPS.value), _REPEATS.value, int(_COPY_GIB.value * 2**30))
-  path = timing.write_results("ar_decode", result, _OUT.value)
+  path = results.write("ar_decode", result, directory=_OUT.value)
   bw = result["copy_bandwidth"]["bytes_per_second"] / 1e12
   print(f"\nAR decode, {result['model']} shape, synthetic bf16 weights, copy bandwidth "
         f"{bw:.2f} TB/s -> {path}")
