@@ -121,3 +121,58 @@ class ModelDrafter:
   def rollback(self, cache: KVCache, seq_lens) -> KVCache:
     """Forgets rejected drafts: keeps at most the committed tokens but the last."""
     return dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths, seq_lens - 1))
+
+
+def one_hot_log(tokens: jax.Array, vocab_size: int) -> jax.Array:
+  """[..., V] log of the point mass at tokens [...]: 0 there, -inf elsewhere."""
+  return jnp.where(jnp.arange(vocab_size) == tokens[..., None], 0.0, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramDrafter:
+  """Prompt lookup: find the latest earlier occurrence of the row's last n tokens
+  (the longest n from max_n down to 1 that matches) and propose the tokens that
+  followed it. A point-mass q on each proposal keeps verification exact; with
+  no match it proposes the last token again.
+
+  Pure jnp over the committed token buffer; it has no state.
+  """
+
+  vocab_size: int
+  max_n: int = 3
+
+  @property
+  def name(self) -> str:
+    return f"ngram_{self.max_n}"
+
+  def init(self, params, prompt_tokens, prompt_lens, capacity: int):
+    del params, prompt_tokens, prompt_lens, capacity
+    return ()
+
+  def propose(self, params, state, tokens, seq_lens, gamma: int, sampler: Sampler, rng):
+    del params, sampler, rng
+    batch, width = tokens.shape
+    starts = jnp.arange(width)[None, :]  # candidate match start s
+    continuation = jnp.full((batch,), -1, jnp.int32)  # index of the token after the match
+    for n in range(1, self.max_n + 1):  # longer matches overwrite shorter ones
+      suffix = gather_window(tokens, jnp.maximum(seq_lens - n, 0), n)  # [B, n]
+      matches = jnp.ones((batch, width), bool)
+      for k in range(n):
+        shifted = jnp.take_along_axis(tokens, jnp.minimum(starts + k, width - 1).repeat(
+            batch, 0), axis=1)
+        matches &= shifted == suffix[:, k:k + 1]
+      # The match must end before the suffix starts, with n tokens to match at all.
+      matches &= (starts + n < seq_lens[:, None]) & (seq_lens[:, None] > n)
+      latest = jnp.max(jnp.where(matches, starts, -1), axis=1)
+      continuation = jnp.where(latest >= 0, latest + n, continuation)
+    last = tokens[jnp.arange(batch), seq_lens - 1]
+    index = continuation[:, None] + jnp.arange(gamma)[None, :]
+    proposed = jnp.take_along_axis(tokens, jnp.clip(index, 0, width - 1), axis=1)
+    # Past the committed tokens (or with no match), repeat the last committed token.
+    draft_tokens = jnp.where((continuation[:, None] >= 0) & (index < seq_lens[:, None]), proposed,
+                             last[:, None])
+    return state, draft_tokens, one_hot_log(draft_tokens, self.vocab_size)
+
+  def rollback(self, state, seq_lens):
+    del seq_lens
+    return state

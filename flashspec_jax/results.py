@@ -30,8 +30,10 @@ def check_writable(directory: str | pathlib.Path) -> pathlib.Path:
 
 
 def write(name: str, payload: dict, records: Sequence[dict] = (),
-          directory: str | pathlib.Path = "results") -> pathlib.Path:
-  env = environment.describe()
+          directory: str | pathlib.Path = "results", env: dict | None = None) -> pathlib.Path:
+  """Writes the results file; pass `env` captured when the run started, so the sha
+  and dirty flag describe the code that ran."""
+  env = env or environment.describe()
   out_dir = check_writable(pathlib.Path(directory) / name)
   stem = f"{env['date'][:10]}_{env['git_sha'][:8]}"
   path = out_dir / f"{stem}.json"

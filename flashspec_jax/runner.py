@@ -151,12 +151,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs one experiment config end to end, writes its results and returns them."""
   config_lib.validate(config)
   results.check_writable(config.results_dir)
+  env = environment.describe()
   sampler = make_sampler(config.sampling.temperature, config.sampling.top_k, config.sampling.top_p)
   dtype = param_dtype(config)
   model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
                      config.seed)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
-  print(f"target: {config.target} [{label}] on {environment.describe()['device']}, "
+  print(f"target: {config.target} [{label}] on {env['device']}, "
         f"{jnp.dtype(dtype).name}")
   methods, params = build_methods(config, model, dtype)
   target = Llama(model.config, param_dtype=dtype)
@@ -206,6 +207,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   print_table(summaries, model.synthetic)
   payload = dict(config=config.to_dict(), synthetic_weights=model.synthetic,
                  weights=model.source, summaries=summaries)
-  path = results.write(config.experiment, payload, records, directory=config.results_dir)
+  path = results.write(config.experiment, payload, records, directory=config.results_dir, env=env)
   print(f"results: {path}")
   return dict(summaries=summaries, records=records, path=str(path))

@@ -18,14 +18,29 @@ The next token is drawn by the exponential race: argmax_v r_v / E_v with
 E_v ~ Exp(1) independent, which selects v with probability r_v / sum(r), so
 the residual never needs normalising.
 
-This module holds the pure-jnp reference; the Pallas kernel sits beside it
-behind the same signature.
+Inputs are normalised log probabilities, not logits. The accept test needs
+p and q at the draft tokens only (2G scalars); the residual needs one row of p
+and q (2V floats). From logits the kernel would also need the normaliser of
+every position the accept test touches, a pass over (2G + 1) V floats, i.e.
+about 4.5 MB instead of 1 MB per row at G = 4, V = 128256 in f32. The
+normalised distributions exist anyway: top-k, top-p and temperature are
+applied by the sampler, outside the kernel, exactly as for AR sampling.
+
+This module holds the pure-jnp reference (`verify_reference`) and the Pallas
+kernel (`verify_pallas`, Triton lowering: one program per batch row), which
+agree exactly given the same seeds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 # Counters [0, V) draw the race noise; V + i draws the accept test at position i.
 _GOLDEN = 0x9E3779B9
@@ -40,12 +55,19 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def uniform_from_bits(bits: jax.Array) -> jax.Array:
+  """uint32 -> f32 in (0, 1): the 23 high bits, centred in their bucket.
+
+  Every value, from 2**-24 to 1 - 2**-24, is exact in f32, so u is never 0 or 1
+  and -log(u) is never 0 (with 24 bits, 1 - 2**-25 would round to 1).
+  """
+  return ((bits >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
+
+
 def uniform_from_hash(seed: jax.Array, counter: jax.Array) -> jax.Array:
   """f32 uniform in (0, 1) from uint32 seed and counter (broadcast together)."""
-  bits = _mix32(_mix32(seed.astype(jnp.uint32) ^ jnp.uint32(_GOLDEN))
-                + counter.astype(jnp.uint32) * jnp.uint32(_GOLDEN))
-  # 24 high bits, centred in their bucket: never exactly 0 or 1.
-  return ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+  return uniform_from_bits(_mix32(_mix32(seed.astype(jnp.uint32) ^ jnp.uint32(_GOLDEN))
+                                  + counter.astype(jnp.uint32) * jnp.uint32(_GOLDEN)))
 
 
 def accept_uniforms(seeds: jax.Array, gamma: int, vocab_size: int) -> jax.Array:
@@ -92,3 +114,137 @@ def verify_reference(
   # get there anyway, fall back to p rather than sample from nothing.
   residual = jnp.where(jnp.sum(residual, axis=1, keepdims=True) > 0, residual, p)
   return num_accepted, race_sample(residual, seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyTiling:
+  """Launch parameters of the Pallas kernel.
+
+  Attributes:
+    block_v: vocabulary elements per tile of the residual pass (a power of two).
+    num_warps: warps per program (a power of two, 1 to 32).
+  """
+
+  block_v: int = 2048
+  num_warps: int = 4
+
+  def __post_init__(self):
+    if self.block_v < 16 or self.block_v & (self.block_v - 1):
+      raise ValueError(f"{self.block_v=} must be a power of two >= 16")
+    if not 1 <= self.num_warps <= 32 or self.num_warps & (self.num_warps - 1):
+      raise ValueError(f"{self.num_warps=} must be a power of two in [1, 32]")
+
+
+def _verify_kernel(
+    target_logp_ref,  # [G+1, V] f32
+    draft_logq_ref,  # [G, V] f32
+    draft_tokens_ref,  # [G] int32
+    seed_ref,  # [] uint32
+    *refs,  # with poisoning, two [] int32 inputs aliased to the outputs; then the outputs:
+    # num_accepted_ref [] int32, next_token_ref [] int32
+    gamma: int, vocab: int, block_v: int):
+  num_accepted_ref, next_token_ref = refs[-2:]
+  seed = seed_ref[...]
+
+  def accept_test(i, carry):
+    num_accepted, accepting = carry
+    token = draft_tokens_ref[i]
+    logp, logq = target_logp_ref[i, token], draft_logq_ref[i, token]
+    log_u = jnp.log(uniform_from_hash(seed, vocab + i))
+    ok = (logp > -jnp.inf) & ((logq == -jnp.inf) | (log_u < logp - logq))
+    accepting = accepting & ok
+    return num_accepted + accepting.astype(jnp.int32), accepting
+
+  num_accepted, _ = jax.lax.fori_loop(0, gamma, accept_test, (jnp.int32(0), jnp.bool_(True)))
+  use_residual = num_accepted < gamma
+  q_row = jnp.minimum(num_accepted, gamma - 1)
+
+  def race_tile(t, carry):
+    """One tile of the exponential race over the residual, and over p for the fallback."""
+    best_key, best_index, best_p_key, best_p_index, mass = carry
+    index = t * block_v + jnp.arange(block_v)
+    valid = index < vocab
+    window = pl.ds(t * block_v, block_v)
+    p = jnp.exp(plgpu.load(target_logp_ref.at[num_accepted, window], mask=valid,
+                           other=-jnp.inf))
+    q = jnp.exp(plgpu.load(draft_logq_ref.at[q_row, window], mask=valid, other=-jnp.inf))
+    residual = jnp.where(use_residual, jnp.maximum(p - q, 0.0), p)
+    exponentials = -jnp.log(uniform_from_hash(seed, index))
+    key, p_key = residual / exponentials, p / exponentials
+    tile_best, tile_p_best = jnp.max(key), jnp.max(p_key)
+    # Strictly greater: on ties the lowest index wins, as in jnp.argmax.
+    best_index = jnp.where(tile_best > best_key, t * block_v + jnp.argmax(key), best_index)
+    best_p_index = jnp.where(tile_p_best > best_p_key, t * block_v + jnp.argmax(p_key),
+                             best_p_index)
+    return (jnp.maximum(best_key, tile_best), best_index, jnp.maximum(best_p_key, tile_p_best),
+            best_p_index, mass + jnp.sum(residual))
+
+  init = (jnp.float32(-1.0), jnp.int32(0), jnp.float32(-1.0), jnp.int32(0), jnp.float32(0.0))
+  _, best_index, _, best_p_index, mass = jax.lax.fori_loop(
+      0, pl.cdiv(vocab, block_v), race_tile, init)
+  num_accepted_ref[...] = num_accepted
+  next_token_ref[...] = jnp.where(mass > 0, best_index, best_p_index).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "poison"))
+def verify_pallas(
+    target_logp: jax.Array,  # [B, G+1, V] f32
+    draft_logq: jax.Array,  # [B, G, V] f32
+    draft_tokens: jax.Array,  # [B, G] int32
+    seeds: jax.Array,  # [B] uint32
+    *,
+    tiling: VerifyTiling = VerifyTiling(),
+    interpret: bool = False,
+    poison: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The fused Pallas kernel; same contract as `verify_reference`.
+
+  With `poison`, the outputs start filled with that value (for tests: an
+  element the kernel fails to write keeps it).
+  """
+  batch, gamma, vocab = draft_logq.shape
+  kernel = functools.partial(_verify_kernel, gamma=gamma, vocab=vocab, block_v=tiling.block_v)
+  row = lambda b: (b, 0, 0)
+  scalar = pl.BlockSpec((None,), lambda b: (b,))
+  inputs = [target_logp.astype(jnp.float32), draft_logq.astype(jnp.float32), draft_tokens,
+            seeds.astype(jnp.uint32)]
+  in_specs = [pl.BlockSpec((None, gamma + 1, vocab), row), pl.BlockSpec((None, gamma, vocab), row),
+              pl.BlockSpec((None, gamma), lambda b: (b, 0)), scalar]
+  aliases = {}
+  if poison is not None:
+    inputs += [jnp.full((batch,), poison, jnp.int32)] * 2
+    in_specs += [scalar, scalar]
+    aliases = {4: 0, 5: 1}
+  return pl.pallas_call(
+      kernel,
+      grid=(batch,),
+      in_specs=in_specs,
+      out_specs=[scalar, scalar],
+      out_shape=[jax.ShapeDtypeStruct((batch,), jnp.int32)] * 2,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
+      interpret=interpret,
+      name="speculative_verify",
+  )(*inputs)
+
+
+# True where the Triton lowering of Pallas can run: a GPU is JAX's default backend.
+PALLAS_GPU_AVAILABLE = jax.default_backend() == "gpu"
+
+VERIFY_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+
+
+def get_verify_fn(impl: str = "auto"):
+  """The verify function for a config name; 'auto' is Pallas on a GPU, else the reference."""
+  if impl not in VERIFY_IMPLS:
+    raise ValueError(f"unknown verify implementation {impl!r}; known: {VERIFY_IMPLS}")
+  if impl == "auto":
+    if not PALLAS_GPU_AVAILABLE:
+      logging.info("no CUDA GPU for the Pallas verify kernel; using the jnp reference")
+    impl = "pallas" if PALLAS_GPU_AVAILABLE else "reference"
+  if impl == "reference":
+    return verify_reference
+  if impl == "pallas" and not PALLAS_GPU_AVAILABLE:
+    raise ValueError("verify_impl='pallas' needs a CUDA GPU; use 'auto', 'reference' or "
+                     "'pallas_interpret'")
+  return functools.partial(verify_pallas, interpret=impl == "pallas_interpret")

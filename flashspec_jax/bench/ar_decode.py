@@ -51,11 +51,12 @@ def bench(model_name: str, batches: list[int], context: int, steps: tuple[int, i
     step = functools.partial(decode_step, model=model, sampler=Greedy(),
                              max_new_tokens=capacity, eos_ids=())
 
-    @functools.partial(jax.jit, static_argnums=2)
+    @jax.jit
     def run_steps(params, state, num_steps):
       return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s), state).seq_lens
 
-    measured = timing.per_iteration(lambda n: run_steps(params, state, n), *steps, repeats)
+    measured = timing.per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps,
+                                    repeats)
     kv_bytes = (2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
                 * jnp.dtype(dtype).itemsize)
     floor = (weight_bytes + kv_bytes) / bandwidth["bytes_per_second"]

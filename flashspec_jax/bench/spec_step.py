@@ -1,0 +1,127 @@
+"""Speculative step time against its parts, with synthetic weights.
+
+  python -m flashspec_jax.bench.spec_step --target=llama3_8b --drafter=llama3.2_1b --batch=1,8
+
+For each batch size, timed in the same process:
+  * the speculative step the engine runs (draft gamma tokens, one target pass
+    of gamma + 1 tokens, verify, append, roll back), once per verify
+    implementation;
+  * its parts, each alone: one target forward of gamma + 1 tokens and one
+    drafter forward of one token (the step runs gamma of them).
+overhead = step / (target forward + gamma x drafter step) - 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from flashspec_jax import results
+from flashspec_jax.bench import timing
+from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.engine import init_state, speculative_step
+from flashspec_jax.kernels.verify import PALLAS_GPU_AVAILABLE, get_verify_fn
+from flashspec_jax.models.config import model_config
+from flashspec_jax.models.llama import KVCache, Llama, init_params
+from flashspec_jax.sampling import Temperature
+
+_TARGET = flags.DEFINE_string("target", "llama3_8b", "Target shape in configs/.")
+_DRAFTER = flags.DEFINE_string("drafter", "llama3.2_1b", "Drafter shape in configs/.")
+_BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
+_GAMMA = flags.DEFINE_integer("gamma", 4, "Draft tokens per step.")
+_CONTEXT = flags.DEFINE_integer("context", 1024, "Prompt tokens before stepping.")
+_STEPS = flags.DEFINE_list("steps", ["8", "40"], "Loop lengths whose time difference is used.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per loop length.")
+_IMPLS = flags.DEFINE_list("verify", ["reference", "pallas"], "Verify implementations to time.")
+_OUT = flags.DEFINE_string("out", "results", "Results directory.")
+
+
+def forward_loop(model: Llama, params, cache: KVCache, tokens, num_steps: int):
+  """num_steps forwards of tokens [B, T] at a fixed context (each rolled back)."""
+  def body(_, carry):
+    cache, checksum = carry
+    logits, cache = model.apply(params, tokens, cache)
+    cache = dataclasses.replace(cache, lengths=cache.lengths - tokens.shape[1])
+    return cache, checksum + jnp.argmax(logits[:, -1], axis=-1)
+  return jax.lax.fori_loop(0, num_steps, body, (cache, jnp.zeros(tokens.shape[0], jnp.int32)))[1]
+
+
+def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, impls) -> dict:
+  dtype = jnp.bfloat16
+  target_config, drafter_config = model_config(target_name), model_config(drafter_name)
+  params = {"target": init_params(target_config, jax.random.key(0), dtype),
+            "drafters": {drafter_name: init_params(drafter_config, jax.random.key(1), dtype)}}
+  target = Llama(target_config, param_dtype=dtype)
+  drafter = ModelDrafter(Llama(drafter_config, param_dtype=dtype), drafter_name)
+  sampler = Temperature(1.0)
+  rows = []
+  for batch in batches:
+    capacity = context + steps[1] * (gamma + 1) + gamma + 2
+    prompt = jax.random.randint(jax.random.key(2), (batch, context), 0, target_config.vocab_size)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    state = jax.jit(functools.partial(
+        init_state, target=target, drafter=drafter, gamma=gamma, max_new_tokens=capacity,
+        eos_ids=(), capacity=capacity))(params, prompt, lengths, jax.random.key(3),
+                                        target_sampler=sampler)
+    row = dict(batch=batch, gamma=gamma, context=context)
+    for impl in impls:
+      step = functools.partial(speculative_step, target=target, drafter=drafter, gamma=gamma,
+                               max_new_tokens=capacity, eos_ids=(),
+                               verify_fn=get_verify_fn(impl))
+
+      @jax.jit
+      def run_steps(params, state, num_steps, step=step):
+        return jax.lax.fori_loop(0, num_steps, lambda _, s: step(
+            params, s, target_sampler=sampler, draft_sampler=sampler), state).seq_lens
+
+      measured = timing.per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps,
+                                      repeats)
+      row[f"step_ms_{impl}"] = measured["seconds"] * 1e3
+      row[f"raw_step_{impl}"] = measured
+
+    run_forward = jax.jit(forward_loop, static_argnums=0)
+    verify_tokens = prompt[:, :gamma + 1]
+    target_fwd = timing.per_iteration(
+        lambda n: run_forward(target, params["target"], state.target_cache, verify_tokens,
+                              jnp.int32(n)),
+        *steps, repeats)
+    draft_fwd = timing.per_iteration(
+        lambda n: run_forward(drafter.model, params["drafters"][drafter_name],
+                              state.drafter_cache, prompt[:, :1], jnp.int32(n)), *steps, repeats)
+    parts = target_fwd["seconds"] + gamma * draft_fwd["seconds"]
+    row |= dict(target_forward_ms=target_fwd["seconds"] * 1e3,
+                drafter_step_ms=draft_fwd["seconds"] * 1e3, parts_ms=parts * 1e3,
+                raw_target_forward=target_fwd, raw_drafter_step=draft_fwd)
+    for impl in impls:
+      row[f"overhead_{impl}"] = row[f"step_ms_{impl}"] / row["parts_ms"] - 1
+    rows.append(row)
+  return dict(target=target_name, drafter=drafter_name, dtype="bfloat16",
+              synthetic_weights=True, rows=rows)
+
+
+def main(argv):
+  del argv
+  impls = [i for i in _IMPLS.value if i != "pallas" or PALLAS_GPU_AVAILABLE]
+  result = bench(_TARGET.value, _DRAFTER.value, [int(b) for b in _BATCH.value], _GAMMA.value,
+                 _CONTEXT.value, tuple(int(s) for s in _STEPS.value), _REPEATS.value, impls)
+  path = results.write("spec_step", result, directory=_OUT.value)
+  print(f"\nspeculative step, {result['target']} target, {result['drafter']} drafter, "
+        f"synthetic bf16 weights -> {path}")
+  header = f"{'batch':>5} {'target fwd ms':>13} {'draft step ms':>13} {'parts ms':>9}"
+  for impl in impls:
+    header += f" {'step ms ' + impl:>18} {'overhead':>9}"
+  print(header)
+  for row in result["rows"]:
+    line = (f"{row['batch']:>5} {row['target_forward_ms']:>13.3f} {row['drafter_step_ms']:>13.3f} "
+            f"{row['parts_ms']:>9.3f}")
+    for impl in impls:
+      line += f" {row['step_ms_' + impl]:>18.3f} {row['overhead_' + impl]:>9.1%}"
+    print(line)
+
+
+if __name__ == "__main__":
+  app.run(main)
