@@ -123,16 +123,36 @@ class VerifyTiling:
   Attributes:
     block_v: vocabulary elements per tile of the residual pass (a power of two).
     num_warps: warps per program (a power of two, 1 to 32).
+    num_stages: software-pipelining depth of the tile loop.
+    splits: programs per row, each racing over a contiguous share of the
+      vocabulary; None picks enough to give every multiprocessor work at small
+      batch (the winners of the shares are combined after the kernel).
   """
 
-  block_v: int = 2048
+  block_v: int = 1024
   num_warps: int = 4
+  num_stages: int = 2
+  splits: int | None = None
 
   def __post_init__(self):
     if self.block_v < 16 or self.block_v & (self.block_v - 1):
       raise ValueError(f"{self.block_v=} must be a power of two >= 16")
     if not 1 <= self.num_warps <= 32 or self.num_warps & (self.num_warps - 1):
       raise ValueError(f"{self.num_warps=} must be a power of two in [1, 32]")
+    if self.num_stages < 1:
+      raise ValueError(f"{self.num_stages=} must be >= 1")
+    if self.splits is not None and self.splits < 1:
+      raise ValueError(f"{self.splits=} must be >= 1")
+
+  def num_splits(self, batch: int, vocab: int) -> int:
+    tiles = -(-vocab // self.block_v)
+    if self.splits is not None:
+      return min(self.splits, tiles)
+    return max(1, min(tiles, -(-2 * _MULTIPROCESSORS // batch)))
+
+
+# An H100/H200 has 132; the split heuristic only needs the order of magnitude.
+_MULTIPROCESSORS = 132
 
 
 def _verify_kernel(
@@ -140,53 +160,111 @@ def _verify_kernel(
     draft_logq_ref,  # [G, V] f32
     draft_tokens_ref,  # [G] int32
     seed_ref,  # [] uint32
-    *refs,  # with poisoning, two [] int32 inputs aliased to the outputs; then the outputs:
-    # num_accepted_ref [] int32, next_token_ref [] int32
-    gamma: int, vocab: int, block_v: int):
-  num_accepted_ref, next_token_ref = refs[-2:]
+    *refs,  # with poisoning, inputs aliased to the outputs; then the outputs:
+    # num_accepted_ref [] int32, best_ref [4] (residual key, index, p key, index) f32,
+    # mass_ref [] f32, the residual mass of this program's share
+    gamma: int, vocab: int, block_v: int, tiles_per_split: int):
+  num_accepted_ref, best_ref, mass_ref = refs[-3:]
   seed = seed_ref[...]
 
-  def accept_test(i, carry):
-    num_accepted, accepting = carry
-    token = draft_tokens_ref[i]
-    logp, logq = target_logp_ref[i, token], draft_logq_ref[i, token]
-    log_u = jnp.log(uniform_from_hash(seed, vocab + i))
-    ok = (logp > -jnp.inf) & ((logq == -jnp.inf) | (log_u < logp - logq))
-    accepting = accepting & ok
-    return num_accepted + accepting.astype(jnp.int32), accepting
-
-  num_accepted, _ = jax.lax.fori_loop(0, gamma, accept_test, (jnp.int32(0), jnp.bool_(True)))
+  # Accept test, vectorised over the (padded) draft positions: 2G gathered scalars.
+  padded = pl.next_power_of_2(gamma)
+  position = jnp.minimum(jnp.arange(padded), gamma - 1)
+  tokens = draft_tokens_ref[position]
+  logp, logq = target_logp_ref[position, tokens], draft_logq_ref[position, tokens]
+  log_u = jnp.log(uniform_from_hash(seed, vocab + position))
+  accepted = (logp > -jnp.inf) & ((logq == -jnp.inf) | (log_u < logp - logq))
+  first_rejected = jnp.where(accepted, padded, position)
+  num_accepted = jnp.minimum(jnp.min(first_rejected), gamma).astype(jnp.int32)
   use_residual = num_accepted < gamma
   q_row = jnp.minimum(num_accepted, gamma - 1)
 
+  # Exponential race over this program's share, one tile at a time. Each lane
+  # keeps its own running winner; lanes are reduced once, after the loop.
+  first_tile = pl.program_id(1) * tiles_per_split
+  lanes = jnp.arange(block_v)
+
   def race_tile(t, carry):
-    """One tile of the exponential race over the residual, and over p for the fallback."""
     best_key, best_index, best_p_key, best_p_index, mass = carry
-    index = t * block_v + jnp.arange(block_v)
+    start = (first_tile + t) * block_v
+    index = start + lanes
     valid = index < vocab
-    window = pl.ds(t * block_v, block_v)
+    window = pl.ds(start, block_v)
     p = jnp.exp(plgpu.load(target_logp_ref.at[num_accepted, window], mask=valid,
                            other=-jnp.inf))
     q = jnp.exp(plgpu.load(draft_logq_ref.at[q_row, window], mask=valid, other=-jnp.inf))
     residual = jnp.where(use_residual, jnp.maximum(p - q, 0.0), p)
     exponentials = -jnp.log(uniform_from_hash(seed, index))
     key, p_key = residual / exponentials, p / exponentials
-    tile_best, tile_p_best = jnp.max(key), jnp.max(p_key)
-    # Strictly greater: on ties the lowest index wins, as in jnp.argmax.
-    best_index = jnp.where(tile_best > best_key, t * block_v + jnp.argmax(key), best_index)
-    best_p_index = jnp.where(tile_p_best > best_p_key, t * block_v + jnp.argmax(p_key),
-                             best_p_index)
-    return (jnp.maximum(best_key, tile_best), best_index, jnp.maximum(best_p_key, tile_p_best),
-            best_p_index, mass + jnp.sum(residual))
+    # Strictly greater: each lane keeps its earliest winner.
+    better, p_better = key > best_key, p_key > best_p_key
+    return (jnp.where(better, key, best_key), jnp.where(better, index, best_index),
+            jnp.where(p_better, p_key, best_p_key), jnp.where(p_better, index, best_p_index),
+            mass + residual)
 
-  init = (jnp.float32(-1.0), jnp.int32(0), jnp.float32(-1.0), jnp.int32(0), jnp.float32(0.0))
-  _, best_index, _, best_p_index, mass = jax.lax.fori_loop(
-      0, pl.cdiv(vocab, block_v), race_tile, init)
+  minus_one = jnp.full((block_v,), -1.0, jnp.float32)
+  zero_index = jnp.zeros((block_v,), jnp.int32)
+  tiles = jnp.minimum(tiles_per_split, pl.cdiv(vocab, block_v) - first_tile)
+  best_key, best_index, best_p_key, best_p_index, mass = jax.lax.fori_loop(
+      0, tiles, race_tile, (minus_one, zero_index, minus_one, zero_index, jnp.zeros_like(minus_one)))
+
+  def earliest_winner(keys, indices):
+    top = jnp.max(keys)
+    return top, jnp.min(jnp.where(keys == top, indices, vocab))
+
+  key, index = earliest_winner(best_key, best_index)
+  p_key, p_index = earliest_winner(best_p_key, best_p_index)
   num_accepted_ref[...] = num_accepted
-  next_token_ref[...] = jnp.where(mass > 0, best_index, best_p_index).astype(jnp.int32)
+  best_ref[...] = jnp.stack([key, index.astype(jnp.float32), p_key,
+                             p_index.astype(jnp.float32)])
+  mass_ref[...] = jnp.sum(mass)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "poison"))
+def verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds, *, tiling: VerifyTiling,
+                       interpret: bool = False, poison: float | None = None):
+  """The raw kernel: per program (num_accepted [B, S], best [B, S, 4], mass [B, S]).
+
+  With `poison`, every output starts filled with that value, so an element the
+  kernel fails to write keeps it.
+  """
+  batch, gamma, vocab = draft_logq.shape
+  splits = tiling.num_splits(batch, vocab)
+  tiles_per_split = -(-(-(-vocab // tiling.block_v)) // splits)
+  kernel = functools.partial(_verify_kernel, gamma=gamma, vocab=vocab, block_v=tiling.block_v,
+                             tiles_per_split=tiles_per_split)
+  row = lambda b, s: (b, 0, 0)
+  per_program = lambda b, s: (b, s)
+  out_specs = [pl.BlockSpec((None, None), per_program),
+               pl.BlockSpec((None, None, 4), lambda b, s: (b, s, 0)),
+               pl.BlockSpec((None, None), per_program)]
+  out_shape = [jax.ShapeDtypeStruct((batch, splits), jnp.int32),
+               jax.ShapeDtypeStruct((batch, splits, 4), jnp.float32),
+               jax.ShapeDtypeStruct((batch, splits), jnp.float32)]
+  inputs = [target_logp.astype(jnp.float32), draft_logq.astype(jnp.float32), draft_tokens,
+            seeds.astype(jnp.uint32)]
+  in_specs = [pl.BlockSpec((None, gamma + 1, vocab), row), pl.BlockSpec((None, gamma, vocab), row),
+              pl.BlockSpec((None, gamma), lambda b, s: (b, 0)),
+              pl.BlockSpec((None,), lambda b, s: (b,))]
+  aliases = {}
+  if poison is not None:
+    inputs += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
+    in_specs += out_specs
+    aliases = {4 + i: i for i in range(len(out_shape))}
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
+                                           num_stages=tiling.num_stages),
+      interpret=interpret,
+      name="speculative_verify",
+  )(*inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def verify_pallas(
     target_logp: jax.Array,  # [B, G+1, V] f32
     draft_logq: jax.Array,  # [B, G, V] f32
@@ -195,37 +273,22 @@ def verify_pallas(
     *,
     tiling: VerifyTiling = VerifyTiling(),
     interpret: bool = False,
-    poison: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The fused Pallas kernel; same contract as `verify_reference`.
 
-  With `poison`, the outputs start filled with that value (for tests: an
-  element the kernel fails to write keeps it).
+  The grid is (B, splits): every program of a row runs the accept test (O(G))
+  and races over its share of the vocabulary; the shares' winners are combined
+  here, in one small XLA reduction.
   """
-  batch, gamma, vocab = draft_logq.shape
-  kernel = functools.partial(_verify_kernel, gamma=gamma, vocab=vocab, block_v=tiling.block_v)
-  row = lambda b: (b, 0, 0)
-  scalar = pl.BlockSpec((None,), lambda b: (b,))
-  inputs = [target_logp.astype(jnp.float32), draft_logq.astype(jnp.float32), draft_tokens,
-            seeds.astype(jnp.uint32)]
-  in_specs = [pl.BlockSpec((None, gamma + 1, vocab), row), pl.BlockSpec((None, gamma, vocab), row),
-              pl.BlockSpec((None, gamma), lambda b: (b, 0)), scalar]
-  aliases = {}
-  if poison is not None:
-    inputs += [jnp.full((batch,), poison, jnp.int32)] * 2
-    in_specs += [scalar, scalar]
-    aliases = {4: 0, 5: 1}
-  return pl.pallas_call(
-      kernel,
-      grid=(batch,),
-      in_specs=in_specs,
-      out_specs=[scalar, scalar],
-      out_shape=[jax.ShapeDtypeStruct((batch,), jnp.int32)] * 2,
-      input_output_aliases=aliases,
-      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
-      interpret=interpret,
-      name="speculative_verify",
-  )(*inputs)
+  num_accepted, best, mass = verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds,
+                                                tiling=tiling, interpret=interpret)
+  # Shares are contiguous, so the first share holding the top key holds the
+  # earliest index with that key, as jnp.argmax picks.
+  rows = jnp.arange(num_accepted.shape[0])
+  winner = jnp.argmax(best[..., 0], axis=1)
+  p_winner = jnp.argmax(best[..., 2], axis=1)
+  next_token = jnp.where(mass.sum(axis=1) > 0, best[rows, winner, 1], best[rows, p_winner, 3])
+  return num_accepted[:, 0], next_token.astype(jnp.int32)
 
 
 # True where the Triton lowering of Pallas can run: a GPU is JAX's default backend.

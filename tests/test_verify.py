@@ -16,8 +16,8 @@ from scipy import stats
 from test_exactness import PROGRAMS, exact_probs, params, program_pvalues  # noqa: F401 (fixtures)
 
 from flashspec_jax.kernels.verify import (PALLAS_GPU_AVAILABLE, VerifyTiling, get_verify_fn,
-                                          uniform_from_bits, uniform_from_hash, verify_pallas,
-                                          verify_reference)
+                                          uniform_from_bits, uniform_from_hash,
+                                          verify_kernel_call, verify_pallas, verify_reference)
 from flashspec_jax.sampling import Temperature, TopK, TopP
 
 POISON = -7
@@ -36,18 +36,22 @@ class TestReference:
   """The suite; subclasses swap the implementation."""
 
   IMPL = "reference"
-  TILING = VerifyTiling(block_v=32)  # small tiles, so that tests cross several
+  # Small tiles and several programs per row, so that tests cross tiles and shares.
+  TILING = VerifyTiling(block_v=16, splits=3)
 
   def verify(self, *args):
     if self.IMPL == "reference":
       return verify_reference(*args)
-    return verify_pallas(*args, tiling=self.TILING, interpret=self.IMPL == "pallas_interpret",
-                         poison=POISON)
+    return verify_pallas(*args, tiling=self.TILING, interpret=self.IMPL == "pallas_interpret")
 
   def check_matches_reference(self, *args):
+    if self.IMPL != "reference":
+      raw = verify_kernel_call(*args, tiling=self.TILING,
+                               interpret=self.IMPL == "pallas_interpret", poison=POISON)
+      for output in raw:
+        assert (np.asarray(output) != POISON).all(), "the kernel left an output unwritten"
     num_accepted, next_token = map(np.asarray, self.verify(*args))
     expected_accepted, expected_next = map(np.asarray, verify_reference(*args))
-    assert (num_accepted != POISON).all() and (next_token != POISON).all(), "unwritten output"
     np.testing.assert_array_equal(num_accepted, expected_accepted)
     np.testing.assert_array_equal(next_token, expected_next)
     return num_accepted, next_token
@@ -149,6 +153,16 @@ def test_tiling_is_validated():
     VerifyTiling(block_v=100)
   with pytest.raises(ValueError, match="self.num_warps=3 must be a power of two"):
     VerifyTiling(num_warps=3)
+  with pytest.raises(ValueError, match="self.splits=0 must be >= 1"):
+    VerifyTiling(splits=0)
+
+
+def test_splits_fill_the_gpu_at_small_batch():
+  tiling = VerifyTiling(block_v=1024)
+  assert tiling.num_splits(batch=1, vocab=128256) == 126  # one tile per program
+  assert tiling.num_splits(batch=8, vocab=128256) == 33
+  assert tiling.num_splits(batch=256, vocab=32000) == 2
+  assert VerifyTiling(splits=4).num_splits(batch=1, vocab=1000) == 1
 
 
 def test_auto_falls_back_to_the_reference_without_a_gpu():
