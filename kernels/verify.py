@@ -160,11 +160,12 @@ def _verify_kernel(
     draft_logq_ref,  # [G, V] f32
     draft_tokens_ref,  # [G] int32
     seed_ref,  # [] uint32
-    *refs,  # with poisoning, inputs aliased to the outputs; then the outputs:
-    # num_accepted_ref [] int32, best_ref [4] (residual key, index, p key, index) f32,
-    # mass_ref [] f32, the residual mass of this program's share
+    *refs,  # with poisoning, inputs aliased to the outputs; then the outputs, per program:
+    # num_accepted [] int32; the race winners over this program's share, of the residual
+    # and of p (for the fallback): key [] f32, index [] int32, p key, p index; and the
+    # residual mass of the share [] f32.
     gamma: int, vocab: int, block_v: int, tiles_per_split: int):
-  num_accepted_ref, best_ref, mass_ref = refs[-3:]
+  num_accepted_ref, key_ref, index_ref, p_key_ref, p_index_ref, mass_ref = refs[-6:]
   seed = seed_ref[...]
 
   # Accept test, vectorised over the (padded) draft positions: 2G gathered scalars.
@@ -212,17 +213,15 @@ def _verify_kernel(
     top = jnp.max(keys)
     return top, jnp.min(jnp.where(keys == top, indices, vocab))
 
-  key, index = earliest_winner(best_key, best_index)
-  p_key, p_index = earliest_winner(best_p_key, best_p_index)
   num_accepted_ref[...] = num_accepted
-  best_ref[...] = jnp.stack([key, index.astype(jnp.float32), p_key,
-                             p_index.astype(jnp.float32)])
+  key_ref[...], index_ref[...] = earliest_winner(best_key, best_index)
+  p_key_ref[...], p_index_ref[...] = earliest_winner(best_p_key, best_p_index)
   mass_ref[...] = jnp.sum(mass)
 
 
 def verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds, *, tiling: VerifyTiling,
                        interpret: bool = False, poison: float | None = None):
-  """The raw kernel: per program (num_accepted [B, S], best [B, S, 4], mass [B, S]).
+  """The raw kernel: six [B, S] arrays, one entry per program (see `_verify_kernel`).
 
   With `poison`, every output starts filled with that value, so an element the
   kernel fails to write keeps it.
@@ -233,13 +232,9 @@ def verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds, *, tiling: 
   kernel = functools.partial(_verify_kernel, gamma=gamma, vocab=vocab, block_v=tiling.block_v,
                              tiles_per_split=tiles_per_split)
   row = lambda b, s: (b, 0, 0)
-  per_program = lambda b, s: (b, s)
-  out_specs = [pl.BlockSpec((None, None), per_program),
-               pl.BlockSpec((None, None, 4), lambda b, s: (b, s, 0)),
-               pl.BlockSpec((None, None), per_program)]
-  out_shape = [jax.ShapeDtypeStruct((batch, splits), jnp.int32),
-               jax.ShapeDtypeStruct((batch, splits, 4), jnp.float32),
-               jax.ShapeDtypeStruct((batch, splits), jnp.float32)]
+  dtypes = (jnp.int32, jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.float32)
+  out_specs = [pl.BlockSpec((None, None), lambda b, s: (b, s))] * len(dtypes)
+  out_shape = [jax.ShapeDtypeStruct((batch, splits), dtype) for dtype in dtypes]
   inputs = [target_logp.astype(jnp.float32), draft_logq.astype(jnp.float32), draft_tokens,
             seeds.astype(jnp.uint32)]
   in_specs = [pl.BlockSpec((None, gamma + 1, vocab), row), pl.BlockSpec((None, gamma, vocab), row),
@@ -280,15 +275,14 @@ def verify_pallas(
   and races over its share of the vocabulary; the shares' winners are combined
   here, in one small XLA reduction.
   """
-  num_accepted, best, mass = verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds,
-                                                tiling=tiling, interpret=interpret)
+  num_accepted, key, index, p_key, p_index, mass = verify_kernel_call(
+      target_logp, draft_logq, draft_tokens, seeds, tiling=tiling, interpret=interpret)
   # Shares are contiguous, so the first share holding the top key holds the
   # earliest index with that key, as jnp.argmax picks.
-  rows = jnp.arange(num_accepted.shape[0])
-  winner = jnp.argmax(best[..., 0], axis=1)
-  p_winner = jnp.argmax(best[..., 2], axis=1)
-  next_token = jnp.where(mass.sum(axis=1) > 0, best[rows, winner, 1], best[rows, p_winner, 3])
-  return num_accepted[:, 0], next_token.astype(jnp.int32)
+  pick = lambda keys, indices: jnp.take_along_axis(
+      indices, jnp.argmax(keys, axis=1, keepdims=True), axis=1)[:, 0]
+  next_token = jnp.where(mass.sum(axis=1) > 0, pick(key, index), pick(p_key, p_index))
+  return num_accepted[:, 0], next_token
 
 
 # True where the Triton lowering of Pallas can run: a GPU is JAX's default backend.
