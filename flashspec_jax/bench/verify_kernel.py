@@ -31,7 +31,8 @@ from flashspec_jax.kernels.verify import VerifyTiling, verify_pallas, verify_ref
 _BATCH = flags.DEFINE_list("batch", ["1", "8", "32", "128"], "Batch sizes.")
 _GAMMA = flags.DEFINE_list("gamma", ["1", "4", "8", "16"], "Draft lengths.")
 _VOCAB = flags.DEFINE_list("vocab", ["32000", "128256"], "Vocabulary sizes.")
-_ITERS = flags.DEFINE_list("iters", ["4", "24"], "Loop lengths whose time difference is used.")
+_ITERS = flags.DEFINE_list("iters", ["4", "24"], "Loop lengths whose time difference is used "
+                           "(the longer is raised until 640 calls separate them).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per loop length.")
 _BLOCK_V = flags.DEFINE_integer("block_v", VerifyTiling().block_v, "Kernel vocabulary tile.")
 _NUM_WARPS = flags.DEFINE_integer("num_warps", VerifyTiling().num_warps, "Kernel warps.")
@@ -67,7 +68,8 @@ def empty_loop(num_iterations, batch):
   return jax.lax.fori_loop(0, num_iterations, lambda i, c: c + i, jnp.zeros((batch,), jnp.int32))
 
 
-def bench(batches, gammas, vocabs, iters, repeats, tiling, interpret, copy_bytes) -> dict:
+def bench(batches, gammas, vocabs, iters, repeats, tiling, interpret, copy_bytes,
+          min_calls=640) -> dict:
   bandwidth = timing.copy_bandwidth(copy_bytes)
   impls = {"reference": verify_reference,
            "pallas": functools.partial(verify_pallas, tiling=tiling, interpret=interpret)}
@@ -76,6 +78,9 @@ def bench(batches, gammas, vocabs, iters, repeats, tiling, interpret, copy_bytes
     set_bytes = batch * (2 * gamma + 1) * vocab * 4
     num_sets = max(2, min(32, math.ceil(3 * L2_BYTES / set_bytes)))
     sets = [make_inputs(jax.random.key(i), batch, gamma, vocab) for i in range(num_sets)]
+    # At least `min_calls` timed calls between the two loop lengths, so that the
+    # slope stands well above the timer's noise when few sets fit per iteration.
+    iters = (iters[0], iters[0] + max(iters[1] - iters[0], -(-min_calls // num_sets)))
     run_empty = jax.jit(empty_loop, static_argnums=1)
     loop_cost = timing.per_iteration(lambda n: run_empty(jnp.int32(n), batch), *iters,
                                      repeats)["seconds"]
