@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from flashspec_jax.kernels.verify import VERIFY_IMPLS
 from flashspec_jax.prompts import PROMPT_SETS, SPLITS
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -45,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling.top_p = 1.0  # 1 is off
   config.sampling.max_new_tokens = 64
   config.sampling.gamma = 4  # draft tokens per speculative step
+  # auto: the Pallas kernel on a GPU, the jnp reference elsewhere.
+  config.verify_impl = "auto"
   return config
 
 
@@ -88,6 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("sampling.top_p", 0 < config.sampling.top_p <= 1, "in (0, 1]"),
       ("sampling.max_new_tokens", config.sampling.max_new_tokens >= 1, ">= 1"),
       ("sampling.gamma", config.sampling.gamma >= 1, ">= 1"),
+      ("verify_impl", config.verify_impl in VERIFY_IMPLS, f"one of {VERIFY_IMPLS}"),
   ]
   for field, ok, expected in checks:
     if not ok:

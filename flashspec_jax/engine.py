@@ -28,7 +28,7 @@ from flashspec_jax.drafters import ModelDrafter
 from flashspec_jax.generate import (GenerationOutput, append_tokens, check_budget,
                                     generated_tokens, is_stop_token, prefill, prepare_prompts,
                                     raise_on_nan)
-from flashspec_jax.kernels.verify import verify_reference
+from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler
 
@@ -186,7 +186,7 @@ def init_state(params, prompt_tokens, prompt_lens, rng, *, target: Llama, drafte
 def speculative_generate(params, prompt_tokens, prompt_lens, rng, *, target: Llama,
                          drafter: ModelDrafter, gamma: int, target_sampler: Sampler,
                          draft_sampler: Sampler, max_new_tokens: int, eos_ids: tuple[int, ...],
-                         capacity: int, verify_fn: VerifyFn = verify_reference) -> SpecOutput:
+                         capacity: int, verify_fn: VerifyFn | None = None) -> SpecOutput:
   """Speculative generation, compiled into one program.
 
   Args:
@@ -195,7 +195,10 @@ def speculative_generate(params, prompt_tokens, prompt_lens, rng, *, target: Lla
     prompt_lens: [B] int32.
     rng: PRNG key.
     capacity: KV cache slots, at least P + max_new_tokens + gamma + 1.
+    verify_fn: see kernels/verify.py; None is the Pallas kernel on a GPU and the
+      jnp reference elsewhere.
   """
+  verify_fn = verify_fn or get_verify_fn("auto")
   state = init_state(params, prompt_tokens, prompt_lens, rng, target=target, drafter=drafter,
                      gamma=gamma, target_sampler=target_sampler, max_new_tokens=max_new_tokens,
                      eos_ids=eos_ids, capacity=capacity)
@@ -226,7 +229,7 @@ def run_speculative(params, target: Llama, drafter: ModelDrafter,
                     prompts: Sequence[Sequence[int]], *, gamma: int, target_sampler: Sampler,
                     draft_sampler: Sampler | None = None, max_new_tokens: int, rng,
                     eos_ids: tuple[int, ...] | None = None, cache_capacity: int | None = None,
-                    verify_fn: VerifyFn = verify_reference) -> SpecOutput:
+                    verify_fn: VerifyFn | None = None) -> SpecOutput:
   """Validates inputs, then runs `speculative_generate`.
 
   The drafter samples with draft_sampler (the target's by default); exactness

@@ -22,6 +22,7 @@ from flashspec_jax import environment, results
 from flashspec_jax.drafters import ModelDrafter
 from flashspec_jax.engine import check_speculative_inputs, speculative_generate
 from flashspec_jax.generate import check_budget, generate, prepare_prompts, raise_on_nan
+from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
@@ -98,7 +99,8 @@ def _bucketed(tokens: np.ndarray) -> np.ndarray:
 
 
 def run_batch(method: Method, params, target: Llama, tokens, lengths, key, sampler, *,
-              gamma: int, max_new_tokens: int, eos_ids: tuple[int, ...], capacity: int):
+              gamma: int, max_new_tokens: int, eos_ids: tuple[int, ...], capacity: int,
+              verify_fn):
   """Compiles then times one batch; returns (output, seconds, compile seconds)."""
   args = jax.device_put((tokens, lengths, key, sampler))
   start = time.perf_counter()
@@ -111,7 +113,7 @@ def run_batch(method: Method, params, target: Llama, tokens, lengths, key, sampl
     compiled = speculative_generate.lower(
         params, *args[:3], target_sampler=args[3], draft_sampler=args[3], target=target,
         drafter=method.drafter, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-        capacity=capacity).compile()
+        capacity=capacity, verify_fn=verify_fn).compile()
     call = lambda: compiled(params, *args[:3], target_sampler=args[3], draft_sampler=args[3])
   compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
@@ -160,6 +162,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   print(f"target: {config.target} [{label}] on {env['device']}, "
         f"{jnp.dtype(dtype).name}")
   methods, params = build_methods(config, model, dtype)
+  verify_fn = get_verify_fn(config.verify_impl)
   target = Llama(model.config, param_dtype=dtype)
   gamma, max_new = config.sampling.gamma, config.sampling.max_new_tokens
   for method in methods:
@@ -182,7 +185,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       rng, key = jax.random.split(rng)
       out, seconds, compile_seconds = run_batch(
           method, params, target, tokens, lengths, key, sampler, gamma=gamma,
-          max_new_tokens=max_new, eos_ids=eos_ids, capacity=capacity)
+          max_new_tokens=max_new, eos_ids=eos_ids, capacity=capacity, verify_fn=verify_fn)
       raise_on_nan(out.nan_rows)
       batch_seconds.append(seconds)
       step_seconds.append(seconds / max(int(out.steps), 1))

@@ -27,9 +27,9 @@ CASES = {
 
 def save_tiny_llama(directory, seed=0, **overrides):
   torch.manual_seed(seed)
-  config = transformers.LlamaConfig(
-      vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, head_dim=8,
-      max_position_embeddings=256, rms_norm_eps=1e-5, **overrides)
+  fields = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5)
+  config = transformers.LlamaConfig(**(fields | overrides))
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():  # HF initialises norms to ones; random scales catch a missing norm.
     for name, param in model.named_parameters():

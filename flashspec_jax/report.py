@@ -1,0 +1,151 @@
+"""Writes the README's results section and results/README.md from the files in results/.
+
+  python -m flashspec_jax.report          # rewrite both
+  python -m flashspec_jax.report --check  # fail if either is out of date (CI)
+
+No number in the README is typed by hand: each table below is rendered from
+the newest results file of its experiment, which it names.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from collections.abc import Callable
+
+from flashspec_jax.environment import REPO
+
+RESULTS = REPO / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def newest(name: str) -> tuple[pathlib.Path, dict] | None:
+  files = sorted(RESULTS.glob(f"{name}/*.json"))
+  if not files:
+    return None
+  loaded = [(f, json.loads(f.read_text())) for f in files]
+  return max(loaded, key=lambda item: item[1]["environment"]["date"])
+
+
+def provenance(path: pathlib.Path, data: dict) -> str:
+  env = data["environment"]
+  dirty = ", uncommitted changes present" if env["git_dirty"] else ""
+  return (f"Source: [`{path.relative_to(REPO)}`]({path.relative_to(REPO)}), written by "
+          f"`{env['command']}` at `{env['git_sha'][:8]}`{dirty} on {env['device']}, "
+          f"jax {env['jax']}, {env['date']}.")
+
+
+def ar_decode(data: dict) -> list[str]:
+  bw = data["copy_bandwidth"]
+  lines = [f"Llama-3-8B shape, synthetic bf16 weights. Floor = (weights + KV cache bytes) / "
+           f"copy bandwidth measured in the same run ({bw['bytes_per_second'] / 1e12:.2f} TB/s, "
+           f"{bw['method']}).", "",
+           "| batch | context | step (ms) | floor (ms) | step / floor |", "|---|---|---|---|---|"]
+  for r in data["rows"]:
+    lines.append(f"| {r['batch']} | {r['context']} | {r['step_ms']:.3f} | {r['floor_ms']:.3f} | "
+                 f"{r['ratio_to_floor']:.2f} |")
+  return lines
+
+
+def spec_step(data: dict) -> list[str]:
+  impls = [k.removeprefix("step_ms_") for k in data["rows"][0] if k.startswith("step_ms_")]
+  lines = [f"{data['target']} target, {data['drafter']} drafter, synthetic bf16 weights, "
+           f"gamma {data['rows'][0]['gamma']}, context {data['rows'][0]['context']}. Parts = one "
+           f"target forward of gamma + 1 tokens + gamma drafter steps, each timed alone.", "",
+           "| batch | target fwd (ms) | drafter step (ms) | parts (ms) | "
+           + " | ".join(f"step, {i} verify (ms) | overhead" for i in impls) + " |",
+           "|---|---|---|---|" + "---|---|" * len(impls)]
+  for r in data["rows"]:
+    lines.append(f"| {r['batch']} | {r['target_forward_ms']:.3f} | {r['drafter_step_ms']:.3f} | "
+                 f"{r['parts_ms']:.3f} | " + " | ".join(
+                     f"{r['step_ms_' + i]:.3f} | {r['overhead_' + i]:+.1%}" for i in impls) + " |")
+  return lines
+
+
+def verify_kernel(data: dict) -> list[str]:
+  bw = data["copy_bandwidth"]["bytes_per_second"] / 1e12
+  lines = [f"Per call, back to back, inputs rotated past L2. Floor = bytes the kernel must move / "
+           f"copy bandwidth measured in the same run ({bw:.2f} TB/s). Tiling: "
+           f"{data['tiling']}.", "",
+           "| B | gamma | V | jnp reference (us) | Pallas (us) | speedup | floor (us) | Pallas / floor |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in data["rows"]:
+    lines.append(f"| {r['batch']} | {r['gamma']} | {r['vocab']} | {r['reference_us']:.2f} | "
+                 f"{r['pallas_us']:.2f} | {r['speedup']:.2f}x | {r['floor_us']:.2f} | "
+                 f"{r['pallas_to_floor']:.1f} |")
+  return lines
+
+
+def method_table(data: dict) -> list[str]:
+  config = data["config"]
+  weights = "synthetic weights" if data["synthetic_weights"] else f"weights: `{pathlib.Path(data['weights']).name}`"
+  lines = [f"{config['target']}, {weights}, temperature {config['sampling']['temperature']}, "
+           f"gamma {config['sampling']['gamma']}, {config['sampling']['max_new_tokens']} new tokens, "
+           f"prompts: {config['prompts']['sets']} x {config['prompts']['num_per_set']}, batch "
+           f"{config['batch_size']}.", "",
+           "| method | tok/s | alpha | tau | step p50 (ms) | vs AR |", "|---|---|---|---|---|---|"]
+  base = data["summaries"].get("ar", {}).get("tokens_per_second")
+  for name, s in data["summaries"].items():
+    alpha = f"{s['alpha']:.3f}" if "alpha" in s else "-"
+    tau = f"{s['tau']:.2f}" if "tau" in s else "-"
+    speedup = f"{s['tokens_per_second'] / base:.2f}x" if base else "-"
+    lines.append(f"| {name} | {s['tokens_per_second']:.1f} | {alpha} | {tau} | "
+                 f"{s['step_ms_p50']:.1f} | {speedup} |")
+  return lines
+
+
+SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
+    ("ar_decode", "AR decode step against the bandwidth floor (H200)", ar_decode),
+    ("spec_step", "Speculative step against the sum of its parts (H200)", spec_step),
+    ("verify_kernel", "Pallas verify kernel against the jnp reference (H200)", verify_kernel),
+    ("layer_skip_smollm2", "SmolLM2-135M with layer-skip drafters against AR (CPU)", method_table),
+]
+
+
+def readme_section() -> str:
+  lines = [BEGIN, "<!-- Generated by `python -m flashspec_jax.report`; do not edit. -->"]
+  for name, title, render in SECTIONS:
+    found = newest(name)
+    if found is None:
+      continue
+    path, data = found
+    lines += ["", f"### {title}", "", *render(data), "", provenance(path, data)]
+  lines.append(END)
+  return "\n".join(lines)
+
+
+def results_index() -> str:
+  lines = ["# Results", "",
+           "Every file here was written by a command in this repository; none is edited by hand.",
+           "Each JSON file holds the command, git sha, device, versions, date and raw timings.",
+           "`python -m flashspec_jax.report` regenerates this index and the README's results "
+           "section from them.", "", "| file | command | device | date |", "|---|---|---|---|"]
+  for path in sorted(RESULTS.glob("*/*.json")):
+    env = json.loads(path.read_text())["environment"]
+    lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | "
+                 f"`{env['command']}` | {env['device']} | {env['date']} |")
+  return "\n".join(lines) + "\n"
+
+
+def render() -> dict[pathlib.Path, str]:
+  readme = (REPO / "README.md").read_text()
+  start, end = readme.index(BEGIN), readme.index(END) + len(END)
+  return {REPO / "README.md": readme[:start] + readme_section() + readme[end:],
+          RESULTS / "README.md": results_index()}
+
+
+def main(argv: list[str]) -> int:
+  stale = [path for path, text in render().items()
+           if not path.exists() or path.read_text() != text]
+  if "--check" in argv:
+    for path in stale:
+      print(f"{path.relative_to(REPO)} is out of date: run python -m flashspec_jax.report")
+    return 1 if stale else 0
+  for path, text in render().items():
+    path.write_text(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
