@@ -7,21 +7,50 @@ with ml_collections' message naming it. `validate` checks values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from flashspec_jax.bandit import STRATEGIES
+from flashspec_jax.engine import REWARDS
 from flashspec_jax.kernels.verify import VERIFY_IMPLS
 from flashspec_jax.prompts import PROMPT_SETS, SPLITS
 
 DTYPES = ("auto", "float32", "bfloat16")
-# A method is "ar", "layer_skip:<k>" (the target's first k layers draft) or
-# "draft_model:<name>" (a separate model of a shape in configs/).
-METHOD_KINDS = ("ar", "layer_skip", "draft_model")
+KINDS = ("generate", "bandit_simulation")
+# Arms: "ar", "layer_skip:<k>" (the target's first k layers draft),
+# "draft_model:<shape>" (a separate model of a shape in configs/) and
+# "ngram:<n>" (prompt lookup with matches up to n tokens), each optionally
+# followed by "@<gamma>". A method is an arm, run alone, or "bandit:<strategy>",
+# which chooses among config.arms at every step.
+ARM_KINDS = ("ar", "layer_skip", "draft_model", "ngram")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmSpec:
+  kind: str
+  arg: str = ""
+  gamma: int | None = None  # None: config.sampling.gamma
+
+  @classmethod
+  def parse(cls, text: str) -> ArmSpec:
+    """Parses an arm; raises ValueError on anything else."""
+    body, _, gamma = text.partition("@")
+    kind, _, arg = body.partition(":")
+    valid = (kind == "ar" and not arg and not gamma) or (
+        kind in ("layer_skip", "ngram") and arg.isdigit() and int(arg) >= 1) or (
+        kind == "draft_model" and bool(arg))
+    if not valid or (gamma and not (gamma.isdigit() and int(gamma) >= 1)):
+      raise ValueError(f"{text!r} is not an arm")
+    return cls(kind, arg, int(gamma) if gamma else None)
 
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.experiment = "default"
+  config.kind = "generate"  # or "bandit_simulation" (Bernoulli arms, no model)
   config.methods = "ar"  # comma-separated; all run on the same prompts, side by side
+  config.arms = "ngram:3,layer_skip:20,ar"  # what bandit:<strategy> methods choose among
   # A model shape in configs/; its weights come from checkpoint_dir, the default
   # place for that model, or random weights when synthetic_weights is set.
   config.target = "smollm2_135m"
@@ -48,36 +77,74 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling.gamma = 4  # draft tokens per speculative step
   # auto: the Pallas kernel on a GPU, the jnp reference elsewhere.
   config.verify_impl = "auto"
+
+  config.bandit = ml_collections.ConfigDict()
+  config.bandit.reward = "goodput"  # or "acceptance"
+  # Step cost of each arm of config.arms, comma-separated, for the goodput
+  # reward; "" times each arm at start-up on calibration_tokens new tokens.
+  config.bandit.costs = ""
+  config.bandit.calibration_tokens = 16
+  config.bandit.discount = 0.995  # discounted_ucb
+  config.bandit.epsilon = 0.1  # epsilon_greedy
+
+  config.simulation = ml_collections.ConfigDict()
+  config.simulation.strategies = "ucb1,thompson,discounted_ucb,epsilon_greedy"
+  config.simulation.means = "0.3,0.7,0.5"
+  config.simulation.means_after = ""  # "" keeps the means; else they change at switch_at
+  config.simulation.switch_at = 0
+  config.simulation.horizon = 10_000
+  config.simulation.seeds = 20
   return config
 
 
-def _items(text: str) -> list[str]:
+def split_list(text: str) -> list[str]:
   return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def prompt_sets(config: ml_collections.ConfigDict) -> list[str]:
-  return _items(config.prompts.sets)
+  return split_list(config.prompts.sets)
 
 
 def method_names(config: ml_collections.ConfigDict) -> list[str]:
-  return _items(config.methods)
+  return split_list(config.methods)
+
+
+def arm_specs(config: ml_collections.ConfigDict) -> list[ArmSpec]:
+  return [ArmSpec.parse(text) for text in split_list(config.arms)]
+
+
+def floats(text: str) -> list[float]:
+  return [float(x) for x in split_list(text)]
+
+
+def _parses(parse, text) -> bool:
+  try:
+    parse(text)
+  except ValueError:
+    return False
+  return True
 
 
 def _valid_method(name: str) -> bool:
   kind, _, arg = name.partition(":")
-  if kind == "ar":
-    return not arg
-  if kind == "layer_skip":
-    return arg.isdigit() and int(arg) >= 1
-  return kind == "draft_model" and bool(arg)
+  if kind == "bandit":
+    return arg in STRATEGIES and arg != "fixed"
+  return _parses(ArmSpec.parse, name)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field whose value is invalid."""
+  sim = config.simulation
+  means_ok = _parses(floats, sim.means) and _parses(floats, sim.means_after)
   checks = [
+      ("kind", config.kind in KINDS, f"one of {KINDS}"),
       ("methods", bool(method_names(config)) and all(map(_valid_method, method_names(config)))
        and len(set(method_names(config))) == len(method_names(config)),
-       f"distinct comma-separated methods of the forms ar, layer_skip:<k>, draft_model:<name>"),
+       "distinct comma-separated methods: arms (ar, layer_skip:<k>, draft_model:<shape>, "
+       "ngram:<n>, each with an optional @<gamma>) or bandit:<strategy>"),
+      ("arms", bool(split_list(config.arms)) and _parses(arm_specs, config),
+       "comma-separated arms: ar, layer_skip:<k>, draft_model:<shape>, ngram:<n>, each with an "
+       "optional @<gamma>"),
       ("dtype", config.dtype in DTYPES, f"one of {DTYPES}"),
       ("batch_size", config.batch_size >= 1, ">= 1"),
       ("prompts.sets", bool(prompt_sets(config))
@@ -92,6 +159,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("sampling.max_new_tokens", config.sampling.max_new_tokens >= 1, ">= 1"),
       ("sampling.gamma", config.sampling.gamma >= 1, ">= 1"),
       ("verify_impl", config.verify_impl in VERIFY_IMPLS, f"one of {VERIFY_IMPLS}"),
+      ("bandit.reward", config.bandit.reward in REWARDS, f"one of {REWARDS}"),
+      ("bandit.costs", _parses(floats, config.bandit.costs) and (
+          not split_list(config.bandit.costs) or (
+              len(split_list(config.bandit.costs)) == len(split_list(config.arms))
+              and min(floats(config.bandit.costs)) > 0)),
+       "empty (calibrate) or one positive cost per arm"),
+      ("bandit.calibration_tokens", config.bandit.calibration_tokens >= 2, ">= 2"),
+      ("bandit.discount", 0 < config.bandit.discount <= 1, "in (0, 1]"),
+      ("bandit.epsilon", 0 <= config.bandit.epsilon <= 1, "in [0, 1]"),
+      ("simulation.strategies", split_list(sim.strategies) and set(split_list(sim.strategies))
+       <= set(STRATEGIES), f"a comma-separated subset of {sorted(STRATEGIES)}"),
+      ("simulation.means", means_ok and len(floats(sim.means)) >= 2
+       and all(0 <= m <= 1 for m in floats(sim.means)), "two or more means in [0, 1]"),
+      ("simulation.means_after", means_ok and len(floats(sim.means_after)) in (
+          0, len(floats(sim.means))), "empty, or as many means as simulation.means"),
+      ("simulation.switch_at", 0 <= sim.switch_at < sim.horizon, "in [0, horizon)"),
+      ("simulation.horizon", sim.horizon >= 1, ">= 1"),
+      ("simulation.seeds", sim.seeds >= 1, ">= 1"),
   ]
   for field, ok, expected in checks:
     if not ok:

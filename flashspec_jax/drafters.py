@@ -13,13 +13,33 @@ row's last committed token, which is fed first at the next proposal.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler
+
+
+class Drafter(Protocol):
+  """What the engine needs of a drafter (static and hashable; its state is a pytree)."""
+
+  @property
+  def name(self) -> str: ...
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  def init(self, params, prompt_tokens, prompt_lens, capacity: int) -> Any:
+    """The drafter's state after reading the prompts."""
+
+  def propose(self, params, state, tokens, seq_lens, gamma: int, sampler: Sampler,
+              rng) -> tuple[Any, jax.Array, jax.Array]:
+    """(state, draft_tokens [B, gamma], draft_logq [B, gamma, V]) given the committed tokens."""
+
+  def rollback(self, state, seq_lens) -> Any:
+    """The state once rows hold seq_lens committed tokens."""
 
 
 def gather_window(tokens: jax.Array, starts: jax.Array, width: int) -> jax.Array:
@@ -40,14 +60,15 @@ class ModelDrafter:
   Attributes:
     model: the drafting network (static).
     params_key: "target", or the drafter's key in params["drafters"].
-    chunk: tokens fed per catch-up forward; lags up to chunk - 1 cost no extra pass.
+    chunk: tokens per catch-up forward when the cache lags by more than the
+      usual one or two tokens (after steps in which another arm was used).
     unroll: unroll the gamma draft steps in XLA (fastest on GPU); False keeps one
       loop body, which compiles several times faster on CPU.
   """
 
   model: Llama
   params_key: str = "target"
-  chunk: int = 2
+  chunk: int = 16
   unroll: bool = True
 
   @property
@@ -72,20 +93,25 @@ class ModelDrafter:
     return cache
 
   def catch_up(self, params, cache: KVCache, tokens, seq_lens) -> tuple[jax.Array, KVCache]:
-    """Feeds every committed token the cache lacks; returns logits after the last one [B, V]."""
+    """Feeds every committed token the cache lacks; returns logits after the last one [B, V].
+
+    The usual lag is one token (the last committed) or two (the target also
+    accepted the last draft, which the drafter never fed itself): one forward
+    of two tokens. Longer lags are first fed `chunk` tokens at a time.
+    """
     def lagging(cache):
-      return jnp.any(seq_lens - cache.lengths > self.chunk)
+      return jnp.any(seq_lens - cache.lengths > 2)
 
     def feed_chunk(cache):
-      num_valid = jnp.clip(seq_lens - 1 - cache.lengths, 0, self.chunk)
+      num_valid = jnp.clip(seq_lens - 2 - cache.lengths, 0, self.chunk)
       window = gather_window(tokens, cache.lengths, self.chunk)
       _, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
                                   logits_index=jnp.zeros_like(num_valid))
       return cache
 
     cache = jax.lax.while_loop(lagging, feed_chunk, cache)
-    num_valid = seq_lens - cache.lengths  # in [1, chunk]
-    window = gather_window(tokens, cache.lengths, self.chunk)
+    num_valid = seq_lens - cache.lengths  # 1 or 2
+    window = gather_window(tokens, cache.lengths, 2)
     logits, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
                                      logits_index=num_valid - 1)
     return logits, cache

@@ -1,14 +1,16 @@
 """What `run.py` hands off to: load, build prompts, run each method, time, report, save.
 
-Every method of a run sees the same prompts in the same batches, so their
-speeds are measured side by side. Each batch is compiled ahead of time and
-timed separately from its compilation.
+Every method of a run sees the same prompts in the same batches and order, so
+their speeds are measured side by side. Each batch is compiled ahead of time
+and timed apart from its compilation. A bandit method carries its bandit's
+state from one batch to the next, so it adapts over the prompt stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from typing import Any
 
 import jax
@@ -18,9 +20,11 @@ import numpy as np
 import tqdm
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, results
-from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import check_speculative_inputs, speculative_generate
+from flashspec_jax import environment, plots, results
+from flashspec_jax.bandit import Fixed, Strategy, make_strategy
+from flashspec_jax.bandit.simulate import run_simulation
+from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.engine import Arm, check_arms, speculative_generate
 from flashspec_jax.generate import check_budget, generate, prepare_prompts, raise_on_nan
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import LoadedModel, load_model
@@ -43,10 +47,28 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """A way to generate: plain AR (drafter None) or speculation with one drafter."""
+  """Plain AR (no arms: the `generate` program), one arm, or a bandit over arms."""
 
   name: str
-  drafter: ModelDrafter | None = None
+  arms: tuple[Arm, ...] = ()
+  strategy: Strategy = Fixed(0)
+
+  @property
+  def is_bandit(self) -> bool:
+    return len(self.arms) > 1
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a batch needs that does not change from batch to batch."""
+
+  params: dict[str, Any]
+  target: Llama
+  sampler: Any
+  max_new_tokens: int
+  eos_ids: tuple[int, ...]
+  reward: str
+  verify_fn: Any
 
 
 def param_dtype(config: ml_collections.ConfigDict):
@@ -70,26 +92,49 @@ def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> lis
   return requests
 
 
-def build_methods(config: ml_collections.ConfigDict, target: LoadedModel, dtype
-                  ) -> tuple[list[Method], dict[str, Any]]:
+def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
+              params: dict[str, Any], drafter_configs: dict[str, Any]) -> Arm:
+  """The arm for a spec; a separate draft model is loaded once, into `params`."""
+  gamma = spec.gamma or config.sampling.gamma
+  if spec.kind == "ar":
+    return Arm()
+  if spec.kind == "layer_skip":
+    layers = int(spec.arg)
+    if not 1 <= layers < target.config.num_layers:
+      raise ValueError(f"layer_skip:{layers} needs 1 <= k < {target.config.num_layers}")
+    return Arm(ModelDrafter(Llama(target.config, num_layers=layers, param_dtype=dtype)), gamma)
+  if spec.kind == "ngram":
+    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg)), gamma)
+  if spec.arg not in drafter_configs:
+    drafter = load_model(spec.arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,
+                         config.seed + 1)
+    params["drafters"][spec.arg] = drafter.params
+    drafter_configs[spec.arg] = drafter.config
+  return Arm(ModelDrafter(Llama(drafter_configs[spec.arg], param_dtype=dtype), spec.arg), gamma)
+
+
+def strategy_for(name: str, config) -> Strategy:
+  kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
+            "epsilon_greedy": dict(epsilon=config.bandit.epsilon)}.get(name, {})
+  return make_strategy(name, **kwargs)
+
+
+def build_methods(config, target: LoadedModel, dtype) -> tuple[list[Method], dict[str, Any]]:
   """The configured methods and the params dict the engine expects."""
-  params = {"target": target.params, "drafters": {}}
+  params, drafter_configs = {"target": target.params, "drafters": {}}, {}
+  build = lambda spec: build_arm(spec, config, target, dtype, params, drafter_configs)
+  bandit_arms = (tuple(build(spec) for spec in config_lib.arm_specs(config))
+                 if any(name.startswith("bandit:") for name in config_lib.method_names(config))
+                 else ())
   methods = []
   for name in config_lib.method_names(config):
     kind, _, arg = name.partition(":")
-    if kind == "ar":
+    if name == "ar":
       methods.append(Method(name))
-    elif kind == "layer_skip":
-      layers = int(arg)
-      if not 1 <= layers < target.config.num_layers:
-        raise ValueError(f"config.methods: {name} needs 1 <= k < {target.config.num_layers}")
-      methods.append(Method(name, ModelDrafter(Llama(target.config, num_layers=layers,
-                                                     param_dtype=dtype))))
-    elif kind == "draft_model":
-      drafter = load_model(arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,
-                           config.seed + 1)
-      params["drafters"][arg] = drafter.params
-      methods.append(Method(name, ModelDrafter(Llama(drafter.config, param_dtype=dtype), arg)))
+    elif kind == "bandit":
+      methods.append(Method(name, bandit_arms, strategy_for(arg, config)))
+    else:
+      methods.append(Method(name, (build(config_lib.ArmSpec.parse(name)),)))
   return methods, params
 
 
@@ -98,27 +143,46 @@ def _bucketed(tokens: np.ndarray) -> np.ndarray:
   return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
 
 
-def run_batch(method: Method, params, target: Llama, tokens, lengths, key, sampler, *,
-              gamma: int, max_new_tokens: int, eos_ids: tuple[int, ...], capacity: int,
-              verify_fn):
+def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=None,
+              max_new_tokens: int | None = None):
   """Compiles then times one batch; returns (output, seconds, compile seconds)."""
-  args = jax.device_put((tokens, lengths, key, sampler))
+  max_new = max_new_tokens or setup.max_new_tokens
+  tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
+  tokens = _bucketed(tokens)
+  reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
+  capacity = check_budget(setup.target.config, tokens.shape[1], max_new, reserve=reserve)
+  args = jax.device_put((tokens, lengths, key, setup.sampler))
   start = time.perf_counter()
-  if method.drafter is None:
-    compiled = generate.lower(params["target"], *args[:3], sampler=args[3], model=target,
-                              max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                              capacity=capacity).compile()
-    call = lambda: compiled(params["target"], *args[:3], sampler=args[3])
+  if not method.arms:
+    compiled = generate.lower(setup.params["target"], *args[:3], sampler=args[3],
+                              model=setup.target, max_new_tokens=max_new,
+                              eos_ids=setup.eos_ids, capacity=capacity).compile()
+    call = lambda: compiled(setup.params["target"], *args[:3], sampler=args[3])
   else:
+    if bandit is None:
+      bandit = method.strategy.init(len(method.arms))
     compiled = speculative_generate.lower(
-        params, *args[:3], target_sampler=args[3], draft_sampler=args[3], target=target,
-        drafter=method.drafter, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-        capacity=capacity, verify_fn=verify_fn).compile()
-    call = lambda: compiled(params, *args[:3], target_sampler=args[3], draft_sampler=args[3])
+        setup.params, *args, args[3], bandit, target=setup.target, arms=method.arms,
+        strategy=method.strategy, reward=setup.reward, max_new_tokens=max_new,
+        eos_ids=setup.eos_ids, capacity=capacity, verify_fn=setup.verify_fn).compile()
+    call = lambda: compiled(setup.params, *args, args[3], bandit)
   compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
   out = jax.block_until_ready(call())
-  return out, time.perf_counter() - start, compile_seconds
+  seconds = time.perf_counter() - start
+  raise_on_nan(out.nan_rows)
+  return out, seconds, compile_seconds
+
+
+def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], tokens: int,
+                    key) -> tuple[Arm, ...]:
+  """Each arm alone on one batch for a few tokens: its cost is its seconds per step."""
+  calibrated = []
+  for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
+    out, seconds, _ = run_batch(Method(arm.name, (arm,)), setup, batch, key,
+                                max_new_tokens=tokens)
+    calibrated.append(dataclasses.replace(arm, cost=seconds / max(int(out.steps), 1)))
+  return tuple(calibrated)
 
 
 def summarize_method(records: list[dict], batch_seconds: list[float],
@@ -135,60 +199,72 @@ def summarize_method(records: list[dict], batch_seconds: list[float],
   return summary
 
 
+def arm_shares(arm_names: list[str], steps: list[tuple[str, int]]) -> dict[str, dict[str, float]]:
+  """Fraction of loop steps given to each arm, per prompt kind and overall."""
+  shares = {}
+  for kind in [*dict.fromkeys(k for k, _ in steps), "all"]:
+    counts = Counter(arm for k, arm in steps if kind in (k, "all"))
+    total = sum(counts.values())
+    shares[kind] = {name: counts[i] / total for i, name in enumerate(arm_names)}
+  return shares
+
+
 def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
   baseline = summaries.get("ar", {}).get("tokens_per_second")
-  print(f"\n{'method':<18} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'step p50 ms':>12} "
+  print(f"\n{'method':<22} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'step p50 ms':>12} "
         f"{'step p99 ms':>12} {'vs AR':>6}")
   for name, s in summaries.items():
     speedup = f"{s['tokens_per_second'] / baseline:.2f}x" if baseline else "-"
     alpha = f"{s['alpha']:.3f}" if "alpha" in s else "-"
     tau = f"{s['tau']:.2f}" if "tau" in s else "-"
-    print(f"{name:<18} {s['tokens_per_second']:>9.1f} {alpha:>6} {tau:>5} "
+    print(f"{name:<22} {s['tokens_per_second']:>9.1f} {alpha:>6} {tau:>5} "
           f"{s['step_ms_p50']:>12.2f} {s['step_ms_p99']:>12.2f} {speedup:>6}")
   if synthetic:
     print("(synthetic weights: speeds only; acceptance of random drafters means nothing)")
 
 
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs one experiment config end to end, writes its results and returns them."""
-  config_lib.validate(config)
-  results.check_writable(config.results_dir)
-  env = environment.describe()
+def run_generation(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   sampler = make_sampler(config.sampling.temperature, config.sampling.top_k, config.sampling.top_p)
   dtype = param_dtype(config)
   model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
                      config.seed)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
-  print(f"target: {config.target} [{label}] on {env['device']}, "
-        f"{jnp.dtype(dtype).name}")
+  print(f"target: {config.target} [{label}] on {env['device']}, {jnp.dtype(dtype).name}")
   methods, params = build_methods(config, model, dtype)
-  verify_fn = get_verify_fn(config.verify_impl)
   target = Llama(model.config, param_dtype=dtype)
-  gamma, max_new = config.sampling.gamma, config.sampling.max_new_tokens
   for method in methods:
-    if method.drafter is not None:
-      check_speculative_inputs(target, method.drafter, gamma)
+    check_arms(target, method.arms or [Arm()], config.bandit.reward)
+  setup = Setup(params=params, target=target, sampler=sampler,
+                max_new_tokens=config.sampling.max_new_tokens,
+                eos_ids=() if model.synthetic else model.config.eos_token_ids,
+                reward=config.bandit.reward, verify_fn=get_verify_fn(config.verify_impl))
   requests = build_requests(config, model)
-  eos_ids = () if model.synthetic else model.config.eos_token_ids
   batches = [requests[i:i + config.batch_size]
              for i in range(0, len(requests), config.batch_size)]
 
-  records, summaries = [], {}
+  bandit_arms = next((m.arms for m in methods if m.is_bandit), ())
+  if bandit_arms:
+    costs = config_lib.floats(config.bandit.costs)
+    bandit_arms = (tuple(dataclasses.replace(a, cost=c) for a, c in zip(bandit_arms, costs))
+                   if costs else calibrate_costs(bandit_arms, setup, batches[0],
+                                                 config.bandit.calibration_tokens,
+                                                 jax.random.key(config.seed)))
+    methods = [dataclasses.replace(m, arms=bandit_arms) if m.is_bandit else m for m in methods]
+    print("arm costs (s/step): " + ", ".join(f"{a.name} {a.cost:.4f}" for a in bandit_arms))
+
+  records, summaries, histories = [], {}, {}
   for method in tqdm.tqdm(methods, desc="methods", unit="method", disable=len(methods) < 2):
     rng = jax.random.key(config.seed)  # the same randomness for every method
+    bandit, steps_by_kind = None, []
     method_records, batch_seconds, step_seconds = [], [], []
     for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
-      tokens, lengths = prepare_prompts([r.token_ids for r in batch], model.config.vocab_size)
-      tokens = _bucketed(tokens)
-      capacity = check_budget(model.config, tokens.shape[1], max_new,
-                              reserve=gamma + 1 if method.drafter else 0)
       rng, key = jax.random.split(rng)
-      out, seconds, compile_seconds = run_batch(
-          method, params, target, tokens, lengths, key, sampler, gamma=gamma,
-          max_new_tokens=max_new, eos_ids=eos_ids, capacity=capacity, verify_fn=verify_fn)
-      raise_on_nan(out.nan_rows)
+      out, seconds, compile_seconds = run_batch(method, setup, batch, key, bandit)
       batch_seconds.append(seconds)
       step_seconds.append(seconds / max(int(out.steps), 1))
+      if method.is_bandit:
+        bandit = out.bandit
+        steps_by_kind += [(batch[0].kind, int(a)) for a in out.history.arm[:int(out.steps)]]
       for row, request in enumerate(batch):
         ids = np.asarray(out.tokens[row, :out.num_tokens[row]]).tolist()
         record = dict(method=method.name, id=request.id, kind=request.kind,
@@ -196,12 +272,24 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                       batch_seconds=seconds, compile_seconds=compile_seconds,
                       loop_steps=int(out.steps),
                       text=None if model.tokenizer is None else model.tokenizer.decode(ids))
-        if method.drafter is not None:
+        if method.arms:
           record |= {name: int(getattr(out.metrics, name)[row])
                      for name in ("steps", "proposed", "tested", "accepted", "emitted")}
         method_records.append(record)
     summaries[method.name] = summarize_method(method_records, batch_seconds, step_seconds)
+    if method.is_bandit:
+      names = [arm.name for arm in method.arms]
+      summaries[method.name]["arm_shares"] = arm_shares(names, steps_by_kind)
+      histories[method.name] = dict(arms=names, steps=steps_by_kind)
     records += method_records
+
+  fixed = {name: s["tokens_per_second"] for name, s in summaries.items()
+           if name in config_lib.method_names(config) and not name.startswith("bandit:")}
+  if histories and fixed:
+    best = max(fixed, key=fixed.get)
+    for name in histories:
+      summaries[name]["vs_best_fixed"] = summaries[name]["tokens_per_second"] / fixed[best]
+      summaries[name]["best_fixed"] = best
 
   if config.print_text:
     for record in records:
@@ -209,7 +297,21 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         print(f"\n--- {record['id']} ({record['new_tokens']} tokens) ---\n{record['text']}")
   print_table(summaries, model.synthetic)
   payload = dict(config=config.to_dict(), synthetic_weights=model.synthetic,
-                 weights=model.source, summaries=summaries)
+                 weights=model.source, summaries=summaries, bandit_histories=histories,
+                 arm_costs={a.name: a.cost for a in bandit_arms})
   path = results.write(config.experiment, payload, records, directory=config.results_dir, env=env)
+  for name, history in histories.items():
+    plots.arm_timeline(history, path.with_name(f"{path.stem}_{name.replace(':', '_')}_arms.png"),
+                       title=f"{name}: arm per step")
   print(f"results: {path}")
   return dict(summaries=summaries, records=records, path=str(path))
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Runs one experiment config end to end, writes its results and returns them."""
+  config_lib.validate(config)
+  results.check_writable(config.results_dir)
+  env = environment.describe()
+  if config.kind == "bandit_simulation":
+    return run_simulation(config, env)
+  return run_generation(config, env)

@@ -1,5 +1,6 @@
 """The speculative engine: greedy equivalence, ragged batches, budgets, metrics, errors."""
 
+import functools
 import logging
 import re
 
@@ -10,7 +11,9 @@ import pytest
 from conftest import spread_params, tiny_config
 
 from flashspec_jax import engine
-from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
+from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.kernels.verify import verify_reference
 from flashspec_jax.generate import PAD_ID, prepare_prompts, run_generate
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
@@ -102,7 +105,7 @@ def test_speculation_is_one_program_without_host_transfers(params, caplog):
   tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
   args = jax.device_put((params, tokens, lengths, jax.random.key(0)))
   samplers = jax.device_put(dict(target_sampler=TopP(0.9, 0.8), draft_sampler=Temperature(1.0)))
-  static = dict(target=TARGET, drafter=DRAFTERS["small"], gamma=4, max_new_tokens=10,
+  static = dict(target=TARGET, arms=(engine.Arm(DRAFTERS["small"], 4),), max_new_tokens=10,
                 eos_ids=(3,), capacity=tokens.shape[1] + 10 + 5)
   hlo = engine.speculative_generate.lower(*args, **samplers, **static).compile().as_text()
   assert re.search(r"= .* while\(", hlo)
@@ -173,3 +176,95 @@ def test_greedy_speculation_equals_greedy_ar_on_smollm2(smollm2):
   for row in range(len(prompts)):
     assert out.tokens[row].tolist() == ar.tokens[row].tolist(), f"prompt {row} diverges"
   assert engine.summarize(out.metrics)["accepted"] > 0
+
+
+def test_ngram_drafter_proposes_what_followed_the_last_match():
+  tokens = jnp.array([[7, 1, 2, 3, 4, 9, 1, 2, 0, 0, 0, 0],   # "1 2" seen before, then "3 4 9"
+                      [5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]])  # no earlier match: repeat last
+  seq_lens = jnp.array([8, 4])
+  drafter = NgramDrafter(vocab_size=10, max_n=2)
+  _, drafts, logq = drafter.propose(None, (), tokens, seq_lens, 4, Greedy(), None)
+  assert drafts.tolist() == [[3, 4, 9, 1], [8, 8, 8, 8]]
+  np.testing.assert_array_equal(jnp.argmax(logq, -1), drafts)
+  assert (jnp.exp(logq).sum(-1) == 1).all()
+
+
+def bandit_arms(chunk=16):
+  return (engine.Arm(ModelDrafter(DRAFTERS["small"].model, "small", chunk=chunk), 3),
+          engine.Arm(ModelDrafter(DRAFTERS["layer_skip"].model, chunk=chunk), 2),
+          engine.Arm(NgramDrafter(CONFIG.vocab_size, 3), 4), engine.Arm())
+
+
+def bandit_generate(params, strategy, arms, max_new_tokens=24, **kwargs):
+  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  return engine.speculative_generate(
+      params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
+      kwargs.pop("sampler", Greedy()), Greedy(), target=TARGET, arms=arms, strategy=strategy,
+      max_new_tokens=max_new_tokens, eos_ids=(),
+      capacity=tokens.shape[1] + max_new_tokens + 5, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", [EpsilonGreedy(0.7), Thompson()], ids=["eps", "thompson"])
+def test_switching_arms_keeps_greedy_output(params, strategy):
+  """Arms used rarely catch up in chunks (of 3 here) when picked; greedy output is AR's."""
+  out = bandit_generate(params, strategy, bandit_arms(chunk=3))
+  ar = run_generate(params["target"], CONFIG, PROMPTS, sampler=Greedy(), max_new_tokens=24,
+                    rng=jax.random.key(0), param_dtype=jnp.float32)
+  np.testing.assert_array_equal(out.tokens, ar.tokens)
+  arms = np.asarray(out.history.arm[:int(out.steps)])
+  assert len(set(arms.tolist())) == 4, "every arm should have been used"
+  assert (np.asarray(out.history.arm[int(out.steps):]) == -1).all()
+  rewards = np.asarray(out.history.reward[:int(out.steps)])
+  assert ((rewards >= 0) & (rewards <= 1)).all()
+  np.testing.assert_allclose(out.bandit.counts.sum(), int(out.steps))
+
+
+def test_idle_arms_are_not_touched(params):
+  arms = bandit_arms()
+  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  capacity = tokens.shape[1] + 30
+  state = engine.init_state(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
+                            Greedy(), Fixed(2).init(4), target=TARGET, arms=arms,
+                            max_new_tokens=20, eos_ids=(), capacity=capacity)
+  step = jax.jit(functools.partial(engine.bandit_step, arms=arms, strategy=Fixed(2),
+                                   reward="goodput", target=TARGET, max_new_tokens=20,
+                                   eos_ids=(), verify_fn=verify_reference))
+  for _ in range(3):
+    state = step(params, state, Greedy(), Greedy())
+  assert (state.seq_lens > jnp.asarray(lengths) + 3).any()  # the n-gram arm made progress
+  for idle in (0, 1):  # the model arms never ran: their caches still hold just the prompts
+    np.testing.assert_array_equal(state.drafter_states[idle].lengths, lengths)
+
+
+def test_goodput_reward_prefers_cheap_tokens():
+  arms = (engine.Arm(NgramDrafter(64, 2), 4, cost=2.0), engine.Arm(cost=1.0))
+  stats = dict(emitted=jnp.array([5, 5]), accepted=jnp.array([4, 4]), live=jnp.array([True, True]))
+  # 5 tokens at cost 2 is the best rate possible (5 / 2), so the reward is 1.
+  assert float(engine.step_reward(stats, 0, arms, "goodput")) == pytest.approx(1.0)
+  one = dict(emitted=jnp.array([1, 1]), accepted=jnp.array([0, 0]), live=jnp.array([True, True]))
+  assert float(engine.step_reward(one, 1, arms, "goodput")) == pytest.approx(1 / 2.5)
+  assert float(engine.step_reward(stats, 0, arms, "acceptance")) == pytest.approx(1.0)
+  assert float(engine.step_reward(one, 1, arms, "acceptance")) == 0.0
+
+
+def test_bandit_generation_is_one_program(params, caplog):
+  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  args = jax.device_put((params, tokens, lengths, jax.random.key(0), Temperature(1.0),
+                         Temperature(1.0)))
+  static = dict(target=TARGET, arms=bandit_arms(), strategy=UCB1(), max_new_tokens=10,
+                eos_ids=(), capacity=tokens.shape[1] + 15)
+  jax.clear_caches()
+  with caplog.at_level(logging.WARNING), jax.log_compiles(), jax.transfer_guard("disallow"):
+    out = engine.speculative_generate(*args, **static)
+    out.tokens.block_until_ready()
+  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert len(compiles) == 1 and "speculative_generate" in compiles[0], compiles
+
+
+def test_arms_are_validated():
+  with pytest.raises(ValueError, match="an AR arm has gamma 0"):
+    engine.Arm(None, 3)
+  with pytest.raises(ValueError, match="arm cost must be > 0"):
+    engine.Arm(cost=0.0)
+  with pytest.raises(ValueError, match="unknown reward 'speed'"):
+    engine.check_arms(TARGET, [engine.Arm()], "speed")

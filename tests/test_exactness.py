@@ -24,8 +24,9 @@ from flax import struct
 from conftest import spread_params, tiny_config
 from exactness import continuation_logits, fit_pvalues, holm_rejections, sequence_probs
 
-from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import speculative_generate
+from flashspec_jax.bandit import BanditState, Fixed, Thompson, UCB1
+from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.engine import Arm, speculative_generate
 from flashspec_jax.generate import prepare_prompts
 from flashspec_jax.kernels import verify
 from flashspec_jax.kernels.verify import verify_reference
@@ -73,30 +74,40 @@ def point_key(point) -> jax.Array:
   return jax.random.fold_in(jax.random.key(20231130), zlib.crc32(repr(point).encode()))
 
 
-def draw(params, drafter_name, gamma, samplers, batch, keys, *, draft_sampler=None,
-         verify_fn=verify_reference):
-  """[S, runs, B, K] samples for S stacked samplers: NUM_SAMPLES sequences per sampler."""
+def draw(params, arms, samplers, batch, keys, *, strategy=Fixed(0), draft_sampler=None,
+         verify_fn=verify_reference, initial_bandit=None):
+  """[S, runs, B, K] samples for S stacked samplers: NUM_SAMPLES sequences per sampler.
+
+  initial_bandit(key) -> BanditState, if given, starts each run's bandit from
+  its own state instead of a fresh one.
+  """
   tokens, lengths = prepare_prompts(PROMPTS[batch], VOCAB)
+  max_gamma = max(arm.gamma for arm in arms)
   run = functools.partial(
-      speculative_generate, params, jnp.asarray(tokens), jnp.asarray(lengths),
-      target=TARGET, drafter=DRAFTERS[drafter_name], gamma=gamma, max_new_tokens=NUM_TOKENS,
-      eos_ids=(), capacity=tokens.shape[1] + NUM_TOKENS + gamma + 1, verify_fn=verify_fn)
+      speculative_generate, params, jnp.asarray(tokens), jnp.asarray(lengths), target=TARGET,
+      arms=arms, strategy=strategy, max_new_tokens=NUM_TOKENS, eos_ids=(),
+      capacity=tokens.shape[1] + NUM_TOKENS + max_gamma + 1, verify_fn=verify_fn)
+
+  def one_run(sampler, key):
+    bandit = None if initial_bandit is None else initial_bandit(jax.random.fold_in(key, 1))
+    return run(key, sampler, draft_sampler or sampler, bandit).tokens
 
   def one_sampler(sampler, key):
-    return jax.vmap(lambda k: run(k, target_sampler=sampler,
-                                  draft_sampler=draft_sampler or sampler).tokens)(
-        jax.random.split(key, NUM_SAMPLES // batch))
+    return jax.vmap(lambda k: one_run(sampler, k))(jax.random.split(key, NUM_SAMPLES // batch))
 
   return np.asarray(jax.jit(jax.vmap(one_sampler))(samplers, keys))
 
 
-def program_pvalues(params, exact_probs, program, temperatures=TEMPERATURES, **kwargs) -> dict:
+def program_pvalues(params, exact_probs, program, temperatures=TEMPERATURES, arms=None,
+                    **kwargs) -> dict:
+  """p-values of one program's points; arms default to the program's drafter and gamma."""
   drafter_name, gamma, kind, batch = program
+  arms = arms or (Arm(DRAFTERS[drafter_name], gamma),)
   samplers = jax.tree.map(lambda *x: jnp.stack(x),
                           *[SAMPLERS[kind](temperature=t) for t in temperatures])
   points = [(drafter_name, gamma, t, kind, batch) for t in temperatures]
   keys = jnp.stack([point_key(p) for p in points])
-  samples = draw(params, drafter_name, gamma, samplers, batch, keys, **kwargs)
+  samples = draw(params, arms, samplers, batch, keys, **kwargs)
   return {point: fit_pvalues(samples[i], exact_probs(point[2], kind, batch), VOCAB)
           for i, point in enumerate(points)}
 
@@ -168,3 +179,25 @@ def test_broken_samplers_are_rejected(params, exact_probs, name):
 def test_correct_sampler_passes_at_the_power_test_point(params, exact_probs):
   (p,) = program_pvalues(params, exact_probs, POWER_PROGRAM, temperatures=(1.0,)).values()
   assert p["chi2"] > ALPHA, p
+
+
+def random_bandit_state(num_arms):
+  """A bandit that has already pulled every arm a random number of times."""
+  def init(key):
+    counts = jax.random.randint(key, (num_arms,), 1, 6).astype(jnp.float32)
+    sums = counts * jax.random.uniform(jax.random.fold_in(key, 1), (num_arms,))
+    return BanditState(counts=counts, sums=sums, pulls=counts.sum().astype(jnp.int32))
+  return init
+
+
+@pytest.mark.parametrize("strategy", [UCB1(), Thompson()], ids=["ucb1", "thompson"])
+def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy):
+  """Four arms (a small model, the target itself, n-gram lookup, plain AR), chosen at
+  every step from a bandit state that differs from run to run and learns from rewards."""
+  arms = (Arm(DRAFTERS["small"], 2), Arm(DRAFTERS["self"], 3),
+          Arm(NgramDrafter(VOCAB, 2), 2), Arm())
+  for sampler_kind in ("plain", "top_p"):
+    pvalues = program_pvalues(params, exact_probs, ("bandit", 3, sampler_kind, 1), arms=arms,
+                              strategy=strategy, initial_bandit=random_bandit_state(len(arms)))
+    for point, p in pvalues.items():
+      assert min(p.values()) > ALPHA / (2 * 2 * len(pvalues)), (point, p)  # Bonferroni

@@ -4,21 +4,22 @@ Every strategy is a frozen dataclass (static under jit) with three pure
 functions: `init(num_arms) -> state`, `select(state, key) -> arm` and
 `update(state, arm, reward) -> state`, with rewards in [0, 1]. Arms never
 pulled are selected first, lowest index first, by every learning strategy.
+`select` is `choose(state, draw(state, key))`: the random numbers a strategy
+uses are drawn apart from the rule that uses them, so the rule can be checked
+against a plain-Python implementation fed the same numbers.
 
 | strategy        | rule                                                                   |
 |-----------------|------------------------------------------------------------------------|
 | UCB1            | argmax mean_i + sqrt(2 ln t / n_i) (Auer, Cesa-Bianchi, Fischer 2002)  |
-| Thompson        | Beta(1 + s_i, 1 + f_i) posterior per arm; a reward r counts as a success |
-|                 | with probability r (the Bernoulli trick, Agrawal & Goyal 2012), which  |
-|                 | keeps the Bernoulli regret guarantee for any reward in [0, 1]          |
+| Thompson        | a Beta(1 + S_i, 1 + N_i - S_i) posterior per arm, sampled each step;   |
+|                 | a reward r in [0, 1] adds r to S_i (fractional Beta updates, exact for |
+|                 | Bernoulli rewards; no extra randomness at update time)                 |
 | DiscountedUCB   | UCB on counts and sums discounted by `discount` each pull (Garivier &  |
 |                 | Moulines 2011): old evidence fades, so it tracks a moving best arm      |
 | EpsilonGreedy   | best mean, or a uniform arm with probability epsilon                    |
 | Fixed           | always `arm`                                                            |
 | Oracle          | the arm with the best true mean, given for simulations                  |
 
-The Bernoulli trick needs randomness at update time; the state carries its own
-PRNG key for it, so `update` stays a pure function of (state, arm, reward).
 """
 
 from __future__ import annotations
@@ -35,15 +36,13 @@ from flax import struct
 class BanditState:
   """Attributes:
     counts: [K] f32, pulls per arm (discounted for DiscountedUCB).
-    sums: [K] f32, summed rewards per arm (discounted likewise; successes for Thompson).
+    sums: [K] f32, summed rewards per arm (discounted likewise).
     pulls: [] int32, total pulls so far.
-    key: PRNG key for randomness inside `update`.
   """
 
   counts: jax.Array
   sums: jax.Array
   pulls: jax.Array
-  key: jax.Array
 
   @property
   def num_arms(self) -> int:
@@ -54,10 +53,9 @@ class BanditState:
     return self.sums / jnp.maximum(self.counts, 1e-9)
 
 
-def initial_state(num_arms: int, key: jax.Array | None = None) -> BanditState:
+def initial_state(num_arms: int) -> BanditState:
   return BanditState(counts=jnp.zeros((num_arms,), jnp.float32),
-                     sums=jnp.zeros((num_arms,), jnp.float32), pulls=jnp.zeros((), jnp.int32),
-                     key=jax.random.key(0) if key is None else key)
+                     sums=jnp.zeros((num_arms,), jnp.float32), pulls=jnp.zeros((), jnp.int32))
 
 
 def _record(state: BanditState, arm, reward, discount: float = 1.0) -> BanditState:
@@ -75,7 +73,7 @@ def _unpulled_first(state: BanditState, scores: jax.Array) -> jax.Array:
 
 class Strategy(Protocol):
 
-  def init(self, num_arms: int, key: jax.Array | None = None) -> BanditState: ...
+  def init(self, num_arms: int) -> BanditState: ...
 
   def select(self, state: BanditState, key: jax.Array) -> jax.Array: ...
 
@@ -83,20 +81,29 @@ class Strategy(Protocol):
 
 
 class _Learner:
+  """Shared plumbing: a plain running mean, and select = choose(draw)."""
 
-  def init(self, num_arms, key=None):
-    return initial_state(num_arms, key)
+  def init(self, num_arms):
+    return initial_state(num_arms)
 
   def update(self, state, arm, reward):
     return _record(state, arm, reward)
+
+  def draw(self, state, key):
+    """The random numbers `choose` uses (none for deterministic strategies)."""
+    del state, key
+    return None
+
+  def select(self, state, key):
+    return self.choose(state, self.draw(state, key))
 
 
 @dataclasses.dataclass(frozen=True)
 class UCB1(_Learner):
   exploration: float = 2.0  # the 2 in sqrt(2 ln t / n)
 
-  def select(self, state, key):
-    del key
+  def choose(self, state, draws):
+    del draws
     bonus = jnp.sqrt(self.exploration * jnp.log(jnp.maximum(state.pulls, 1))
                      / jnp.maximum(state.counts, 1e-9))
     return _unpulled_first(state, state.means + bonus)
@@ -105,27 +112,25 @@ class UCB1(_Learner):
 @dataclasses.dataclass(frozen=True)
 class Thompson(_Learner):
 
-  def select(self, state, key):
-    samples = jax.random.beta(key, 1 + state.sums, 1 + state.counts - state.sums)
-    return _unpulled_first(state, samples)
+  def draw(self, state, key):
+    """[K] samples from each arm's Beta posterior."""
+    return jax.random.beta(key, 1 + state.sums, 1 + state.counts - state.sums)
 
-  def update(self, state, arm, reward):
-    key, coin = jax.random.split(state.key)
-    success = jax.random.uniform(coin) < reward
-    return dataclasses.replace(_record(state, arm, success.astype(jnp.float32)), key=key)
+  def choose(self, state, draws):
+    return _unpulled_first(state, draws)
 
 
 @dataclasses.dataclass(frozen=True)
 class DiscountedUCB(_Learner):
-  discount: float = 0.99
+  discount: float = 0.995  # evidence fades over about 1 / (1 - discount) = 200 pulls
   exploration: float = 2.0
 
   def __post_init__(self):
     if not 0 < self.discount <= 1:
       raise ValueError(f"discount must be in (0, 1], got {self.discount}")
 
-  def select(self, state, key):
-    del key
+  def choose(self, state, draws):
+    del draws
     total = jnp.maximum(state.counts.sum(), 1.0)
     bonus = jnp.sqrt(self.exploration * jnp.log(jnp.maximum(total, 1.0))
                      / jnp.maximum(state.counts, 1e-9))
@@ -143,19 +148,23 @@ class EpsilonGreedy(_Learner):
     if not 0 <= self.epsilon <= 1:
       raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
 
-  def select(self, state, key):
+  def draw(self, state, key):
+    """(u, arm): explore when u < epsilon, then with that uniformly drawn arm."""
     explore_key, arm_key = jax.random.split(key)
-    explore = jax.random.uniform(explore_key) < self.epsilon
-    random_arm = jax.random.randint(arm_key, (), 0, state.num_arms)
-    return jnp.where(explore, random_arm, _unpulled_first(state, state.means)).astype(jnp.int32)
+    return jax.random.uniform(explore_key), jax.random.randint(arm_key, (), 0, state.num_arms)
+
+  def choose(self, state, draws):
+    u, random_arm = draws
+    return jnp.where(u < self.epsilon, random_arm,
+                     _unpulled_first(state, state.means)).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fixed(_Learner):
   arm: int = 0
 
-  def select(self, state, key):
-    del state, key
+  def choose(self, state, draws):
+    del state, draws
     return jnp.int32(self.arm)
 
 
@@ -167,8 +176,8 @@ class Oracle(_Learner):
   means_after: tuple[float, ...] | None = None
   switch_at: int | None = None
 
-  def select(self, state, key):
-    del key
+  def choose(self, state, draws):
+    del draws
     means = jnp.asarray(self.means)
     if self.means_after is not None:
       means = jnp.where(state.pulls >= self.switch_at, jnp.asarray(self.means_after), means)

@@ -23,7 +23,8 @@ from absl import app, flags
 from flashspec_jax import results
 from flashspec_jax.bench import timing
 from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import init_state, speculative_step
+from flashspec_jax.bandit import Fixed
+from flashspec_jax.engine import Arm, bandit_step, init_state
 from flashspec_jax.kernels.verify import PALLAS_GPU_AVAILABLE, get_verify_fn
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import KVCache, Llama, init_params
@@ -63,20 +64,21 @@ def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, im
     capacity = context + steps[1] * (gamma + 1) + gamma + 2
     prompt = jax.random.randint(jax.random.key(2), (batch, context), 0, target_config.vocab_size)
     lengths = jnp.full((batch,), context, jnp.int32)
+    arms = (Arm(drafter, gamma),)
     state = jax.jit(functools.partial(
-        init_state, target=target, drafter=drafter, gamma=gamma, max_new_tokens=capacity,
-        eos_ids=(), capacity=capacity))(params, prompt, lengths, jax.random.key(3),
-                                        target_sampler=sampler)
+        init_state, target=target, arms=arms, max_new_tokens=capacity, eos_ids=(),
+        capacity=capacity))(params, prompt, lengths, jax.random.key(3), sampler,
+                            Fixed(0).init(1))
     row = dict(batch=batch, gamma=gamma, context=context)
     for impl in impls:
-      step = functools.partial(speculative_step, target=target, drafter=drafter, gamma=gamma,
-                               max_new_tokens=capacity, eos_ids=(),
+      step = functools.partial(bandit_step, arms=arms, strategy=Fixed(0), reward="goodput",
+                               target=target, max_new_tokens=capacity, eos_ids=(),
                                verify_fn=get_verify_fn(impl))
 
       @jax.jit
       def run_steps(params, state, num_steps, step=step):
-        return jax.lax.fori_loop(0, num_steps, lambda _, s: step(
-            params, s, target_sampler=sampler, draft_sampler=sampler), state).seq_lens
+        return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s, sampler, sampler),
+                                 state).seq_lens
 
       measured = timing.per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps,
                                       repeats)
@@ -91,7 +93,8 @@ def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, im
         *steps, repeats)
     draft_fwd = timing.per_iteration(
         lambda n: run_forward(drafter.model, params["drafters"][drafter_name],
-                              state.drafter_cache, prompt[:, :1], jnp.int32(n)), *steps, repeats)
+                              state.drafter_states[0], prompt[:, :1], jnp.int32(n)), *steps,
+        repeats)
     parts = target_fwd["seconds"] + gamma * draft_fwd["seconds"]
     row |= dict(target_forward_ms=target_fwd["seconds"] * 1e3,
                 drafter_step_ms=draft_fwd["seconds"] * 1e3, parts_ms=parts * 1e3,

@@ -1,0 +1,39 @@
+"""The bandit choosing drafters for SmolLM2-135M over a stream that changes domain.
+
+  python run.py --config=experiments/bandit_smollm2.py
+  python run.py --config=experiments/bandit_smollm2.py:tiny     # CI-sized
+
+Arms: n-gram prompt lookup, the layer-skip self-drafter at 20 and 26 of 30
+layers (gamma 4), and plain AR steps. The stream is two chat prompts, then two
+code prompts, then two copy-heavy edit prompts, one at a time; each bandit
+keeps its state across the stream. Rewards are goodput, with each arm's cost
+timed at start-up. Every fixed arm and every bandit runs on the same stream in
+the same run, so tok/s against each fixed arm and against the best fixed arm
+in hindsight are side by side. Writes results/bandit_smollm2/ with the arm
+shares per segment and a PNG of the arm chosen at each step.
+Expected: about 30 minutes on 2 CPU cores.
+"""
+
+from flashspec_jax.config import base_config
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.experiment = "bandit_smollm2"
+  config.arms = "ngram:3,layer_skip:20,layer_skip:26,ar"
+  config.methods = ("ar,ngram:3,layer_skip:20,layer_skip:26,"
+                    "bandit:ucb1,bandit:thompson,bandit:discounted_ucb")
+  config.prompts.sets = "chat,code,edit"
+  config.prompts.num_per_set = 2
+  config.sampling.max_new_tokens = 128
+  config.print_text = False
+  if arg == "tiny":
+    config.experiment = "bandit_smollm2_tiny"
+    config.arms = "ngram:3,layer_skip:20,ar"
+    config.methods = "ar,ngram:3,bandit:ucb1"
+    config.prompts.num_per_set = 1
+    config.sampling.max_new_tokens = 8
+    config.bandit.calibration_tokens = 4
+  elif arg is not None:
+    raise ValueError(f"unknown argument {arg!r}; use ':tiny' or nothing")
+  return config

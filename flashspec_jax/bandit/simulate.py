@@ -1,0 +1,104 @@
+"""Bandit simulations with Bernoulli arms: regret, its bound, and recovery after a switch.
+
+Every seed is a `lax.scan` over T pulls, vmapped over seeds, so a strategy's
+whole experiment is one compiled program. Regret is the pseudo-regret
+sum_t (mu*_t - mu_{a_t}), with the means in force at step t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashspec_jax import config as config_lib
+from flashspec_jax import plots, results
+from flashspec_jax.bandit.strategies import Strategy, make_strategy
+
+
+def ucb1_regret_bound(means, horizon: int) -> float:
+  """Auer, Cesa-Bianchi & Fischer (2002), Theorem 1:
+  sum over suboptimal arms of 8 ln T / gap, plus (1 + pi^2 / 3) times the sum of gaps."""
+  best = max(means)
+  gaps = [best - m for m in means if m < best]
+  return sum(8 * math.log(horizon) / g for g in gaps) + (1 + math.pi**2 / 3) * sum(gaps)
+
+
+def simulate(strategy: Strategy, means, horizon: int, seeds: int, means_after=None,
+             switch_at: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+  """Runs the strategy on Bernoulli arms; the means change at `switch_at` if given.
+
+  Returns [seeds, T] arrays: arm pulled, reward drawn, and cumulative regret.
+  """
+  before = jnp.asarray(means, jnp.float32)
+  after = before if means_after is None else jnp.asarray(means_after, jnp.float32)
+  switch = horizon if switch_at is None else switch_at
+
+  def one_seed(key):
+    def pull(state, t):
+      select_key, reward_key = jax.random.split(jax.random.fold_in(key, t))
+      current = jnp.where(t >= switch, after, before)
+      arm = strategy.select(state, select_key)
+      reward = jax.random.bernoulli(reward_key, current[arm]).astype(jnp.float32)
+      return strategy.update(state, arm, reward), (arm, reward, current.max() - current[arm])
+
+    _, (arms, rewards, gaps) = jax.lax.scan(pull, strategy.init(len(means)), jnp.arange(horizon))
+    return arms, rewards, jnp.cumsum(gaps)
+
+  keys = jax.random.split(jax.random.key(seed), seeds)
+  arms, rewards, regret = jax.jit(jax.vmap(one_seed))(keys)
+  return dict(arms=np.asarray(arms), rewards=np.asarray(rewards), regret=np.asarray(regret))
+
+
+def recovery_steps(arms: np.ndarray, best_after: int, switch_at: int, window: int = 200,
+                   share: float = 0.9) -> np.ndarray:
+  """Per seed, steps after the switch until `best_after` is pulled in at least `share`
+  of a trailing window of pulls; -1 if that never happens before the horizon."""
+  hits = (arms[:, switch_at:] == best_after).astype(np.float64)
+  cumulative = np.concatenate([np.zeros((len(hits), 1)), np.cumsum(hits, axis=1)], axis=1)
+  trailing = (cumulative[:, window:] - cumulative[:, :-window]) / window  # ends at t >= window
+  reached = trailing >= share
+  return np.where(reached.any(axis=1), reached.argmax(axis=1) + window, -1)
+
+
+def run_simulation(config, env: dict) -> dict:
+  """The `bandit_simulation` experiment kind: every strategy on the same Bernoulli arms."""
+  sim = config.simulation
+  means = config_lib.floats(sim.means)
+  means_after = config_lib.floats(sim.means_after) or None
+  switch_at = sim.switch_at if means_after else None
+  kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
+            "epsilon_greedy": dict(epsilon=config.bandit.epsilon)}
+  bound = ucb1_regret_bound(means, sim.horizon) if not means_after else None
+  summaries, curves = {}, {}
+  for name in config_lib.split_list(sim.strategies):
+    strategy = make_strategy(name, **kwargs.get(name, {}))
+    out = simulate(strategy, means, sim.horizon, sim.seeds, means_after, switch_at, config.seed)
+    final = out["regret"][:, -1]
+    summary = dict(regret_mean=float(final.mean()), regret_std=float(final.std()),
+                   regret_per_seed=final.tolist())
+    if means_after:
+      recovered = recovery_steps(out["arms"], int(np.argmax(means_after)), switch_at)
+      summary |= dict(recovery_steps_mean=float(recovered[recovered >= 0].mean())
+                      if (recovered >= 0).any() else None,
+                      recovered_seeds=int((recovered >= 0).sum()),
+                      recovery_steps_per_seed=recovered.tolist())
+    summaries[name] = summary
+    curves[name] = out["regret"]
+  payload = dict(config=config.to_dict(), ucb1_bound=bound, summaries=summaries)
+  path = results.write(config.experiment, payload, directory=config.results_dir, env=env)
+  plots.regret_curves(curves, path.with_suffix(".png"),
+                      title=f"Bernoulli arms {means}" + (f" -> {means_after}" if means_after
+                                                         else ""),
+                      bound=bound, switch_at=switch_at)
+  print(f"\n{'strategy':<16} {'regret at T':>14} {'recovery':>10}")
+  for name, s in summaries.items():
+    recovery = s.get("recovery_steps_mean")
+    print(f"{name:<16} {s['regret_mean']:>8.1f} ± {s['regret_std']:<5.1f}"
+          f"{'' if recovery is None else f'{recovery:>10.0f}'}")
+  if bound is not None:
+    print(f"UCB1 bound (Auer et al. 2002) at T={sim.horizon}: {bound:.1f}")
+  print(f"results: {path}")
+  return dict(summaries=summaries, path=str(path))

@@ -1,0 +1,52 @@
+"""PNG figures that sit beside the results files they are drawn from."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def regret_curves(curves: dict[str, np.ndarray], path: pathlib.Path, title: str,
+                  bound: float | None = None, switch_at: int | None = None) -> pathlib.Path:
+  """Mean cumulative regret per strategy over seeds ([seeds, T] each), with a 10-90% band."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, regret in curves.items():
+    steps = np.arange(1, regret.shape[1] + 1)
+    ax.plot(steps, regret.mean(axis=0), label=name)
+    ax.fill_between(steps, np.percentile(regret, 10, axis=0), np.percentile(regret, 90, axis=0),
+                    alpha=0.2)
+  if bound is not None:
+    ax.axhline(bound, color="black", linestyle="--", label=f"UCB1 bound at T ({bound:.0f})")
+  if switch_at:
+    ax.axvline(switch_at, color="grey", linestyle=":", label="best arm changes")
+  ax.set(xlabel="pulls", ylabel="cumulative regret", title=title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def arm_timeline(history: dict, path: pathlib.Path, title: str) -> pathlib.Path:
+  """The arm chosen at every loop step, with the prompt kind of each segment shaded."""
+  steps = history["steps"]
+  arms = np.array([arm for _, arm in steps])
+  fig, ax = plt.subplots(figsize=(9, 3.5))
+  start = 0
+  for i, kind in enumerate(dict.fromkeys(k for k, _ in steps)):
+    end = start + sum(1 for k, _ in steps if k == kind)
+    ax.axvspan(start, end, color=f"C{i}", alpha=0.08)
+    ax.text((start + end) / 2, len(history["arms"]) - 0.4, kind, ha="center")
+    start = end
+  ax.scatter(np.arange(len(arms)), arms, s=4, color="black")
+  ax.set(yticks=range(len(history["arms"])), yticklabels=history["arms"], xlabel="loop step",
+         title=title, ylim=(-0.5, len(history["arms"]) - 0.1))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
