@@ -33,6 +33,7 @@ def get_config(arg=None):
     config.methods = "ar,ngram:3,bandit:ucb1"
     config.prompts.num_per_set = 1
     config.sampling.max_new_tokens = 8
+    config.prompts.bucket = 1024  # one compiled program per method
     config.bandit.calibration_tokens = 4
   elif arg is not None:
     raise ValueError(f"unknown argument {arg!r}; use ':tiny' or nothing")

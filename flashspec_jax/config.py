@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.prompts.num_per_set = 1
   config.prompts.split = "tune"
   config.prompts.synthetic_length = 128  # prompt tokens per row with synthetic weights
+  # Prompt widths are padded up to a multiple of this, so that prompts of
+  # similar length share one compiled program; larger means fewer compiles.
+  config.prompts.bucket = 64
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.temperature = 0.0  # 0 is greedy
@@ -153,6 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("prompts.num_per_set", config.prompts.num_per_set >= 1, ">= 1"),
       ("prompts.split", config.prompts.split in SPLITS, f"one of {SPLITS}"),
       ("prompts.synthetic_length", config.prompts.synthetic_length >= 1, ">= 1"),
+      ("prompts.bucket", config.prompts.bucket >= 1, ">= 1"),
       ("sampling.temperature", config.sampling.temperature >= 0, ">= 0 (0 is greedy)"),
       ("sampling.top_k", config.sampling.top_k >= 0, ">= 0 (0 is off)"),
       ("sampling.top_p", 0 < config.sampling.top_p <= 1, "in (0, 1]"),

@@ -33,11 +33,6 @@ from flashspec_jax.models.llama import Llama
 from flashspec_jax.prompts import load_prompts
 from flashspec_jax.sampling import make_sampler
 
-# Prompt widths are padded up to a multiple of this, so prompts of similar
-# length share one compiled program.
-PROMPT_BUCKET = 64
-
-
 @dataclasses.dataclass
 class Request:
   id: str
@@ -69,6 +64,7 @@ class Setup:
   eos_ids: tuple[int, ...]
   reward: str
   verify_fn: Any
+  bucket: int
 
 
 def param_dtype(config: ml_collections.ConfigDict):
@@ -138,8 +134,8 @@ def build_methods(config, target: LoadedModel, dtype) -> tuple[list[Method], dic
   return methods, params
 
 
-def _bucketed(tokens: np.ndarray) -> np.ndarray:
-  width = -(-tokens.shape[1] // PROMPT_BUCKET) * PROMPT_BUCKET
+def _bucketed(tokens: np.ndarray, bucket: int) -> np.ndarray:
+  width = -(-tokens.shape[1] // bucket) * bucket
   return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
 
 
@@ -148,7 +144,7 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
   """Compiles then times one batch; returns (output, seconds, compile seconds)."""
   max_new = max_new_tokens or setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
-  tokens = _bucketed(tokens)
+  tokens = _bucketed(tokens, setup.bucket)
   reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
   capacity = check_budget(setup.target.config, tokens.shape[1], max_new, reserve=reserve)
   args = jax.device_put((tokens, lengths, key, setup.sampler))
@@ -237,7 +233,8 @@ def run_generation(config: ml_collections.ConfigDict, env: dict) -> dict[str, An
   setup = Setup(params=params, target=target, sampler=sampler,
                 max_new_tokens=config.sampling.max_new_tokens,
                 eos_ids=() if model.synthetic else model.config.eos_token_ids,
-                reward=config.bandit.reward, verify_fn=get_verify_fn(config.verify_impl))
+                reward=config.bandit.reward, verify_fn=get_verify_fn(config.verify_impl),
+                bucket=config.prompts.bucket)
   requests = build_requests(config, model)
   batches = [requests[i:i + config.batch_size]
              for i in range(0, len(requests), config.batch_size)]
