@@ -34,10 +34,11 @@ _GAMMA = flags.DEFINE_integer("gamma", 4, "Draft tokens per step.")
 _CONTEXT = flags.DEFINE_integer("context", 256, "Prompt tokens before stepping.")
 _STEPS = flags.DEFINE_list("steps", ["4", "20"], "Loop lengths whose time difference is used.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per loop length.")
+_UNROLL = flags.DEFINE_bool("unroll", False, "Unroll the draft steps (compiles slower).")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
-def bench(target_name, idle_counts, batch, gamma, context, steps, repeats) -> dict:
+def bench(target_name, idle_counts, batch, gamma, context, steps, repeats, unroll) -> dict:
   dtype = jnp.bfloat16 if on_gpu() else jnp.float32
   config = model_config(target_name)
   params = {"target": init_params(config, jax.random.key(0), dtype), "drafters": {}}
@@ -48,8 +49,8 @@ def bench(target_name, idle_counts, batch, gamma, context, steps, repeats) -> di
   capacity = context + steps[1] * (gamma + 1) + gamma + 2
   rows = []
   for idle in idle_counts:
-    arms = tuple(Arm(ModelDrafter(Llama(config, num_layers=d, param_dtype=dtype)), gamma)
-                 for d in depths[:idle + 1])
+    arms = tuple(Arm(ModelDrafter(Llama(config, num_layers=d, param_dtype=dtype),
+                                  unroll=unroll), gamma) for d in depths[:idle + 1])
     state = jax.jit(functools.partial(
         init_state, target=target, arms=arms, max_new_tokens=capacity, eos_ids=(),
         capacity=capacity))(params, prompt, jnp.full((batch,), context, jnp.int32),
@@ -71,13 +72,14 @@ def bench(target_name, idle_counts, batch, gamma, context, steps, repeats) -> di
   for row in rows:
     row["relative_to_no_idle"] = row["step_ms"] / base
   return dict(target=target_name, dtype=jnp.dtype(dtype).name, synthetic_weights=True,
-              batch=batch, gamma=gamma, context=context, rows=rows)
+              batch=batch, gamma=gamma, context=context, unrolled_drafts=unroll, rows=rows)
 
 
 def main(argv):
   del argv
   result = bench(_TARGET.value, [int(i) for i in _IDLE.value], _BATCH.value, _GAMMA.value,
-                 _CONTEXT.value, tuple(int(s) for s in _STEPS.value), _REPEATS.value)
+                 _CONTEXT.value, tuple(int(s) for s in _STEPS.value), _REPEATS.value,
+                 _UNROLL.value)
   path = results.write("idle_arms", result, directory=_OUT.value)
   print(f"\nstep time with idle model arms, {result['target']} shape, synthetic weights -> {path}")
   print(f"{'idle arms':>9} {'step ms':>9} {'vs none':>8}")
