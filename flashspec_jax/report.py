@@ -95,12 +95,91 @@ def method_table(data: dict) -> list[str]:
   return lines
 
 
+def regret(data: dict) -> list[str]:
+  sim = data["config"]["simulation"]
+  switching = bool(sim["means_after"])
+  lines = [f"Bernoulli arms with means [{sim['means']}]"
+           + (f", changing to [{sim['means_after']}] at pull {sim['switch_at']}" if switching
+              else "")
+           + f"; T = {sim['horizon']}, {sim['seeds']} seeds; pseudo-regret at T, mean and "
+           f"standard deviation over seeds.", ""]
+  if switching:
+    lines += ["| strategy | regret at T | recovery (pulls after the switch) | seeds recovered |",
+              "|---|---|---|---|"]
+  else:
+    lines += ["| strategy | regret at T |", "|---|---|"]
+  for name, s in data["summaries"].items():
+    row = f"| {name} | {s['regret_mean']:.1f} ± {s['regret_std']:.1f} |"
+    if switching:
+      recovery = s["recovery_steps_mean"]
+      row += (f" {recovery:.0f} |" if recovery is not None else " never |")
+      row += f" {s['recovered_seeds']}/{sim['seeds']} |"
+    lines.append(row)
+  if data.get("ucb1_bound"):
+    lines += ["", f"UCB1 bound (Auer et al. 2002, Theorem 1) at T: {data['ucb1_bound']:.1f}."]
+  return lines
+
+
+def bandit_run(data: dict) -> list[str]:
+  lines = method_table(data)
+  costs = data.get("arm_costs") or {}
+  if costs:
+    lines += ["", "Arm costs timed at start-up (s per step): "
+              + ", ".join(f"`{name}` {cost:.4f}" for name, cost in costs.items()) + "."]
+  for name, s in data["summaries"].items():
+    if "arm_shares" not in s:
+      continue
+    kinds = [k for k in s["arm_shares"] if k != "all"] + ["all"]
+    arms = list(s["arm_shares"]["all"])
+    lines += ["", f"`{name}`: share of steps per arm, by segment of the stream"
+              + (f"; {s['vs_best_fixed']:.2f}x the best fixed arm in hindsight "
+                 f"(`{s['best_fixed']}`)" if "vs_best_fixed" in s else "") + ".", "",
+              "| arm | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for arm in arms:
+      lines.append(f"| {arm} | " + " | ".join(f"{s['arm_shares'][k][arm]:.2f}" for k in kinds)
+                   + " |")
+  return lines
+
+
+def idle_arms(data: dict) -> list[str]:
+  lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, batch {data['batch']}, "
+           f"gamma {data['gamma']}; the bandit is fixed on the first arm and the others are "
+           f"never selected.", "", "| idle model arms | step (ms) | vs none |", "|---|---|---|"]
+  for r in data["rows"]:
+    lines.append(f"| {r['idle_arms']} | {r['step_ms']:.3f} | {r['relative_to_no_idle']:.3f} |")
+  return lines
+
+
+def sweep(data: dict) -> list[str]:
+  field = data["sweep_field"]
+  methods = list(data["points"][0]["summaries"])
+  lines = [f"Sweep over `{field}`; tok/s (alpha) per method.", "",
+           f"| {field} | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+  for point in data["points"]:
+    cells = []
+    for name in methods:
+      s = point["summaries"][name]
+      alpha = f" ({s['alpha']:.2f})" if "alpha" in s else ""
+      cells.append(f"{s['tokens_per_second']:.1f}{alpha}")
+    lines.append(f"| {point['value']} | " + " | ".join(cells) + " |")
+  return lines
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("ar_decode", "AR decode step against the bandwidth floor (H200)", ar_decode),
     ("spec_step", "Speculative step against the sum of its parts (H200)", spec_step),
     ("verify_kernel", "Pallas verify kernel against the jnp reference (H200)", verify_kernel),
     ("layer_skip_smollm2", "SmolLM2-135M with layer-skip drafters against AR (CPU)", method_table),
+    ("bandit_regret", "Bandit regret, stationary arms", regret),
+    ("bandit_switching", "Bandit regret when the best arm changes", regret),
+    ("bandit_smollm2", "The bandit choosing SmolLM2-135M's drafters over a changing stream",
+     bandit_run),
+    ("bandit_smollm2_h200", "The same stream on the H200", bandit_run),
+    ("idle_arms", "Step time with idle model arms", idle_arms),
+    ("gamma_sweep", "Throughput and acceptance against gamma", sweep),
+    ("baselines", "Baselines on held-out prompts", bandit_run),
 ]
+CLAIMS = {name: title for name, title, _ in SECTIONS}
 
 
 def readme_section() -> str:
@@ -120,10 +199,13 @@ def results_index() -> str:
            "Every file here was written by a command in this repository; none is edited by hand.",
            "Each JSON file holds the command, git sha, device, versions, date and raw timings.",
            "`python -m flashspec_jax.report` regenerates this index and the README's results "
-           "section from them.", "", "| file | command | device | date |", "|---|---|---|---|"]
+           "section from them; the newest file of an experiment backs the README section named "
+           "beside it.", "", "| file | backs | command | device | date |",
+           "|---|---|---|---|---|"]
   for path in sorted(RESULTS.glob("*/*.json")):
     env = json.loads(path.read_text())["environment"]
-    lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | "
+    claim = CLAIMS.get(path.parent.name, "(not quoted in the README)")
+    lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | {claim} | "
                  f"`{env['command']}` | {env['device']} | {env['date']} |")
   return "\n".join(lines) + "\n"
 

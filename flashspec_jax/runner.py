@@ -172,12 +172,16 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
 
 def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], tokens: int,
                     key) -> tuple[Arm, ...]:
-  """Each arm alone on one batch for a few tokens: its cost is its seconds per step."""
+  """Each arm alone on one batch, for `tokens` and for twice as many new tokens: its cost
+  is the extra seconds over the extra loop steps, so the prefill does not count."""
   calibrated = []
   for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
-    out, seconds, _ = run_batch(Method(arm.name, (arm,)), setup, batch, key,
-                                max_new_tokens=tokens)
-    calibrated.append(dataclasses.replace(arm, cost=seconds / max(int(out.steps), 1)))
+    runs = [run_batch(Method(arm.name, (arm,)), setup, batch, key, max_new_tokens=n)
+            for n in (tokens, 2 * tokens)]
+    (short, short_seconds, _), (long, long_seconds, _) = runs
+    extra_steps = max(int(long.steps) - int(short.steps), 1)
+    cost = max(long_seconds - short_seconds, 1e-6) / extra_steps
+    calibrated.append(dataclasses.replace(arm, cost=cost))
   return tuple(calibrated)
 
 
@@ -219,7 +223,9 @@ def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
     print("(synthetic weights: speeds only; acceptance of random drafters means nothing)")
 
 
-def run_generation(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
+def run_generation(config: ml_collections.ConfigDict, env: dict
+                   ) -> tuple[dict[str, Any], list[dict]]:
+  """Runs every method on the prompts; returns (payload, per-prompt records)."""
   sampler = make_sampler(config.sampling.temperature, config.sampling.top_k, config.sampling.top_p)
   dtype = param_dtype(config)
   model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
@@ -296,12 +302,46 @@ def run_generation(config: ml_collections.ConfigDict, env: dict) -> dict[str, An
   payload = dict(config=config.to_dict(), synthetic_weights=model.synthetic,
                  weights=model.source, summaries=summaries, bandit_histories=histories,
                  arm_costs={a.name: a.cost for a in bandit_arms})
+  return payload, records
+
+
+def write_generation(config, env, payload, records) -> dict[str, Any]:
   path = results.write(config.experiment, payload, records, directory=config.results_dir, env=env)
-  for name, history in histories.items():
+  for name, history in payload["bandit_histories"].items():
     plots.arm_timeline(history, path.with_name(f"{path.stem}_{name.replace(':', '_')}_arms.png"),
                        title=f"{name}: arm per step")
   print(f"results: {path}")
-  return dict(summaries=summaries, records=records, path=str(path))
+  return dict(summaries=payload["summaries"], records=records, path=str(path))
+
+
+def run_sweep(config, env, field: str, values: list) -> dict[str, Any]:
+  """One generation run per value of `field`; one results file and plot for all of them."""
+  points, records = [], []
+  for value in tqdm.tqdm(values, desc=f"sweep {field}", unit="point"):
+    print(f"\n=== {field} = {value} ===")
+    payload, point_records = run_generation(config_lib.with_override(config, field, value), env)
+    points.append(dict(value=value, summaries=payload["summaries"]))
+    records += [record | {"sweep_value": value} for record in point_records]
+  payload = dict(config=config.to_dict(), sweep_field=field, points=points,
+                 synthetic_weights=payload["synthetic_weights"], weights=payload["weights"],
+                 bandit_histories={})
+  path = results.write(config.experiment, payload, records, directory=config.results_dir, env=env)
+  plots.sweep(points, field, path.with_suffix(".png"))
+  print(f"results: {path}")
+  return dict(points=points, records=records, path=str(path))
+
+
+def run_kernel_bench(config, env) -> dict[str, Any]:
+  from flashspec_jax.bench import verify_kernel
+  k = config.kernel
+  ints = lambda text: [int(x) for x in config_lib.split_list(text)]
+  result = verify_kernel.bench(ints(k.batches), ints(k.gammas), ints(k.vocabs), (4, 24),
+                               k.repeats, verify_kernel.VerifyTiling(), k.interpret,
+                               int(k.copy_gib * 2**30))
+  path = results.write(config.experiment, dict(config=config.to_dict(), **result),
+                       directory=config.results_dir, env=env)
+  print(f"results: {path}")
+  return dict(rows=result["rows"], path=str(path))
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -311,4 +351,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   env = environment.describe()
   if config.kind == "bandit_simulation":
     return run_simulation(config, env)
-  return run_generation(config, env)
+  if config.kind == "kernel_bench":
+    return run_kernel_bench(config, env)
+  sweep = config_lib.parse_sweep(config)
+  if sweep is not None:
+    return run_sweep(config, env, *sweep)
+  return write_generation(config, env, *run_generation(config, env))

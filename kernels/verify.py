@@ -291,13 +291,18 @@ PALLAS_GPU_AVAILABLE = jax.default_backend() == "gpu"
 VERIFY_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
 
 
+@functools.cache
+def _log_reference_fallback() -> None:
+  logging.info("no GPU for the Pallas verify kernel; using the jnp reference")
+
+
 def get_verify_fn(impl: str = "auto"):
   """The verify function for a config name; 'auto' is Pallas on a GPU, else the reference."""
   if impl not in VERIFY_IMPLS:
     raise ValueError(f"unknown verify implementation {impl!r}; known: {VERIFY_IMPLS}")
   if impl == "auto":
     if not PALLAS_GPU_AVAILABLE:
-      logging.info("no CUDA GPU for the Pallas verify kernel; using the jnp reference")
+      _log_reference_fallback()
     impl = "pallas" if PALLAS_GPU_AVAILABLE else "reference"
   if impl == "reference":
     return verify_reference

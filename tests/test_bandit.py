@@ -159,4 +159,5 @@ def test_recovery_steps_counts_from_the_switch():
   arms = np.zeros((2, 1000), np.int32)
   arms[0, 500 + 50:] = 1  # switches to arm 1 fifty steps after the switch
   recovered = recovery_steps(arms, best_after=1, switch_at=500, window=100, share=0.9)
-  assert recovered[0] == 50 + 90 and recovered[1] == -1
+  assert recovered[0] == 50 + 91 and recovered[1] == -1  # 91 of the last 100 pulls
+  assert recovery_steps(arms, best_after=1, switch_at=500, window=100)[0] == 50 + 51

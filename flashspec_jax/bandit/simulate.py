@@ -53,13 +53,14 @@ def simulate(strategy: Strategy, means, horizon: int, seeds: int, means_after=No
 
 
 def recovery_steps(arms: np.ndarray, best_after: int, switch_at: int, window: int = 200,
-                   share: float = 0.9) -> np.ndarray:
-  """Per seed, steps after the switch until `best_after` is pulled in at least `share`
-  of a trailing window of pulls; -1 if that never happens before the horizon."""
+                   share: float = 0.5) -> np.ndarray:
+  """Per seed, pulls after the switch until `best_after` holds more than `share` of a
+  trailing window of pulls (by default: until it is pulled most); -1 if that never
+  happens before the horizon."""
   hits = (arms[:, switch_at:] == best_after).astype(np.float64)
   cumulative = np.concatenate([np.zeros((len(hits), 1)), np.cumsum(hits, axis=1)], axis=1)
   trailing = (cumulative[:, window:] - cumulative[:, :-window]) / window  # ends at t >= window
-  reached = trailing >= share
+  reached = trailing > share
   return np.where(reached.any(axis=1), reached.argmax(axis=1) + window, -1)
 
 

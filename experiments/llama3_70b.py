@@ -1,0 +1,28 @@
+"""Llama-3.1-70B-Instruct with Llama-3.1-8B and Llama-3.2-1B drafters, bandit on.
+
+  python run.py --config=experiments/llama3_70b.py --config.checkpoint_dir=/path/to/Llama-3.1-70B-Instruct
+  python run.py --config=experiments/llama3_70b.py:tiny   # CPU-sized, synthetic tiny shapes
+
+Weights are looked for in checkpoints/llama3_70b/, checkpoints/llama3_8b/ and
+checkpoints/llama3.2_1b/. Methods: AR, each drafter alone, and UCB1 over
+{8B, 1B, n-gram, AR}. The 70B target in bf16 (about 141 GB) does not fit on
+one H200; this project has not run it (no multi-GPU machine and no weights
+were available), so no result is expected here yet.
+"""
+
+from flashspec_jax.config import base_config, is_tiny, make_tiny
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.experiment = "llama3_70b"
+  config.target = "llama3_70b"
+  config.arms = "draft_model:llama3_8b,draft_model:llama3.2_1b,ngram:3,ar"
+  config.methods = "ar,draft_model:llama3_8b,draft_model:llama3.2_1b,bandit:ucb1"
+  config.sampling.max_new_tokens = 256
+  if is_tiny(arg):
+    make_tiny(config)
+    config.target, config.synthetic_weights = "tiny_llama", True
+    config.arms = "draft_model:tiny_llama_draft,layer_skip:2,ngram:3,ar"
+    config.methods = "ar,draft_model:tiny_llama_draft,layer_skip:2,bandit:ucb1"
+  return config
