@@ -26,6 +26,7 @@ def get_config(arg=None):
   config.prompts.sets = "chat,code,edit"
   config.prompts.num_per_set = 2
   config.sampling.max_new_tokens = 128
+  config.prompts.bucket = 256  # fewer distinct prompt widths, fewer programs to compile
   config.print_text = False
   if is_tiny(arg):
     make_tiny(config)

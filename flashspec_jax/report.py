@@ -31,9 +31,11 @@ def newest(name: str) -> tuple[pathlib.Path, dict] | None:
 def provenance(path: pathlib.Path, data: dict) -> str:
   env = data["environment"]
   dirty = ", uncommitted changes present" if env["git_dirty"] else ""
+  figures = sorted(path.parent.glob(f"{path.stem}*.png"))
+  plots = "".join(f" Figure: [`{f.name}`]({f.relative_to(REPO)})." for f in figures)
   return (f"Source: [`{path.relative_to(REPO)}`]({path.relative_to(REPO)}), written by "
           f"`{env['command']}` at `{env['git_sha'][:8]}`{dirty} on {env['device']}, "
-          f"jax {env['jax']}, {env['date']}.")
+          f"jax {env['jax']}, {env['date']}.{plots}")
 
 
 def ar_decode(data: dict) -> list[str]:
@@ -143,8 +145,9 @@ def bandit_run(data: dict) -> list[str]:
 
 def idle_arms(data: dict) -> list[str]:
   lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, batch {data['batch']}, "
-           f"gamma {data['gamma']}; the bandit is fixed on the first arm and the others are "
-           f"never selected.", "", "| idle model arms | step (ms) | vs none |", "|---|---|---|"]
+           f"gamma {data['gamma']}; the bandit is fixed on the first arm (layer-skip) and the "
+           f"other layer-skip arms are never selected.", "",
+           "| idle model arms | step (ms) | vs none |", "|---|---|---|"]
   for r in data["rows"]:
     lines.append(f"| {r['idle_arms']} | {r['step_ms']:.3f} | {r['relative_to_no_idle']:.3f} |")
   return lines

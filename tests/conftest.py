@@ -1,5 +1,7 @@
 """Shared fixtures. Everything runs on the CPU in f32 unless a test says otherwise."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -31,3 +33,13 @@ def smollm2():
   path = smollm2_path()
   config, params = load_gguf_checkpoint(path, dtype=jnp.float32)
   return config, params, load_tokenizer(path)
+
+
+def run_as_one_program(caplog, fn, *args, **kwargs):
+  """Runs fn from a cold cache with host transfers disallowed; asserts one compilation."""
+  jax.clear_caches()
+  with caplog.at_level(logging.WARNING), jax.log_compiles(), jax.transfer_guard("disallow"):
+    out = jax.block_until_ready(fn(*args, **kwargs))
+  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert len(compiles) == 1 and fn.__name__ in compiles[0], compiles
+  return out

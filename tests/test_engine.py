@@ -1,14 +1,13 @@
 """The speculative engine: greedy equivalence, ragged batches, budgets, metrics, errors."""
 
 import functools
-import logging
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import spread_params, tiny_config
+from conftest import run_as_one_program, spread_params, tiny_config
 
 from flashspec_jax import engine
 from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
@@ -111,12 +110,8 @@ def test_speculation_is_one_program_without_host_transfers(params, caplog):
   assert re.search(r"= .* while\(", hlo)
   for host_op in (r"\boutfeed\(", r"\binfeed\(", r"\bsend\(", r"\brecv\(", "callback"):
     assert not re.search(host_op, hlo), host_op
-  jax.clear_caches()
-  with caplog.at_level(logging.WARNING), jax.log_compiles(), jax.transfer_guard("disallow"):
-    out = engine.speculative_generate(*args, **samplers, **static)
-    out.tokens.block_until_ready()
-  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-  assert len(compiles) == 1 and "speculative_generate" in compiles[0], compiles
+  out = run_as_one_program(caplog, engine.speculative_generate, *args, **samplers, **static)
+  assert (np.asarray(out.num_tokens) >= 1).all()
 
 
 def test_drafter_vocabulary_must_match(params):
@@ -253,12 +248,8 @@ def test_bandit_generation_is_one_program(params, caplog):
                          Temperature(1.0)))
   static = dict(target=TARGET, arms=bandit_arms(), strategy=UCB1(), max_new_tokens=10,
                 eos_ids=(), capacity=tokens.shape[1] + 15)
-  jax.clear_caches()
-  with caplog.at_level(logging.WARNING), jax.log_compiles(), jax.transfer_guard("disallow"):
-    out = engine.speculative_generate(*args, **static)
-    out.tokens.block_until_ready()
-  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-  assert len(compiles) == 1 and "speculative_generate" in compiles[0], compiles
+  out = run_as_one_program(caplog, engine.speculative_generate, *args, **static)
+  assert int(out.bandit.counts.sum()) == int(out.steps) > 0
 
 
 def test_arms_are_validated():

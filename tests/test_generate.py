@@ -1,13 +1,12 @@
 """AR generation: correctness against a full recompute, EOS, budgets, one program."""
 
-import logging
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import spread_params, tiny_config
+from conftest import run_as_one_program, spread_params, tiny_config
 
 from flashspec_jax import generate as gen
 from flashspec_jax.models.llama import KVCache, Llama
@@ -89,12 +88,7 @@ def test_generate_is_one_program_without_host_transfers(params, caplog):
   for host_op in (r"\boutfeed\(", r"\binfeed\(", r"\bsend\(", r"\brecv\(", "callback"):
     assert not re.search(host_op, hlo), host_op
 
-  jax.clear_caches()
-  with caplog.at_level(logging.WARNING), jax.log_compiles(), jax.transfer_guard("disallow"):
-    out = gen.generate(*args, **static)
-    out.tokens.block_until_ready()
-  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-  assert len(compiles) == 1 and "generate" in compiles[0], compiles
+  out = run_as_one_program(caplog, gen.generate, *args, **static)
   assert int(out.steps) <= 9
 
 

@@ -89,7 +89,10 @@ def run_simulation(config, env: dict) -> dict:
     summaries[name] = summary
     curves[name] = out["regret"]
   payload = dict(config=config.to_dict(), ucb1_bound=bound, summaries=summaries)
-  path = results.write(config.experiment, payload, directory=config.results_dir, env=env)
+  records = [dict(strategy=name, seed=seed, regret=regret)
+             for name, s in summaries.items() for seed, regret in enumerate(s["regret_per_seed"])]
+  path = results.write(config.experiment, payload, records, directory=config.results_dir,
+                       env=env)
   plots.regret_curves(curves, path.with_suffix(".png"),
                       title=f"Bernoulli arms {means}" + (f" -> {means_after}" if means_after
                                                          else ""),

@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from flashspec_jax import results
@@ -51,12 +50,7 @@ def bench(model_name: str, batches: list[int], context: int, steps: tuple[int, i
     step = functools.partial(decode_step, model=model, sampler=Greedy(),
                              max_new_tokens=capacity, eos_ids=())
 
-    @jax.jit
-    def run_steps(params, state, num_steps):
-      return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s), state).seq_lens
-
-    measured = timing.per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps,
-                                    repeats)
+    measured = timing.per_step(step, params, state, steps, repeats)
     kv_bytes = (2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
                 * jnp.dtype(dtype).itemsize)
     floor = (weight_bytes + kv_bytes) / bandwidth["bytes_per_second"]

@@ -59,13 +59,8 @@ def bench(target_name, idle_counts, batch, gamma, context, steps, repeats, unrol
                              target=target, max_new_tokens=capacity, eos_ids=(),
                              verify_fn=get_verify_fn("auto"))
 
-    @jax.jit
-    def run_steps(params, state, num_steps, step=step):
-      return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s, sampler, sampler),
-                               state).seq_lens
-
-    measured = timing.per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps,
-                                    repeats)
+    measured = timing.per_step(lambda params, s, step=step: step(params, s, sampler, sampler),
+                               params, state, steps, repeats)
     rows.append(dict(idle_arms=idle, arms=[a.name for a in arms],
                      step_ms=measured["seconds"] * 1e3, raw=measured))
   base = rows[0]["step_ms"]

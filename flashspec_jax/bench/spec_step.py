@@ -75,13 +75,8 @@ def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, im
                                target=target, max_new_tokens=capacity, eos_ids=(),
                                verify_fn=get_verify_fn(impl))
 
-      @jax.jit
-      def run_steps(params, state, num_steps, step=step):
-        return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s, sampler, sampler),
-                                 state).seq_lens
-
-      measured = timing.per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps,
-                                      repeats)
+      measured = timing.per_step(lambda params, s, step=step: step(params, s, sampler, sampler),
+                                 params, state, steps, repeats)
       row[f"step_ms_{impl}"] = measured["seconds"] * 1e3
       row[f"raw_step_{impl}"] = measured
 

@@ -58,3 +58,12 @@ def copy_bandwidth(num_bytes: int = 4 << 30, repeats: int = 20) -> dict:
   best = max(measured, key=lambda name: measured[name]["bytes_per_second"])
   return dict(bytes_per_second=measured[best]["bytes_per_second"], method=best,
               array_bytes=x.nbytes, methods=measured)
+
+
+def per_step(step: Callable, params, state, steps: tuple[int, int], repeats: int) -> dict:
+  """Seconds per call of step(params, state) -> state, run in a compiled loop from `state`."""
+  @jax.jit
+  def run_steps(params, state, num_steps):
+    return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s), state).seq_lens
+
+  return per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps, repeats)
