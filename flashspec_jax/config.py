@@ -89,9 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.bandit = ml_collections.ConfigDict()
   config.bandit.reward = "goodput"  # or "acceptance"
   # Step cost of each arm of config.arms, comma-separated, for the goodput
-  # reward; "" times each arm at start-up on calibration_tokens new tokens.
+  # reward; "" times each arm at start-up, stepping alone for calibration_steps.
   config.bandit.costs = ""
-  config.bandit.calibration_tokens = 16
+  config.bandit.calibration_steps = 8
   config.bandit.discount = 0.995  # discounted_ucb
   config.bandit.epsilon = 0.1  # epsilon_greedy
 
@@ -127,7 +127,7 @@ def make_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.prompts.num_per_set = 1
   config.prompts.bucket = 1024
   config.sampling.max_new_tokens = min(config.sampling.max_new_tokens, 8)
-  config.bandit.calibration_tokens = 4
+  config.bandit.calibration_steps = 2
   config.print_text = False
   return config
 
@@ -238,7 +238,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
               len(split_list(config.bandit.costs)) == len(split_list(config.arms))
               and min(floats(config.bandit.costs)) > 0)),
        "empty (calibrate) or one positive cost per arm"),
-      ("bandit.calibration_tokens", config.bandit.calibration_tokens >= 2, ">= 2"),
+      ("bandit.calibration_steps", config.bandit.calibration_steps >= 1, ">= 1"),
       ("bandit.discount", 0 < config.bandit.discount <= 1, "in (0, 1]"),
       ("bandit.epsilon", 0 <= config.bandit.epsilon <= 1, "in [0, 1]"),
       ("simulation.strategies", split_list(sim.strategies) and set(split_list(sim.strategies))

@@ -9,6 +9,7 @@ state from one batch to the next, so it adapts over the prompt stream.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import Counter
 from typing import Any
@@ -24,7 +25,8 @@ from flashspec_jax import environment, plots, results
 from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.bandit.simulate import run_simulation
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
-from flashspec_jax.engine import Arm, check_arms, speculative_generate
+from flashspec_jax.bench import timing
+from flashspec_jax.engine import Arm, bandit_step, check_arms, init_state, speculative_generate
 from flashspec_jax.generate import check_budget, generate, prepare_prompts, raise_on_nan
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import LoadedModel, load_model
@@ -174,18 +176,28 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
   return out, seconds, compile_seconds
 
 
-def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], tokens: int,
+def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], steps: int,
                     key) -> tuple[Arm, ...]:
-  """Each arm alone on one batch, for `tokens` and for twice as many new tokens: its cost
-  is the extra seconds over the extra loop steps, so the prefill does not count."""
+  """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts.
+
+  Timed as the slope between loops of 2 and 2 + `steps` steps inside one compiled
+  program, so neither the prefill nor dispatch counts.
+  """
+  tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
+  tokens = _bucketed(tokens, setup.bucket)
+  loop = (2, 2 + steps)
   calibrated = []
   for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
-    runs = [run_batch(Method(arm.name, (arm,)), setup, batch, key, max_new_tokens=n)
-            for n in (tokens, 2 * tokens)]
-    (short, short_seconds, _), (long, long_seconds, _) = runs
-    extra_steps = max(int(long.steps) - int(short.steps), 1)
-    cost = max(long_seconds - short_seconds, 1e-6) / extra_steps
-    calibrated.append(dataclasses.replace(arm, cost=cost))
+    capacity = tokens.shape[1] + loop[1] * (arm.gamma + 1) + arm.gamma + 2
+    static = dict(target=setup.target, arms=(arm,), max_new_tokens=capacity, eos_ids=())
+    state = jax.jit(functools.partial(init_state, capacity=capacity, **static))(
+        setup.params, tokens, lengths, key, setup.sampler, Fixed(0).init(1))
+    step = functools.partial(bandit_step, strategy=Fixed(0), reward=setup.reward,
+                             verify_fn=setup.verify_fn, **static)
+    measured = timing.per_step(lambda p, s: step(p, s, setup.sampler, setup.sampler),
+                               setup.params, state, loop, repeats=3)
+    calibrated.append(dataclasses.replace(arm, cost=max(measured["seconds"], 1e-6)))
+  jax.clear_caches()
   return tuple(calibrated)
 
 
@@ -215,13 +227,14 @@ def arm_shares(arm_names: list[str], steps: list[tuple[str, int]]) -> dict[str, 
 
 def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
   baseline = summaries.get("ar", {}).get("tokens_per_second")
-  print(f"\n{'method':<22} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'step p50 ms':>12} "
+  width = max(map(len, summaries)) + 2
+  print(f"\n{'method':<{width}} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'step p50 ms':>12} "
         f"{'step p99 ms':>12} {'vs AR':>6}")
   for name, s in summaries.items():
     speedup = f"{s['tokens_per_second'] / baseline:.2f}x" if baseline else "-"
     alpha = f"{s['alpha']:.3f}" if "alpha" in s else "-"
     tau = f"{s['tau']:.2f}" if "tau" in s else "-"
-    print(f"{name:<22} {s['tokens_per_second']:>9.1f} {alpha:>6} {tau:>5} "
+    print(f"{name:<{width}} {s['tokens_per_second']:>9.1f} {alpha:>6} {tau:>5} "
           f"{s['step_ms_p50']:>12.2f} {s['step_ms_p99']:>12.2f} {speedup:>6}")
   if synthetic:
     print("(synthetic weights: speeds only; acceptance of random drafters means nothing)")
@@ -254,7 +267,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
     costs = config_lib.floats(config.bandit.costs)
     bandit_arms = (tuple(dataclasses.replace(a, cost=c) for a, c in zip(bandit_arms, costs))
                    if costs else calibrate_costs(bandit_arms, setup, batches[0],
-                                                 config.bandit.calibration_tokens,
+                                                 config.bandit.calibration_steps,
                                                  jax.random.key(config.seed)))
     methods = [dataclasses.replace(m, arms=bandit_arms) if m.is_bandit else m for m in methods]
     print("arm costs (s/step): " + ", ".join(f"{a.name} {a.cost:.4f}" for a in bandit_arms))
