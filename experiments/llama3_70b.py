@@ -6,8 +6,8 @@
 Weights are looked for in checkpoints/llama3_70b/, checkpoints/llama3_8b/ and
 checkpoints/llama3.2_1b/. Methods: AR, each drafter alone, and UCB1 over
 {8B, 1B, n-gram, AR}. The 70B target in bf16 (about 141 GB) does not fit on
-one H200; this project has not run it (no multi-GPU machine and no weights
-were available), so no result is expected here yet.
+one H200. Expected runtime and result: not measured; this project has had
+no multi-GPU machine and no weights, so there is no number to expect yet.
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny

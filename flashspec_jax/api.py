@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from flashspec_jax import config as config_lib
-from flashspec_jax.engine import check_arms, summarize
+from flashspec_jax.engine import Arm, check_arms, summarize
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import load_model
 from flashspec_jax.loading.tokenizer import encode_chat
@@ -119,7 +119,7 @@ class FlashSpec:
       self.method = dataclasses.replace(self.method, arms=tuple(
           dataclasses.replace(arm, cost=cost) for arm, cost in zip(self.method.arms, costs)))
     target = Llama(self.model.config, param_dtype=dtype)
-    check_arms(target, self.method.arms or [], self.run_config.bandit.reward)
+    check_arms(target, self.method.arms or [Arm()], self.run_config.bandit.reward)
     s = self.run_config.sampling
     self.setup = Setup(params=params, target=target,
                        sampler=make_sampler(s.temperature, s.top_k, s.top_p),
