@@ -125,7 +125,9 @@ def make_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   one prompt per set, and one compiled program per method."""
   config.experiment += "_tiny"
   config.prompts.num_per_set = 1
-  config.prompts.bucket = 1024
+  # Holds the first prompt of every set (SmolLM2 chat template: at most 220
+  # tokens), so one program per method; a wider bucket slows every decode step.
+  config.prompts.bucket = 256
   config.sampling.max_new_tokens = min(config.sampling.max_new_tokens, 8)
   config.bandit.calibration_steps = 2
   config.print_text = False

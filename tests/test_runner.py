@@ -70,7 +70,8 @@ def test_unwritable_results_directory_fails_before_any_work(tmp_path):
 
 
 def test_synthetic_run_is_labelled_and_writes_results(tmp_path, capsys):
-  out = runner.run(small_config(tmp_path, synthetic_weights=True, methods="ar,layer_skip:2"))
+  out = runner.run(small_config(tmp_path, target="tiny_llama", synthetic_weights=True,
+                                methods="ar,layer_skip:2"))
   assert "SYNTHETIC WEIGHTS" in capsys.readouterr().out
   saved = json.loads(pathlib.Path(out["path"]).read_text())
   assert saved["synthetic_weights"] is True
