@@ -1,8 +1,16 @@
 """Shared fixtures. Everything runs on the CPU in f32 unless a test says otherwise."""
 
 import logging
+import os
+import pathlib
 
-import jax
+# Tests, both xdist workers and the processes tests start (run.py, notebook
+# kernels) compile many identical programs, since the runner clears JAX's
+# in-memory caches after each method; a shared on-disk cache compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+
+import jax  # noqa: E402 (after the cache directory is set)
 import jax.numpy as jnp
 import pytest
 
