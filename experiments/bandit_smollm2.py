@@ -29,7 +29,7 @@ def get_config(arg=None):
   config.prompts.bucket = 256  # fewer distinct prompt widths, fewer programs to compile
   config.print_text = False
   if is_tiny(arg):
-    make_tiny(config)
+    make_tiny(config, synthetic=False)
     config.arms = "ngram:3,ar"
     config.methods = "ar,bandit:ucb1"
   return config

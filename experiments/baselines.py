@@ -24,8 +24,7 @@ def get_config(arg=None):
   config.sampling.max_new_tokens = 128
   config.print_text = False
   if is_tiny(arg):
-    make_tiny(config)
-    config.target, config.synthetic_weights = "tiny_llama", True
+    make_tiny(config, synthetic=True)
     config.arms = "ngram:3,layer_skip:2,ar"
     config.methods = "ar,ngram:3,layer_skip:2,bandit:thompson"
   return config

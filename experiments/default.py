@@ -15,6 +15,6 @@ def get_config(arg=None):
   config = base_config()
   config.experiment = "default"
   if is_tiny(arg):
-    make_tiny(config)
+    make_tiny(config, synthetic=False)
     config.prompts.sets = "chat"
   return config

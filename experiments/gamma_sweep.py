@@ -21,8 +21,7 @@ def get_config(arg=None):
   config.sampling.max_new_tokens = 128
   config.print_text = False
   if is_tiny(arg):
-    make_tiny(config)
-    config.target, config.synthetic_weights = "tiny_llama", True
+    make_tiny(config, synthetic=True)
     config.methods = "ar,layer_skip:2,ngram:3"
     config.sweep = "sampling.gamma=1,2"
   return config

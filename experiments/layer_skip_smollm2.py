@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.sampling.gamma = 4
   config.print_text = False
   if is_tiny(arg):
-    make_tiny(config)
+    make_tiny(config, synthetic=False)
     config.prompts.sets = "edit"
     config.methods = "ar,layer_skip:28"
   return config

@@ -24,8 +24,7 @@ def get_config(arg=None):
   config.methods = "ar,draft_model:llama3.2_1b,ngram:3,bandit:ucb1"
   config.sampling.max_new_tokens = 256
   if is_tiny(arg):
-    make_tiny(config)
-    config.target, config.synthetic_weights = "tiny_llama", True
+    make_tiny(config, synthetic=True)
     config.arms = "draft_model:tiny_llama_draft,ngram:3,ar"
     config.methods = "ar,draft_model:tiny_llama_draft,bandit:ucb1"
   return config

@@ -28,13 +28,11 @@ import jax
 import numpy as np
 
 from flashspec_jax import config as config_lib
-from flashspec_jax.engine import Arm, check_arms, summarize
-from flashspec_jax.kernels.verify import get_verify_fn
+from flashspec_jax.engine import summarize
 from flashspec_jax.loading import load_model
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.models.llama import Llama
-from flashspec_jax.runner import Request, Setup, build_methods, param_dtype, run_batch
-from flashspec_jax.sampling import make_sampler
+from flashspec_jax.runner import (Request, build_methods, make_setup, param_dtype, run_batch,
+                                  with_arm_costs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,21 +111,10 @@ class FlashSpec:
       dtype = param_dtype(self.run_config)
       self.model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights,
                               dtype, config.seed)
-      (self.method,), params = build_methods(self.run_config, self.model, dtype)
-    if self.method.is_bandit:
-      costs = config_lib.floats(self.run_config.bandit.costs)
-      self.method = dataclasses.replace(self.method, arms=tuple(
-          dataclasses.replace(arm, cost=cost) for arm, cost in zip(self.method.arms, costs)))
-    target = Llama(self.model.config, param_dtype=dtype)
-    check_arms(target, self.method.arms or [Arm()], self.run_config.bandit.reward)
-    s = self.run_config.sampling
-    self.setup = Setup(params=params, target=target,
-                       sampler=make_sampler(s.temperature, s.top_k, s.top_p),
-                       max_new_tokens=config.max_new_tokens,
-                       eos_ids=() if self.model.synthetic else self.model.config.eos_token_ids,
-                       reward=self.run_config.bandit.reward,
-                       verify_fn=get_verify_fn(config.verify_impl),
-                       bucket=self.run_config.prompts.bucket)
+      methods, params = build_methods(self.run_config, self.model, dtype)
+    self.setup = make_setup(self.run_config, self.model, params, dtype)
+    # The config always carries costs (1 per arm unless given), so nothing is timed here.
+    (self.method,) = with_arm_costs(methods, self.run_config, self.setup)
     self.bandit = None
     self.rng = jax.random.key(config.seed)
 

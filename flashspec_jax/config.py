@@ -120,10 +120,13 @@ def is_tiny(arg: str | None) -> bool:
   return arg == "tiny"
 
 
-def make_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The CPU-sized variant of a generation experiment: synthetic tiny shapes, few tokens,
-  one prompt per set, and one compiled program per method."""
+def make_tiny(config: ml_collections.ConfigDict, *, synthetic: bool
+              ) -> ml_collections.ConfigDict:
+  """The CPU-sized variant of a generation experiment: few tokens, one prompt per set, and
+  one compiled program per method; `synthetic` swaps the target for random tiny_llama weights."""
   config.experiment += "_tiny"
+  if synthetic:
+    config.target, config.synthetic_weights = "tiny_llama", True
   config.prompts.num_per_set = 1
   # Holds the first prompt of every set (SmolLM2 chat template: at most 220
   # tokens), so one program per method; a wider bucket slows every decode step.

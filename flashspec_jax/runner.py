@@ -122,7 +122,7 @@ def strategy_for(name: str, config) -> Strategy:
 
 
 def build_methods(config, target: LoadedModel, dtype) -> tuple[list[Method], dict[str, Any]]:
-  """The configured methods and the params dict the engine expects."""
+  """The configured methods, their arms checked, and the params dict the engine expects."""
   params, drafter_configs = {"target": target.params, "drafters": {}}, {}
   build = lambda spec: build_arm(spec, config, target, dtype, params, drafter_configs)
   bandit_arms = (tuple(build(spec) for spec in config_lib.arm_specs(config))
@@ -137,7 +137,36 @@ def build_methods(config, target: LoadedModel, dtype) -> tuple[list[Method], dic
       methods.append(Method(name, bandit_arms, strategy_for(arg, config)))
     else:
       methods.append(Method(name, (build(config_lib.ArmSpec.parse(name)),)))
+  target_model = Llama(target.config, param_dtype=dtype)
+  for method in methods:
+    if method.arms:
+      check_arms(target_model, method.arms, config.bandit.reward)
   return methods, params
+
+
+def make_setup(config, model: LoadedModel, params: dict[str, Any], dtype) -> Setup:
+  sampling = config.sampling
+  return Setup(params=params, target=Llama(model.config, param_dtype=dtype),
+               sampler=make_sampler(sampling.temperature, sampling.top_k, sampling.top_p),
+               max_new_tokens=sampling.max_new_tokens,
+               eos_ids=() if model.synthetic else model.config.eos_token_ids,
+               reward=config.bandit.reward, verify_fn=get_verify_fn(config.verify_impl),
+               bucket=config.prompts.bucket)
+
+
+def with_arm_costs(methods: list[Method], config, setup: Setup,
+                   batch: list[Request] | None = None) -> list[Method]:
+  """The methods with their bandit arms' step costs: config.bandit.costs, else timed on batch."""
+  bandit_arms = next((m.arms for m in methods if m.is_bandit), ())
+  if not bandit_arms:
+    return methods
+  costs = config_lib.floats(config.bandit.costs)
+  if costs:
+    bandit_arms = tuple(dataclasses.replace(a, cost=c) for a, c in zip(bandit_arms, costs))
+  else:
+    bandit_arms = calibrate_costs(bandit_arms, setup, batch, config.bandit.calibration_steps,
+                                  jax.random.key(config.seed))
+  return [dataclasses.replace(m, arms=bandit_arms) if m.is_bandit else m for m in methods]
 
 
 def _bucketed(tokens: np.ndarray, bucket: int) -> np.ndarray:
@@ -243,33 +272,20 @@ def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
 def run_generation(config: ml_collections.ConfigDict, env: dict
                    ) -> tuple[dict[str, Any], list[dict]]:
   """Runs every method on the prompts; returns (payload, per-prompt records)."""
-  sampler = make_sampler(config.sampling.temperature, config.sampling.top_k, config.sampling.top_p)
   dtype = param_dtype(config)
   model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
                      config.seed)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
   print(f"target: {config.target} [{label}] on {env['device']}, {jnp.dtype(dtype).name}")
   methods, params = build_methods(config, model, dtype)
-  target = Llama(model.config, param_dtype=dtype)
-  for method in methods:
-    check_arms(target, method.arms or [Arm()], config.bandit.reward)
-  setup = Setup(params=params, target=target, sampler=sampler,
-                max_new_tokens=config.sampling.max_new_tokens,
-                eos_ids=() if model.synthetic else model.config.eos_token_ids,
-                reward=config.bandit.reward, verify_fn=get_verify_fn(config.verify_impl),
-                bucket=config.prompts.bucket)
+  setup = make_setup(config, model, params, dtype)
   requests = build_requests(config, model)
   batches = [requests[i:i + config.batch_size]
              for i in range(0, len(requests), config.batch_size)]
 
+  methods = with_arm_costs(methods, config, setup, batches[0])
   bandit_arms = next((m.arms for m in methods if m.is_bandit), ())
   if bandit_arms:
-    costs = config_lib.floats(config.bandit.costs)
-    bandit_arms = (tuple(dataclasses.replace(a, cost=c) for a, c in zip(bandit_arms, costs))
-                   if costs else calibrate_costs(bandit_arms, setup, batches[0],
-                                                 config.bandit.calibration_steps,
-                                                 jax.random.key(config.seed)))
-    methods = [dataclasses.replace(m, arms=bandit_arms) if m.is_bandit else m for m in methods]
     print("arm costs (s/step): " + ", ".join(f"{a.name} {a.cost:.4f}" for a in bandit_arms))
 
   records, summaries, histories = [], {}, {}
