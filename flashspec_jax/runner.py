@@ -9,7 +9,6 @@ state from one batch to the next, so it adapts over the prompt stream.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections import Counter
 from typing import Any
@@ -26,7 +25,7 @@ from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.bandit.simulate import run_simulation
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.bench import timing
-from flashspec_jax.engine import Arm, bandit_step, check_arms, init_state, speculative_generate
+from flashspec_jax.engine import Arm, check_arms, speculative_generate
 from flashspec_jax.generate import check_budget, generate, prepare_prompts, raise_on_nan
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import LoadedModel, load_model
@@ -214,17 +213,11 @@ def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], s
   """
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
   tokens = _bucketed(tokens, setup.bucket)
-  loop = (2, 2 + steps)
   calibrated = []
   for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
-    capacity = tokens.shape[1] + loop[1] * (arm.gamma + 1) + arm.gamma + 2
-    static = dict(target=setup.target, arms=(arm,), max_new_tokens=capacity, eos_ids=())
-    state = jax.jit(functools.partial(init_state, capacity=capacity, **static))(
-        setup.params, tokens, lengths, key, setup.sampler, Fixed(0).init(1))
-    step = functools.partial(bandit_step, strategy=Fixed(0), reward=setup.reward,
-                             verify_fn=setup.verify_fn, **static)
-    measured = timing.per_step(lambda p, s: step(p, s, setup.sampler, setup.sampler),
-                               setup.params, state, loop, repeats=3)
+    measured, _ = timing.speculative_step(
+        setup.params, tokens, lengths, key, setup.sampler, target=setup.target, arms=(arm,),
+        reward=setup.reward, verify_fn=setup.verify_fn, steps=(2, 2 + steps), repeats=3)
     calibrated.append(dataclasses.replace(arm, cost=max(measured["seconds"], 1e-6)))
   jax.clear_caches()
   return tuple(calibrated)

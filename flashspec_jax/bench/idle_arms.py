@@ -10,17 +10,14 @@ branch runs.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
-from flashspec_jax.bandit import Fixed
 from flashspec_jax.bench import timing
 from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import Arm, bandit_step, init_state
+from flashspec_jax.engine import Arm
 from flashspec_jax.environment import on_gpu
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.config import model_config
@@ -46,21 +43,14 @@ def bench(target_name, idle_counts, batch, gamma, context, steps, repeats, unrol
   depths = [config.num_layers * (i + 2) // 8 for i in range(max(idle_counts) + 1)]
   sampler = Temperature(1.0)
   prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
-  capacity = context + steps[1] * (gamma + 1) + gamma + 2
+  lengths = jnp.full((batch,), context, jnp.int32)
   rows = []
   for idle in idle_counts:
     arms = tuple(Arm(ModelDrafter(Llama(config, num_layers=d, param_dtype=dtype),
                                   unroll=unroll), gamma) for d in depths[:idle + 1])
-    state = jax.jit(functools.partial(
-        init_state, target=target, arms=arms, max_new_tokens=capacity, eos_ids=(),
-        capacity=capacity))(params, prompt, jnp.full((batch,), context, jnp.int32),
-                            jax.random.key(2), sampler, Fixed(0).init(len(arms)))
-    step = functools.partial(bandit_step, arms=arms, strategy=Fixed(0), reward="goodput",
-                             target=target, max_new_tokens=capacity, eos_ids=(),
-                             verify_fn=get_verify_fn("auto"))
-
-    measured = timing.per_step(lambda params, s, step=step: step(params, s, sampler, sampler),
-                               params, state, steps, repeats)
+    measured, _ = timing.speculative_step(
+        params, prompt, lengths, jax.random.key(2), sampler, target=target, arms=arms,
+        reward="goodput", verify_fn=get_verify_fn("auto"), steps=steps, repeats=repeats)
     rows.append(dict(idle_arms=idle, arms=[a.name for a in arms],
                      step_ms=measured["seconds"] * 1e3, raw=measured))
   base = rows[0]["step_ms"]

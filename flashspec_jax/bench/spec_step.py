@@ -14,7 +14,6 @@ overhead = step / (target forward + gamma x drafter step) - 1.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,7 @@ from absl import app, flags
 from flashspec_jax import results
 from flashspec_jax.bench import timing
 from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.bandit import Fixed
-from flashspec_jax.engine import Arm, bandit_step, init_state
+from flashspec_jax.engine import Arm
 from flashspec_jax.kernels.verify import PALLAS_GPU_AVAILABLE, get_verify_fn
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import KVCache, Llama, init_params
@@ -61,22 +59,14 @@ def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, im
   sampler = Temperature(1.0)
   rows = []
   for batch in batches:
-    capacity = context + steps[1] * (gamma + 1) + gamma + 2
     prompt = jax.random.randint(jax.random.key(2), (batch, context), 0, target_config.vocab_size)
     lengths = jnp.full((batch,), context, jnp.int32)
-    arms = (Arm(drafter, gamma),)
-    state = jax.jit(functools.partial(
-        init_state, target=target, arms=arms, max_new_tokens=capacity, eos_ids=(),
-        capacity=capacity))(params, prompt, lengths, jax.random.key(3), sampler,
-                            Fixed(0).init(1))
     row = dict(batch=batch, gamma=gamma, context=context)
     for impl in impls:
-      step = functools.partial(bandit_step, arms=arms, strategy=Fixed(0), reward="goodput",
-                               target=target, max_new_tokens=capacity, eos_ids=(),
-                               verify_fn=get_verify_fn(impl))
-
-      measured = timing.per_step(lambda params, s, step=step: step(params, s, sampler, sampler),
-                                 params, state, steps, repeats)
+      measured, state = timing.speculative_step(
+          params, prompt, lengths, jax.random.key(3), sampler, target=target,
+          arms=(Arm(drafter, gamma),), reward="goodput", verify_fn=get_verify_fn(impl),
+          steps=steps, repeats=repeats)
       row[f"step_ms_{impl}"] = measured["seconds"] * 1e3
       row[f"raw_step_{impl}"] = measured
 

@@ -7,6 +7,7 @@ divided, which removes launch, dispatch and input-copy costs from per-step time.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from flashspec_jax.bandit import Fixed
+from flashspec_jax.engine import Arm, SpecState, bandit_step, init_state
+from flashspec_jax.models.llama import Llama
 
 
 def wall_times(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> list[float]:
@@ -67,3 +72,21 @@ def per_step(step: Callable, params, state, steps: tuple[int, int], repeats: int
     return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s), state).seq_lens
 
   return per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps, repeats)
+
+
+def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
+                     arms: tuple[Arm, ...], reward: str, verify_fn, steps: tuple[int, int],
+                     repeats: int) -> tuple[dict, SpecState]:
+  """Seconds per engine step with the bandit held on arms[0], stepping on from the prompts.
+
+  Returns the timing and the state after the prompts' prefill, which the loops start from.
+  """
+  gamma = max(arm.gamma for arm in arms)
+  capacity = tokens.shape[1] + steps[1] * (gamma + 1) + gamma + 2
+  static = dict(target=target, arms=arms, max_new_tokens=capacity, eos_ids=())
+  state = jax.jit(functools.partial(init_state, capacity=capacity, **static))(
+      params, tokens, lengths, key, sampler, Fixed(0).init(len(arms)))
+  step = functools.partial(bandit_step, strategy=Fixed(0), reward=reward, verify_fn=verify_fn,
+                           **static)
+  return per_step(lambda p, s: step(p, s, sampler, sampler), params, state, steps,
+                  repeats), state
