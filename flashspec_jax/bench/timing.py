@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flashspec_jax.bandit import Fixed
+from flashspec_jax.bandit import BanditState, EpsilonGreedy
 from flashspec_jax.engine import Arm, SpecState, bandit_step, init_state
 from flashspec_jax.models.llama import Llama
 
@@ -79,14 +79,24 @@ def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
                      repeats: int) -> tuple[dict, SpecState]:
   """Seconds per engine step with the bandit held on arms[0], stepping on from the prompts.
 
+  The hold is decided at run time, by a greedy bandit whose state starts with
+  arm 0 ahead, not by `Fixed(0)`: XLA folds a constant arm index into a plain
+  call of that arm's step, which would leave the `lax.switch` over all the arms
+  out of the timing.
+
   Returns the timing and the state after the prompts' prefill, which the loops start from.
   """
   gamma = max(arm.gamma for arm in arms)
   capacity = tokens.shape[1] + steps[1] * (gamma + 1) + gamma + 2
   static = dict(target=target, arms=arms, max_new_tokens=capacity, eos_ids=())
+  # Every step's reward is > 0 (it emits a token), so arm 0 keeps the only nonzero mean.
+  greedy = EpsilonGreedy(epsilon=0.0)
+  ahead = jnp.arange(len(arms)) == 0
+  bandit = BanditState(counts=jnp.ones((len(arms),)), sums=ahead.astype(jnp.float32),
+                       pulls=jnp.int32(len(arms)))
   state = jax.jit(functools.partial(init_state, capacity=capacity, **static))(
-      params, tokens, lengths, key, sampler, Fixed(0).init(len(arms)))
-  step = functools.partial(bandit_step, strategy=Fixed(0), reward=reward, verify_fn=verify_fn,
+      params, tokens, lengths, key, sampler, bandit)
+  step = functools.partial(bandit_step, strategy=greedy, reward=reward, verify_fn=verify_fn,
                            **static)
   return per_step(lambda p, s: step(p, s, sampler, sampler), params, state, steps,
                   repeats), state
