@@ -2,7 +2,7 @@
 
 `speculative_generate` is jitted whole: prefill, then a `lax.while_loop`
 whose body (`bandit_step`) lets the bandit pick an arm, runs that arm's step
-through `lax.switch`, and feeds the step's reward back to the bandit. An arm
+alone (`dispatch`), and feeds the step's reward back to the bandit. An arm
 is a drafter with its own gamma, or a plain AR step. An arm's step
 (`speculative_step`) drafts gamma tokens, scores them with one target forward
 of gamma + 1 tokens, verifies, appends and rolls the caches back by a length
@@ -268,6 +268,34 @@ def step_reward(stats: dict[str, jax.Array], arm_index: jax.Array, arms: tuple[A
                    stats["accepted"].sum() / rows / jnp.maximum(gammas[arm_index], 1), 0.0)
 
 
+def dispatch(arm: jax.Array, params, state: SpecState, target_sampler: Sampler,
+             draft_sampler: Sampler, *, arms: tuple[Arm, ...], **step_kwargs
+             ) -> tuple[SpecState, dict[str, jax.Array]]:
+  """Runs the step of arms[arm] alone.
+
+  Not `lax.switch`: XLA copies every buffer a conditional's branches return,
+  so each step would copy all the caches in the state, the idle arms' too (on
+  CPU, 126 cache buffers per step with four arms). A while loop updates its
+  carry in place, so each arm's step sits in a loop that runs once if the arm
+  was chosen and not at all otherwise.
+  """
+  def step(i):
+    return functools.partial(speculative_step, arm_index=i, arms=arms, **step_kwargs)
+
+  if len(arms) == 1:
+    return step(0)(params, state, target_sampler, draft_sampler)
+  batch = state.tokens.shape[0]
+  zeros = jnp.zeros((batch,), jnp.int32)
+  stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
+  for i in range(len(arms)):
+    def run_once(carry, i=i):
+      _, state, _ = carry
+      return (jnp.bool_(False), *step(i)(params, state, target_sampler, draft_sampler))
+    _, state, stats = jax.lax.while_loop(lambda carry: carry[0], run_once,
+                                         (arm == i, state, stats))
+  return state, stats
+
+
 def bandit_step(params, state: SpecState, target_sampler: Sampler, draft_sampler: Sampler, *,
                 arms: tuple[Arm, ...], strategy: Strategy, reward: str, target: Llama,
                 max_new_tokens: int, eos_ids: tuple[int, ...], verify_fn: VerifyFn) -> SpecState:
@@ -275,10 +303,9 @@ def bandit_step(params, state: SpecState, target_sampler: Sampler, draft_sampler
   rng, select_key = jax.random.split(state.rng)
   state = dataclasses.replace(state, rng=rng)
   arm = strategy.select(state.bandit, select_key)
-  branches = [functools.partial(speculative_step, arm_index=i, arms=arms, target=target,
-                                max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                verify_fn=verify_fn) for i in range(len(arms))]
-  state, stats = jax.lax.switch(arm, branches, params, state, target_sampler, draft_sampler)
+  state, stats = dispatch(arm, params, state, target_sampler, draft_sampler, arms=arms,
+                          target=target, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                          verify_fn=verify_fn)
   r = step_reward(stats, arm, arms, reward)
   history = state.history
   history = ArmHistory(arm=history.arm.at[state.step].set(arm, mode="drop"),

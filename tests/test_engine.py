@@ -231,6 +231,34 @@ def test_idle_arms_are_not_touched(params):
     np.testing.assert_array_equal(state.drafter_states[idle].lengths, lengths)
 
 
+def test_the_bandit_step_updates_every_cache_in_place(params):
+  """No cache buffer is copied inside the compiled step: a `lax.switch` over the
+  arms copied all of them (XLA copies what a conditional's branches return)."""
+  arms = bandit_arms()
+  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  static = dict(target=TARGET, arms=arms, max_new_tokens=20, eos_ids=())
+  state = engine.init_state(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                            jax.random.key(0), Greedy(), UCB1().init(len(arms)),
+                            capacity=tokens.shape[1] + 30, **static)
+  step = functools.partial(engine.bandit_step, strategy=UCB1(), reward="goodput",
+                           verify_fn=verify_reference, **static)
+  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, 2, lambda _, s: step(p, s, Greedy(), Greedy()),
+                                                s))
+  hlo = loop.lower(params, state).compile().as_text()
+  caches = [state.target_cache, *[d for d in state.drafter_states if d != ()]]
+  shapes = {f"f32[{','.join(map(str, leaf.shape))}]" for cache in caches
+            for leaf in jax.tree.leaves(cache) if leaf.ndim == 4}
+  copied, computation = [], None
+  for line in hlo.splitlines():
+    if line and not line.startswith(" "):
+      computation = line.split(" ")[0]
+    match = re.search(r"= (f32\[[\d,]*\])\S* copy\(", line)
+    # Copies inside fusions are layout changes of values in registers, not buffer copies.
+    if match and match.group(1) in shapes and "fused" not in computation and computation != "ENTRY":
+      copied.append(line.strip())
+  assert not copied, f"{len(copied)} cache copies per step, e.g. {copied[0]}"
+
+
 def test_goodput_reward_prefers_cheap_tokens():
   arms = (engine.Arm(NgramDrafter(64, 2), 4, cost=2.0), engine.Arm(cost=1.0))
   stats = dict(emitted=jnp.array([5, 5]), accepted=jnp.array([4, 4]), live=jnp.array([True, True]))

@@ -3,10 +3,9 @@
   python -m flashspec_jax.bench.idle_arms --target=smollm2_135m --idle=0,1,2,4
 
 A greedy bandit holds arm 0 (a layer-skip drafter), chosen at run time so the
-`lax.switch` over all the arms stays in the program; the other arms are
-layer-skip drafters of other depths that are never selected. Their caches sit
-in the loop state and their steps sit in the `lax.switch`, but only the chosen
-branch runs.
+dispatch over all the arms stays in the program; the other arms are layer-skip
+drafters of other depths that are never selected. Their caches sit in the loop
+state and their steps in the program, but only the chosen arm's step runs.
 """
 
 from __future__ import annotations

@@ -81,8 +81,8 @@ def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
 
   The hold is decided at run time, by a greedy bandit whose state starts with
   arm 0 ahead, not by `Fixed(0)`: XLA folds a constant arm index into a plain
-  call of that arm's step, which would leave the `lax.switch` over all the arms
-  out of the timing.
+  call of that arm's step, which would leave the dispatch over all the arms out
+  of the timing.
 
   Returns the timing and the state after the prompts' prefill, which the loops start from.
   """
