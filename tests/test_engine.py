@@ -22,10 +22,12 @@ from flashspec_jax.sampling import Greedy, Temperature, TopK, TopP, make_sampler
 CONFIG = tiny_config(num_layers=4)
 DRAFT_CONFIG = tiny_config(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1)
 TARGET = Llama(CONFIG, param_dtype=jnp.float32)
+# Draft steps in one loop body (unroll=False) compile several times faster on CPU;
+# the layer-skip drafter keeps the unrolled GPU default covered.
 DRAFTERS = {
-    "small": ModelDrafter(Llama(DRAFT_CONFIG, param_dtype=jnp.float32), "small"),
+    "small": ModelDrafter(Llama(DRAFT_CONFIG, param_dtype=jnp.float32), "small", unroll=False),
     "layer_skip": ModelDrafter(Llama(CONFIG, num_layers=2, param_dtype=jnp.float32)),
-    "self": ModelDrafter(TARGET),
+    "self": ModelDrafter(TARGET, unroll=False),
 }
 PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(30, 39)),
            [4] * 6, [60, 61, 62, 63, 0]]  # batch 8, lengths 1 to 12
@@ -164,7 +166,7 @@ def test_greedy_speculation_equals_greedy_ar_on_smollm2(smollm2):
   ar = run_generate(params, config, prompts, sampler=Greedy(), max_new_tokens=128,
                     rng=jax.random.key(0), eos_ids=(), param_dtype=jnp.float32)
   target = Llama(config, param_dtype=jnp.float32)
-  drafter = ModelDrafter(Llama(config, num_layers=10, param_dtype=jnp.float32))
+  drafter = ModelDrafter(Llama(config, num_layers=10, param_dtype=jnp.float32), unroll=False)
   out = engine.run_speculative({"target": params}, target, drafter, prompts, gamma=4,
                                target_sampler=Greedy(), max_new_tokens=128,
                                rng=jax.random.key(0), eos_ids=())
@@ -185,8 +187,9 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
 
 
 def bandit_arms(chunk=16):
-  return (engine.Arm(ModelDrafter(DRAFTERS["small"].model, "small", chunk=chunk), 3),
-          engine.Arm(ModelDrafter(DRAFTERS["layer_skip"].model, chunk=chunk), 2),
+  return (engine.Arm(ModelDrafter(DRAFTERS["small"].model, "small", chunk=chunk, unroll=False),
+                     3),
+          engine.Arm(ModelDrafter(DRAFTERS["layer_skip"].model, chunk=chunk, unroll=False), 2),
           engine.Arm(NgramDrafter(CONFIG.vocab_size, 3), 4), engine.Arm())
 
 
