@@ -6,7 +6,7 @@ alone (`dispatch`), and feeds the step's reward back to the bandit. An arm
 is a drafter with its own gamma, or a plain AR step. An arm's step
 (`speculative_step`) drafts gamma tokens, scores them with one target forward
 of gamma + 1 tokens, verifies, appends and rolls the caches back by a length
-update. Arms not selected cost nothing: their caches lag and catch up, in
+update. Arms not selected do no work: their caches lag and catch up, in
 chunks, the next time they are picked. A single drafter is the one-arm case.
 
 Exactness survives the bandit: the arm for step t depends only on steps

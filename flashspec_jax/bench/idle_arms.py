@@ -1,4 +1,4 @@
-"""Step time against the number of idle model arms: unselected drafters must cost nothing.
+"""Step time against the number of idle model arms: unselected drafters should do no work.
 
   python -m flashspec_jax.bench.idle_arms --target=smollm2_135m --idle=0,1,2,4
 
