@@ -11,7 +11,15 @@ timed at start-up. Every fixed arm and every bandit runs on the same stream in
 the same run, so tok/s against each fixed arm and against the best fixed arm
 in hindsight are side by side. Writes results/bandit_smollm2/ with the arm
 shares per segment and a PNG of the arm chosen at each step.
-Expected: about 30 minutes on 2 CPU cores.
+Expected: about 30 minutes on 2 CPU cores; no bandit beats the best fixed arm
+(n-gram lookup) there (docs/bandits.md says why). The H200 file in results/
+came from
+
+  python run.py --config=experiments/bandit_smollm2.py \
+    --config.methods=ar,ngram:3,layer_skip:20,layer_skip:26,bandit:ucb1 \
+    --config.prompts.bucket=512
+
+in about 4 minutes, most of it compiling (one bucket halves the programs).
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny
