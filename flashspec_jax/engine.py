@@ -274,10 +274,10 @@ def dispatch(arm: jax.Array, params, state: SpecState, target_sampler: Sampler,
   """Runs the step of arms[arm] alone.
 
   Not `lax.switch`: XLA copies every buffer a conditional's branches return,
-  so each step would copy all the caches in the state, the idle arms' too (on
-  CPU, 126 cache buffers per step with four arms). A while loop updates its
-  carry in place, so each arm's step sits in a loop that runs once if the arm
-  was chosen and not at all otherwise.
+  so each step would copy all the caches in the state, the idle arms' too (seen
+  in the CPU program's HLO). A while loop updates its carry in place, so each
+  arm's step sits in a loop that runs once if the arm was chosen and not at all
+  otherwise.
   """
   def step(i):
     return functools.partial(speculative_step, arm_index=i, arms=arms, **step_kwargs)

@@ -217,19 +217,25 @@ def test_switching_arms_keeps_greedy_output(params, strategy):
   np.testing.assert_allclose(out.bandit.counts.sum(), int(out.steps))
 
 
-def test_idle_arms_are_not_touched(params):
-  arms = bandit_arms()
+def prefilled_bandit(params, arms, strategy):
+  """The state after prefilling PROMPTS, and bandit_step(params, state) for these arms."""
   tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
-  capacity = tokens.shape[1] + 30
-  state = engine.init_state(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
-                            Greedy(), Fixed(2).init(4), target=TARGET, arms=arms,
-                            max_new_tokens=20, eos_ids=(), capacity=capacity)
-  step = jax.jit(functools.partial(engine.bandit_step, arms=arms, strategy=Fixed(2),
-                                   reward="goodput", target=TARGET, max_new_tokens=20,
-                                   eos_ids=(), verify_fn=verify_reference))
+  static = dict(target=TARGET, arms=arms, max_new_tokens=20, eos_ids=())
+  state = engine.init_state(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                            jax.random.key(0), Greedy(), strategy.init(len(arms)),
+                            capacity=tokens.shape[1] + 30, **static)
+  step = functools.partial(engine.bandit_step, strategy=strategy, reward="goodput",
+                           verify_fn=verify_reference, **static)
+  return state, lambda params, state: step(params, state, Greedy(), Greedy())
+
+
+def test_idle_arms_are_not_touched(params):
+  state, step = prefilled_bandit(params, bandit_arms(), Fixed(2))
+  lengths = state.prompt_lens
+  step = jax.jit(step)
   for _ in range(3):
-    state = step(params, state, Greedy(), Greedy())
-  assert (state.seq_lens > jnp.asarray(lengths) + 3).any()  # the n-gram arm made progress
+    state = step(params, state)
+  assert (state.seq_lens > lengths + 3).any()  # the n-gram arm made progress
   for idle in (0, 1):  # the model arms never ran: their caches still hold just the prompts
     np.testing.assert_array_equal(state.drafter_states[idle].lengths, lengths)
 
@@ -237,16 +243,8 @@ def test_idle_arms_are_not_touched(params):
 def test_the_bandit_step_updates_every_cache_in_place(params):
   """No cache buffer is copied inside the compiled step: a `lax.switch` over the
   arms copied all of them (XLA copies what a conditional's branches return)."""
-  arms = bandit_arms()
-  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
-  static = dict(target=TARGET, arms=arms, max_new_tokens=20, eos_ids=())
-  state = engine.init_state(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                            jax.random.key(0), Greedy(), UCB1().init(len(arms)),
-                            capacity=tokens.shape[1] + 30, **static)
-  step = functools.partial(engine.bandit_step, strategy=UCB1(), reward="goodput",
-                           verify_fn=verify_reference, **static)
-  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, 2, lambda _, s: step(p, s, Greedy(), Greedy()),
-                                                s))
+  state, step = prefilled_bandit(params, bandit_arms(), UCB1())
+  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, 2, lambda _, s: step(p, s), s))
   hlo = loop.lower(params, state).compile().as_text()
   caches = [state.target_cache, *[d for d in state.drafter_states if d != ()]]
   shapes = {f"f32[{','.join(map(str, leaf.shape))}]" for cache in caches

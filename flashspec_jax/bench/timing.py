@@ -89,7 +89,8 @@ def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
   gamma = max(arm.gamma for arm in arms)
   capacity = tokens.shape[1] + steps[1] * (gamma + 1) + gamma + 2
   static = dict(target=target, arms=arms, max_new_tokens=capacity, eos_ids=())
-  # Every step's reward is > 0 (it emits a token), so arm 0 keeps the only nonzero mean.
+  # Arm 0 starts with the only nonzero reward sum and no other arm is ever pulled, so
+  # its mean stays the only one above zero.
   greedy = EpsilonGreedy(epsilon=0.0)
   ahead = jnp.arange(len(arms)) == 0
   bandit = BanditState(counts=jnp.ones((len(arms),)), sums=ahead.astype(jnp.float32),
