@@ -40,7 +40,7 @@ def get_config(arg=None):
     make_tiny(config, synthetic=False)
     config.arms = "ngram:3,ar"
     config.methods = "ar,bandit:ucb1"
-    # Given, not timed: start-up calibration runs in the synthetic tiny runs
-    # (baselines, llama3_70b) and would double this one's CPU time.
+    # Given, not timed: baselines:tiny covers start-up calibration, which would
+    # double this run's CPU time.
     config.bandit.costs = "1.0,1.0"
   return config

@@ -27,4 +27,5 @@ def get_config(arg=None):
     make_tiny(config, synthetic=True)
     config.arms = "draft_model:tiny_llama_draft,ngram:3,ar"
     config.methods = "ar,draft_model:tiny_llama_draft,bandit:ucb1"
+    config.bandit.costs = "1.0,1.0,1.0"  # given: baselines:tiny covers timing them
   return config

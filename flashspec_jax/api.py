@@ -25,11 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flashspec_jax import config as config_lib
 from flashspec_jax.engine import summarize
-from flashspec_jax.loading import load_model
+from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.runner import (Request, build_methods, make_setup, param_dtype, run_batch,
                                   with_arm_costs)
@@ -104,13 +105,20 @@ class GenerationResult:
 class FlashSpec:
   """Loads the target and drafters once; `generate` runs one compiled program per call."""
 
-  def __init__(self, config: FlashSpecConfig):
+  def __init__(self, config: FlashSpecConfig, model: LoadedModel | None = None):
+    """model: the target as another engine loaded it (its `.model`), to compare
+    configurations of the same target without loading it again."""
     self.config = config
     self.run_config = config.to_config_dict()
     with self._on_device():
-      dtype = param_dtype(self.run_config)
-      self.model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights,
-                              dtype, config.seed)
+      dtype = jnp.dtype(param_dtype(self.run_config))
+      if model is None:
+        model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights,
+                           dtype, config.seed)
+      elif model.config.name != config.target or model.dtype != dtype:
+        raise ValueError(f"the model passed in is {model.config.name} in {model.dtype}, but "
+                         f"this config runs {config.target} in {dtype}")
+      self.model = model
       methods, params = build_methods(self.run_config, self.model, dtype)
     self.setup = make_setup(self.run_config, self.model, params, dtype)
     # The config always carries costs (1 per arm unless given), so nothing is timed here.

@@ -36,11 +36,9 @@ def spread_params(config: LlamaConfig, seed: int, scale: float = 4.0):
 @pytest.fixture(scope="session")
 def smollm2():
   """(config, f32 params, tokenizer) of the real SmolLM2-135M-Instruct GGUF."""
-  from flashspec_jax.loading.gguf import load_gguf_checkpoint, smollm2_path
-  from flashspec_jax.loading.tokenizer import load_tokenizer
-  path = smollm2_path()
-  config, params = load_gguf_checkpoint(path, dtype=jnp.float32)
-  return config, params, load_tokenizer(path)
+  from flashspec_jax.loading import load_model
+  model = load_model("smollm2_135m", dtype=jnp.float32)
+  return model.config, model.params, model.tokenizer
 
 
 def run_as_one_program(caplog, fn, *args, **kwargs):

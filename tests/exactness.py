@@ -3,8 +3,8 @@
 We enumerate the exact distribution of the first K generated tokens under the
 processed target distribution, draw N sequences from the speculative engine in
 one vectorised program, and test goodness of fit two ways:
-  * chi-squared over the V**K sequences, pooling bins whose expected count is
-    below 5 into one bin (scipy.stats.chisquare);
+  * chi-squared over the V**K sequences, merging lexicographically adjacent
+    sequences into bins that expect at least 5 samples each;
   * Kolmogorov-Smirnov on the CDF of the sequence's lexicographic index, which
     the original FlashSpec promised (its p-value is conservative for a discrete
     distribution).
@@ -68,22 +68,25 @@ def sequence_index(tokens: np.ndarray, vocab: int) -> np.ndarray:
 
 
 def chi2_test(indices: np.ndarray, probs: np.ndarray, min_expected: float = 5.0):
-  """(statistic, degrees of freedom) of observed indices against probs, pooling small bins."""
+  """(statistic, degrees of freedom) of observed indices against probs.
+
+  Lexicographically adjacent sequences share a bin until the bin expects at least
+  `min_expected` samples, so a flat distribution with fewer samples than sequences
+  still keeps many degrees of freedom (pooling every small bin into one would leave
+  none there).
+  """
   observed = np.bincount(indices, minlength=len(probs)).astype(np.float64)
   expected = probs * len(indices)
   if observed[expected == 0].any():  # a sequence the target can never produce
     return np.inf, 1
-  small = (expected > 0) & (expected < min_expected)
-  obs, exp = list(observed[expected >= min_expected]), list(expected[expected >= min_expected])
-  if small.any():
-    if expected[small].sum() >= min_expected or not exp:
-      obs.append(observed[small].sum())
-      exp.append(expected[small].sum())
-    else:  # too little mass to stand alone: fold it into the smallest large bin
-      smallest = int(np.argmin(exp))
-      obs[smallest] += observed[small].sum()
-      exp[smallest] += expected[small].sum()
-  obs, exp = np.array(obs), np.array(exp)
+  bins, current, mass = np.empty(len(expected), np.int64), 0, 0.0
+  for i, e in enumerate(expected):
+    if mass >= min_expected:
+      current, mass = current + 1, 0.0
+    bins[i], mass = current, mass + e
+  if mass < min_expected and current > 0:  # the last bin is short: merge it into the one before
+    bins[bins == current] = current - 1
+  obs, exp = np.bincount(bins, observed), np.bincount(bins, expected)
   return float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1
 
 
@@ -102,16 +105,7 @@ def fit_pvalues(samples: np.ndarray, probs_per_row: list[np.ndarray], vocab: int
     s, d = chi2_test(indices, probs)
     statistic, dof = statistic + s, dof + d
     ks.append(ks_pvalue(indices, probs))
+  if dof == 0:
+    raise ValueError("too few samples for a chi-squared test: every row is one bin")
   return {"chi2": float(stats.chi2.sf(statistic, dof)),
           "ks": min(1.0, min(ks) * len(ks))}
-
-
-def holm_rejections(pvalues: dict, alpha: float) -> list:
-  """Keys whose hypotheses Holm's step-down procedure rejects at family-wise level alpha."""
-  ordered = sorted(pvalues.items(), key=lambda kv: kv[1])
-  rejected = []
-  for i, (key, p) in enumerate(ordered):
-    if p > alpha / (len(ordered) - i):
-      break
-    rejected.append(key)
-  return rejected

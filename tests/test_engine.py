@@ -166,13 +166,15 @@ def test_greedy_speculation_equals_greedy_ar_on_smollm2(smollm2):
   ar = run_generate(params, config, prompts, sampler=Greedy(), max_new_tokens=128,
                     rng=jax.random.key(0), eos_ids=(), param_dtype=jnp.float32)
   target = Llama(config, param_dtype=jnp.float32)
-  drafter = ModelDrafter(Llama(config, num_layers=10, param_dtype=jnp.float32), unroll=False)
+  # Deep enough that most drafts are partly accepted (alpha ~0.5): every accepted count
+  # from 0 to gamma then occurs, where a shallow drafter is almost always rejected at once.
+  drafter = ModelDrafter(Llama(config, num_layers=28, param_dtype=jnp.float32), unroll=False)
   out = engine.run_speculative({"target": params}, target, drafter, prompts, gamma=4,
                                target_sampler=Greedy(), max_new_tokens=128,
                                rng=jax.random.key(0), eos_ids=())
   for row in range(len(prompts)):
     assert out.tokens[row].tolist() == ar.tokens[row].tolist(), f"prompt {row} diverges"
-  assert engine.summarize(out.metrics)["accepted"] > 0
+  assert all(engine.summarize(out.metrics)["accept_hist"]), "some accepted counts never occur"
 
 
 def test_ngram_drafter_proposes_what_followed_the_last_match():

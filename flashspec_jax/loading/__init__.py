@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from flashspec_jax.environment import REPO
-from flashspec_jax.loading.gguf import load_gguf_checkpoint, smollm2_path
+from flashspec_jax.loading.gguf import load_gguf_checkpoint, read_gguf, smollm2_path
 from flashspec_jax.loading.hf import load_hf_checkpoint
 from flashspec_jax.loading.params import CheckpointError
 from flashspec_jax.loading.tokenizer import load_tokenizer
@@ -30,6 +30,10 @@ class LoadedModel:
   tokenizer: Any  # None for synthetic weights
   synthetic: bool
   source: str
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jax.tree.leaves(self.params)[0].dtype
 
 
 def default_checkpoint(name: str) -> pathlib.Path:
@@ -57,11 +61,13 @@ def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
         f"To measure speed without weights, add --config.synthetic_weights=True.")
   logging.info("loading %s from %s", name, path)
   if path.suffix == ".gguf":
-    config, params = load_gguf_checkpoint(path, dtype)
+    reader = read_gguf(path)
+    config, params = load_gguf_checkpoint(path, dtype, reader)
+    tokenizer = load_tokenizer(path, reader)
   else:
     config, params = load_hf_checkpoint(path, dtype)
-  return LoadedModel(dataclasses.replace(config, name=name), params, load_tokenizer(path), False,
-                     str(path))
+    tokenizer = load_tokenizer(path)
+  return LoadedModel(dataclasses.replace(config, name=name), params, tokenizer, False, str(path))
 
 
 __all__ = ["CheckpointError", "LoadedModel", "load_model", "default_checkpoint"]

@@ -107,13 +107,20 @@ def config_from_gguf(reader: gguf.GGUFReader, name: str = "gguf") -> LlamaConfig
   )
 
 
-def load_gguf_checkpoint(path: str | pathlib.Path,
-                         dtype: Any = jnp.bfloat16) -> tuple[LlamaConfig, dict[str, Any]]:
+def read_gguf(path: str | pathlib.Path) -> gguf.GGUFReader:
+  """Parses a GGUF file's header: seconds for a large vocabulary, so parse it once and share
+  the reader between weights and tokenizer."""
+  if not pathlib.Path(path).exists():
+    raise CheckpointError(f"GGUF file {path} does not exist")
+  return gguf.GGUFReader(path)
+
+
+def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16,
+                         reader: gguf.GGUFReader | None = None
+                         ) -> tuple[LlamaConfig, dict[str, Any]]:
   """Loads (config, params) from a Llama GGUF file, dequantising every tensor."""
   path = pathlib.Path(path)
-  if not path.exists():
-    raise CheckpointError(f"GGUF file {path} does not exist")
-  reader = gguf.GGUFReader(path)
+  reader = reader or read_gguf(path)
   config = config_from_gguf(reader, name=path.stem)
   tensors = {}
   for t in reader.tensors:

@@ -15,6 +15,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from flashspec_jax.loading.gguf import read_gguf
 from flashspec_jax.loading.params import CheckpointError
 
 _CONTROL = int(gguf.TokenType.CONTROL)
@@ -34,8 +35,7 @@ def _strings(reader: gguf.GGUFReader, key: str) -> list[str]:
   return list(reader.get_field(key).contents())
 
 
-def tokenizer_from_gguf(path: str | pathlib.Path) -> PreTrainedTokenizerFast:
-  reader = gguf.GGUFReader(path)
+def tokenizer_from_gguf(reader: gguf.GGUFReader) -> PreTrainedTokenizerFast:
   kind = reader.get_field("tokenizer.ggml.model").contents()
   pre = reader.get_field("tokenizer.ggml.pre")
   pre = pre.contents() if pre is not None else "gpt2"
@@ -63,11 +63,13 @@ def tokenizer_from_gguf(path: str | pathlib.Path) -> PreTrainedTokenizerFast:
       chat_template=None if template is None else template.contents())
 
 
-def load_tokenizer(source: str | pathlib.Path) -> PreTrainedTokenizerFast:
-  """A tokenizer from a `.gguf` file or an HF directory holding `tokenizer.json`."""
+def load_tokenizer(source: str | pathlib.Path,
+                   reader: gguf.GGUFReader | None = None) -> PreTrainedTokenizerFast:
+  """A tokenizer from a `.gguf` file (or its `reader`, if already parsed) or an HF
+  directory holding `tokenizer.json`."""
   source = pathlib.Path(source)
   if source.suffix == ".gguf":
-    return tokenizer_from_gguf(source)
+    return tokenizer_from_gguf(reader or read_gguf(source))
   if not (source / "tokenizer.json").exists():
     raise CheckpointError(f"no tokenizer.json in {source}")
   return AutoTokenizer.from_pretrained(source)
