@@ -74,27 +74,31 @@ def per_step(step: Callable, params, state, steps: tuple[int, int], repeats: int
   return per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps, repeats)
 
 
+def held_on_first_arm(num_arms: int) -> tuple[EpsilonGreedy, BanditState]:
+  """A greedy bandit, and a state from which it chooses arm 0 at every step.
+
+  The choice is made at run time, unlike `Fixed(0)`, whose constant arm index
+  XLA folds into a plain call of that arm's step: the dispatch over all the
+  arms stays in the program. Arm 0 starts with the only nonzero reward sum and
+  no other arm is ever pulled, so its mean stays the only one above zero.
+  """
+  ahead = jnp.arange(num_arms) == 0
+  return EpsilonGreedy(epsilon=0.0), BanditState(
+      counts=jnp.ones((num_arms,)), sums=ahead.astype(jnp.float32), pulls=jnp.int32(num_arms))
+
+
 def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
                      arms: tuple[Arm, ...], reward: str, verify_fn, steps: tuple[int, int],
                      repeats: int) -> tuple[dict, SpecState]:
-  """Seconds per engine step with the bandit held on arms[0], stepping on from the prompts.
-
-  The hold is decided at run time, by a greedy bandit whose state starts with
-  arm 0 ahead, not by `Fixed(0)`: XLA folds a constant arm index into a plain
-  call of that arm's step, which would leave the dispatch over all the arms out
-  of the timing.
+  """Seconds per engine step with the bandit held on arms[0] (`held_on_first_arm`),
+  stepping on from the prompts.
 
   Returns the timing and the state after the prompts' prefill, which the loops start from.
   """
   gamma = max(arm.gamma for arm in arms)
   capacity = tokens.shape[1] + steps[1] * (gamma + 1) + gamma + 2
   static = dict(target=target, arms=arms, max_new_tokens=capacity, eos_ids=())
-  # Arm 0 starts with the only nonzero reward sum and no other arm is ever pulled, so
-  # its mean stays the only one above zero.
-  greedy = EpsilonGreedy(epsilon=0.0)
-  ahead = jnp.arange(len(arms)) == 0
-  bandit = BanditState(counts=jnp.ones((len(arms),)), sums=ahead.astype(jnp.float32),
-                       pulls=jnp.int32(len(arms)))
+  greedy, bandit = held_on_first_arm(len(arms))
   state = jax.jit(functools.partial(init_state, capacity=capacity, **static))(
       params, tokens, lengths, key, sampler, bandit)
   step = functools.partial(bandit_step, strategy=greedy, reward=reward, verify_fn=verify_fn,

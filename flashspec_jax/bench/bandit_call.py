@@ -1,0 +1,135 @@
+"""Whole generate calls of the bandit program, held on the n-gram arm, against the fixed
+n-gram program: what having other arms in the program costs per call and per step.
+
+  python -m flashspec_jax.bench.bandit_call --target=smollm2_135m
+
+The bandit_smollm2 run on the H200 took 3.1-3.3 ms per loop step on prompts
+where UCB1 chose the n-gram arm at every step, against 1.4 ms for the fixed
+n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a greedy
+bandit is held on the n-gram arm at run time (`timing.held_on_first_arm`), so
+every program does the same work per step and differs only in the arms it holds.
+Each program runs at two lengths, which split its time into a part per loop step
+and a part per call; each also records the cache buffers its compiled loop
+copies (`bench.hlo.buffer_copies`). Synthetic weights: n-gram drafts are rarely
+accepted, so steps are about tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from flashspec_jax import results
+from flashspec_jax.bandit import Fixed
+from flashspec_jax.bench import timing
+from flashspec_jax.bench.hlo import buffer_copies, hlo_shape
+from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.engine import Arm, init_state, speculative_generate
+from flashspec_jax.environment import on_gpu
+from flashspec_jax.kernels.verify import get_verify_fn
+from flashspec_jax.models.config import model_config
+from flashspec_jax.models.llama import Llama, init_params
+from flashspec_jax.sampling import Temperature
+
+_TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
+_DEPTHS = flags.DEFINE_list("layer_skip", ["20", "26"], "Depths of the idle layer-skip arms.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_GAMMA = flags.DEFINE_integer("gamma", 4, "Draft tokens per step.")
+_CONTEXT = flags.DEFINE_integer("context", 256, "Prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_list("new_tokens", ["32", "128"],
+                                "Tokens per call; two lengths split per-step from per-call time.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per program.")
+_UNROLL = flags.DEFINE_bool("unroll", None, "Unroll draft steps (default: on a GPU, as run.py).")
+_OUT = flags.DEFINE_string("out", "results", "Results directory.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", "", "If set, write each optimized program here.")
+
+
+def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], repeats, unroll,
+          hlo_dir="") -> dict:
+  dtype = jnp.bfloat16 if on_gpu() else jnp.float32
+  config = model_config(target_name)
+  params = {"target": init_params(config, jax.random.key(0), dtype), "drafters": {}}
+  target = Llama(config, param_dtype=dtype)
+  ngram = Arm(NgramDrafter(config.vocab_size, 3), gamma)
+  layer_skip = tuple(Arm(ModelDrafter(Llama(config, num_layers=d, param_dtype=dtype),
+                                      unroll=unroll), gamma) for d in depths)
+  programs = {"fixed n-gram": (ngram,), "held: n-gram, ar": (ngram, Arm()),
+              "held: n-gram, layer-skip, ar": (ngram, *layer_skip, Arm())}
+  prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
+  lengths = jnp.full((batch,), context, jnp.int32)
+  sampler = Temperature(1.0)
+  rows = []
+  for (name, arms), tokens in itertools.product(programs.items(), new_tokens):
+    strategy, bandit = (Fixed(0), None) if len(arms) == 1 else timing.held_on_first_arm(len(arms))
+    capacity = context + tokens + gamma + 1
+    static = dict(target=target, arms=arms, max_new_tokens=tokens, eos_ids=())
+    generate = functools.partial(speculative_generate, strategy=strategy, capacity=capacity,
+                                 verify_fn=get_verify_fn("auto"), **static)
+    start = time.perf_counter()
+    compiled = jax.jit(generate).lower(params, prompt, lengths, jax.random.key(2), sampler,
+                                       sampler, bandit).compile()
+    compile_seconds = time.perf_counter() - start
+    if hlo_dir:
+      pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+      (pathlib.Path(hlo_dir) / f"{len(rows)}.hlo.txt").write_text(compiled.as_text())
+    state = jax.eval_shape(functools.partial(init_state, capacity=capacity, **static),
+                           params, prompt, lengths, jax.random.key(2), sampler,
+                           bandit or strategy.init(len(arms)))
+    caches = [state.target_cache, *[d for d in state.drafter_states if d != ()]]
+    shapes = {hlo_shape(leaf) for cache in caches for leaf in jax.tree.leaves(cache)
+              if leaf.ndim == 4}
+    call = functools.partial(compiled, params, prompt, lengths, jax.random.key(2), sampler,
+                             sampler, bandit)
+    times = timing.wall_times(call, repeats)
+    out = call()
+    steps = int(out.steps)
+    call_ms = statistics.median(times) * 1e3
+    rows.append(dict(program=name, arms=[a.name for a in arms], new_tokens=tokens,
+                     arm_pulls=[int((out.history.arm == i).sum()) for i in range(len(arms))],
+                     compile_seconds=compile_seconds, steps=steps, call_ms=call_ms,
+                     cache_copies_in_loop=len(buffer_copies(compiled.as_text(), shapes)),
+                     times=times))
+  programs_summary = []
+  for name in programs:
+    short, long = (r for r in rows if r["program"] == name)  # new_tokens in the given order
+    per_step = (long["call_ms"] - short["call_ms"]) / (long["steps"] - short["steps"])
+    programs_summary.append(dict(program=name, ms_per_step=per_step,
+                                 ms_per_call=short["call_ms"] - per_step * short["steps"],
+                                 cache_copies_in_loop=long["cache_copies_in_loop"]))
+  for summary in programs_summary:
+    summary["step_vs_fixed"] = summary["ms_per_step"] / programs_summary[0]["ms_per_step"]
+  return dict(target=target_name, dtype=jnp.dtype(dtype).name, synthetic_weights=True,
+              batch=batch, gamma=gamma, context=context, new_tokens=new_tokens,
+              unrolled_drafts=unroll, programs=programs_summary, rows=rows)
+
+
+def main(argv):
+  del argv
+  if len(_NEW_TOKENS.value) != 2:
+    raise app.UsageError("--new_tokens takes two lengths, shorter first")
+  unroll = on_gpu() if _UNROLL.value is None else _UNROLL.value
+  result = bench(_TARGET.value, [int(d) for d in _DEPTHS.value], _BATCH.value, _GAMMA.value,
+                 _CONTEXT.value, [int(n) for n in _NEW_TOKENS.value], _REPEATS.value, unroll,
+                 _HLO_DIR.value)
+  path = results.write("bandit_call", result, directory=_OUT.value)
+  print(f"\nwhole calls held on the n-gram arm, {result['target']} shape, synthetic weights "
+        f"-> {path}")
+  print(f"{'program':>30} {'new tokens':>10} {'steps':>6} {'call ms':>9}")
+  for row in result["rows"]:
+    print(f"{row['program']:>30} {row['new_tokens']:>10} {row['steps']:>6} "
+          f"{row['call_ms']:>9.2f}")
+  print(f"\n{'program':>30} {'ms/step':>8} {'vs fixed':>9} {'ms/call':>8} "
+        f"{'cache copies in loop':>21}")
+  for p in result["programs"]:
+    print(f"{p['program']:>30} {p['ms_per_step']:>8.3f} {p['step_vs_fixed']:>9.3f} "
+          f"{p['ms_per_call']:>8.2f} {p['cache_copies_in_loop']:>21}")
+
+if __name__ == "__main__":
+  app.run(main)

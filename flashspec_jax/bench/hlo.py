@@ -1,0 +1,36 @@
+"""Reading compiled programs: which buffers XLA copies."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+
+_COPY = re.compile(r"= (\w+\[[\d,]*\])\S* copy(?:-start)?\(")
+
+
+def hlo_shape(x: jax.Array) -> str:
+  """The array's shape as HLO text writes it, e.g. bf16[2,8,64,256]."""
+  name = jnp.dtype(x.dtype).name
+  for numpy_prefix, hlo_prefix in (("bfloat", "bf"), ("float", "f"), ("uint", "u"),
+                                   ("int", "s"), ("bool", "pred")):
+    if name.startswith(numpy_prefix):
+      name = hlo_prefix + name[len(numpy_prefix):]
+      break
+  return f"{name}[{','.join(map(str, x.shape))}]"
+
+
+def buffer_copies(hlo_text: str, shapes: set[str]) -> list[str]:
+  """Copies of buffers of the given shapes made inside loops or branches of an optimized
+  program, i.e. at every step. Copies inside fusions are layout changes of values in
+  registers, and those in the entry computation happen once per call, so neither counts."""
+  copies, computation = [], None
+  for line in hlo_text.splitlines():
+    if line and not line.startswith(" "):
+      computation = line.split(" ")[0]
+    match = _COPY.search(line)
+    if (match and match.group(1) in shapes and "fused" not in computation
+        and computation != "ENTRY"):
+      copies.append(line.strip())
+  return copies
