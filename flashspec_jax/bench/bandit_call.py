@@ -10,8 +10,8 @@ bandit is held on the n-gram arm at run time (`timing.held_on_first_arm`), so
 every program does the same work per step and differs only in the arms it holds.
 Each program runs at two lengths, which split its time into a part per loop step
 and a part per call; each also records the cache buffers its compiled loop
-copies (`bench.hlo.buffer_copies`). Synthetic weights: n-gram drafts are rarely
-accepted, so steps are about tokens.
+copies (`bench.hlo.buffer_copies`). Synthetic weights; every program takes the
+same steps on the same inputs (recorded).
 """
 
 from __future__ import annotations
