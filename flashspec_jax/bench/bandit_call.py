@@ -6,7 +6,8 @@ n-gram program: what having other arms in the program costs per call and per ste
 The bandit_smollm2 run on the H200 took 3.1-3.3 ms per loop step on prompts
 where UCB1 chose the n-gram arm at every step, against 1.4 ms for the fixed
 n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a greedy
-bandit is held on the n-gram arm at run time (`timing.held_on_first_arm`), so
+bandit (greedy by default, `--strategy`) is held on the n-gram arm at run time
+(`timing.held_on_first_arm`), so
 every program does the same work per step and differs only in the arms it holds.
 Each program runs at two lengths, which split its time into a part per loop step
 and a part per call; each also records the cache buffers its compiled loop
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
-from flashspec_jax.bandit import Fixed
+from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
 from flashspec_jax.bench import timing
 from flashspec_jax.bench.hlo import buffer_copies, hlo_shape
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
@@ -36,7 +37,9 @@ from flashspec_jax.environment import on_gpu
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import Llama, init_params
-from flashspec_jax.sampling import Temperature
+from flashspec_jax.sampling import Greedy, Temperature
+
+STRATEGIES = {"greedy": EpsilonGreedy(epsilon=0.0), "ucb1": UCB1(), "thompson": Thompson()}
 
 _TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
 _DEPTHS = flags.DEFINE_list("layer_skip", ["20", "26"], "Depths of the idle layer-skip arms.")
@@ -47,12 +50,16 @@ _NEW_TOKENS = flags.DEFINE_list("new_tokens", ["32", "128"],
                                 "Tokens per call; two lengths split per-step from per-call time.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per program.")
 _UNROLL = flags.DEFINE_bool("unroll", None, "Unroll draft steps (default: on a GPU, as run.py).")
+_STRATEGY = flags.DEFINE_enum("strategy", "greedy", sorted(STRATEGIES),
+                              "The bandit strategy that is held on the n-gram arm.")
+_SAMPLER = flags.DEFINE_enum("sampler", "temperature", ["temperature", "greedy"],
+                             "Target and draft sampling: temperature 1 or greedy.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", "", "If set, write each optimized program here.")
 
 
 def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], repeats, unroll,
-          hlo_dir="") -> dict:
+          strategy="greedy", sampler="temperature", hlo_dir="") -> dict:
   dtype = jnp.bfloat16 if on_gpu() else jnp.float32
   config = model_config(target_name)
   params = {"target": init_params(config, jax.random.key(0), dtype), "drafters": {}}
@@ -64,13 +71,14 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
               "held: n-gram, layer-skip, ar": (ngram, *layer_skip, Arm())}
   prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
   lengths = jnp.full((batch,), context, jnp.int32)
-  sampler = Temperature(1.0)
+  sampler_name, sampler = sampler, Greedy() if sampler == "greedy" else Temperature(1.0)
   rows = []
   for (name, arms), tokens in itertools.product(programs.items(), new_tokens):
-    strategy, bandit = (Fixed(0), None) if len(arms) == 1 else timing.held_on_first_arm(len(arms))
+    held, bandit = ((Fixed(0), None) if len(arms) == 1
+                    else (STRATEGIES[strategy], timing.held_on_first_arm(len(arms))))
     capacity = context + tokens + gamma + 1
     static = dict(target=target, arms=arms, max_new_tokens=tokens, eos_ids=())
-    generate = functools.partial(speculative_generate, strategy=strategy, capacity=capacity,
+    generate = functools.partial(speculative_generate, strategy=held, capacity=capacity,
                                  verify_fn=get_verify_fn("auto"), **static)
     start = time.perf_counter()
     compiled = jax.jit(generate).lower(params, prompt, lengths, jax.random.key(2), sampler,
@@ -81,7 +89,7 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
       (pathlib.Path(hlo_dir) / f"{len(rows)}.hlo.txt").write_text(compiled.as_text())
     state = jax.eval_shape(functools.partial(init_state, capacity=capacity, **static),
                            params, prompt, lengths, jax.random.key(2), sampler,
-                           bandit or strategy.init(len(arms)))
+                           bandit or held.init(len(arms)))
     caches = [state.target_cache, *[d for d in state.drafter_states if d != ()]]
     shapes = {hlo_shape(leaf) for cache in caches for leaf in jax.tree.leaves(cache)
               if leaf.ndim == 4}
@@ -107,7 +115,8 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
     summary["step_vs_fixed"] = summary["ms_per_step"] / programs_summary[0]["ms_per_step"]
   return dict(target=target_name, dtype=jnp.dtype(dtype).name, synthetic_weights=True,
               batch=batch, gamma=gamma, context=context, new_tokens=new_tokens,
-              unrolled_drafts=unroll, programs=programs_summary, rows=rows)
+              unrolled_drafts=unroll, strategy=strategy, sampler=sampler_name,
+              programs=programs_summary, rows=rows)
 
 
 def main(argv):
@@ -117,7 +126,7 @@ def main(argv):
   unroll = on_gpu() if _UNROLL.value is None else _UNROLL.value
   result = bench(_TARGET.value, [int(d) for d in _DEPTHS.value], _BATCH.value, _GAMMA.value,
                  _CONTEXT.value, [int(n) for n in _NEW_TOKENS.value], _REPEATS.value, unroll,
-                 _HLO_DIR.value)
+                 _STRATEGY.value, _SAMPLER.value, _HLO_DIR.value)
   path = results.write("bandit_call", result, directory=_OUT.value)
   print(f"\nwhole calls held on the n-gram arm, {result['target']} shape, synthetic weights "
         f"-> {path}")

@@ -74,17 +74,20 @@ def per_step(step: Callable, params, state, steps: tuple[int, int], repeats: int
   return per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps, repeats)
 
 
-def held_on_first_arm(num_arms: int) -> tuple[EpsilonGreedy, BanditState]:
-  """A greedy bandit, and a state from which it chooses arm 0 at every step.
+def held_on_first_arm(num_arms: int) -> BanditState:
+  """A bandit state from which greedy, UCB1 and Thompson sampling choose arm 0 at
+  every step.
 
   The choice is made at run time, unlike `Fixed(0)`, whose constant arm index
   XLA folds into a plain call of that arm's step: the dispatch over all the
-  arms stays in the program. Arm 0 starts with the only nonzero reward sum and
-  no other arm is ever pulled, so its mean stays the only one above zero.
+  arms stays in the program. Every arm has a million pulls behind it, arm 0
+  with mean reward 1 and the others 0, so no run's rewards move the means
+  and UCB1's exploration bonus stays far below the gap.
   """
-  ahead = jnp.arange(num_arms) == 0
-  return EpsilonGreedy(epsilon=0.0), BanditState(
-      counts=jnp.ones((num_arms,)), sums=ahead.astype(jnp.float32), pulls=jnp.int32(num_arms))
+  pulls = 1e6
+  return BanditState(counts=jnp.full((num_arms,), pulls),
+                     sums=jnp.where(jnp.arange(num_arms) == 0, pulls, 0.0),
+                     pulls=jnp.int32(pulls * num_arms))
 
 
 def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
@@ -98,7 +101,7 @@ def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
   gamma = max(arm.gamma for arm in arms)
   capacity = tokens.shape[1] + steps[1] * (gamma + 1) + gamma + 2
   static = dict(target=target, arms=arms, max_new_tokens=capacity, eos_ids=())
-  greedy, bandit = held_on_first_arm(len(arms))
+  greedy, bandit = EpsilonGreedy(epsilon=0.0), held_on_first_arm(len(arms))
   state = jax.jit(functools.partial(init_state, capacity=capacity, **static))(
       params, tokens, lengths, key, sampler, bandit)
   step = functools.partial(bandit_step, strategy=greedy, reward=reward, verify_fn=verify_fn,
