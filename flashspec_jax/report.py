@@ -158,8 +158,9 @@ def bandit_call(data: dict) -> list[str]:
   lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, batch {data['batch']}, "
            f"gamma {data['gamma']}, prompt {data['context']} tokens, "
            f"{data.get('sampler', 'temperature')} sampling; a {data.get('strategy', 'greedy')} "
-           f"bandit holds the n-gram arm, chosen at run time. Calls of {' and '.join(map(str, data['new_tokens']))} "
-           f"new tokens split the time into a part per loop step and a part per call.", "",
+           f"bandit holds the n-gram arm, chosen at run time. Calls of "
+           f"{' and '.join(map(str, data['new_tokens']))} new tokens split the time into a part "
+           f"per loop step and a part per call.", "",
            "| program | per step (ms) | vs fixed | per call (ms) | cache copies in the loop |",
            "|---|---|---|---|---|"]
   for p in data["programs"]:

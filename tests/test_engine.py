@@ -11,7 +11,7 @@ from conftest import run_as_one_program, spread_params, tiny_config
 
 from flashspec_jax import engine
 from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
-from flashspec_jax.bench.hlo import buffer_copies, hlo_shape
+from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.kernels.verify import verify_reference
 from flashspec_jax.generate import PAD_ID, prepare_prompts, run_generate
@@ -248,10 +248,7 @@ def test_the_bandit_step_updates_every_cache_in_place(params):
   arms copied all of them (XLA copies what a conditional's branches return)."""
   state, step = prefilled_bandit(params, bandit_arms(), UCB1())
   loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, 2, lambda _, s: step(p, s), s))
-  caches = [state.target_cache, *[d for d in state.drafter_states if d != ()]]
-  shapes = {hlo_shape(leaf) for cache in caches for leaf in jax.tree.leaves(cache)
-            if leaf.ndim == 4}
-  copied = buffer_copies(loop.lower(params, state).compile().as_text(), shapes)
+  copied = buffer_copies(loop.lower(params, state).compile().as_text(), cache_shapes(state))
   assert not copied, f"{len(copied)} cache copies per step, e.g. {copied[0]}"
 
 

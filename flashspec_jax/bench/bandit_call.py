@@ -5,14 +5,14 @@ n-gram program: what having other arms in the program costs per call and per ste
 
 The bandit_smollm2 run on the H200 took 3.1-3.3 ms per loop step on prompts
 where UCB1 chose the n-gram arm at every step, against 1.4 ms for the fixed
-n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a greedy
-bandit (greedy by default, `--strategy`) is held on the n-gram arm at run time
-(`timing.held_on_first_arm`), so
-every program does the same work per step and differs only in the arms it holds.
-Each program runs at two lengths, which split its time into a part per loop step
-and a part per call; each also records the cache buffers its compiled loop
-copies (`bench.hlo.buffer_copies`). Synthetic weights; every program takes the
-same steps on the same inputs (recorded).
+n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a bandit
+(greedy unless `--strategy` says otherwise) is held on the n-gram arm at run
+time (`timing.held_on_first_arm`), so every program does the same work per step
+and differs only in the arms it holds. Each program runs at two lengths, which
+split its time into a part per loop step and a part per call; each also records
+the cache buffers its compiled loop copies (`bench.hlo.buffer_copies`).
+Synthetic weights; every program takes the same steps on the same inputs
+(recorded).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from absl import app, flags
 from flashspec_jax import results
 from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
 from flashspec_jax.bench import timing
-from flashspec_jax.bench.hlo import buffer_copies, hlo_shape
+from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm, init_state, speculative_generate
 from flashspec_jax.environment import on_gpu
@@ -71,6 +71,7 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
               "held: n-gram, layer-skip, ar": (ngram, *layer_skip, Arm())}
   prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
   lengths = jnp.full((batch,), context, jnp.int32)
+  key = jax.random.key(2)
   sampler_name, sampler = sampler, Greedy() if sampler == "greedy" else Temperature(1.0)
   rows = []
   for (name, arms), tokens in itertools.product(programs.items(), new_tokens):
@@ -81,20 +82,16 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
     generate = functools.partial(speculative_generate, strategy=held, capacity=capacity,
                                  verify_fn=get_verify_fn("auto"), **static)
     start = time.perf_counter()
-    compiled = jax.jit(generate).lower(params, prompt, lengths, jax.random.key(2), sampler,
-                                       sampler, bandit).compile()
+    compiled = jax.jit(generate).lower(params, prompt, lengths, key, sampler, sampler,
+                                       bandit).compile()
     compile_seconds = time.perf_counter() - start
+    hlo = compiled.as_text()
     if hlo_dir:
       pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-      (pathlib.Path(hlo_dir) / f"{len(rows)}.hlo.txt").write_text(compiled.as_text())
+      (pathlib.Path(hlo_dir) / f"{len(rows)}.hlo.txt").write_text(hlo)
     state = jax.eval_shape(functools.partial(init_state, capacity=capacity, **static),
-                           params, prompt, lengths, jax.random.key(2), sampler,
-                           bandit or held.init(len(arms)))
-    caches = [state.target_cache, *[d for d in state.drafter_states if d != ()]]
-    shapes = {hlo_shape(leaf) for cache in caches for leaf in jax.tree.leaves(cache)
-              if leaf.ndim == 4}
-    call = functools.partial(compiled, params, prompt, lengths, jax.random.key(2), sampler,
-                             sampler, bandit)
+                           params, prompt, lengths, key, sampler, bandit or held.init(len(arms)))
+    call = functools.partial(compiled, params, prompt, lengths, key, sampler, sampler, bandit)
     times = timing.wall_times(call, repeats)
     out = call()
     steps = int(out.steps)
@@ -102,7 +99,7 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
     rows.append(dict(program=name, arms=[a.name for a in arms], new_tokens=tokens,
                      arm_pulls=[int((out.history.arm == i).sum()) for i in range(len(arms))],
                      compile_seconds=compile_seconds, steps=steps, call_ms=call_ms,
-                     cache_copies_in_loop=len(buffer_copies(compiled.as_text(), shapes)),
+                     cache_copies_in_loop=len(buffer_copies(hlo, cache_shapes(state))),
                      times=times))
   programs_summary = []
   for name in programs:

@@ -21,6 +21,14 @@ def hlo_shape(x: jax.Array) -> str:
   return f"{name}[{','.join(map(str, x.shape))}]"
 
 
+def cache_shapes(state) -> set[str]:
+  """HLO shapes of the KV-cache buffers in an engine state: the target's and every model
+  drafter's (n-gram and AR arms have none)."""
+  caches = [state.target_cache, *[d for d in state.drafter_states if d != ()]]
+  return {hlo_shape(leaf) for cache in caches for leaf in jax.tree.leaves(cache)
+          if leaf.ndim == 4}
+
+
 def buffer_copies(hlo_text: str, shapes: set[str]) -> list[str]:
   """Copies of buffers of the given shapes made inside loops or branches of an optimized
   program, i.e. at every step. Copies inside fusions are layout changes of values in
