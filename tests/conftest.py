@@ -9,8 +9,15 @@ import pathlib
 # in-memory caches after each method; a shared on-disk cache compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+# On a GPU every xdist worker (and every process a test starts) would otherwise take 75%
+# of the device's memory up front, and the later ones fail. Growing on demand is not
+# enough alone: XLA keeps what it has grown to, so each worker is also capped at its
+# share, leaving a tenth of the device for the CUDA contexts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                      f"{0.9 / int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')):.3f}")
 
-import jax  # noqa: E402 (after the cache directory is set)
+import jax  # noqa: E402 (after the variables above are set)
 import jax.numpy as jnp
 import pytest
 

@@ -15,14 +15,24 @@ independent rows; the KS p-values by Bonferroni).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import spread_params, tiny_config
 from scipy import stats
 
+from flashspec_jax.bandit import Fixed
+from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.engine import Arm, speculative_generate
+from flashspec_jax.generate import prepare_prompts
+from flashspec_jax.kernels.verify import verify_reference
 from flashspec_jax.models.llama import KVCache, Llama
+from flashspec_jax.sampling import Temperature, TopK, TopP
 
 
 def continuation_logits(params, config, prompts, num_tokens) -> list[np.ndarray]:
@@ -109,3 +119,83 @@ def fit_pvalues(samples: np.ndarray, probs_per_row: list[np.ndarray], vocab: int
     raise ValueError("too few samples for a chi-squared test: every row is one bin")
   return {"chi2": float(stats.chi2.sf(statistic, dof)),
           "ks": min(1.0, min(ks) * len(ks))}
+
+
+# The grid that the engine's and the kernel's exactness tests share; test_exactness.py
+# documents its sizes and seeds.
+VOCAB, NUM_TOKENS, NUM_SAMPLES = 12, 3, 10_000
+TARGET_CONFIG = tiny_config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2,
+                            num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+DRAFT_CONFIG = tiny_config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+PROMPTS = {1: [[3, 7, 1]], 8: [list(range(1, n + 1)) for n in range(1, 9)]}
+SAMPLERS = {"plain": Temperature, "top_k": functools.partial(TopK, 4),
+            "top_p": functools.partial(TopP, 0.8)}
+TEMPERATURES = (0.5, 1.0, 1.5)
+
+TARGET = Llama(TARGET_CONFIG, param_dtype=jnp.float32)
+# One loop body for the draft steps: the same program, compiled several times faster on CPU.
+DRAFTERS = {"small": ModelDrafter(Llama(DRAFT_CONFIG, param_dtype=jnp.float32), "small",
+                                  unroll=False),
+            "self": ModelDrafter(TARGET, "target", unroll=False)}
+
+
+@pytest.fixture(scope="module")
+def params():
+  return {"target": spread_params(TARGET_CONFIG, seed=0, scale=6.0),
+          "drafters": {"small": spread_params(DRAFT_CONFIG, seed=1, scale=6.0)}}
+
+
+@pytest.fixture(scope="module")
+def exact_probs(params):
+  """exact_probs(temperature, kind, batch) -> [B, V**K] each row's exact distribution."""
+  logits = {batch: continuation_logits(params["target"], TARGET_CONFIG, prompts, NUM_TOKENS)
+            for batch, prompts in PROMPTS.items()}
+  return lambda temperature, kind, batch: sequence_probs(
+      logits[batch], SAMPLERS[kind](temperature=temperature))
+
+
+def point_key(point) -> jax.Array:
+  """The documented seed of one grid point (drafter, gamma, temperature, kind, batch)."""
+  return jax.random.fold_in(jax.random.key(20231130), zlib.crc32(repr(point).encode()))
+
+
+def draw(params, arms, samplers, batch, keys, *, strategy=Fixed(0), draft_sampler=None,
+         verify_fn=verify_reference, initial_bandit=None):
+  """[S, runs, B, K] samples for S stacked samplers: NUM_SAMPLES sequences per sampler.
+
+  initial_bandit(key) -> BanditState, if given, starts each run's bandit from
+  its own state instead of a fresh one.
+  """
+  tokens, lengths = prepare_prompts(PROMPTS[batch], VOCAB)
+  max_gamma = max(arm.gamma for arm in arms)
+  run = functools.partial(
+      speculative_generate, params, jnp.asarray(tokens), jnp.asarray(lengths), target=TARGET,
+      arms=arms, strategy=strategy, max_new_tokens=NUM_TOKENS, eos_ids=(),
+      capacity=tokens.shape[1] + NUM_TOKENS + max_gamma + 1, verify_fn=verify_fn)
+
+  def one_run(sampler, key):
+    bandit = None if initial_bandit is None else initial_bandit(jax.random.fold_in(key, 1))
+    return run(key, sampler, draft_sampler or sampler, bandit).tokens
+
+  def one_sampler(sampler, key):
+    return jax.vmap(lambda k: one_run(sampler, k))(jax.random.split(key, NUM_SAMPLES // batch))
+
+  # Samplers one after another: vmapping them as well makes the interpreted Pallas kernel
+  # about three times slower on CPU.
+  return np.asarray(jax.jit(lambda samplers, keys: jax.lax.map(
+      lambda sampler_and_key: one_sampler(*sampler_and_key), (samplers, keys)))(samplers, keys))
+
+
+def program_pvalues(params, exact_probs, program, temperatures=TEMPERATURES, arms=None,
+                    **kwargs) -> dict:
+  """p-values of one program's points; arms default to the program's drafter and gamma."""
+  drafter_name, gamma, kind, batch = program
+  arms = arms or (Arm(DRAFTERS[drafter_name], gamma),)
+  samplers = jax.tree.map(lambda *x: jnp.stack(x),
+                          *[SAMPLERS[kind](temperature=t) for t in temperatures])
+  points = [(drafter_name, gamma, t, kind, batch) for t in temperatures]
+  keys = jnp.stack([point_key(p) for p in points])
+  samples = draw(params, arms, samplers, batch, keys, **kwargs)
+  return {point: fit_pvalues(samples[i], exact_probs(point[2], kind, batch), VOCAB)
+          for i, point in enumerate(points)}

@@ -13,106 +13,27 @@ The power tests run the same code on three broken samplers, which it must
 reject at p < 1e-6.
 """
 
-import functools
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import struct
-from conftest import spread_params, tiny_config
-from exactness import chi2_test, continuation_logits, fit_pvalues, sequence_probs
+from exactness import (DRAFT_CONFIG, DRAFTERS, NUM_SAMPLES, NUM_TOKENS, PROMPTS, SAMPLERS,
+                       TEMPERATURES, VOCAB, chi2_test, continuation_logits, program_pvalues,
+                       sequence_probs)
+from exactness import exact_probs, params  # noqa: F401 (fixtures)
 
-from flashspec_jax.bandit import BanditState, Fixed, Thompson, UCB1
-from flashspec_jax.drafters import ModelDrafter, NgramDrafter
-from flashspec_jax.engine import Arm, speculative_generate
-from flashspec_jax.generate import prepare_prompts
+from flashspec_jax.bandit import BanditState, Thompson, UCB1
+from flashspec_jax.drafters import NgramDrafter
+from flashspec_jax.engine import Arm
 from flashspec_jax.kernels import verify
-from flashspec_jax.kernels.verify import verify_reference
-from flashspec_jax.models.llama import Llama
-from flashspec_jax.sampling import Greedy, Temperature, TopK, TopP
+from flashspec_jax.sampling import Greedy, Temperature
 
-VOCAB, NUM_TOKENS, NUM_SAMPLES, ALPHA = 12, 3, 10_000, 0.01
-TARGET_CONFIG = tiny_config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2,
-                            num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
-DRAFT_CONFIG = tiny_config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1,
-                           num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
-PROMPTS = {1: [[3, 7, 1]], 8: [list(range(1, n + 1)) for n in range(1, 9)]}
-SAMPLERS = {"plain": Temperature, "top_k": functools.partial(TopK, 4),
-            "top_p": functools.partial(TopP, 0.8)}
-TEMPERATURES = (0.5, 1.0, 1.5)
+ALPHA = 0.01
 GAMMAS = (1, 2, 4, 8)
 # One compiled program per (drafter, gamma, sampler kind, batch) draws all temperatures.
 PROGRAMS = [("small", g, kind, b) for g in GAMMAS for kind in SAMPLERS for b in (1, 8)]
 PROGRAMS += [("self", 4, kind, 1) for kind in SAMPLERS]
-
-TARGET = Llama(TARGET_CONFIG, param_dtype=jnp.float32)
-# One loop body for the draft steps: the same program, compiled several times faster on CPU.
-DRAFTERS = {"small": ModelDrafter(Llama(DRAFT_CONFIG, param_dtype=jnp.float32), "small",
-                                  unroll=False),
-            "self": ModelDrafter(TARGET, "target", unroll=False)}
-
-
-@pytest.fixture(scope="module")
-def params():
-  return {"target": spread_params(TARGET_CONFIG, seed=0, scale=6.0),
-          "drafters": {"small": spread_params(DRAFT_CONFIG, seed=1, scale=6.0)}}
-
-
-@pytest.fixture(scope="module")
-def exact_probs(params):
-  """exact_probs(temperature, kind, batch) -> [B, V**K] each row's exact distribution."""
-  logits = {batch: continuation_logits(params["target"], TARGET_CONFIG, prompts, NUM_TOKENS)
-            for batch, prompts in PROMPTS.items()}
-  return lambda temperature, kind, batch: sequence_probs(
-      logits[batch], SAMPLERS[kind](temperature=temperature))
-
-
-def point_key(point) -> jax.Array:
-  """The documented seed of one grid point (drafter, gamma, temperature, kind, batch)."""
-  return jax.random.fold_in(jax.random.key(20231130), zlib.crc32(repr(point).encode()))
-
-
-def draw(params, arms, samplers, batch, keys, *, strategy=Fixed(0), draft_sampler=None,
-         verify_fn=verify_reference, initial_bandit=None):
-  """[S, runs, B, K] samples for S stacked samplers: NUM_SAMPLES sequences per sampler.
-
-  initial_bandit(key) -> BanditState, if given, starts each run's bandit from
-  its own state instead of a fresh one.
-  """
-  tokens, lengths = prepare_prompts(PROMPTS[batch], VOCAB)
-  max_gamma = max(arm.gamma for arm in arms)
-  run = functools.partial(
-      speculative_generate, params, jnp.asarray(tokens), jnp.asarray(lengths), target=TARGET,
-      arms=arms, strategy=strategy, max_new_tokens=NUM_TOKENS, eos_ids=(),
-      capacity=tokens.shape[1] + NUM_TOKENS + max_gamma + 1, verify_fn=verify_fn)
-
-  def one_run(sampler, key):
-    bandit = None if initial_bandit is None else initial_bandit(jax.random.fold_in(key, 1))
-    return run(key, sampler, draft_sampler or sampler, bandit).tokens
-
-  def one_sampler(sampler, key):
-    return jax.vmap(lambda k: one_run(sampler, k))(jax.random.split(key, NUM_SAMPLES // batch))
-
-  # Samplers one after another: vmapping them as well makes the interpreted Pallas kernel
-  # about three times slower on CPU.
-  return np.asarray(jax.jit(lambda samplers, keys: jax.lax.map(
-      lambda sampler_and_key: one_sampler(*sampler_and_key), (samplers, keys)))(samplers, keys))
-
-
-def program_pvalues(params, exact_probs, program, temperatures=TEMPERATURES, arms=None,
-                    **kwargs) -> dict:
-  """p-values of one program's points; arms default to the program's drafter and gamma."""
-  drafter_name, gamma, kind, batch = program
-  arms = arms or (Arm(DRAFTERS[drafter_name], gamma),)
-  samplers = jax.tree.map(lambda *x: jnp.stack(x),
-                          *[SAMPLERS[kind](temperature=t) for t in temperatures])
-  points = [(drafter_name, gamma, t, kind, batch) for t in temperatures]
-  keys = jnp.stack([point_key(p) for p in points])
-  samples = draw(params, arms, samplers, batch, keys, **kwargs)
-  return {point: fit_pvalues(samples[i], exact_probs(point[2], kind, batch), VOCAB)
-          for i, point in enumerate(points)}
 
 
 def test_target_distributions_are_far_from_the_drafter(params, exact_probs):

@@ -6,37 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CASES, save_tiny_llama
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 from flashspec_jax.loading.hf import load_hf_checkpoint  # noqa: E402
 from flashspec_jax.models.llama import KVCache, Llama  # noqa: E402
 
 ATOL = 1e-4
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-
-CASES = {
-    "gqa_untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-    "mha_tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
-    "gqa_llama3_rope": dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
-                            rope_scaling=LLAMA3_ROPE, rope_theta=500_000.0),
-}
-
-
-def save_tiny_llama(directory, seed=0, **overrides):
-  torch.manual_seed(seed)
-  fields = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-                head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5)
-  config = transformers.LlamaConfig(**(fields | overrides))
-  model = transformers.LlamaForCausalLM(config).eval()
-  with torch.no_grad():  # HF initialises norms to ones; random scales catch a missing norm.
-    for name, param in model.named_parameters():
-      if "norm" in name:
-        param.uniform_(0.5, 1.5)
-  model.save_pretrained(directory)
-  return model
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
-from test_exactness import exact_probs, params, program_pvalues  # noqa: F401 (fixtures)
+from exactness import exact_probs, params, program_pvalues  # noqa: F401 (fixtures)
 
 from flashspec_jax.kernels.verify import (PALLAS_GPU_AVAILABLE, VerifyTiling, get_verify_fn,
                                           uniform_from_bits, uniform_from_hash,

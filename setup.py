@@ -1,0 +1,20 @@
+"""Which packages `pip install .` ships; the metadata is in pyproject.toml.
+
+Subpackages are discovered, so a new one cannot be left out of a non-editable
+install. Two top-level folders are installed inside the package:
+  * `kernels/` as `flashspec_jax.kernels`: a top-level module named `kernels`
+    would shadow the Hugging Face hub package of that name, which transformers
+    probes for;
+  * `configs/` (the shipped model shapes) as `flashspec_jax.configs`, read by
+    `flashspec_jax.models.config`.
+"""
+
+import setuptools
+
+MAPPED = {"flashspec_jax.kernels": "kernels", "flashspec_jax.configs": "configs"}
+
+setuptools.setup(
+    packages=setuptools.find_packages(include=["flashspec_jax", "flashspec_jax.*"]) + list(MAPPED),
+    package_dir=MAPPED,
+    package_data={"flashspec_jax.configs": ["*.json"]},
+)
