@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_model_parity import CASES, save_tiny_llama
+from helpers import CASES, save_tiny_llama
 
 from flashspec_jax.generate import run_generate
-from flashspec_jax.loading.gguf import load_gguf_checkpoint, smollm2_path
+from flashspec_jax.loading import check_checkpoint, load_model
+from flashspec_jax.loading.gguf import (config_from_gguf, load_gguf_checkpoint, read_gguf,
+                                        smollm2_path)
 from flashspec_jax.loading.hf import load_hf_checkpoint
 from flashspec_jax.loading.params import CheckpointError
-from flashspec_jax.loading.tokenizer import encode_chat
+from flashspec_jax.loading.tokenizer import encode_chat, load_tokenizer
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Greedy
 
@@ -209,6 +212,113 @@ def test_unsupported_model_type_is_named(hf_dir):
   (hf_dir / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
     load_hf_checkpoint(hf_dir)
+
+
+def test_truncated_safetensors_is_named(hf_dir):
+  weights = hf_dir / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:-100])
+  with pytest.raises(CheckpointError, match=f"{re.escape(str(weights))} is truncated or corrupt: "
+                                            ".*incomplete metadata"):
+    load_hf_checkpoint(hf_dir)
+
+
+def test_config_missing_a_field_is_named(hf_dir):
+  config = json.loads((hf_dir / "config.json").read_text())
+  del config["num_attention_heads"]
+  (hf_dir / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=f"{re.escape(str(hf_dir / 'config.json'))}: lacks "
+                                            "required fields: num_attention_heads"):
+    load_hf_checkpoint(hf_dir)
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors.index.json"])
+def test_invalid_json_is_named(hf_dir, file):
+  (hf_dir / file).write_text('{"weight_map": {')
+  with pytest.raises(CheckpointError, match=f"{re.escape(str(hf_dir / file))} is not valid JSON"):
+    load_hf_checkpoint(hf_dir)
+
+
+def write_gguf_header(path, block_count=2, vocab=4, without=()):
+  """A llama GGUF of metadata and no tensors: enough for the shape check and the tokenizer.
+  `without` leaves out tokenizer fields (model, tokens, token_type, merges)."""
+  writer = gguf.GGUFWriter(path, "llama")
+  writer.add_block_count(block_count)
+  writer.add_embedding_length(64)
+  writer.add_feed_forward_length(128)
+  writer.add_head_count(4)
+  writer.add_head_count_kv(2)
+  tokens = ["a", "b", "ab", *(f"t{i}" for i in range(vocab - 3))]
+  tokenizer = {"model": lambda: writer.add_tokenizer_model("gpt2"),
+               "tokens": lambda: writer.add_token_list(tokens),
+               "token_type": lambda: writer.add_token_types([1] * len(tokens)),
+               "merges": lambda: writer.add_token_merges(["a b"])}
+  for field, add in tokenizer.items():
+    if field not in without:
+      add()
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def test_gguf_header_is_parsed_once_per_version_of_the_file(tmp_path):
+  path = tmp_path / "header.gguf"
+  write_gguf_header(path, vocab=4)
+  reader = read_gguf(path)
+  assert read_gguf(path) is reader
+  write_gguf_header(path, vocab=5)
+  assert read_gguf(path) is not reader and config_from_gguf(path).vocab_size == 5
+
+
+def test_truncated_gguf_header_is_named(tmp_path):
+  path = tmp_path / "smollm2.gguf"
+  with smollm2_path().open("rb") as real:
+    path.write_bytes(real.read(4096))
+  with pytest.raises(CheckpointError, match=f"GGUF file .*{path.name} is truncated or corrupt"):
+    load_model("smollm2_135m", str(path))
+
+
+def test_gguf_truncated_in_its_tensors_is_named(tmp_path):
+  write_gguf(tmp_path / "tiny.gguf", save_tiny_llama(tmp_path / "hf", **CASES["gqa_untied"]))
+  data = (tmp_path / "tiny.gguf").read_bytes()
+  (tmp_path / "tiny.gguf").write_bytes(data[:-100])
+  with pytest.raises(CheckpointError, match="GGUF file .*tiny.gguf is truncated or corrupt: "
+                                            "ValueError: cannot reshape"):
+    load_gguf_checkpoint(tmp_path / "tiny.gguf")
+
+
+@pytest.mark.parametrize("field", ["model", "tokens", "token_type", "merges"])
+def test_gguf_missing_a_tokenizer_field_is_named(tmp_path, field):
+  path = tmp_path / "header.gguf"
+  write_gguf_header(path, without=(field,))
+  with pytest.raises(CheckpointError, match=f"GGUF file {re.escape(str(path))} lacks the field "
+                                            f"tokenizer.ggml.{field}$"):
+    load_tokenizer(path)
+
+
+def test_gguf_of_another_shape_is_refused(tmp_path):
+  path = tmp_path / "header.gguf"
+  write_gguf_header(path, block_count=2)
+  with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(path))} does not match "
+                                            "the shape smollm2_135m: num_layers 2 != 30, "
+                                            "hidden_size 64 != 576, intermediate_size 128 != 1536, "
+                                            "num_heads 4 != 9, num_kv_heads 2 != 3, head_dim 16 != "
+                                            "64, vocab_size 4 != 49152 "):
+    load_model("smollm2_135m", str(path))
+
+
+def test_hf_checkpoint_of_another_shape_is_refused(hf_dir):
+  config_file = re.escape(str(hf_dir / "config.json"))
+  with pytest.raises(CheckpointError, match=f"checkpoint {config_file} does not match the shape "
+                                            "tiny_llama: num_layers 3 != 4, hidden_size 48 != 64"):
+    check_checkpoint("tiny_llama", str(hf_dir))
+
+
+def test_missing_draft_checkpoint_names_the_draft_flag(tmp_path):
+  with pytest.raises(CheckpointError, match="--config.draft_checkpoint_dir=/path/to/it") as error:
+    load_model("tiny_llama_draft", str(tmp_path / "nowhere"),
+               flag="--config.draft_checkpoint_dir")
+  assert "--config.checkpoint_dir" not in str(error.value)
 
 
 def test_kernels_folder_does_not_pose_as_the_hub_package():

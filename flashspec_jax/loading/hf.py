@@ -12,7 +12,7 @@ import pathlib
 from typing import Any
 
 import jax.numpy as jnp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from flashspec_jax.loading.params import CheckpointError, check_tensor_names, params_from_hf
 from flashspec_jax.models.config import LlamaConfig
@@ -20,11 +20,30 @@ from flashspec_jax.models.config import LlamaConfig
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def read_json_object(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    data = json.loads(path.read_text())
+  except ValueError as error:  # invalid JSON, or bytes that are not text
+    raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+  return data
+
+
+def open_safetensors(path: pathlib.Path) -> safe_open:
+  try:
+    return safe_open(path, framework="np")
+  except SafetensorError as error:
+    raise CheckpointError(f"{path} is truncated or corrupt: {error}") from error
+
+
 def tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   """Maps each tensor name to the safetensors file holding it."""
   index = directory / INDEX_FILE
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index} has no weight_map object")
     files = {name: directory / shard for name, shard in weight_map.items()}
     absent = sorted({str(f.name) for f in files.values() if not f.exists()})
     if absent:
@@ -35,7 +54,7 @@ def tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     raise CheckpointError(f"no *.safetensors files (and no {INDEX_FILE}) in {directory}")
   files = {}
   for shard in shards:
-    with safe_open(shard, framework="np") as f:
+    with open_safetensors(shard) as f:
       files |= {name: shard for name in f.keys()}
   return files
 
@@ -45,7 +64,11 @@ def load_hf_config(directory: str | pathlib.Path) -> LlamaConfig:
   config_file = directory / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"no config.json in {directory}")
-  return LlamaConfig.from_hf_dict(json.loads(config_file.read_text()), name=directory.name)
+  hf = read_json_object(config_file)
+  try:
+    return LlamaConfig.from_hf_dict(hf, name=directory.name)
+  except ValueError as error:  # a missing, invalid or unsupported field
+    raise CheckpointError(f"{config_file}: {error}") from error
 
 
 def load_hf_checkpoint(directory: str | pathlib.Path,
@@ -58,7 +81,7 @@ def load_hf_checkpoint(directory: str | pathlib.Path,
   files = tensor_files(directory)
   check_tensor_names(config, files, where=str(directory))
   with contextlib.ExitStack() as stack:
-    handles = {path: stack.enter_context(safe_open(path, framework="np"))
+    handles = {path: stack.enter_context(open_safetensors(path))
                for path in set(files.values())}
     params = params_from_hf(config, lambda name: handles[files[name]].get_tensor(name), dtype,
                             where=str(directory))

@@ -15,7 +15,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from flashspec_jax.loading.gguf import read_gguf
+from flashspec_jax.loading.gguf import read_gguf, required_field
 from flashspec_jax.loading.params import CheckpointError
 
 _CONTROL = int(gguf.TokenType.CONTROL)
@@ -31,20 +31,18 @@ _PRE_TOKENIZERS = {
 }
 
 
-def _strings(reader: gguf.GGUFReader, key: str) -> list[str]:
-  return list(reader.get_field(key).contents())
-
-
-def tokenizer_from_gguf(reader: gguf.GGUFReader) -> PreTrainedTokenizerFast:
-  kind = reader.get_field("tokenizer.ggml.model").contents()
+def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
+  reader = read_gguf(path)
+  required = lambda key: required_field(reader, path, f"tokenizer.ggml.{key}").contents()
+  kind = required("model")
   pre = reader.get_field("tokenizer.ggml.pre")
   pre = pre.contents() if pre is not None else "gpt2"
   if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
-    raise CheckpointError(f"GGUF tokenizer {kind!r}/{pre!r} is not supported; supported: "
+    raise CheckpointError(f"{path}: GGUF tokenizer {kind!r}/{pre!r} is not supported; supported: "
                           f"'gpt2' BPE with pre-tokenizer {sorted(_PRE_TOKENIZERS)}")
-  tokens = _strings(reader, "tokenizer.ggml.tokens")
-  types = list(reader.get_field("tokenizer.ggml.token_type").contents())
-  merges = [tuple(m.split(" ", 1)) for m in _strings(reader, "tokenizer.ggml.merges")]
+  tokens = list(required("tokens"))
+  types = list(required("token_type"))
+  merges = [tuple(m.split(" ", 1)) for m in required("merges")]
   vocab = {token: i for i, token in enumerate(tokens)}
   bpe = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
   bpe.pre_tokenizer = _PRE_TOKENIZERS[pre]()
@@ -63,29 +61,30 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> PreTrainedTokenizerFast:
       chat_template=None if template is None else template.contents())
 
 
-def load_tokenizer(source: str | pathlib.Path,
-                   reader: gguf.GGUFReader | None = None) -> PreTrainedTokenizerFast:
-  """A tokenizer from a `.gguf` file (or its `reader`, if already parsed) or an HF
-  directory holding `tokenizer.json`."""
+def load_tokenizer(source: str | pathlib.Path) -> PreTrainedTokenizerFast:
+  """A tokenizer from a `.gguf` file or an HF directory holding `tokenizer.json`."""
   source = pathlib.Path(source)
   if source.suffix == ".gguf":
-    return tokenizer_from_gguf(reader or read_gguf(source))
+    return tokenizer_from_gguf(source)
   if not (source / "tokenizer.json").exists():
     raise CheckpointError(f"no tokenizer.json in {source}")
   return AutoTokenizer.from_pretrained(source)
 
 
-def encode_chat(tokenizer, user_messages: Sequence[str]) -> list[list[int]]:
-  """Token ids of each message as a one-turn chat, ready for the assistant's reply.
+def encode_chat(tokenizer, conversations: Sequence[str | Sequence[dict[str, str]]]
+                ) -> list[list[int]]:
+  """Token ids of each conversation, ready for the assistant's reply: a string is one
+  user turn, else a list of {"role", "content"} messages.
 
-  Falls back to plain encoding for base models that have no chat template.
+  Base models without a chat template get the plain text (messages joined by lines).
   """
   encoded = []
-  for message in user_messages:
+  for conversation in conversations:
+    messages = ([{"role": "user", "content": conversation}] if isinstance(conversation, str)
+                else list(conversation))
     if tokenizer.chat_template:
-      text = tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                           add_generation_prompt=True, tokenize=False)
+      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
       encoded.append(tokenizer.encode(text, add_special_tokens=False))
     else:
-      encoded.append(tokenizer.encode(message))
+      encoded.append(tokenizer.encode("\n".join(m["content"] for m in messages)))
   return encoded

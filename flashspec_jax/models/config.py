@@ -12,7 +12,12 @@ import json
 import pathlib
 from typing import Any
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+# `pip install .` ships the folder inside the package (see setup.py); an editable
+# install leaves it at the top of the repository, beside the package.
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS_DIR = _PACKAGE_DIR / "configs"
+if not CONFIGS_DIR.is_dir():
+  CONFIGS_DIR = _PACKAGE_DIR.parent / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +28,12 @@ class Llama3RopeScaling:
   low_freq_factor: float
   high_freq_factor: float
   original_max_position_embeddings: int
+
+
+def _require(fields: dict[str, Any], keys: tuple[str, ...], within: str = "") -> None:
+  missing = [key for key in keys if fields.get(key) is None]
+  if missing:
+    raise ValueError(f"{within}lacks required fields: {', '.join(missing)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +88,15 @@ class LlamaConfig:
     for bias in ("attention_bias", "mlp_bias"):
       if hf.get(bias):
         raise ValueError(f"{bias}=True is not supported")
+    _require(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads"))
     # transformers < 5 writes `rope_theta`/`rope_scaling`; 5.x writes `rope_parameters`.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10_000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
+      _require(rope, ("factor", "low_freq_factor", "high_freq_factor",
+                      "original_max_position_embeddings"), within="rope scaling ")
       scaling = Llama3RopeScaling(
           factor=float(rope["factor"]),
           low_freq_factor=float(rope["low_freq_factor"]),
@@ -117,11 +132,15 @@ class LlamaConfig:
     return cls.from_hf_dict(json.loads(path.read_text()), name=path.parent.name)
 
 
+def known_shapes() -> list[str]:
+  """The names of the shipped shapes, the files in `configs/`."""
+  return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
 def model_config(name: str) -> LlamaConfig:
   """The shipped shape called `name` (a file in `configs/`), e.g. 'llama3_8b'."""
   path = CONFIGS_DIR / f"{name}.json"
   if not path.exists():
-    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
-    raise ValueError(f"unknown model config {name!r}; known: {known}")
+    raise ValueError(f"unknown model config {name!r}; known: {known_shapes()}")
   config = LlamaConfig.from_json(path)
   return dataclasses.replace(config, name=name)
