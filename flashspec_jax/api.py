@@ -14,13 +14,20 @@
 
 It builds the same objects `run.py` does (see flashspec_jax/config.py for the
 meaning of every field) and keeps the bandit's state between calls, so the
-choice of drafter adapts over a conversation.
+choice of drafter adapts over a conversation. Without given costs, a bandit's
+arm costs are timed on its first call and kept in the per-user cache
+(environment.user_cache_dir()/arm_costs.json), one entry per target, dtype,
+device, batch size and arm, so later engines start without timing them again.
+Compiled programs persist in the same cache directory (compilation_cache_dir).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashspec_jax import config as config_lib
+from flashspec_jax import environment
 from flashspec_jax.engine import summarize
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.runner import (Request, build_methods, make_setup, param_dtype, run_batch,
-                                  with_arm_costs)
+from flashspec_jax.prompts import Prompt
+from flashspec_jax.runner import (Request, build_methods, calibrate_costs, check_checkpoints,
+                                  make_setup, param_dtype, run_batch, with_arm_costs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +56,8 @@ class SamplingConfig:
 @dataclasses.dataclass(frozen=True)
 class BanditConfig:
   """strategy: ucb1, thompson, discounted_ucb or epsilon_greedy; reward: goodput or
-  acceptance; costs: one per drafter (None: 1 each, i.e. tokens per step)."""
+  acceptance; costs: one per drafter (None: timed on the first call, or read from the
+  per-user cache where an earlier engine timed them)."""
 
   strategy: str = "ucb1"
   reward: str = "goodput"
@@ -61,7 +71,9 @@ class FlashSpecConfig:
   """target: a shape in configs/; drafters: arms as in config.arms ("ar",
   "layer_skip:<k>", "draft_model:<shape>", "ngram:<n>", each "@<gamma>" optional);
   one drafter means plain speculative decoding, several a bandit over them, none
-  plain AR. device: "cpu" or "gpu" (None: JAX's default)."""
+  plain AR. device: "cpu" or "gpu" (None: JAX's default). draft_checkpoint_dir: the
+  weights of draft_model:<shape> drafters. compilation_cache_dir: as in run.py's
+  config ("auto": the per-user cache; "": off)."""
 
   target: str = "smollm2_135m"
   drafters: tuple[str, ...] = ("layer_skip:26",)
@@ -70,20 +82,24 @@ class FlashSpecConfig:
   max_new_tokens: int = 128
   device: str | None = None
   checkpoint_dir: str = ""
+  draft_checkpoint_dir: str = ""
   synthetic_weights: bool = False
   verify_impl: str = "auto"
   seed: int = 0
+  compilation_cache_dir: str = "auto"
 
   def to_config_dict(self):
     """The equivalent run.py config, validated."""
     config = config_lib.base_config()
     config.target, config.checkpoint_dir = self.target, self.checkpoint_dir
+    config.draft_checkpoint_dir = self.draft_checkpoint_dir
+    config.compilation_cache_dir = self.compilation_cache_dir
     config.synthetic_weights, config.verify_impl, config.seed = (
         self.synthetic_weights, self.verify_impl, self.seed)
     if len(self.drafters) > 1:
       config.arms = ",".join(self.drafters)
       config.methods = f"bandit:{self.bandit.strategy}"
-      config.bandit.costs = ",".join(map(str, self.bandit.costs or [1.0] * len(self.drafters)))
+      config.bandit.costs = ",".join(map(str, self.bandit.costs or ()))
     else:
       config.methods = self.drafters[0] if self.drafters else "ar"
     config.bandit.reward, config.bandit.discount, config.bandit.epsilon = (
@@ -110,9 +126,12 @@ class FlashSpec:
     configurations of the same target without loading it again."""
     self.config = config
     self.run_config = config.to_config_dict()
+    environment.enable_compilation_cache(config.compilation_cache_dir)
     with self._on_device():
       dtype = jnp.dtype(param_dtype(self.run_config))
       if model is None:
+        check_checkpoints(self.run_config, "FlashSpecConfig.checkpoint_dir",
+                          "FlashSpecConfig.draft_checkpoint_dir")
         model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights,
                            dtype, config.seed)
       elif model.config.name != config.target or model.dtype != dtype:
@@ -121,28 +140,33 @@ class FlashSpec:
       self.model = model
       methods, params = build_methods(self.run_config, self.model, dtype)
     self.setup = make_setup(self.run_config, self.model, params, dtype)
-    # The config always carries costs (1 per arm unless given), so nothing is timed here.
-    (self.method,) = with_arm_costs(methods, self.run_config, self.setup)
+    # A bandit's costs not given are timed on the first call's prompts, or found in the cache.
+    self._costs_pending = methods[0].is_bandit and config.bandit.costs is None
+    (self.method,) = (methods if self._costs_pending
+                      else with_arm_costs(methods, self.run_config, self.setup))
     self.bandit = None
     self.rng = jax.random.key(config.seed)
 
-  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]],
-               chat: bool = True) -> GenerationResult:
-    """Generates for a batch of prompts: strings (as chat turns if `chat`) or token ids."""
-    if prompts and isinstance(prompts[0], str):
-      if self.model.tokenizer is None:
-        raise ValueError("synthetic weights have no tokenizer: pass token ids")
-      ids = (encode_chat(self.model.tokenizer, prompts) if chat
-             else [self.model.tokenizer.encode(p) for p in prompts])
-    else:
-      ids = [list(p) for p in prompts]
+  def generate(self, prompts, chat: bool = True) -> GenerationResult:
+    """Generates for one prompt or a batch.
+
+    A prompt is a string (a chat turn if `chat`, else plain text), a Prompt (see
+    prompts.read_prompt_file), a list of {"role", "content"} messages, or token
+    ids (a list or a 1-D integer array); a batch is a list of prompts or a 2-D
+    integer array.
+    """
+    batch = [Request(f"prompt/{i}", "api", row)
+             for i, row in enumerate(self._token_ids(prompts, chat))]
     self.rng, key = jax.random.split(self.rng)
-    batch = [Request(f"prompt/{i}", "api", row) for i, row in enumerate(ids)]
     with self._on_device():
+      if self._costs_pending:
+        self.method = dataclasses.replace(self.method, arms=self._arm_costs(batch))
+        self._costs_pending = False
       out, seconds, _ = run_batch(self.method, self.setup, batch, key, self.bandit)
     if self.method.is_bandit:
       self.bandit = out.bandit
-    token_ids = [np.asarray(out.tokens[i, :out.num_tokens[i]]).tolist() for i in range(len(ids))]
+    token_ids = [np.asarray(out.tokens[i, :out.num_tokens[i]]).tolist()
+                 for i in range(len(batch))]
     texts = [None if self.model.tokenizer is None else self.model.tokenizer.decode(t)
              for t in token_ids]
     metrics = dict(seconds=seconds, tokens_per_second=sum(map(len, token_ids)) / seconds)
@@ -150,7 +174,74 @@ class FlashSpec:
       metrics |= summarize(out.metrics)
     return GenerationResult(texts=texts, token_ids=token_ids, metrics=metrics)
 
+  def _token_ids(self, prompts, chat: bool) -> list[list[int]]:
+    """The batch's token ids; raises ValueError on anything but the forms `generate` takes."""
+    if isinstance(prompts, (str, Prompt)) or _is_conversation(prompts):
+      prompts = [prompts]
+    elif isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+      prompts = [prompts]
+    if isinstance(prompts, np.ndarray) and prompts.ndim != 2:
+      raise ValueError(f"a token-id array must be 1-D (one prompt) or 2-D (a batch), got "
+                       f"shape {prompts.shape}")
+    if not isinstance(prompts, (Sequence, np.ndarray)) or not len(prompts):
+      raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r:.80}")
+    rows = []
+    for i, prompt in enumerate(prompts):
+      if isinstance(prompt, (str, Prompt)) or _is_conversation(prompt):
+        if self.model.tokenizer is None:
+          raise ValueError("synthetic weights have no tokenizer: pass token ids")
+        if isinstance(prompt, str) and not chat:
+          rows.append(self.model.tokenizer.encode(prompt))
+        else:
+          conversation = prompt.conversation if isinstance(prompt, Prompt) else prompt
+          rows.append(encode_chat(self.model.tokenizer, [conversation])[0])
+      else:
+        rows.append(_integer_ids(prompt, i))
+    return rows
+
+  def _arm_costs(self, batch: list[Request]):
+    """The bandit's arms with step costs from the per-user cache, timing (on this batch)
+    and caching those it lacks."""
+    arms = self.method.arms
+    device = jax.devices(self.config.device)[0] if self.config.device else jax.devices()[0]
+    key = (f"{self.config.target}|{jnp.dtype(self.model.dtype).name}|{device.platform}:"
+           f"{device.device_kind}|batch {len(batch)}")
+    path = environment.user_cache_dir() / "arm_costs.json"
+    try:
+      cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+      cache = {}
+    known = cache.get(key, {})
+    missing = tuple(arm for arm in arms if arm.name not in known)
+    if missing:
+      timed = calibrate_costs(missing, self.setup, batch, self.run_config.bandit.calibration_steps,
+                              jax.random.key(self.config.seed))
+      known |= {arm.name: arm.cost for arm in timed}
+      cache[key] = known
+      path.parent.mkdir(parents=True, exist_ok=True)
+      temporary = path.with_name(f".{path.name}.{os.getpid()}")
+      temporary.write_text(json.dumps(cache, indent=2) + "\n")
+      os.replace(temporary, path)
+    return tuple(dataclasses.replace(arm, cost=known[arm.name]) for arm in arms)
+
   def _on_device(self):
     if self.config.device is None:
       return contextlib.nullcontext()
     return jax.default_device(jax.devices(self.config.device)[0])
+
+
+def _is_conversation(prompt) -> bool:
+  return (isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0
+          and all(isinstance(message, dict) for message in prompt))
+
+
+def _integer_ids(prompt, index: int) -> list[int]:
+  """A prompt's token ids as ints; refuses floats, booleans and anything else."""
+  ids = np.asarray(prompt) if not isinstance(prompt, np.ndarray) else prompt
+  if ids.ndim != 1:
+    raise ValueError(f"prompt {index}: expected text or a 1-D sequence of token ids, got "
+                     f"{prompt!r:.80}")
+  if ids.size and (ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer)):
+    bad = [x for x in ids.tolist() if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+    raise ValueError(f"prompt {index}: token ids must be integers, got {bad[:5] or ids.dtype}")
+  return ids.astype(np.int64).tolist()

@@ -12,9 +12,10 @@ import dataclasses
 import ml_collections
 
 from flashspec_jax.bandit import STRATEGIES
-from flashspec_jax.engine import REWARDS
-from flashspec_jax.kernels.verify import VERIFY_IMPLS
-from flashspec_jax.prompts import PROMPT_SETS, SPLITS
+from flashspec_jax.engine import MAX_GAMMA, REWARDS
+from flashspec_jax.kernels.verify import VERIFY_IMPLS, get_verify_fn
+from flashspec_jax.models.config import known_shapes, model_config
+from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file
 
 DTYPES = ("auto", "float32", "bfloat16")
 KINDS = ("generate", "bandit_simulation", "kernel_bench")
@@ -40,7 +41,7 @@ class ArmSpec:
     valid = (kind == "ar" and not arg and not gamma) or (
         kind in ("layer_skip", "ngram") and arg.isdigit() and int(arg) >= 1) or (
         kind == "draft_model" and bool(arg))
-    if not valid or (gamma and not (gamma.isdigit() and int(gamma) >= 1)):
+    if not valid or (gamma and not (gamma.isdigit() and 1 <= int(gamma) <= MAX_GAMMA)):
       raise ValueError(f"{text!r} is not an arm")
     return cls(kind, arg, int(gamma) if gamma else None)
 
@@ -63,18 +64,27 @@ def base_config() -> ml_collections.ConfigDict:
   config.draft_checkpoint_dir = ""  # for a draft_model method; "" = its default place
   config.synthetic_weights = False
   config.dtype = "auto"  # bfloat16 on GPU, float32 on CPU
-  config.seed = 0
+  config.seed = 0  # sampling and synthetic weights; prompts.seed picks the prompts
   config.batch_size = 1
   config.results_dir = "results"
   config.print_text = True
+  # Compiled programs persist here across runs: "auto" is a per-user cache
+  # directory (see environment.compilation_cache_dir), "" turns it off.
+  config.compilation_cache_dir = "auto"
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.sets = "chat,code,edit"  # comma-separated, from PROMPT_SETS
   config.prompts.num_per_set = 1
   config.prompts.split = "tune"
+  # Which prompts run; apart from config.seed, so two sampling seeds see the same prompts.
+  config.prompts.seed = 0
+  # A JSONL file of your own prompts, one {"text": ...} or {"messages": [...]} per
+  # line with an optional "kind"; when set, it replaces sets, num_per_set and split.
+  config.prompts.file = ""
   config.prompts.synthetic_length = 128  # prompt tokens per row with synthetic weights
-  # Prompt widths are padded up to a multiple of this, so that prompts of
-  # similar length share one compiled program; larger means fewer compiles.
+  # Prompt widths are padded up to this smallest bucket times a power of two, so
+  # that prompts of similar length share one compiled program: few programs,
+  # at most twice the width.
   config.prompts.bucket = 64
 
   config.sampling = ml_collections.ConfigDict()
@@ -209,6 +219,30 @@ def _valid_method(name: str) -> bool:
   return _parses(ArmSpec.parse, name)
 
 
+def _arm_fits(spec: ArmSpec, target) -> bool:
+  """Whether the arm can draft for the target shape: layer-skip keeps fewer layers
+  than the target has, and a draft model is a known shape with the target's vocabulary."""
+  if spec.kind == "layer_skip":
+    return int(spec.arg) < target.num_layers
+  if spec.kind == "draft_model":
+    return spec.arg in known_shapes() and model_config(spec.arg).vocab_size == target.vocab_size
+  return True
+
+
+def used_arms(config: ml_collections.ConfigDict) -> list[str]:
+  """The arms the run builds: each method that is an arm, and config.arms if a bandit runs."""
+  names = [n for n in method_names(config) if not n.startswith("bandit:")]
+  if any(n.startswith("bandit:") for n in method_names(config)):
+    names += split_list(config.arms)
+  return names
+
+
+def _arms_fit(config: ml_collections.ConfigDict) -> str | None:
+  """The first arm the run builds that cannot draft for config.target, or None."""
+  target = model_config(config.target)
+  return next((n for n in used_arms(config) if not _arm_fits(ArmSpec.parse(n), target)), None)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field whose value is invalid."""
   sim = config.simulation
@@ -232,11 +266,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("prompts.synthetic_length", config.prompts.synthetic_length >= 1, ">= 1"),
       ("prompts.bucket", config.prompts.bucket >= 1, ">= 1"),
       ("sampling.temperature", config.sampling.temperature >= 0, ">= 0 (0 is greedy)"),
+      ("target", config.target in known_shapes(), f"one of the shapes in configs/: "
+       f"{known_shapes()}"),
       ("sampling.top_k", config.sampling.top_k >= 0, ">= 0 (0 is off)"),
+      ("sampling.top_k", config.sampling.top_k == 0 or config.sampling.top_p == 1,
+       "0 while sampling.top_p < 1: choose top_k or top_p, not both"),
       ("sampling.top_p", 0 < config.sampling.top_p <= 1, "in (0, 1]"),
       ("sampling.max_new_tokens", config.sampling.max_new_tokens >= 1, ">= 1"),
-      ("sampling.gamma", config.sampling.gamma >= 1, ">= 1"),
-      ("verify_impl", config.verify_impl in VERIFY_IMPLS, f"one of {VERIFY_IMPLS}"),
+      ("sampling.gamma", 1 <= config.sampling.gamma <= MAX_GAMMA, f"in [1, {MAX_GAMMA}] "
+       f"(see engine.MAX_GAMMA for why)"),
+      ("verify_impl", config.verify_impl in VERIFY_IMPLS and _parses(get_verify_fn,
+                                                                      config.verify_impl),
+       f"one of {VERIFY_IMPLS}; 'pallas' needs a CUDA GPU"),
       ("bandit.reward", config.bandit.reward in REWARDS, f"one of {REWARDS}"),
       ("bandit.costs", _parses(floats, config.bandit.costs) and (
           not split_list(config.bandit.costs) or (
@@ -267,3 +308,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
       for part in field.split("."):
         value = value[part]
       raise ValueError(f"config.{field} = {value!r} is invalid: expected {expected}")
+  # Checks that read other files, once every field above is known to be well formed.
+  misfit = _arms_fit(config)
+  if misfit:
+    target = model_config(config.target)
+    raise ValueError(f"arm {misfit!r} cannot draft for config.target = {config.target!r} "
+                     f"({target.num_layers} layers, vocabulary {target.vocab_size}): layer_skip:<k> "
+                     f"needs k < {target.num_layers}, draft_model:<shape> a known shape with the "
+                     f"target's vocabulary")
+  max_positions = model_config(config.target).max_position_embeddings
+  if config.sampling.max_new_tokens >= max_positions:
+    raise ValueError(f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens} is "
+                     f"invalid: {config.target} has {max_positions} positions, prompt included")
+  if config.prompts.file:
+    if config.synthetic_weights:
+      raise ValueError("config.prompts.file needs a tokenizer, and synthetic weights have no "
+                       "tokenizer: drop one of prompts.file and synthetic_weights")
+    read_prompt_file(config.prompts.file)

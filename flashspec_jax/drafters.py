@@ -42,6 +42,16 @@ class Drafter(Protocol):
     """The state once rows hold seq_lens committed tokens."""
 
 
+def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
+  """[..., V] log q the sampler draws from, NaN where the raw logits hold a NaN.
+
+  A greedy q is a one-hot at the argmax, which hides NaN logits; the engine
+  stops a row whose q holds NaN, so the NaN must survive into q.
+  """
+  return jnp.where(jnp.isnan(logits).any(axis=-1, keepdims=True), jnp.nan,
+                   sampler.log_probs(logits))
+
+
 def gather_window(tokens: jax.Array, starts: jax.Array, width: int) -> jax.Array:
   """[B, width] tokens[b, starts[b]:starts[b] + width], clamped at the buffer's end."""
   index = jnp.minimum(starts[:, None] + jnp.arange(width)[None, :], tokens.shape[1] - 1)
@@ -133,12 +143,12 @@ class ModelDrafter:
       cache, previous, logq = carry
       logits, cache = self.model.apply(self.params(params), previous[:, None], cache)
       token = sampler.get_next_tokens(logits[:, 0], key)
-      return (cache, token, sampler.log_probs(logits[:, 0])), (previous, logq)
+      return (cache, token, draft_log_q(sampler, logits[:, 0])), (previous, logq)
 
     # Each iteration feeds the previous draft and samples the next; the last
     # draft is never fed, as the target's pass scores it.
     (cache, last, last_logq), (drafts, logqs) = jax.lax.scan(
-        draft_one, (cache, first, sampler.log_probs(logits)), keys[1:],
+        draft_one, (cache, first, draft_log_q(sampler, logits)), keys[1:],
         unroll=max(gamma - 1, 1) if self.unroll else 1)
     draft_tokens = jnp.concatenate([drafts, last[None]], axis=0).T  # [B, gamma]
     draft_logq = jnp.concatenate([logqs, last_logq[None]], axis=0).transpose(1, 0, 2)

@@ -45,6 +45,13 @@ from flashspec_jax.sampling import Sampler
 #   -> (num_accepted [B], next_token [B])
 VerifyFn = Callable[..., tuple[jax.Array, jax.Array]]
 REWARDS = ("goodput", "acceptance")
+# With per-draft acceptance alpha a step emits (1 - alpha^(gamma+1)) / (1 - alpha)
+# tokens on average, never more than 1 / (1 - alpha). At alpha = 0.9, beyond any
+# drafter measured here, gamma = 32 already reaches 97% of that limit, while the
+# drafting, the verify pass and its [B, gamma+1, V] log-probabilities keep growing
+# linearly with gamma (gamma = 1000 ran at 6.4 s per step). A larger gamma only
+# costs time, so it is refused.
+MAX_GAMMA = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +75,9 @@ class Arm:
                        f"{self.gamma} with drafter {self.drafter}")
     if self.gamma < 0:
       raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+    if self.gamma > MAX_GAMMA:
+      raise ValueError(f"gamma must be <= MAX_GAMMA = {MAX_GAMMA}, got {self.gamma}: a longer "
+                       f"draft only costs time (see engine.MAX_GAMMA)")
     if not self.cost > 0:
       raise ValueError(f"arm cost must be > 0, got {self.cost}")
 
@@ -139,6 +149,7 @@ class SpecState:
     bandit: the bandit's state.
     done: [B] bool.
     nan_rows: [B] bool, rows stopped because target or draft logits were NaN.
+    nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     rng: PRNG key.
     step: [] int32, loop iterations.
     metrics: SpecMetrics.
@@ -153,6 +164,7 @@ class SpecState:
   bandit: BanditState
   done: jax.Array
   nan_rows: jax.Array
+  nan_arm: jax.Array
   rng: jax.Array
   step: jax.Array
   metrics: SpecMetrics
@@ -161,8 +173,10 @@ class SpecState:
 
 @struct.dataclass(kw_only=True)
 class SpecOutput(GenerationOutput):
-  """GenerationOutput plus the loop's metrics, the bandit's final state and history."""
+  """GenerationOutput plus the arm whose drafter gave NaN logits (SpecState.nan_arm),
+  the loop's metrics, the bandit's final state and history."""
 
+  nan_arm: jax.Array
   metrics: SpecMetrics
   bandit: BanditState
   history: ArmHistory
@@ -246,7 +260,7 @@ def speculative_step(params, state: SpecState, target_sampler: Sampler, draft_sa
   state = dataclasses.replace(
       state, tokens=tokens, seq_lens=seq_lens, target_cache=target_cache,
       drafter_states=tuple(drafter_states), done=done, nan_rows=state.nan_rows | nan_rows,
-      rng=rng, metrics=metrics)
+      nan_arm=jnp.where(active & draft_nan, arm_index, state.nan_arm), rng=rng, metrics=metrics)
   return state, dict(emitted=emitted, accepted=num_accepted * count, live=live)
 
 
@@ -332,7 +346,7 @@ def init_state(params, prompt_tokens, prompt_lens, rng, target_sampler: Sampler,
   return SpecState(
       tokens=tokens, seq_lens=ar.seq_lens, prompt_lens=prompt_lens, target_cache=ar.cache,
       drafter_states=drafter_states, bandit=bandit, done=ar.done, nan_rows=ar.nan_rows,
-      rng=ar.rng, step=jnp.zeros((), jnp.int32),
+      nan_arm=jnp.full_like(prompt_lens, -1), rng=ar.rng, step=jnp.zeros((), jnp.int32),
       metrics=SpecMetrics.zeros(prompt_tokens.shape[0], max_gamma),
       history=ArmHistory.empty(max_new_tokens))
 
@@ -380,7 +394,7 @@ def speculative_generate(params, prompt_tokens, prompt_lens, rng, target_sampler
   return SpecOutput(tokens=generated_tokens(state.tokens, state.prompt_lens, state.seq_lens,
                                             max_new_tokens),
                     num_tokens=state.seq_lens - state.prompt_lens, nan_rows=state.nan_rows,
-                    steps=state.step, metrics=state.metrics, bandit=state.bandit,
+                    nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics, bandit=state.bandit,
                     history=state.history)
 
 
@@ -407,7 +421,8 @@ def run_speculative(params, target: Llama, drafter: Drafter | None,
   holds for any drafter distribution.
 
   Raises:
-    ValueError: on mismatched vocabularies, gamma < 1, or a budget the cache cannot hold.
+    ValueError: on mismatched vocabularies, gamma outside [1, MAX_GAMMA], or a budget the
+      cache cannot hold.
     FloatingPointError: when a row's target or draft logits were NaN.
   """
   if gamma < 1:
@@ -422,7 +437,7 @@ def run_speculative(params, target: Llama, drafter: Drafter | None,
       draft_sampler or target_sampler, target=target, arms=arms, max_new_tokens=max_new_tokens,
       eos_ids=target.config.eos_token_ids if eos_ids is None else tuple(eos_ids),
       capacity=capacity, verify_fn=verify_fn)
-  raise_on_nan(out.nan_rows)
+  raise_on_nan(out.nan_rows, out.nan_arm, [arm.name for arm in arms])
   return out
 
 

@@ -54,3 +54,32 @@ def describe() -> dict:
 
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
+
+
+def user_cache_dir() -> pathlib.Path:
+  """FlashSpec's per-user cache: $FLASHSPEC_CACHE_DIR, else $XDG_CACHE_HOME/flashspec_jax,
+  else ~/.cache/flashspec_jax."""
+  if os.environ.get("FLASHSPEC_CACHE_DIR"):
+    return pathlib.Path(os.environ["FLASHSPEC_CACHE_DIR"])
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "flashspec_jax"
+
+
+def enable_compilation_cache(setting: str = "auto") -> pathlib.Path | None:
+  """Turns on JAX's persistent compilation cache, so a later process loads what an
+  earlier one compiled instead of compiling it again (seconds per program).
+
+  setting: "auto" keeps a directory JAX was already given (JAX_COMPILATION_CACHE_DIR),
+  else uses user_cache_dir()/xla; "" turns the cache off; anything else is the
+  directory. Returns the directory in use, or None.
+  """
+  if not setting:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  if setting == "auto":
+    setting = jax.config.jax_compilation_cache_dir or str(user_cache_dir() / "xla")
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", setting)
+  # Every program, however fast it compiled: a run compiles dozens of small ones.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return pathlib.Path(setting)

@@ -97,19 +97,24 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[
 
 
 def check_budget(config: LlamaConfig, prompt_width: int, max_new_tokens: int, reserve: int = 0,
-                 cache_capacity: int | None = None) -> int:
-  """Returns the cache capacity needed, or raises if it exceeds what is allowed."""
+                 cache_capacity: int | None = None, padded_width: int | None = None) -> int:
+  """Returns the cache capacity needed, or raises if it exceeds what is allowed.
+
+  prompt_width is the longest real prompt, which bounds the positions used;
+  padded_width, the width of the padded prompt buffer, only sizes the cache.
+  """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  needed = prompt_width + max_new_tokens + reserve
+  needed = max(prompt_width, padded_width or 0) + max_new_tokens + reserve
   if cache_capacity is not None and needed > cache_capacity:
     raise ValueError(
         f"prompt ({prompt_width} tokens) + max_new_tokens ({max_new_tokens})"
         + (f" + {reserve} speculative slots" if reserve else "")
         + f" = {needed} exceeds the KV cache capacity of {cache_capacity}")
-  if needed > config.max_position_embeddings:
+  positions = prompt_width + max_new_tokens
+  if positions > config.max_position_embeddings:
     raise ValueError(f"prompt ({prompt_width} tokens) + max_new_tokens ({max_new_tokens}) = "
-                     f"{needed} exceeds the model's {config.max_position_embeddings} positions")
+                     f"{positions} exceeds the model's {config.max_position_embeddings} positions")
   return cache_capacity or needed
 
 
@@ -220,11 +225,19 @@ def run_generate(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
   return out
 
 
-def raise_on_nan(nan_rows: jax.Array) -> None:
-  rows = np.flatnonzero(np.asarray(nan_rows))
-  if rows.size:
-    raise FloatingPointError(f"the model produced NaN logits for rows {rows.tolist()}; "
-                             "those rows were stopped instead of sampled")
+def raise_on_nan(nan_rows: jax.Array, nan_arm: jax.Array | None = None,
+                 arm_names: Sequence[str] = ()) -> None:
+  """Raises FloatingPointError naming what produced NaN logits: the target, or the
+  drafter of arm arm_names[nan_arm[row]]."""
+  nan_rows = np.asarray(nan_rows)
+  nan_arm = np.full(nan_rows.shape, -1) if nan_arm is None else np.asarray(nan_arm)
+  culprits = [(f"the drafter of arm {arm_names[arm]!r}", nan_rows & (nan_arm == arm))
+              for arm in sorted(set(nan_arm[nan_rows].tolist()) - {-1})]
+  culprits.append(("the target model", nan_rows & (nan_arm < 0)))
+  found = [f"{who} produced NaN logits for rows {np.flatnonzero(rows).tolist()}"
+           for who, rows in culprits if rows.any()]
+  if found:
+    raise FloatingPointError("; ".join(found) + "; those rows were stopped instead of sampled")
 
 
 def stream(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, sampler: Sampler,

@@ -42,9 +42,18 @@ EDIT_MODULES = ("bisect", "heapq", "textwrap", "shlex", "colorsys", "fnmatch", "
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
+  """One request: a user message `text`, or a whole chat in `messages` (then text is
+  its last user turn, for display)."""
+
   id: str
   kind: str
   text: str
+  messages: tuple[dict[str, str], ...] = ()
+
+  @property
+  def conversation(self) -> str | tuple[dict[str, str], ...]:
+    """What the chat template encodes: the messages, or the text as one user turn."""
+    return self.messages or self.text
 
 
 def _package_dir(name: str) -> pathlib.Path:
@@ -129,3 +138,46 @@ def load_prompts(kind: str, num: int, split: str = "tune", seed: int = 0) -> lis
     raise ValueError(f"asked for {num} {kind} prompts but the {split} split holds {len(pool)}")
   order = np.random.default_rng(seed).permutation(len(pool))
   return [pool[i] for i in order[:num]]
+
+
+def _prompt_from_line(line: str, where: str) -> Prompt:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{where}: not valid JSON ({error.msg}, column {error.colno})") from None
+  if not isinstance(record, dict) or ("text" in record) == ("messages" in record):
+    raise ValueError(f'{where}: expected an object with either "text" or "messages"')
+  kind = record.get("kind", "file")
+  if not isinstance(kind, str) or not kind:
+    raise ValueError(f'{where}: "kind" must be a non-empty string')
+  if "text" in record:
+    if not isinstance(record["text"], str) or not record["text"].strip():
+      raise ValueError(f'{where}: "text" must be a non-empty string')
+    return Prompt(id=where, kind=kind, text=record["text"])
+  messages = record["messages"]
+  if not isinstance(messages, list) or not messages or not all(
+      isinstance(m, dict) and set(m) == {"role", "content"}
+      and all(isinstance(v, str) for v in m.values()) for m in messages):
+    raise ValueError(f'{where}: "messages" must be a non-empty list of '
+                     f'{{"role": ..., "content": ...}} objects with string values')
+  return Prompt(id=where, kind=kind, text=messages[-1]["content"],
+                messages=tuple(dict(m) for m in messages))
+
+
+def read_prompt_file(path: str | pathlib.Path) -> list[Prompt]:
+  """A user's prompts: one JSON object per line, {"text": ...} or {"messages": [...]},
+  each with an optional "kind" (default "file"). Blank lines are skipped.
+
+  Raises:
+    ValueError: naming the file, and the line number of the first bad line.
+  """
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_text().splitlines()
+  except (OSError, UnicodeDecodeError) as error:
+    raise ValueError(f"cannot read the prompt file {path}: {error}") from None
+  prompts = [_prompt_from_line(line, f"{path}:{number}")
+             for number, line in enumerate(lines, start=1) if line.strip()]
+  if not prompts:
+    raise ValueError(f"the prompt file {path} holds no prompts")
+  return prompts

@@ -28,11 +28,13 @@ from flashspec_jax.bench import timing
 from flashspec_jax.engine import Arm, check_arms, speculative_generate
 from flashspec_jax.generate import check_budget, generate, prepare_prompts, raise_on_nan
 from flashspec_jax.kernels.verify import get_verify_fn
-from flashspec_jax.loading import LoadedModel, load_model
+from flashspec_jax.loading import TARGET_FLAG, LoadedModel, check_checkpoint, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
-from flashspec_jax.prompts import load_prompts
+from flashspec_jax.prompts import load_prompts, read_prompt_file
 from flashspec_jax.sampling import make_sampler
+
+DRAFT_FLAG = "--config.draft_checkpoint_dir"
 
 @dataclasses.dataclass
 class Request:
@@ -66,6 +68,8 @@ class Setup:
   reward: str
   verify_fn: Any
   bucket: int
+  # XLA options for compiling each batch's program (bench.compile_time varies them).
+  compiler_options: dict[str, Any] | None = None
 
 
 def param_dtype(config: ml_collections.ConfigDict):
@@ -75,18 +79,22 @@ def param_dtype(config: ml_collections.ConfigDict):
 
 
 def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> list[Request]:
+  """The run's prompts, chosen by config.prompts alone (its own seed), so that runs
+  with different sampling seeds compare the same prompts."""
   if model.synthetic:
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.prompts.seed)
     count = config.batch_size * config.prompts.num_per_set
     return [Request(f"synthetic/{i}", "synthetic",
                     rng.integers(0, model.config.vocab_size, config.prompts.synthetic_length)
                     .tolist()) for i in range(count)]
-  requests = []
-  for kind in config_lib.prompt_sets(config):
-    prompts = load_prompts(kind, config.prompts.num_per_set, config.prompts.split, config.seed)
-    for prompt, ids in zip(prompts, encode_chat(model.tokenizer, [p.text for p in prompts])):
-      requests.append(Request(prompt.id, kind, ids))
-  return requests
+  if config.prompts.file:
+    prompts = read_prompt_file(config.prompts.file)
+  else:
+    prompts = [prompt for kind in config_lib.prompt_sets(config)
+               for prompt in load_prompts(kind, config.prompts.num_per_set, config.prompts.split,
+                                          config.prompts.seed)]
+  ids = encode_chat(model.tokenizer, [p.conversation for p in prompts])
+  return [Request(prompt.id, prompt.kind, row) for prompt, row in zip(prompts, ids)]
 
 
 def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
@@ -107,11 +115,23 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
     return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg)), gamma)
   if spec.arg not in drafter_configs:
     drafter = load_model(spec.arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,
-                         config.seed + 1)
+                         config.seed + 1, flag=DRAFT_FLAG)
     params["drafters"][spec.arg] = drafter.params
     drafter_configs[spec.arg] = drafter.config
   return Arm(ModelDrafter(Llama(drafter_configs[spec.arg], param_dtype=dtype), spec.arg,
                           unroll=unroll), gamma)
+
+
+def check_checkpoints(config, target_flag: str = TARGET_FLAG,
+                      draft_flag: str = DRAFT_FLAG) -> None:
+  """Fails before any weights load if the target's or a draft model's checkpoint is
+  missing or of another shape; the error names the flag (or field) to set."""
+  if config.synthetic_weights:
+    return
+  check_checkpoint(config.target, config.checkpoint_dir, target_flag)
+  specs = map(config_lib.ArmSpec.parse, config_lib.used_arms(config))
+  for shape in sorted({spec.arg for spec in specs if spec.kind == "draft_model"}):
+    check_checkpoint(shape, config.draft_checkpoint_dir, draft_flag)
 
 
 def strategy_for(name: str, config) -> Strategy:
@@ -168,9 +188,20 @@ def with_arm_costs(methods: list[Method], config, setup: Setup,
   return [dataclasses.replace(m, arms=bandit_arms) if m.is_bandit else m for m in methods]
 
 
+def bucket_width(width: int, smallest: int) -> int:
+  """The padded width for prompts `width` wide: smallest * 2^k, the least that holds them.
+
+  Geometric buckets keep the number of compiled programs logarithmic in the
+  prompt length, for at most twice the width.
+  """
+  padded = smallest
+  while padded < width:
+    padded *= 2
+  return padded
+
+
 def _bucketed(tokens: np.ndarray, bucket: int) -> np.ndarray:
-  width = -(-tokens.shape[1] // bucket) * bucket
-  return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+  return np.pad(tokens, ((0, 0), (0, bucket_width(tokens.shape[1], bucket) - tokens.shape[1])))
 
 
 def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=None,
@@ -178,15 +209,18 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
   """Compiles then times one batch; returns (output, seconds, compile seconds)."""
   max_new = max_new_tokens or setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
-  tokens = _bucketed(tokens, setup.bucket)
   reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
-  capacity = check_budget(setup.target.config, tokens.shape[1], max_new, reserve=reserve)
+  padded = _bucketed(tokens, setup.bucket)
+  capacity = check_budget(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
+                          padded_width=padded.shape[1])
+  tokens = padded
   args = jax.device_put((tokens, lengths, key, setup.sampler))
   start = time.perf_counter()
   if not method.arms:
     compiled = generate.lower(setup.params["target"], *args[:3], sampler=args[3],
                               model=setup.target, max_new_tokens=max_new,
-                              eos_ids=setup.eos_ids, capacity=capacity).compile()
+                              eos_ids=setup.eos_ids, capacity=capacity
+                              ).compile(setup.compiler_options)
     call = lambda: compiled(setup.params["target"], *args[:3], sampler=args[3])
   else:
     if bandit is None:
@@ -194,13 +228,17 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
     compiled = speculative_generate.lower(
         setup.params, *args, args[3], bandit, target=setup.target, arms=method.arms,
         strategy=method.strategy, reward=setup.reward, max_new_tokens=max_new,
-        eos_ids=setup.eos_ids, capacity=capacity, verify_fn=setup.verify_fn).compile()
+        eos_ids=setup.eos_ids, capacity=capacity, verify_fn=setup.verify_fn
+    ).compile(setup.compiler_options)
     call = lambda: compiled(setup.params, *args, args[3], bandit)
   compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
   out = jax.block_until_ready(call())
   seconds = time.perf_counter() - start
-  raise_on_nan(out.nan_rows)
+  if method.arms:
+    raise_on_nan(out.nan_rows, out.nan_arm, [arm.name for arm in method.arms])
+  else:
+    raise_on_nan(out.nan_rows)
   return out, seconds, compile_seconds
 
 
@@ -265,6 +303,7 @@ def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
 def run_generation(config: ml_collections.ConfigDict, env: dict
                    ) -> tuple[dict[str, Any], list[dict]]:
   """Runs every method on the prompts; returns (payload, per-prompt records)."""
+  check_checkpoints(config)
   dtype = param_dtype(config)
   model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
                      config.seed)
@@ -377,6 +416,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs one experiment config end to end, writes its results and returns them."""
   config_lib.validate(config)
   results.check_writable(config.results_dir)
+  environment.enable_compilation_cache(config.compilation_cache_dir)
   env = environment.describe()
   if config.kind == "bandit_simulation":
     return run_simulation(config, env)

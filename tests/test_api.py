@@ -1,9 +1,15 @@
 """The FlashSpec Python API, on synthetic tiny_llama weights."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from flashspec_jax import FlashSpec, FlashSpecConfig, SamplingConfig
+from flashspec_jax import FlashSpec, FlashSpecConfig, SamplingConfig, api
 from flashspec_jax.loading import load_model
 
 GREEDY = SamplingConfig(gamma=3, temperature=0.0)
@@ -33,3 +39,86 @@ def test_a_model_of_another_shape_or_dtype_is_refused(name, dtype, message):
   model = load_model(name, synthetic=True, dtype=dtype)
   with pytest.raises(ValueError, match=message):
     tiny_engine(("ngram:2",), model=model)
+
+
+class CharTokenizer:
+  """Stands in for a real tokenizer on the synthetic model: one id per character."""
+
+  chat_template = None
+
+  def encode(self, text):
+    return [ord(c) % 1024 for c in text]
+
+  def decode(self, ids):
+    return "".join(map(chr, ids))
+
+
+def test_a_string_is_one_prompt():
+  engine = tiny_engine(())
+  engine.model.tokenizer = CharTokenizer()
+  result = engine.generate("Hi there", chat=False)
+  assert len(result.token_ids) == 1
+  assert result.token_ids == engine.generate(["Hi there"], chat=False).token_ids
+
+
+def test_numpy_integer_ids_are_prompts():
+  engine = tiny_engine(())
+  expected = engine.generate(PROMPTS).token_ids
+  assert engine.generate(np.array(PROMPTS[0], np.int32)).token_ids == expected[:1]
+  assert engine.generate([np.array(p, np.int64) for p in PROMPTS]).token_ids == expected
+  square = [PROMPTS[0][:2], PROMPTS[1]]
+  assert (engine.generate(np.array(square, np.uint16)).token_ids
+          == engine.generate(square).token_ids)
+
+
+@pytest.mark.parametrize("prompts", [
+    [[1.5, 2]], [[1, 2.0]], np.array([1.0, 2.0]), [[True, False]], [["a", "b"]]])
+def test_non_integer_ids_are_refused(prompts):
+  with pytest.raises(ValueError, match="prompt 0: token ids must be integers"):
+    tiny_engine(()).generate(prompts)
+
+
+def test_bandit_costs_are_timed_once_then_read_from_the_user_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("FLASHSPEC_CACHE_DIR", str(tmp_path))
+  first = tiny_engine(("ngram:2", "layer_skip:2", "ar"))
+  first.generate(PROMPTS)
+  costs = {arm.name: arm.cost for arm in first.method.arms}
+  assert len(set(costs.values())) == 3, costs  # timed, not the old 1 per arm
+  (entry,) = json.loads((tmp_path / "arm_costs.json").read_text()).values()
+  assert entry == costs
+
+  def no_timing(*args, **kwargs):
+    raise AssertionError("costs in the cache were timed again")
+  monkeypatch.setattr(api, "calibrate_costs", no_timing)
+  second = tiny_engine(("ngram:2", "layer_skip:2", "ar"), model=first.model)
+  second.generate(PROMPTS)
+  assert {arm.name: arm.cost for arm in second.method.arms} == costs
+
+
+CACHE_PROBE = """
+import jax
+from jax import monitoring
+from flashspec_jax import FlashSpec, FlashSpecConfig, SamplingConfig
+events = []
+monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
+config = FlashSpecConfig(target="tiny_llama", drafters=("ngram:2",), max_new_tokens=4,
+                         sampling=SamplingConfig(gamma=2, temperature=0.0),
+                         synthetic_weights=True, device="cpu")
+FlashSpec(config).generate([[5, 9, 2, 7]])
+print(events.count("/jax/compilation_cache/cache_misses"),
+      events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_a_second_process_compiles_nothing_the_first_compiled(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env |= {"FLASHSPEC_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  counts = []
+  for _ in range(2):
+    run = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    counts.append(tuple(map(int, run.stdout.split())))
+  (first_misses, first_hits), (second_misses, second_hits) = counts
+  assert first_misses > 0 and (tmp_path / "xla").is_dir()
+  assert second_misses == 0 and second_hits == first_misses + first_hits

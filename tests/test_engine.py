@@ -132,7 +132,10 @@ def test_bad_gamma_is_rejected(params):
                                        "capacity of 32"):
     speculate(params, gamma=4, max_new_tokens=16, cache_capacity=32)
   with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
-    speculate(params, gamma=240, max_new_tokens=8)
+    speculate(params, gamma=4, max_new_tokens=250)
+  with pytest.raises(ValueError, match=f"gamma must be <= MAX_GAMMA = {engine.MAX_GAMMA}, got "
+                                       f"{engine.MAX_GAMMA + 1}"):
+    speculate(params, gamma=engine.MAX_GAMMA + 1)
 
 
 @pytest.mark.parametrize("build, match", [
@@ -154,6 +157,24 @@ def test_nan_logits_are_reported_not_sampled(params):
                                                  params["drafters"]["small"])}}
   with pytest.raises(FloatingPointError, match="NaN logits for rows \\[0, 1, 2, 3, 4, 5, 6, 7\\]"):
     speculate(poisoned, "small", target_sampler=Temperature(1.0))
+
+
+def test_nan_drafter_is_named_under_greedy_sampling(params):
+  """A greedy q is a one-hot at the argmax, which hid NaN draft logits: alpha was 0
+  and nothing was reported."""
+  poisoned = {"target": params["target"],
+              "drafters": {"small": jax.tree.map(lambda x: x.at[...].set(jnp.nan),
+                                                 params["drafters"]["small"])}}
+  with pytest.raises(FloatingPointError, match="the drafter of arm 'model_small:g3' produced NaN "
+                                               "logits for rows \\[0, 1, 2, 3, 4, 5, 6, 7\\]"):
+    speculate(poisoned, "small")
+
+
+def test_nan_target_is_named(params):
+  poisoned = {"target": jax.tree.map(lambda x: x.at[...].set(jnp.nan), params["target"]),
+              "drafters": params["drafters"]}
+  with pytest.raises(FloatingPointError, match="^the target model produced NaN logits"):
+    speculate(poisoned, "small")
 
 
 REAL_PROMPT_KINDS = {"chat": 2, "code": 2, "edit": 1}

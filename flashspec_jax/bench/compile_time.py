@@ -1,0 +1,133 @@
+"""Seconds to compile each program a user meets, cold and from the disk cache.
+
+  python -m flashspec_jax.bench.compile_time --target=smollm2_135m
+
+Builds the programs as run.py does (synthetic weights of the target's shape,
+bf16 on a GPU, unrolled drafts there): plain AR, one arm (n-gram), and a bandit
+over three arms (n-gram, layer-skip, AR). Each is compiled cold in a fresh
+persistent cache, then a second process that shares the cache times its whole
+first call: loading the program from disk plus generating. What that process
+compiled anyway is counted too (should be nothing). On a GPU each program is
+also compiled without XLA's autotuning of matrix products, which takes much of
+a GPU compile, to weigh what it buys in run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from jax import monitoring
+
+from flashspec_jax import config as config_lib
+from flashspec_jax import environment, results, runner
+from flashspec_jax.loading import load_model
+
+_TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
+_ARMS = flags.DEFINE_string("arms", "ngram:3,layer_skip:26,ar", "The bandit's arms.")
+_PROMPT = flags.DEFINE_integer("prompt_length", 100, "Prompt tokens (padded to its bucket).")
+_NEW = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per call.")
+_OUT = flags.DEFINE_string("out", "results", "Results directory.")
+_CACHE = flags.DEFINE_string("cache_dir", "", "Internal: the cache a second process reads.")
+_VARIANT = flags.DEFINE_string("variant", "default", "Internal: the second process's variant.")
+
+# Compiler options to compare, by name.
+VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0}}
+
+
+def run_config(target: str, arms: str, prompt_length: int, max_new_tokens: int):
+  config = config_lib.base_config()
+  config.target, config.synthetic_weights = target, True
+  config.methods = f"ar,{arms.split(',')[0]},bandit:ucb1"
+  config.arms = arms
+  # Given costs: this measures compiling the generation programs, not calibration's.
+  config.bandit.costs = ",".join("1" for _ in config_lib.split_list(arms))
+  config.prompts.synthetic_length = prompt_length
+  config.prompts.num_per_set = 1
+  config.sampling.max_new_tokens = max_new_tokens
+  config_lib.validate(config)
+  return config
+
+
+_EVENTS = []
+monitoring.register_event_listener(lambda event, **kwargs: _EVENTS.append(event))
+
+
+def time_programs(config, variant: str) -> list[dict]:
+  """Compiles and runs each method's program once; seconds of each, and cache events."""
+  events = _EVENTS
+  dtype = runner.param_dtype(config)
+  model = load_model(config.target, synthetic=True, dtype=dtype, seed=config.seed)
+  methods, params = runner.build_methods(config, model, dtype)
+  setup = dataclasses.replace(runner.make_setup(config, model, params, dtype),
+                              compiler_options=VARIANTS[variant])
+  methods = runner.with_arm_costs(methods, config, setup)
+  (request,) = runner.build_requests(config, model)
+  rows = []
+  for method in methods:
+    del events[:]
+    start = time.perf_counter()
+    _, run_seconds, compile_seconds = runner.run_batch(method, setup, [request],
+                                                       jax.random.key(0))
+    rows.append(dict(method=method.name, variant=variant, arms=[a.name for a in method.arms],
+                     compile_seconds=compile_seconds, run_seconds=run_seconds,
+                     call_seconds=time.perf_counter() - start,
+                     cache_misses=events.count("/jax/compilation_cache/cache_misses"),
+                     cache_hits=events.count("/jax/compilation_cache/cache_hits")))
+    jax.clear_caches()
+  return rows
+
+
+def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int) -> dict:
+  config = run_config(target, arms, prompt_length, max_new_tokens)
+  cold, warm = [], []
+  with tempfile.TemporaryDirectory() as cache:
+    environment.enable_compilation_cache(cache)
+    for variant in VARIANTS if environment.on_gpu() else ["default"]:
+      cold += time_programs(config, variant)
+      child = subprocess.run(
+          [sys.executable, "-m", "flashspec_jax.bench.compile_time", f"--target={target}",
+           f"--arms={arms}", f"--prompt_length={prompt_length}",
+           f"--max_new_tokens={max_new_tokens}", f"--cache_dir={cache}", f"--variant={variant}"],
+          capture_output=True, text=True, check=True)
+      warm += json.loads(child.stdout.splitlines()[-1])
+  rows = [dict(method=c["method"], variant=c["variant"], arms=c["arms"],
+               cold_compile_seconds=c["compile_seconds"],
+               cold_call_seconds=c["call_seconds"], run_seconds=c["run_seconds"],
+               cached_load_seconds=w["compile_seconds"], cached_call_seconds=w["call_seconds"],
+               cached_run_seconds=w["run_seconds"], compiles_with_warm_cache=w["cache_misses"],
+               raw=dict(cold=c, warm=w))
+          for c, w in zip(cold, warm)]
+  return dict(target=target, dtype=jax.numpy.dtype(runner.param_dtype(config)).name,
+              synthetic_weights=True, batch=1, prompt_length=prompt_length,
+              prompt_bucket=runner.bucket_width(prompt_length, config.prompts.bucket),
+              max_new_tokens=max_new_tokens, unrolled_drafts=environment.on_gpu(), rows=rows)
+
+
+def main(argv):
+  del argv
+  if _CACHE.value:  # the second process: read the parent's cache, report as JSON
+    environment.enable_compilation_cache(_CACHE.value)
+    print(json.dumps(time_programs(run_config(_TARGET.value, _ARMS.value, _PROMPT.value,
+                                              _NEW.value), _VARIANT.value)))
+    return
+  result = bench(_TARGET.value, _ARMS.value, _PROMPT.value, _NEW.value)
+  path = results.write("compile_time", result, directory=_OUT.value)
+  print(f"\ncompile time, {result['target']} shape ({result['dtype']}, synthetic weights), "
+        f"{result['prompt_length']}-token prompt, {result['max_new_tokens']} new tokens -> {path}")
+  print(f"{'method':<14} {'variant':<12} {'cold compile s':>14} {'cached load s':>13} "
+        f"{'cached call s':>13} {'run s':>7} {'recompiled':>10}")
+  for row in result["rows"]:
+    print(f"{row['method']:<14} {row['variant']:<12} {row['cold_compile_seconds']:>14.2f} "
+          f"{row['cached_load_seconds']:>13.2f} {row['cached_call_seconds']:>13.2f} "
+          f"{row['cached_run_seconds']:>7.3f} {row['compiles_with_warm_cache']:>10}")
+
+
+if __name__ == "__main__":
+  app.run(main)
