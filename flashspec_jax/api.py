@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import numbers
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment
+from flashspec_jax import environment, results
 from flashspec_jax.engine import summarize
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
@@ -219,9 +218,8 @@ class FlashSpec:
       known |= {arm.name: arm.cost for arm in timed}
       cache[key] = known
       path.parent.mkdir(parents=True, exist_ok=True)
-      temporary = path.with_name(f".{path.name}.{os.getpid()}")
-      temporary.write_text(json.dumps(cache, indent=2) + "\n")
-      os.replace(temporary, path)
+      with results.open_atomic(path) as file:
+        file.write(json.dumps(cache, indent=2) + "\n")
     return tuple(dataclasses.replace(arm, cost=known[arm.name]) for arm in arms)
 
   def _on_device(self):

@@ -10,6 +10,18 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flashspec_jax import results  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: pathlib.Path) -> pathlib.Path:
+  try:
+    fig.tight_layout()
+    with results.open_atomic(path, "wb") as file:
+      fig.savefig(file, format="png", dpi=120)
+  finally:
+    plt.close(fig)
+  return path
+
 
 def regret_curves(curves: dict[str, np.ndarray], path: pathlib.Path, title: str,
                   bound: float | None = None, switch_at: int | None = None) -> pathlib.Path:
@@ -26,10 +38,7 @@ def regret_curves(curves: dict[str, np.ndarray], path: pathlib.Path, title: str,
     ax.axvline(switch_at, color="grey", linestyle=":", label="best arm changes")
   ax.set(xlabel="pulls", ylabel="cumulative regret", title=title)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def arm_timeline(history: dict, path: pathlib.Path, title: str) -> pathlib.Path:
@@ -46,10 +55,7 @@ def arm_timeline(history: dict, path: pathlib.Path, title: str) -> pathlib.Path:
   ax.scatter(np.arange(len(arms)), arms, s=4, color="black")
   ax.set(yticks=range(len(history["arms"])), yticklabels=history["arms"], xlabel="loop step",
          title=title, ylim=(-0.5, len(history["arms"]) - 0.1))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def sweep(points: list[dict], field: str, path: pathlib.Path) -> pathlib.Path:
@@ -67,7 +73,4 @@ def sweep(points: list[dict], field: str, path: pathlib.Path) -> pathlib.Path:
   for ax in (speed, alpha):
     ax.set_xscale("log", base=2)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import sys
 from collections.abc import Callable
 
+from flashspec_jax import results
 from flashspec_jax.environment import REPO
 
 RESULTS = REPO / "results"
@@ -26,13 +28,23 @@ def newest(name: str, device: str = "") -> tuple[pathlib.Path, dict] | None:
   loaded = [item for item in loaded if item[1]["environment"]["device"].startswith(device)]
   if not loaded:
     return None
-  return max(loaded, key=lambda item: item[1]["environment"]["date"])
+  return max(loaded, key=lambda item: recency(*item))
+
+
+def recency(path: pathlib.Path, data: dict) -> tuple[str, int]:
+  """Orders results files oldest first: by the time their run started, then by the
+  -2, -3, ... suffix of runs that started in the same second. Names alone would not
+  do: 2026-11-29T...Z_<sha> sorts before the older 2026-11-29_<sha>."""
+  suffix = re.search(r"-(\d+)$", path.stem)
+  return data["environment"]["date"], int(suffix[1]) if suffix else 1
 
 
 def provenance(path: pathlib.Path, data: dict) -> str:
   env = data["environment"]
   dirty = ", uncommitted changes present" if env["git_dirty"] else ""
-  figures = sorted(path.parent.glob(f"{path.stem}*.png"))
+  # Not f"{path.stem}*.png", which would take the figures of <stem>-2 as well.
+  figures = sorted([*path.parent.glob(f"{path.stem}.png"),
+                    *path.parent.glob(f"{path.stem}_*.png")])
   plots = "".join(f" Figure: [`{f.name}`]({f.relative_to(REPO)})." for f in figures)
   return (f"Source: [`{path.relative_to(REPO)}`]({path.relative_to(REPO)}), written by "
           f"`{env['command']}` at `{env['git_sha'][:8]}`{dirty} on {env['device']}, "
@@ -169,6 +181,21 @@ def bandit_call(data: dict) -> list[str]:
   return lines
 
 
+def compile_time(data: dict) -> list[str]:
+  lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, batch {data['batch']}, "
+           f"a {data['prompt_length']}-token prompt (bucket {data['prompt_bucket']}), "
+           f"{data['max_new_tokens']} new tokens, drafts unrolled: {data['unrolled_drafts']}. "
+           f"Cold: compiled in a fresh persistent cache. Cached: a second process sharing the "
+           f"cache, its whole first call (tracing, loading the program, generating).", "",
+           "| program | XLA options | cold compile (s) | cached: load (s) | cached: first call (s) "
+           "| of which generating (s) | compiled again |", "|---|---|---|---|---|---|---|"]
+  for r in data["rows"]:
+    lines.append(f"| {r['method']} | {r['variant']} | {r['cold_compile_seconds']:.2f} | "
+                 f"{r['cached_load_seconds']:.2f} | {r['cached_call_seconds']:.2f} | "
+                 f"{r['cached_run_seconds']:.3f} | {r['compiles_with_warm_cache']} |")
+  return lines
+
+
 def sweep(data: dict) -> list[str]:
   field = data["sweep_field"]
   methods = list(data["points"][0]["summaries"])
@@ -200,6 +227,8 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], list[str]]]] = [
     ("idle_arms", "gpu", "Step time with idle model arms", idle_arms),
     ("bandit_call", "gpu", "Whole calls of the bandit program held on one arm (H200)",
      bandit_call),
+    ("compile_time", "gpu", "Compile time and the disk cache (H200)", compile_time),
+    ("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time),
     ("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),
     ("baselines", "", "Baselines on held-out prompts", bandit_run),
 ]
@@ -253,7 +282,8 @@ def main(argv: list[str]) -> int:
       print(f"{path.relative_to(REPO)} is out of date: run python -m flashspec_jax.report")
     return 1 if stale else 0
   for path, text in render().items():
-    path.write_text(text)
+    with results.open_atomic(path) as f:
+      f.write(text)
   return 0
 
 

@@ -1,18 +1,26 @@
 """Results files: every published number comes from one of these.
 
-A run writes results/<name>/<date>_<sha>.json holding the environment record
-(command, git sha and dirty flag, device, versions, date), the payload (config,
-summary, raw timings) and, when given, per-prompt records, which also go to a
-CSV beside it.
+A run writes results/<name>/<date>T<time>Z_<sha>.json holding the environment
+record (command, git sha and dirty flag, device, versions, date), the payload
+(config, summary, raw timings) and, when given, per-prompt records, which also
+go to a CSV beside it. No file is ever replaced: a run started in the same
+second as another, at the same commit, gets a -2, -3, ... suffix. Every file
+appears whole or not at all (open_atomic), even if the run is interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
+import io
+import itertools
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from typing import IO
 
 from flashspec_jax import environment
 
@@ -35,16 +43,72 @@ def write(name: str, payload: dict, records: Sequence[dict] = (),
   and dirty flag describe the code that ran."""
   env = env or environment.describe()
   out_dir = check_writable(pathlib.Path(directory) / name)
-  stem = f"{env['date'][:10]}_{env['git_sha'][:8]}"
-  path = out_dir / f"{stem}.json"
+  started = datetime.datetime.fromisoformat(env["date"]).astimezone(datetime.timezone.utc)
+  stem = f"{started:%Y-%m-%dT%H%M%SZ}_{env['git_sha'][:8]}"
   body = {"environment": env, **payload}
   if records:
     body["records"] = list(records)
-  path.write_text(json.dumps(body, indent=2, default=str) + "\n")
-  if records:
-    fields = sorted({key for record in records for key in record})
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=fields)
-      writer.writeheader()
-      writer.writerows(records)
-  return path
+  text = json.dumps(body, indent=2, default=str) + "\n"
+  table = _csv_text(records) if records else None
+  # Whoever creates <stem>.json owns the stem, so the CSV and the plots beside it
+  # need no check of their own. The CSV is renamed into place after the JSON (an
+  # ExitStack ends the last block first), and neither appears if a write fails.
+  for n in itertools.count(1):
+    path = out_dir / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
+    try:
+      with contextlib.ExitStack() as files:
+        if table:
+          files.enter_context(open_atomic(path.with_suffix(".csv"), "w", newline="")).write(table)
+        files.enter_context(open_atomic(path, "x")).write(text)
+    except FileExistsError:
+      continue
+    return path
+
+
+def _csv_text(records: Sequence[dict]) -> str:
+  table = io.StringIO()
+  writer = csv.DictWriter(table, fieldnames=sorted({key for record in records for key in record}))
+  writer.writeheader()
+  writer.writerows(records)
+  return table.getvalue()
+
+
+# Temporary files of the writes in progress. The lock guards their creation, so
+# that abandon_writes, which keeps it, knows of every one that will ever exist.
+_in_flight: set[pathlib.Path] = set()
+_creating = threading.Lock()
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | pathlib.Path, mode: str = "w", **kwargs) -> Iterator[IO]:
+  """Opens a temporary file beside `path` for the block to write; it becomes `path`
+  in one rename when the block ends, and is removed if the block raises.
+
+  mode is "w" (replace `path`) or "x" (raise FileExistsError if `path` exists),
+  with "b" for bytes; kwargs go to open().
+  """
+  path = pathlib.Path(path)
+  temporary = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+  with _creating:
+    # The block gets an open file rather than a name, so nothing can create the
+    # temporary file again after abandon_writes has removed it.
+    file = open(temporary, mode.replace("w", "x"), **kwargs)
+    _in_flight.add(temporary)
+  try:
+    with file:
+      yield file
+    if "x" in mode:
+      os.link(temporary, path)  # unlike a rename, fails if `path` exists
+    else:
+      os.replace(temporary, path)
+  finally:
+    temporary.unlink(missing_ok=True)
+    _in_flight.discard(temporary)
+
+
+def abandon_writes() -> None:
+  """Removes the temporary files of unfinished writes and blocks new ones, for a
+  handler that is about to end the process in the middle of whatever it was doing."""
+  _creating.acquire()
+  for temporary in _in_flight.copy():
+    temporary.unlink(missing_ok=True)

@@ -293,7 +293,7 @@ VERIFY_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
 
 @functools.cache
 def _log_reference_fallback() -> None:
-  logging.info("no GPU for the Pallas verify kernel; using the jnp reference")
+  logging.debug("no GPU for the Pallas verify kernel; using the jnp reference")
 
 
 def get_verify_fn(impl: str = "auto"):

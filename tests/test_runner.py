@@ -1,15 +1,20 @@
 """run.py and the experiment runner: defaults, errors before work, results files."""
 
 import json
+import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from test_model_parity import save_tiny_llama
+from helpers import write_tiny_llama
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import runner
+from flashspec_jax.loading import CheckpointError
 from flashspec_jax.loading.gguf import smollm2_path
 from flashspec_jax.loading.tokenizer import load_tokenizer
 
@@ -37,10 +42,80 @@ def small_config(tmp_path, **overrides):
   return config
 
 
+def message_lines(stderr: str) -> list[str]:
+  """stderr without absl's log lines ("I1130 14:16:49.382413 ...") and blank lines."""
+  return [line for line in stderr.splitlines()
+          if line.strip() and not re.match(r"[IWEF]\d{4} \d\d:\d\d:\d\d", line)]
+
+
 def test_unknown_config_field_fails_naming_it():
   result = run_cli("--config.sampling.temprature=1")
   assert result.returncode != 0
   assert "temprature" in result.stderr and 'Did you mean "temperature"' in result.stderr
+  assert "Traceback" not in result.stderr and len(message_lines(result.stderr)) <= 2
+
+
+@pytest.mark.parametrize("flag, names", [
+    ("--config.nonexistent=1", "'nonexistent'"),
+    ("--config.sampling.gamma=abc", "--config.sampling.gamma=abc"),
+    ("--config=experiments/no_such_experiment.py", "experiments/no_such_experiment.py"),
+])
+def test_bad_flags_fail_in_two_lines_at_most(flag, names):
+  result = run_cli(flag)
+  assert result.returncode != 0 and names in result.stderr
+  assert "Traceback" not in result.stderr and len(message_lines(result.stderr)) <= 2
+
+
+def test_errors_are_one_line_and_verbose_adds_the_traceback():
+  result = run_cli("--config.sampling.top_p=1.5")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  [line] = message_lines(result.stderr)
+  assert line.startswith("error: config.sampling.top_p = 1.5 is invalid")
+  verbose = run_cli("--config.sampling.top_p=1.5", "--verbose")
+  assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+  assert "config.sampling.top_p = 1.5 is invalid" in verbose.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("wait_for, delay", [
+    (None, 1.0),  # during the imports
+    ("target:", 0.0),  # while the program compiles
+])
+def test_ctrl_c_exits_130_in_one_line_leaving_no_files(tmp_path, wait_for, delay):
+  results_dir = tmp_path / "results"
+  # An empty compilation cache, so that the run is still compiling when the signal comes.
+  env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}
+  process = subprocess.Popen(
+      [sys.executable, "-u", "run.py", "--config.target=tiny_llama",
+       "--config.synthetic_weights=True", "--config.prompts.sets=chat",
+       "--config.sampling.max_new_tokens=4", f"--config.results_dir={results_dir}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  if wait_for:
+    while not (line := process.stdout.readline()).startswith(wait_for):
+      assert line, f"run.py ended before printing {wait_for!r}"
+  time.sleep(delay)
+  sent = time.monotonic()
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130, stderr
+  assert stderr.endswith("interrupted\n") and "Traceback" not in stderr
+  assert len(message_lines(stderr)) <= 2
+  assert [path for path in results_dir.rglob("*") if path.is_file()] == []
+  assert time.monotonic() - sent < 5  # not held back until an import or a compile ends
+
+
+def test_ctrl_c_during_a_write_removes_its_temporary_file(tmp_path):
+  code = ("import os, signal, sys, time\n"
+          "from flashspec_jax import cli, results\n"
+          "cli.exit_on_interrupt()\n"
+          "with results.open_atomic(sys.argv[1]) as f:\n"
+          "  f.write('half of it')\n"
+          "  f.flush()\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n"
+          "  time.sleep(60)\n")
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 130 and result.stderr.endswith("interrupted\n")
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_weights_say_where_they_were_looked_for():
@@ -81,15 +156,28 @@ def test_synthetic_run_is_labelled_and_writes_results(tmp_path, capsys):
   assert pathlib.Path(out["path"]).with_suffix(".csv").exists()
 
 
-def test_checkpoint_dir_is_loaded(tmp_path):
-  """An HF directory (a tiny random Llama with SmolLM2's tokenizer) runs end to end."""
+@pytest.fixture
+def tiny_smollm2_dir(tmp_path):
+  """An HF directory of the shape tiny_smollm2: a tiny random Llama with SmolLM2's vocabulary."""
   directory = tmp_path / "ckpt"
-  save_tiny_llama(directory, vocab_size=49152, tie_word_embeddings=True, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=8192)
-  load_tokenizer(smollm2_path()).save_pretrained(directory)
-  out = runner.run(small_config(tmp_path, target="llama3_8b", checkpoint_dir=str(directory)))
+  write_tiny_llama(directory, vocab_size=49152, tie_word_embeddings=True, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=8192)
+  return directory
+
+
+def test_checkpoint_dir_is_loaded(tmp_path, tiny_smollm2_dir):
+  """An HF directory (a tiny random Llama with SmolLM2's tokenizer) runs end to end."""
+  load_tokenizer(smollm2_path()).save_pretrained(tiny_smollm2_dir)
+  out = runner.run(small_config(tmp_path, target="tiny_smollm2",
+                                checkpoint_dir=str(tiny_smollm2_dir)))
   assert out["records"][0]["new_tokens"] >= 1
   assert isinstance(out["records"][0]["text"], str)
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_smollm2_dir):
+  with pytest.raises(CheckpointError, match="config.json does not match the shape llama3_8b: "
+                                            "num_layers 3 != 32, hidden_size 48 != 4096"):
+    runner.run(small_config(tmp_path, target="llama3_8b", checkpoint_dir=str(tiny_smollm2_dir)))
 
 
 def test_readme_results_section_is_generated_from_results():

@@ -1,0 +1,85 @@
+"""run.py at the terminal: an error is one or two lines, and so is Ctrl-C.
+
+  error: <message>    exit 1; with --verbose, the traceback instead
+  interrupted         exit 130 (128 + SIGINT), leaving no results file half written
+
+run.py calls install() once its imports are done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import types
+
+from absl import flags
+
+from flashspec_jax import results
+
+VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
+# Errors whose message says all there is to say, unlike a bug's: bad flags,
+# configs or checkpoints, NaN logits (FloatingPointError), unreadable files.
+EXPECTED = (flags.Error, ValueError, FloatingPointError, OSError)
+
+
+def install() -> None:
+  sys.excepthook = print_error
+  exit_on_interrupt()
+
+
+def print_error(kind: type[BaseException], error: BaseException,
+                trace: types.TracebackType | None) -> None:
+  """sys.excepthook, which also sees the errors raised while absl parses the flags."""
+  # A bad flag fails before absl has parsed --verbose.
+  if VERBOSE.value if flags.FLAGS.is_parsed() else "--verbose" in sys.argv:
+    sys.__excepthook__(kind, error, trace)
+  else:
+    print(f"error: {describe(error)}", file=sys.stderr)
+
+
+def describe(error: BaseException) -> str:
+  """One line, two for a misspelt config field or a bug."""
+  # ml_collections raises AttributeError(KeyError(message)) for a --config.<field>
+  # that does not exist; the message may go on with 'Did you mean "..."'.
+  if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
+    return f"no config field {error.args[0].args[0]}"
+  # A --config file that cannot be loaded: ml_collections lists where it looked,
+  # with the reason last.
+  if isinstance(error, OSError) and str(error).startswith("Configuration is not available"):
+    return f"cannot load the config file: {str(error).splitlines()[-1].strip()}"
+  if isinstance(error, EXPECTED):
+    return str(error)
+  first_line = str(error).partition("\n")[0]
+  return f"{type(error).__name__}: {first_line}\n(run with --verbose for the traceback)"
+
+
+def exit_on_interrupt() -> None:
+  """Makes SIGINT print "interrupted" and exit 130 at once, wherever the main thread is.
+
+  A Python signal handler runs only when the main thread next executes bytecode,
+  which during an XLA compile can be many seconds away; and unwinding from it
+  tears the interpreter down with XLA's threads still running, the likely cause
+  of the segfaults (exit -11) seen on a GPU. So the C-level handler only writes
+  the signal number to a pipe (signal.set_wakeup_fd), a thread blocked on the
+  pipe wakes at once, and it ends the process with os._exit, which skips the
+  teardown.
+  """
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)  # the C handler must never wait
+  signal.set_wakeup_fd(write_fd)
+  # The wakeup fd hears only signals with a Python handler; this one leaves the work to the thread.
+  signal.signal(signal.SIGINT, lambda signum, frame: None)
+  threading.Thread(target=_exit_when_interrupted, args=(read_fd,), daemon=True).start()
+
+
+def _exit_when_interrupted(read_fd: int) -> None:
+  while signal.SIGINT not in os.read(read_fd, 64):
+    pass
+  # Nothing below may keep the process alive, such as a flush to a stalled reader.
+  threading.Timer(2.0, os._exit, [130]).start()
+  results.abandon_writes()
+  sys.stdout.flush()
+  os.write(sys.stderr.fileno(), b"interrupted\n")
+  os._exit(130)

@@ -1,0 +1,84 @@
+"""Results files: unique names, whole files or none, and the report's choice of the newest."""
+
+import json
+import re
+
+import matplotlib.figure
+import numpy as np
+import pytest
+
+from flashspec_jax import plots, report, results
+
+ENV = {"date": "2026-11-30T14:05:09+00:00", "git_sha": "0123456789abcdef", "device": "cpu:cpu"}
+
+
+def files_in(directory):
+  """Every file below `directory`, temporary ones included."""
+  return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def test_runs_in_the_same_second_keep_their_own_files(tmp_path):
+  paths = [results.write("exp", {"run": i}, [{"run": i}], directory=tmp_path, env=ENV)
+           for i in range(3)]
+  assert [p.name for p in paths] == ["2026-11-30T140509Z_01234567.json",
+                                     "2026-11-30T140509Z_01234567-2.json",
+                                     "2026-11-30T140509Z_01234567-3.json"]
+  assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
+  assert [p.with_suffix(".csv").read_text().splitlines()[1] for p in paths] == ["0", "1", "2"]
+  assert len(files_in(tmp_path)) == 6
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+  with pytest.raises(ZeroDivisionError):
+    with results.open_atomic(tmp_path / "new.json") as f:
+      f.write("half of it")
+      1 / 0
+  (tmp_path / "old.json").write_text("whole")
+  with pytest.raises(ZeroDivisionError):
+    with results.open_atomic(tmp_path / "old.json") as f:
+      f.write("half of it")
+      1 / 0
+  assert files_in(tmp_path) == ["old.json"] and (tmp_path / "old.json").read_text() == "whole"
+
+
+def test_results_file_and_csv_appear_together_or_not_at_all(tmp_path, monkeypatch):
+  def disk_full(*args):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(results.os, "link", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    results.write("exp", {}, [{"a": 1}], directory=tmp_path, env=ENV)
+  assert files_in(tmp_path) == []
+
+
+def test_a_failed_plot_leaves_no_file(tmp_path, monkeypatch):
+  def savefig(self, file, **kwargs):
+    file.write(b"\x89PNG half of it")
+    raise RuntimeError("renderer crashed")
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+  with pytest.raises(RuntimeError, match="renderer crashed"):
+    plots.regret_curves({"ucb1": np.ones((2, 5))}, tmp_path / "regret.png", title="t")
+  assert files_in(tmp_path) == []
+
+
+def test_report_takes_the_newest_file_across_both_name_forms(tmp_path, monkeypatch):
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  monkeypatch.setattr(report, "REPO", tmp_path)
+  # The name of the files written before names had a time sorts after the
+  # others' ('_' > 'T'), and -10 before -9, but neither is the newest.
+  started = {"2026-11-29_aaaaaaaa": "2026-11-29T05:00:00+00:00",
+             "2026-11-29T060000Z_bbbbbbbb": "2026-11-29T06:00:00+00:00",
+             "2026-11-29T060000Z_bbbbbbbb-9": "2026-11-29T06:00:00+00:00",
+             "2026-11-29T060000Z_bbbbbbbb-10": "2026-11-29T06:00:00+00:00",
+             "2026-11-29T070000Z_cccccccc": "2026-11-29T07:00:00+00:00"}
+  (tmp_path / "exp").mkdir()
+  for stem, date in started.items():
+    device = "gpu:H200" if stem.endswith("cccccccc") else "cpu:cpu"
+    env = dict(ENV, date=date, device=device, command="python run.py", git_dirty=False, jax="0")
+    (tmp_path / "exp" / f"{stem}.json").write_text(json.dumps({"environment": env}))
+  for figure in ("", "_arms", "-9", "-9_arms", "-10", "-10_arms"):
+    (tmp_path / "exp" / f"2026-11-29T060000Z_bbbbbbbb{figure}.png").write_bytes(b"")
+  path, data = report.newest("exp", "cpu")
+  assert path.stem == "2026-11-29T060000Z_bbbbbbbb-10"
+  assert re.findall(r"Figure: \[`(.*?)`\]", report.provenance(path, data)) == [
+      "2026-11-29T060000Z_bbbbbbbb-10.png", "2026-11-29T060000Z_bbbbbbbb-10_arms.png"]
+  assert report.newest("exp", "")[0].stem == "2026-11-29T070000Z_cccccccc"
