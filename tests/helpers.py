@@ -53,3 +53,14 @@ def save_tiny_llama(directory, seed=0, **overrides):
   """write_tiny_llama, then that checkpoint as transformers' PyTorch model (needs torch)."""
   write_tiny_llama(directory, seed, **overrides)
   return transformers.LlamaForCausalLM.from_pretrained(directory).eval()
+
+
+def with_fields(config, **fields):
+  """Sets each dotted field of an ml_collections config, e.g. **{"sampling.gamma": 2}."""
+  for key, value in fields.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config

@@ -5,6 +5,7 @@ import json
 import types
 
 import pytest
+from helpers import with_fields
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import runner
@@ -16,13 +17,7 @@ from flashspec_jax.prompts import read_prompt_file
 def make_config(tmp_path, **overrides):
   config = config_lib.base_config()
   config.results_dir = str(tmp_path / "results")
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return with_fields(config, **overrides)
 
 
 @pytest.fixture

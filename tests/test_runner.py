@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from helpers import write_tiny_llama
+from helpers import with_fields, write_tiny_llama
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import runner
@@ -33,13 +33,7 @@ def small_config(tmp_path, **overrides):
   config.prompts.sets = "chat"
   config.sampling.max_new_tokens = 4
   config.print_text = False
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return with_fields(config, **overrides)
 
 
 def message_lines(stderr: str) -> list[str]:
