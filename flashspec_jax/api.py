@@ -235,7 +235,7 @@ def _is_conversation(prompt) -> bool:
 
 def _integer_ids(prompt, index: int) -> list[int]:
   """A prompt's token ids as ints; refuses floats, booleans and anything else."""
-  ids = np.asarray(prompt) if not isinstance(prompt, np.ndarray) else prompt
+  ids = np.asarray(prompt)
   if ids.ndim != 1:
     raise ValueError(f"prompt {index}: expected text or a 1-D sequence of token ids, got "
                      f"{prompt!r:.80}")
