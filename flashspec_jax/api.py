@@ -138,7 +138,8 @@ class FlashSpec:
                          f"this config runs {config.target} in {dtype}")
       self.model = model
       methods, params = build_methods(self.run_config, self.model, dtype)
-    self.setup = make_setup(self.run_config, self.model, params, dtype)
+      # On this engine's device: the verify kernel, dtype and unrolling follow it.
+      self.setup = make_setup(self.run_config, self.model, params, dtype)
     # A bandit's costs not given are timed on the first call's prompts, or found in the cache.
     self._costs_pending = methods[0].is_bandit and config.bandit.costs is None
     (self.method,) = (methods if self._costs_pending

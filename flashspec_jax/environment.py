@@ -53,7 +53,13 @@ def describe() -> dict:
 
 
 def on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+  """Whether computations placed nowhere in particular run on a GPU: the device of
+  an enclosing `jax.default_device(...)` if any (an engine built for the CPU on a
+  GPU host), else JAX's default backend."""
+  device = jax.config.jax_default_device
+  if device is None:
+    return jax.default_backend() == "gpu"
+  return (device if isinstance(device, str) else device.platform) in ("gpu", "cuda", "rocm")
 
 
 def user_cache_dir() -> pathlib.Path:

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from flashspec_jax.environment import on_gpu
+
 # Counters [0, V) draw the race noise; V + i draws the accept test at position i.
 _GOLDEN = 0x9E3779B9
 
@@ -286,6 +288,8 @@ def verify_pallas(
 
 
 # True where the Triton lowering of Pallas can run: a GPU is JAX's default backend.
+# get_verify_fn asks environment.on_gpu() instead, which also sees an engine placed
+# on the CPU of a GPU host.
 PALLAS_GPU_AVAILABLE = jax.default_backend() == "gpu"
 
 VERIFY_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
@@ -297,16 +301,18 @@ def _log_reference_fallback() -> None:
 
 
 def get_verify_fn(impl: str = "auto"):
-  """The verify function for a config name; 'auto' is Pallas on a GPU, else the reference."""
+  """The verify function for a config name; 'auto' is Pallas where computations run on a
+  GPU (see environment.on_gpu), else the reference."""
   if impl not in VERIFY_IMPLS:
     raise ValueError(f"unknown verify implementation {impl!r}; known: {VERIFY_IMPLS}")
+  gpu = on_gpu()
   if impl == "auto":
-    if not PALLAS_GPU_AVAILABLE:
+    if not gpu:
       _log_reference_fallback()
-    impl = "pallas" if PALLAS_GPU_AVAILABLE else "reference"
+    impl = "pallas" if gpu else "reference"
   if impl == "reference":
     return verify_reference
-  if impl == "pallas" and not PALLAS_GPU_AVAILABLE:
+  if impl == "pallas" and not gpu:
     raise ValueError("verify_impl='pallas' needs a CUDA GPU; use 'auto', 'reference' or "
                      "'pallas_interpret'")
   return functools.partial(verify_pallas, interpret=impl == "pallas_interpret")

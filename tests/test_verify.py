@@ -186,3 +186,14 @@ def test_auto_falls_back_to_the_reference_without_a_gpu():
   assert (fn is verify_reference) == (expected == "reference")
   with pytest.raises(ValueError, match="unknown verify implementation"):
     get_verify_fn("cuda")
+
+
+def test_auto_follows_the_device_an_engine_is_placed_on(monkeypatch):
+  """An engine built for the CPU of a GPU host ran the Triton kernel on CPU arrays
+  ("Only interpret mode is supported on CPU backend", seen on the H200)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert get_verify_fn("auto") is not verify_reference
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert get_verify_fn("auto") is verify_reference
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+      get_verify_fn("pallas")
