@@ -62,6 +62,9 @@ def on_gpu() -> bool:
   return (device if isinstance(device, str) else device.platform) in ("gpu", "cuda", "rocm")
 
 
+COMPILATION_CACHE_BYTES = 4 * 2**30
+
+
 def user_cache_dir() -> pathlib.Path:
   """FlashSpec's per-user cache: $FLASHSPEC_CACHE_DIR, else $XDG_CACHE_HOME/flashspec_jax,
   else ~/.cache/flashspec_jax."""
@@ -88,4 +91,7 @@ def enable_compilation_cache(setting: str = "auto") -> pathlib.Path | None:
   jax.config.update("jax_compilation_cache_dir", setting)
   # Every program, however fast it compiled: a run compiles dozens of small ones.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  # A per-user cache must not grow without bound: past this, the least recently used
+  # programs go (a 3-arm GPU program is tens of MB).
+  jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
   return pathlib.Path(setting)
