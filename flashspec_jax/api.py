@@ -162,7 +162,8 @@ class FlashSpec:
       if self._costs_pending:
         self.method = dataclasses.replace(self.method, arms=self._arm_costs(batch))
         self._costs_pending = False
-      out, seconds, _ = run_batch(self.method, self.setup, batch, key, self.bandit)
+      run = run_batch(self.method, self.setup, batch, key, self.bandit)
+    out, seconds = run.output, run.seconds
     if self.method.is_bandit:
       self.bandit = out.bandit
     token_ids = [np.asarray(out.tokens[i, :out.num_tokens[i]]).tolist()

@@ -190,7 +190,8 @@ def compile_time(data: dict) -> list[str]:
            "| program | XLA options | cold compile (s) | cached: load (s) | cached: first call (s) "
            "| of which generating (s) | compiled again |", "|---|---|---|---|---|---|---|"]
   for r in data["rows"]:
-    lines.append(f"| {r['method']} | {r['variant']} | {r['cold_compile_seconds']:.2f} | "
+    lowering = f" ({r['cold_lower_seconds']:.2f} lowering)" if "cold_lower_seconds" in r else ""
+    lines.append(f"| {r['method']} | {r['variant']} | {r['cold_compile_seconds']:.2f}{lowering} | "
                  f"{r['cached_load_seconds']:.2f} | {r['cached_call_seconds']:.2f} | "
                  f"{r['cached_run_seconds']:.3f} | {r['compiles_with_warm_cache']} |")
   return lines

@@ -204,9 +204,27 @@ def _bucketed(tokens: np.ndarray, bucket: int) -> np.ndarray:
   return np.pad(tokens, ((0, 0), (0, bucket_width(tokens.shape[1], bucket) - tokens.shape[1])))
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchRun:
+  """One batch's output and where its time went.
+
+  Attributes:
+    output: the program's GenerationOutput or SpecOutput.
+    seconds: the compiled call alone.
+    lower_seconds: tracing the program and lowering it to StableHLO, which no
+      cache saves in a new process.
+    compile_seconds: XLA's compile, or loading the result from the persistent cache.
+  """
+
+  output: Any
+  seconds: float
+  lower_seconds: float
+  compile_seconds: float
+
+
 def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=None,
-              max_new_tokens: int | None = None):
-  """Compiles then times one batch; returns (output, seconds, compile seconds)."""
+              max_new_tokens: int | None = None) -> BatchRun:
+  """Compiles then times one batch."""
   max_new = max_new_tokens or setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
   reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
@@ -217,29 +235,27 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
   args = jax.device_put((tokens, lengths, key, setup.sampler))
   start = time.perf_counter()
   if not method.arms:
-    compiled = generate.lower(setup.params["target"], *args[:3], sampler=args[3],
-                              model=setup.target, max_new_tokens=max_new,
-                              eos_ids=setup.eos_ids, capacity=capacity
-                              ).compile(setup.compiler_options)
-    call = lambda: compiled(setup.params["target"], *args[:3], sampler=args[3])
+    inputs, sampler = (setup.params["target"], *args[:3]), dict(sampler=args[3])
+    lowered = generate.lower(*inputs, **sampler, model=setup.target, max_new_tokens=max_new,
+                             eos_ids=setup.eos_ids, capacity=capacity)
   else:
     if bandit is None:
       bandit = method.strategy.init(len(method.arms))
-    compiled = speculative_generate.lower(
-        setup.params, *args, args[3], bandit, target=setup.target, arms=method.arms,
-        strategy=method.strategy, reward=setup.reward, max_new_tokens=max_new,
-        eos_ids=setup.eos_ids, capacity=capacity, verify_fn=setup.verify_fn
-    ).compile(setup.compiler_options)
-    call = lambda: compiled(setup.params, *args, args[3], bandit)
-  compile_seconds = time.perf_counter() - start
-  start = time.perf_counter()
-  out = jax.block_until_ready(call())
-  seconds = time.perf_counter() - start
+    inputs, sampler = (setup.params, *args, args[3], bandit), {}
+    lowered = speculative_generate.lower(
+        *inputs, target=setup.target, arms=method.arms, strategy=method.strategy,
+        reward=setup.reward, max_new_tokens=max_new, eos_ids=setup.eos_ids, capacity=capacity,
+        verify_fn=setup.verify_fn)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile(setup.compiler_options)
+  compiled_at = time.perf_counter()
+  out = jax.block_until_ready(compiled(*inputs, **sampler))
+  seconds = time.perf_counter() - compiled_at
   if method.arms:
     raise_on_nan(out.nan_rows, out.nan_arm, [arm.name for arm in method.arms])
   else:
     raise_on_nan(out.nan_rows)
-  return out, seconds, compile_seconds
+  return BatchRun(out, seconds, lowered_at - start, compiled_at - lowered_at)
 
 
 def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], steps: int,
@@ -327,7 +343,8 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
     method_records, batch_seconds, step_seconds = [], [], []
     for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
       rng, key = jax.random.split(rng)
-      out, seconds, compile_seconds = run_batch(method, setup, batch, key, bandit)
+      run = run_batch(method, setup, batch, key, bandit)
+      out, seconds = run.output, run.seconds
       batch_seconds.append(seconds)
       step_seconds.append(seconds / max(int(out.steps), 1))
       if method.is_bandit:
@@ -337,7 +354,8 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
         ids = np.asarray(out.tokens[row, :out.num_tokens[row]]).tolist()
         record = dict(method=method.name, id=request.id, kind=request.kind,
                       prompt_tokens=len(request.token_ids), new_tokens=len(ids),
-                      batch_seconds=seconds, compile_seconds=compile_seconds,
+                      batch_seconds=seconds, lower_seconds=run.lower_seconds,
+                      compile_seconds=run.compile_seconds,
                       loop_steps=int(out.steps),
                       text=None if model.tokenizer is None else model.tokenizer.decode(ids))
         if method.arms:
