@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.results_dir = "results"
   config.print_text = True
   # Compiled programs persist here across runs: "auto" is a per-user cache
-  # directory (see environment.compilation_cache_dir), "" turns it off.
+  # directory (see environment.user_cache_dir), "" turns it off.
   config.compilation_cache_dir = "auto"
 
   config.prompts = ml_collections.ConfigDict()
@@ -313,9 +313,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if misfit:
     target = model_config(config.target)
     raise ValueError(f"arm {misfit!r} cannot draft for config.target = {config.target!r} "
-                     f"({target.num_layers} layers, vocabulary {target.vocab_size}): layer_skip:<k> "
-                     f"needs k < {target.num_layers}, draft_model:<shape> a known shape with the "
-                     f"target's vocabulary")
+                     f"({target.num_layers} layers, vocabulary {target.vocab_size}): "
+                     f"layer_skip:<k> needs k < {target.num_layers}, draft_model:<shape> a known "
+                     f"shape with the target's vocabulary")
   max_positions = model_config(config.target).max_position_embeddings
   if config.sampling.max_new_tokens >= max_positions:
     raise ValueError(f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens} is "

@@ -394,8 +394,8 @@ def speculative_generate(params, prompt_tokens, prompt_lens, rng, target_sampler
   return SpecOutput(tokens=generated_tokens(state.tokens, state.prompt_lens, state.seq_lens,
                                             max_new_tokens),
                     num_tokens=state.seq_lens - state.prompt_lens, nan_rows=state.nan_rows,
-                    nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics, bandit=state.bandit,
-                    history=state.history)
+                    nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics,
+                    bandit=state.bandit, history=state.history)
 
 
 def check_arms(target: Llama, arms: Sequence[Arm], reward: str = "goodput") -> None:

@@ -105,11 +105,8 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
     return Arm()
   # Unrolled draft steps run fastest on a GPU; on a CPU they mostly cost compile time.
   unroll = environment.on_gpu()
-  if spec.kind == "layer_skip":
-    layers = int(spec.arg)
-    if not 1 <= layers < target.config.num_layers:
-      raise ValueError(f"layer_skip:{layers} needs 1 <= k < {target.config.num_layers}")
-    return Arm(ModelDrafter(Llama(target.config, num_layers=layers, param_dtype=dtype),
+  if spec.kind == "layer_skip":  # config.validate has checked k against the target's layers
+    return Arm(ModelDrafter(Llama(target.config, num_layers=int(spec.arg), param_dtype=dtype),
                             unroll=unroll), gamma)
   if spec.kind == "ngram":
     return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg)), gamma)
