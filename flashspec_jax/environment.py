@@ -62,9 +62,6 @@ def on_gpu() -> bool:
   return (device if isinstance(device, str) else device.platform) in ("gpu", "cuda", "rocm")
 
 
-COMPILATION_CACHE_BYTES = 4 * 2**30
-
-
 def user_cache_dir() -> pathlib.Path:
   """FlashSpec's per-user cache: $FLASHSPEC_CACHE_DIR, else $XDG_CACHE_HOME/flashspec_jax,
   else ~/.cache/flashspec_jax."""
@@ -90,8 +87,8 @@ def enable_compilation_cache(setting: str = "auto") -> pathlib.Path | None:
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", setting)
   # Every program, however fast it compiled: a run compiles dozens of small ones.
+  # No size cap (jax_compilation_cache_max_size): its LRU eviction fails every write
+  # to a directory that an uncapped process wrote to (it expects an access-time file
+  # beside each entry; seen as "Error writing persistent compilation cache entry").
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  # A per-user cache must not grow without bound: past this, the least recently used
-  # programs go (a 3-arm GPU program is tens of MB).
-  jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
   return pathlib.Path(setting)
