@@ -204,7 +204,7 @@ class FlashSpec:
     """The bandit's arms with step costs from the per-user cache, timing (on this batch)
     and caching those it lacks."""
     arms = self.method.arms
-    device = jax.devices(self.config.device)[0] if self.config.device else jax.devices()[0]
+    device = self._device()
     key = (f"{self.config.target}|{jnp.dtype(self.model.dtype).name}|{device.platform}:"
            f"{device.device_kind}|batch {len(batch)}")
     path = environment.user_cache_dir() / "arm_costs.json"
@@ -224,10 +224,13 @@ class FlashSpec:
         file.write(json.dumps(cache, indent=2) + "\n")
     return tuple(dataclasses.replace(arm, cost=known[arm.name]) for arm in arms)
 
+  def _device(self) -> jax.Device:
+    return jax.devices(self.config.device)[0] if self.config.device else jax.devices()[0]
+
   def _on_device(self):
     if self.config.device is None:
       return contextlib.nullcontext()
-    return jax.default_device(jax.devices(self.config.device)[0])
+    return jax.default_device(self._device())
 
 
 def _is_conversation(prompt) -> bool:

@@ -232,13 +232,13 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
   args = jax.device_put((tokens, lengths, key, setup.sampler))
   start = time.perf_counter()
   if not method.arms:
-    inputs, sampler = (setup.params["target"], *args[:3]), dict(sampler=args[3])
-    lowered = generate.lower(*inputs, **sampler, model=setup.target, max_new_tokens=max_new,
+    inputs, keywords = (setup.params["target"], *args[:3]), dict(sampler=args[3])
+    lowered = generate.lower(*inputs, **keywords, model=setup.target, max_new_tokens=max_new,
                              eos_ids=setup.eos_ids, capacity=capacity)
   else:
     if bandit is None:
       bandit = method.strategy.init(len(method.arms))
-    inputs, sampler = (setup.params, *args, args[3], bandit), {}
+    inputs, keywords = (setup.params, *args, args[3], bandit), {}
     lowered = speculative_generate.lower(
         *inputs, target=setup.target, arms=method.arms, strategy=method.strategy,
         reward=setup.reward, max_new_tokens=max_new, eos_ids=setup.eos_ids, capacity=capacity,
@@ -246,7 +246,7 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
   lowered_at = time.perf_counter()
   compiled = lowered.compile(setup.compiler_options)
   compiled_at = time.perf_counter()
-  out = jax.block_until_ready(compiled(*inputs, **sampler))
+  out = jax.block_until_ready(compiled(*inputs, **keywords))
   seconds = time.perf_counter() - compiled_at
   if method.arms:
     raise_on_nan(out.nan_rows, out.nan_arm, [arm.name for arm in method.arms])
