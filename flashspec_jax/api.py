@@ -215,8 +215,7 @@ class FlashSpec:
     known = cache.get(key, {})
     missing = tuple(arm for arm in arms if arm.name not in known)
     if missing:
-      timed = calibrate_costs(missing, self.setup, batch, self.run_config.bandit.calibration_steps,
-                              jax.random.key(self.config.seed))
+      timed = calibrate_costs(missing, self.setup, batch, self.run_config.bandit.calibration_steps)
       known |= {arm.name: arm.cost for arm in timed}
       cache[key] = known
       path.parent.mkdir(parents=True, exist_ok=True)

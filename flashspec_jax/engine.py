@@ -1,12 +1,13 @@
 """Exact speculative decoding, with drafters chosen online by a bandit, as one XLA program.
 
-`speculative_generate` is jitted whole: prefill, then a `lax.while_loop`
-whose body (`bandit_step`) lets the bandit pick an arm, runs that arm's step
-alone (`dispatch`), and feeds the step's reward back to the bandit. An arm
-is a drafter with its own gamma, or a plain AR step. An arm's step
-(`speculative_step`) drafts gamma tokens, scores them with one target forward
-of gamma + 1 tokens, verifies, appends and rolls the caches back by a length
-update. Arms not selected do no work: their caches lag and catch up, in
+A `SpeculativeDecoder` holds the static settings (target, arms, strategy,
+reward, budget) and is jitted with itself static. `generate` is one program:
+prefill (`init`), then a `lax.while_loop` whose body (`step`) lets the bandit
+pick an arm, runs that arm's step alone (`dispatch`), and feeds the step's
+reward back to the bandit. An arm is a drafter with its own gamma, or a plain
+AR step. An arm's step (`arm_step`) drafts gamma tokens, scores them with one
+target forward of gamma + 1 tokens, verifies, appends and rolls the caches
+back by a length update. Arms not selected do no work: their caches lag and catch up, in
 chunks, the next time they are picked. A single drafter is the one-arm case.
 
 Exactness survives the bandit: the arm for step t depends only on steps
@@ -39,12 +40,11 @@ from flashspec_jax.generate import (GenerationOutput, append_tokens, check_budge
                                     raise_on_nan)
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
-from flashspec_jax.sampling import Sampler
+from flashspec_jax.sampling import Sampler, Samplers
 
 # (target_logp [B, G+1, V], draft_logq [B, G, V], draft_tokens [B, G], seeds [B])
 #   -> (num_accepted [B], next_token [B])
 VerifyFn = Callable[..., tuple[jax.Array, jax.Array]]
-REWARDS = ("goodput", "acceptance")
 # With per-draft acceptance alpha a step emits (1 - alpha^(gamma+1)) / (1 - alpha)
 # tokens on average, never more than 1 / (1 - alpha). At alpha = 0.9, beyond any
 # drafter measured here, gamma = 32 already reaches 97% of that limit, while the
@@ -70,11 +70,11 @@ class Arm:
   cost: float = 1.0
 
   def __post_init__(self):
-    if (self.drafter is None) != (self.gamma == 0):
-      raise ValueError(f"an AR arm has gamma 0 and a drafter arm gamma >= 1; got gamma "
-                       f"{self.gamma} with drafter {self.drafter}")
-    if self.gamma < 0:
+    if self.drafter is not None and self.gamma < 1:
       raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+    if self.drafter is None and self.gamma != 0:
+      raise ValueError(f"an AR arm has gamma 0 and a drafter arm gamma >= 1; got gamma "
+                       f"{self.gamma} with no drafter")
     if self.gamma > MAX_GAMMA:
       raise ValueError(f"gamma must be <= MAX_GAMMA = {MAX_GAMMA}, got {self.gamma}: a longer "
                        f"draft only costs time (see engine.MAX_GAMMA)")
@@ -193,251 +193,278 @@ def emitted_counts(new_tokens, num_accepted, remaining, eos_ids):
   return jnp.minimum(jnp.minimum(num_accepted + 1, first_stop + 1), remaining)
 
 
-def speculative_step(params, state: SpecState, target_sampler: Sampler, draft_sampler: Sampler,
-                     *, arm_index: int, arms: tuple[Arm, ...], target: Llama,
-                     max_new_tokens: int, eos_ids: tuple[int, ...],
-                     verify_fn: VerifyFn) -> tuple[SpecState, dict[str, jax.Array]]:
-  """One step of arms[arm_index]: draft, verify with one target pass, append, roll back.
+@dataclasses.dataclass(frozen=True)
+class Goodput:
+  """Tokens emitted per unit of the arm's cost, divided by the most any arm could
+  emit per unit of its cost (gamma + 1 tokens): in [0, 1]."""
 
-  Rows already done do not change. Returns the new state and the step's
-  per-row `emitted`, `accepted` and `live` arrays, from which rewards are made.
-  """
-  arm = arms[arm_index]
-  gamma = arm.gamma
-  batch = state.tokens.shape[0]
-  active = ~state.done
-  rng, draft_key, verify_key = jax.random.split(state.rng, 3)
-  last = state.tokens[jnp.arange(batch), state.seq_lens - 1]
-
-  drafter_states = list(state.drafter_states)
-  if arm.drafter is None:
-    logits, target_cache = target.apply(params["target"], last[:, None], state.target_cache)
-    num_accepted = jnp.zeros((batch,), jnp.int32)
-    next_token = target_sampler.get_next_tokens(logits[:, 0], verify_key)
-    new_tokens = next_token[:, None]
-    draft_nan = jnp.zeros((batch,), bool)
-  else:
-    drafter_states[arm_index], draft_tokens, draft_logq = arm.drafter.propose(
-        params, state.drafter_states[arm_index], state.tokens, state.seq_lens, gamma,
-        draft_sampler, draft_key)
-    scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, G+1]
-    logits, target_cache = target.apply(params["target"], scored, state.target_cache)
-    target_logp = target_sampler.log_probs(logits)  # [B, G+1, V]
-    seeds = jax.random.bits(verify_key, (batch,), jnp.uint32)
-    num_accepted, next_token = verify_fn(target_logp, draft_logq, draft_tokens, seeds)
-    position = jnp.arange(gamma + 1)[None, :]
-    new_tokens = jnp.where(position == num_accepted[:, None], next_token[:, None],
-                           jnp.pad(draft_tokens, ((0, 0), (0, 1))))
-    draft_nan = jnp.isnan(draft_logq).any(axis=(1, 2))
-
-  nan_rows = active & (jnp.isnan(logits).any(axis=(1, 2)) | draft_nan)
-  live = active & ~nan_rows
-  remaining = max_new_tokens - (state.seq_lens - state.prompt_lens)
-  emitted = jnp.where(live, emitted_counts(new_tokens, num_accepted, remaining, eos_ids), 0)
-
-  tokens = append_tokens(state.tokens, state.seq_lens, new_tokens, emitted)
-  seq_lens = state.seq_lens + emitted
-  target_cache = dataclasses.replace(target_cache, lengths=seq_lens - 1)
-  if arm.drafter is not None:
-    drafter_states[arm_index] = arm.drafter.rollback(drafter_states[arm_index], seq_lens)
-
-  emits_stop = (is_stop_token(new_tokens, eos_ids)
-                & (jnp.arange(gamma + 1)[None, :] < emitted[:, None])).any(axis=1)
-  done = (state.done | nan_rows | emits_stop
-          | (seq_lens - state.prompt_lens >= max_new_tokens))
-
-  m = state.metrics
-  count = live.astype(jnp.int32)
-  accepted_slot = jnp.arange(m.accept_hist.shape[1])[None, :] == num_accepted[:, None]
-  metrics = SpecMetrics(
-      steps=m.steps + count,
-      proposed=m.proposed + count * gamma,
-      tested=m.tested + count * jnp.minimum(num_accepted + 1, gamma),
-      accepted=m.accepted + count * num_accepted,
-      emitted=m.emitted + emitted,
-      accept_hist=m.accept_hist + (count * (gamma > 0))[:, None] * accepted_slot,
-  )
-  state = dataclasses.replace(
-      state, tokens=tokens, seq_lens=seq_lens, target_cache=target_cache,
-      drafter_states=tuple(drafter_states), done=done, nan_rows=state.nan_rows | nan_rows,
-      nan_arm=jnp.where(active & draft_nan, arm_index, state.nan_arm), rng=rng, metrics=metrics)
-  return state, dict(emitted=emitted, accepted=num_accepted * count, live=live)
-
-
-def step_reward(stats: dict[str, jax.Array], arm_index: jax.Array, arms: tuple[Arm, ...],
-                reward: str) -> jax.Array:
-  """The bandit's reward in [0, 1] for one step, averaged over the rows that took part.
-
-  goodput: tokens emitted per unit of the arm's cost, divided by the most any
-  arm could emit per unit of its cost (gamma + 1 tokens). acceptance: accepted
-  drafts / gamma (0 for the AR arm, which drafts nothing).
-  """
-  rows = jnp.maximum(stats["live"].sum(), 1)
-  gammas = jnp.asarray([a.gamma for a in arms], jnp.float32)
-  costs = jnp.asarray([a.cost for a in arms], jnp.float32)
-  if reward == "goodput":
+  def __call__(self, stats: dict[str, jax.Array], arm_index: jax.Array,
+               arms: tuple[Arm, ...]) -> jax.Array:
+    rows = jnp.maximum(stats["live"].sum(), 1)
+    gammas = jnp.asarray([a.gamma for a in arms], jnp.float32)
+    costs = jnp.asarray([a.cost for a in arms], jnp.float32)
     best_rate = jnp.max((gammas + 1) / costs)
     return stats["emitted"].sum() / rows / costs[arm_index] / best_rate
-  return jnp.where(gammas[arm_index] > 0,
-                   stats["accepted"].sum() / rows / jnp.maximum(gammas[arm_index], 1), 0.0)
 
 
-def dispatch(arm: jax.Array, params, state: SpecState, target_sampler: Sampler,
-             draft_sampler: Sampler, *, arms: tuple[Arm, ...], **step_kwargs
-             ) -> tuple[SpecState, dict[str, jax.Array]]:
-  """Runs the step of arms[arm] alone.
+@dataclasses.dataclass(frozen=True)
+class Acceptance:
+  """Accepted drafts / gamma, 0 for the AR arm, which drafts nothing: in [0, 1]."""
 
-  Not `lax.switch`: XLA copies every buffer a conditional's branches return,
-  so each step would copy all the caches in the state, the idle arms' too (seen
-  in the CPU program's HLO). A while loop updates its carry in place, so each
-  arm's step sits in a loop that runs once if the arm was chosen and not at all
-  otherwise.
-  """
-  def step(i):
-    return functools.partial(speculative_step, arm_index=i, arms=arms, **step_kwargs)
-
-  if len(arms) == 1:
-    return step(0)(params, state, target_sampler, draft_sampler)
-  batch = state.tokens.shape[0]
-  zeros = jnp.zeros((batch,), jnp.int32)
-  stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
-  for i in range(len(arms)):
-    def run_once(carry, i=i):
-      _, state, _ = carry
-      return (jnp.bool_(False), *step(i)(params, state, target_sampler, draft_sampler))
-    _, state, stats = jax.lax.while_loop(lambda carry: carry[0], run_once,
-                                         (arm == i, state, stats))
-  return state, stats
+  def __call__(self, stats: dict[str, jax.Array], arm_index: jax.Array,
+               arms: tuple[Arm, ...]) -> jax.Array:
+    rows = jnp.maximum(stats["live"].sum(), 1)
+    gamma = jnp.asarray([a.gamma for a in arms], jnp.float32)[arm_index]
+    return jnp.where(gamma > 0, stats["accepted"].sum() / rows / jnp.maximum(gamma, 1), 0.0)
 
 
-def bandit_step(params, state: SpecState, target_sampler: Sampler, draft_sampler: Sampler, *,
-                arms: tuple[Arm, ...], strategy: Strategy, reward: str, target: Llama,
-                max_new_tokens: int, eos_ids: tuple[int, ...], verify_fn: VerifyFn) -> SpecState:
-  """The bandit picks an arm, that arm steps, and the bandit learns the step's reward."""
-  rng, select_key = jax.random.split(state.rng)
-  state = dataclasses.replace(state, rng=rng)
-  arm = strategy.select(state.bandit, select_key)
-  state, stats = dispatch(arm, params, state, target_sampler, draft_sampler, arms=arms,
-                          target=target, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                          verify_fn=verify_fn)
-  r = step_reward(stats, arm, arms, reward)
-  history = state.history
-  history = ArmHistory(arm=history.arm.at[state.step].set(arm, mode="drop"),
-                       reward=history.reward.at[state.step].set(r, mode="drop"),
-                       emitted=history.emitted.at[state.step].set(stats["emitted"].sum(),
-                                                                  mode="drop"))
-  return dataclasses.replace(state, bandit=strategy.update(state.bandit, arm, r),
-                             history=history, step=state.step + 1)
+# A reward maps a step's per-row stats (emitted, accepted, live) to the bandit's
+# reward in [0, 1], averaged over the rows that took part.
+Reward = Goodput | Acceptance
+REWARDS = {"goodput": Goodput(), "acceptance": Acceptance()}
 
 
-def init_state(params, prompt_tokens, prompt_lens, rng, target_sampler: Sampler,
-               bandit: BanditState, *, target: Llama, arms: tuple[Arm, ...],
-               max_new_tokens: int, eos_ids: tuple[int, ...], capacity: int) -> SpecState:
-  """Prefills the target and every drafter; the target samples each row's first token."""
-  ar = prefill(params["target"], prompt_tokens, prompt_lens, rng, model=target,
-               sampler=target_sampler, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-               capacity=capacity)
-  max_gamma = max(arm.gamma for arm in arms)
-  # The AR state's buffer has no room for a step's gamma + 1 tokens past the budget.
-  tokens = jnp.pad(ar.tokens, ((0, 0), (0, max_gamma + 1)))
-  drafter_states = tuple(
-      () if arm.drafter is None else arm.drafter.init(params, prompt_tokens, prompt_lens, capacity)
-      for arm in arms)
-  return SpecState(
-      tokens=tokens, seq_lens=ar.seq_lens, prompt_lens=prompt_lens, target_cache=ar.cache,
-      drafter_states=drafter_states, bandit=bandit, done=ar.done, nan_rows=ar.nan_rows,
-      nan_arm=jnp.full_like(prompt_lens, -1), rng=ar.rng, step=jnp.zeros((), jnp.int32),
-      metrics=SpecMetrics.zeros(prompt_tokens.shape[0], max_gamma),
-      history=ArmHistory.empty(max_new_tokens))
+def reward_named(name: str) -> Reward:
+  if name not in REWARDS:
+    raise ValueError(f"unknown reward {name!r}; known: {tuple(REWARDS)}")
+  return REWARDS[name]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "target", "arms", "strategy", "reward", "max_new_tokens", "eos_ids", "capacity", "verify_fn"))
-def speculative_generate(params, prompt_tokens, prompt_lens, rng, target_sampler: Sampler,
-                         draft_sampler: Sampler, bandit: BanditState | None = None, *,
-                         target: Llama, arms: tuple[Arm, ...], strategy: Strategy = Fixed(0),
-                         reward: str = "goodput", max_new_tokens: int,
-                         eos_ids: tuple[int, ...], capacity: int,
-                         verify_fn: VerifyFn | None = None) -> SpecOutput:
-  """Speculative generation over one or more arms, compiled into one program.
+@dataclasses.dataclass(frozen=True)
+class SpeculativeDecoder:
+  """The static half of speculative generation; params, state and samplers are passed in.
 
-  Args:
-    params: {"target": target params, "drafters": {key: drafter params}}.
-    prompt_tokens: [B, P] int32, right-padded.
-    prompt_lens: [B] int32.
-    rng: PRNG key.
-    target_sampler, draft_sampler: pytrees; the target's defines the output
-      distribution, the drafters sample with theirs.
-    bandit: the bandit's state to start from (carried across calls to adapt
-      over a stream of prompts); None starts fresh.
-    arms: the arms; with one arm and the default Fixed(0) strategy this is
-      plain speculative decoding with that arm's drafter.
-    capacity: KV cache slots, at least P + max_new_tokens + max gamma + 1.
+  Hashable, and jitted with itself static (gemma's sampler keeps its settings
+  the same way), so each distinct decoder compiles once per input shape.
+
+  Attributes:
+    target: the target model.
+    arms: the arms; one arm with the default Fixed(0) strategy is plain
+      speculative decoding with that arm's drafter.
+    max_new_tokens: the budget per row.
+    eos_ids: tokens that end a row.
+    strategy: the bandit strategy that picks an arm per step.
+    reward: the bandit's reward for a step.
+    capacity: KV cache slots, at least P + max_new_tokens + max gamma + 1; None
+      is just enough for the prompts' width P.
     verify_fn: see kernels/verify.py; None is the Pallas kernel on a GPU and
       the jnp reference elsewhere.
   """
-  verify_fn = verify_fn or get_verify_fn("auto")
-  if bandit is None:
-    bandit = strategy.init(len(arms))
-  state = init_state(params, prompt_tokens, prompt_lens, rng, target_sampler, bandit,
-                     target=target, arms=arms, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                     capacity=capacity)
+
+  target: Llama
+  arms: tuple[Arm, ...]
+  max_new_tokens: int
+  eos_ids: tuple[int, ...] = ()
+  strategy: Strategy = Fixed(0)
+  reward: Reward = Goodput()
+  capacity: int | None = None
+  verify_fn: VerifyFn | None = None
+
+  def __post_init__(self):
+    if not self.arms:
+      raise ValueError("no arms given")
+    for arm in self.arms:
+      if arm.drafter is not None and arm.drafter.vocab_size != self.target.config.vocab_size:
+        raise ValueError(f"drafter vocabulary ({arm.drafter.vocab_size}) differs from the "
+                         f"target's ({self.target.config.vocab_size}); speculative decoding "
+                         f"needs one vocabulary")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+  @property
+  def max_gamma(self) -> int:
+    return max(arm.gamma for arm in self.arms)
+
+  @property
+  def arm_names(self) -> list[str]:
+    return [arm.name for arm in self.arms]
+
+  def init(self, params, prompt_tokens, prompt_lens, rng, target_sampler: Sampler,
+           bandit: BanditState | None = None) -> SpecState:
+    """Prefills the target and every drafter; the target samples each row's first token.
+
+    bandit: the state to start from (carried across calls to adapt over a stream
+    of prompts); None starts fresh.
+    """
+    capacity = self.capacity or prompt_tokens.shape[1] + self.max_new_tokens + self.max_gamma + 1
+    ar = prefill(params["target"], prompt_tokens, prompt_lens, rng, model=self.target,
+                 sampler=target_sampler, max_new_tokens=self.max_new_tokens,
+                 eos_ids=self.eos_ids, capacity=capacity)
+    # The AR state's buffer has no room for a step's gamma + 1 tokens past the budget.
+    tokens = jnp.pad(ar.tokens, ((0, 0), (0, self.max_gamma + 1)))
+    drafter_states = tuple(
+        () if arm.drafter is None
+        else arm.drafter.init(params, prompt_tokens, prompt_lens, capacity)
+        for arm in self.arms)
+    return SpecState(
+        tokens=tokens, seq_lens=ar.seq_lens, prompt_lens=prompt_lens, target_cache=ar.cache,
+        drafter_states=drafter_states,
+        bandit=self.strategy.init(len(self.arms)) if bandit is None else bandit,
+        done=ar.done, nan_rows=ar.nan_rows, nan_arm=jnp.full_like(prompt_lens, -1), rng=ar.rng,
+        step=jnp.zeros((), jnp.int32),
+        metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
+        history=ArmHistory.empty(self.max_new_tokens))
+
+  def arm_step(self, params, state: SpecState, arm_index: int,
+               samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:
+    """One step of arms[arm_index]: draft, verify with one target pass, append, roll back.
+
+    Rows already done do not change. Returns the new state and the step's
+    per-row `emitted`, `accepted` and `live` arrays, from which rewards are made.
+    """
+    arm = self.arms[arm_index]
+    gamma = arm.gamma
+    batch = state.tokens.shape[0]
+    active = ~state.done
+    rng, draft_key, verify_key = jax.random.split(state.rng, 3)
+    last = state.tokens[jnp.arange(batch), state.seq_lens - 1]
+
+    drafter_states = list(state.drafter_states)
+    if arm.drafter is None:
+      logits, target_cache = self.target.apply(params["target"], last[:, None],
+                                               state.target_cache)
+      num_accepted = jnp.zeros((batch,), jnp.int32)
+      next_token = samplers.target.get_next_tokens(logits[:, 0], verify_key)
+      new_tokens = next_token[:, None]
+      draft_nan = jnp.zeros((batch,), bool)
+    else:
+      drafter_states[arm_index], draft_tokens, draft_logq = arm.drafter.propose(
+          params, state.drafter_states[arm_index], state.tokens, state.seq_lens, gamma,
+          samplers.draft, draft_key)
+      scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, G+1]
+      logits, target_cache = self.target.apply(params["target"], scored, state.target_cache)
+      target_logp = samplers.target.log_probs(logits)  # [B, G+1, V]
+      seeds = jax.random.bits(verify_key, (batch,), jnp.uint32)
+      verify_fn = self.verify_fn or get_verify_fn("auto")
+      num_accepted, next_token = verify_fn(target_logp, draft_logq, draft_tokens, seeds)
+      position = jnp.arange(gamma + 1)[None, :]
+      new_tokens = jnp.where(position == num_accepted[:, None], next_token[:, None],
+                             jnp.pad(draft_tokens, ((0, 0), (0, 1))))
+      draft_nan = jnp.isnan(draft_logq).any(axis=(1, 2))
+
+    nan_rows = active & (jnp.isnan(logits).any(axis=(1, 2)) | draft_nan)
+    live = active & ~nan_rows
+    remaining = self.max_new_tokens - (state.seq_lens - state.prompt_lens)
+    emitted = jnp.where(live, emitted_counts(new_tokens, num_accepted, remaining, self.eos_ids),
+                        0)
+
+    tokens = append_tokens(state.tokens, state.seq_lens, new_tokens, emitted)
+    seq_lens = state.seq_lens + emitted
+    target_cache = dataclasses.replace(target_cache, lengths=seq_lens - 1)
+    if arm.drafter is not None:
+      drafter_states[arm_index] = arm.drafter.rollback(drafter_states[arm_index], seq_lens)
+
+    emits_stop = (is_stop_token(new_tokens, self.eos_ids)
+                  & (jnp.arange(gamma + 1)[None, :] < emitted[:, None])).any(axis=1)
+    done = (state.done | nan_rows | emits_stop
+            | (seq_lens - state.prompt_lens >= self.max_new_tokens))
+
+    m = state.metrics
+    count = live.astype(jnp.int32)
+    accepted_slot = jnp.arange(m.accept_hist.shape[1])[None, :] == num_accepted[:, None]
+    metrics = SpecMetrics(
+        steps=m.steps + count,
+        proposed=m.proposed + count * gamma,
+        tested=m.tested + count * jnp.minimum(num_accepted + 1, gamma),
+        accepted=m.accepted + count * num_accepted,
+        emitted=m.emitted + emitted,
+        accept_hist=m.accept_hist + (count * (gamma > 0))[:, None] * accepted_slot,
+    )
+    state = dataclasses.replace(
+        state, tokens=tokens, seq_lens=seq_lens, target_cache=target_cache,
+        drafter_states=tuple(drafter_states), done=done, nan_rows=state.nan_rows | nan_rows,
+        nan_arm=jnp.where(active & draft_nan, arm_index, state.nan_arm), rng=rng,
+        metrics=metrics)
+    return state, dict(emitted=emitted, accepted=num_accepted * count, live=live)
+
+  def dispatch(self, params, state: SpecState, arm: jax.Array,
+               samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:
+    """Runs the step of arms[arm] alone.
+
+    Not `lax.switch`: XLA copies every buffer a conditional's branches return,
+    so each step would copy all the caches in the state, the idle arms' too (seen
+    in the CPU program's HLO). A while loop updates its carry in place, so each
+    arm's step sits in a loop that runs once if the arm was chosen and not at all
+    otherwise.
+    """
+    if len(self.arms) == 1:
+      return self.arm_step(params, state, 0, samplers)
+    batch = state.tokens.shape[0]
+    zeros = jnp.zeros((batch,), jnp.int32)
+    stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
+    for i in range(len(self.arms)):
+      def run_once(carry, i=i):
+        _, state, _ = carry
+        return (jnp.bool_(False), *self.arm_step(params, state, i, samplers))
+      _, state, stats = jax.lax.while_loop(lambda carry: carry[0], run_once,
+                                           (arm == i, state, stats))
+    return state, stats
+
+  def step(self, params, state: SpecState, samplers: Samplers) -> SpecState:
+    """The bandit picks an arm, that arm steps, and the bandit learns the step's reward."""
+    rng, select_key = jax.random.split(state.rng)
+    state = dataclasses.replace(state, rng=rng)
+    arm = self.strategy.select(state.bandit, select_key)
+    state, stats = self.dispatch(params, state, arm, samplers)
+    r = self.reward(stats, arm, self.arms)
+    history = state.history
+    history = ArmHistory(arm=history.arm.at[state.step].set(arm, mode="drop"),
+                         reward=history.reward.at[state.step].set(r, mode="drop"),
+                         emitted=history.emitted.at[state.step].set(stats["emitted"].sum(),
+                                                                    mode="drop"))
+    return dataclasses.replace(state, bandit=self.strategy.update(state.bandit, arm, r),
+                               history=history, step=state.step + 1)
+
+  def generate(self, params, prompt_tokens, prompt_lens, rng, samplers: Samplers,
+               bandit: BanditState | None = None) -> SpecOutput:
+    """Prefill and the step loop, compiled into one program.
+
+    Args:
+      params: {"target": target params, "drafters": {key: drafter params}}.
+      prompt_tokens: [B, P] int32, right-padded.
+      prompt_lens: [B] int32.
+      rng: PRNG key.
+      samplers: pytrees; the target's defines the output distribution.
+      bandit: the bandit's state to start from; None starts fresh.
+    """
+    return _generate(self, params, prompt_tokens, prompt_lens, rng, samplers, bandit)
+
+  def lower(self, *args) -> jax.stages.Lowered:
+    """`generate`'s program for these arguments, lowered and ready to compile."""
+    return _generate.lower(self, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _generate(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, rng,
+              samplers: Samplers, bandit: BanditState | None) -> SpecOutput:
+  state = decoder.init(params, prompt_tokens, prompt_lens, rng, samplers.target, bandit)
 
   def should_continue(state: SpecState):
-    return (state.step < max_new_tokens) & ~jnp.all(state.done)
+    return (state.step < decoder.max_new_tokens) & ~jnp.all(state.done)
 
-  step = functools.partial(bandit_step, params, target_sampler=target_sampler,
-                           draft_sampler=draft_sampler, arms=arms, strategy=strategy,
-                           reward=reward, target=target, max_new_tokens=max_new_tokens,
-                           eos_ids=eos_ids, verify_fn=verify_fn)
-  state = jax.lax.while_loop(should_continue, step, state)
+  state = jax.lax.while_loop(should_continue,
+                             lambda state: decoder.step(params, state, samplers), state)
   return SpecOutput(tokens=generated_tokens(state.tokens, state.prompt_lens, state.seq_lens,
-                                            max_new_tokens),
+                                            decoder.max_new_tokens),
                     num_tokens=state.seq_lens - state.prompt_lens, nan_rows=state.nan_rows,
                     nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics,
                     bandit=state.bandit, history=state.history)
 
 
-def check_arms(target: Llama, arms: Sequence[Arm], reward: str = "goodput") -> None:
-  if not arms:
-    raise ValueError("no arms given")
-  if reward not in REWARDS:
-    raise ValueError(f"unknown reward {reward!r}; known: {REWARDS}")
-  for arm in arms:
-    if arm.drafter is not None and arm.drafter.vocab_size != target.config.vocab_size:
-      raise ValueError(f"drafter vocabulary ({arm.drafter.vocab_size}) differs from the "
-                       f"target's ({target.config.vocab_size}); speculative decoding needs "
-                       f"one vocabulary")
-
-
-def run_speculative(params, target: Llama, drafter: Drafter | None,
-                    prompts: Sequence[Sequence[int]], *, gamma: int, target_sampler: Sampler,
-                    draft_sampler: Sampler | None = None, max_new_tokens: int, rng,
-                    eos_ids: tuple[int, ...] | None = None, cache_capacity: int | None = None,
-                    verify_fn: VerifyFn | None = None) -> SpecOutput:
-  """Validates inputs, then runs `speculative_generate` with one drafter.
-
-  The drafter samples with draft_sampler (the target's by default); exactness
-  holds for any drafter distribution.
+def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Sequence[int]], rng,
+                    samplers: Samplers) -> SpecOutput:
+  """Validates the prompts and budget on the host, generates, and raises on NaN rows.
 
   Raises:
-    ValueError: on mismatched vocabularies, gamma outside [1, MAX_GAMMA], or a budget the
-      cache cannot hold.
+    ValueError: on prompts outside the vocabulary or a budget the cache or the
+      model's positions cannot hold.
     FloatingPointError: when a row's target or draft logits were NaN.
   """
-  if gamma < 1:
-    raise ValueError(f"gamma must be >= 1, got {gamma}")
-  arms = (Arm(drafter, gamma),)
-  check_arms(target, arms)
-  tokens, lengths = prepare_prompts(prompts, target.config.vocab_size)
-  capacity = check_budget(target.config, tokens.shape[1], max_new_tokens, reserve=gamma + 1,
-                          cache_capacity=cache_capacity)
-  out = speculative_generate(
-      params, jnp.asarray(tokens), jnp.asarray(lengths), rng, target_sampler,
-      draft_sampler or target_sampler, target=target, arms=arms, max_new_tokens=max_new_tokens,
-      eos_ids=target.config.eos_token_ids if eos_ids is None else tuple(eos_ids),
-      capacity=capacity, verify_fn=verify_fn)
-  raise_on_nan(out.nan_rows, out.nan_arm, [arm.name for arm in arms])
+  tokens, lengths = prepare_prompts(prompts, decoder.target.config.vocab_size)
+  check_budget(decoder.target.config, tokens.shape[1], decoder.max_new_tokens,
+               reserve=decoder.max_gamma + 1, cache_capacity=decoder.capacity)
+  out = decoder.generate(params, jnp.asarray(tokens), jnp.asarray(lengths), rng, samplers)
+  raise_on_nan(out.nan_rows, out.nan_arm, decoder.arm_names)
   return out
 
 

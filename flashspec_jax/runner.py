@@ -25,14 +25,14 @@ from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.bandit.simulate import run_simulation
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.bench import timing
-from flashspec_jax.engine import Arm, check_arms, speculative_generate
+from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
 from flashspec_jax.generate import check_budget, generate, prepare_prompts, raise_on_nan
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import TARGET_FLAG, LoadedModel, check_checkpoint, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.prompts import load_prompts, read_prompt_file
-from flashspec_jax.sampling import make_sampler
+from flashspec_jax.sampling import Samplers, make_sampler
 
 DRAFT_FLAG = "--config.draft_checkpoint_dir"
 
@@ -65,7 +65,7 @@ class Setup:
   sampler: Any
   max_new_tokens: int
   eos_ids: tuple[int, ...]
-  reward: str
+  reward: Reward
   verify_fn: Any
   bucket: int
   # XLA options for compiling each batch's program (bench.compile_time varies them).
@@ -155,8 +155,8 @@ def build_methods(config, target: LoadedModel, dtype) -> tuple[list[Method], dic
       methods.append(Method(name, (build(config_lib.ArmSpec.parse(name)),)))
   target_model = Llama(target.config, param_dtype=dtype)
   for method in methods:
-    if method.arms:
-      check_arms(target_model, method.arms, config.bandit.reward)
+    if method.arms:  # a decoder checks its arms against the target when built
+      SpeculativeDecoder(target_model, method.arms, config.sampling.max_new_tokens)
   return methods, params
 
 
@@ -166,7 +166,8 @@ def make_setup(config, model: LoadedModel, params: dict[str, Any], dtype) -> Set
                sampler=make_sampler(sampling.temperature, sampling.top_k, sampling.top_p),
                max_new_tokens=sampling.max_new_tokens,
                eos_ids=() if model.synthetic else model.config.eos_token_ids,
-               reward=config.bandit.reward, verify_fn=get_verify_fn(config.verify_impl),
+               reward=reward_named(config.bandit.reward),
+               verify_fn=get_verify_fn(config.verify_impl),
                bucket=config.prompts.bucket)
 
 
@@ -180,8 +181,7 @@ def with_arm_costs(methods: list[Method], config, setup: Setup,
   if costs:
     bandit_arms = tuple(dataclasses.replace(a, cost=c) for a, c in zip(bandit_arms, costs))
   else:
-    bandit_arms = calibrate_costs(bandit_arms, setup, batch, config.bandit.calibration_steps,
-                                  jax.random.key(config.seed))
+    bandit_arms = calibrate_costs(bandit_arms, setup, batch, config.bandit.calibration_steps)
   return [dataclasses.replace(m, arms=bandit_arms) if m.is_bandit else m for m in methods]
 
 
@@ -219,10 +219,9 @@ class BatchRun:
   compile_seconds: float
 
 
-def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=None,
-              max_new_tokens: int | None = None) -> BatchRun:
+def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=None) -> BatchRun:
   """Compiles then times one batch."""
-  max_new = max_new_tokens or setup.max_new_tokens
+  max_new = setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
   reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
   padded = _bucketed(tokens, setup.bucket)
@@ -236,13 +235,12 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
     lowered = generate.lower(*inputs, **keywords, model=setup.target, max_new_tokens=max_new,
                              eos_ids=setup.eos_ids, capacity=capacity)
   else:
+    decoder = SpeculativeDecoder(setup.target, method.arms, max_new, setup.eos_ids,
+                                 method.strategy, setup.reward, capacity, setup.verify_fn)
     if bandit is None:
       bandit = method.strategy.init(len(method.arms))
-    inputs, keywords = (setup.params, *args, args[3], bandit), {}
-    lowered = speculative_generate.lower(
-        *inputs, target=setup.target, arms=method.arms, strategy=method.strategy,
-        reward=setup.reward, max_new_tokens=max_new, eos_ids=setup.eos_ids, capacity=capacity,
-        verify_fn=setup.verify_fn)
+    inputs, keywords = (setup.params, *args[:3], Samplers.same(args[3]), bandit), {}
+    lowered = decoder.lower(*inputs)
   lowered_at = time.perf_counter()
   compiled = lowered.compile(setup.compiler_options)
   compiled_at = time.perf_counter()
@@ -255,8 +253,8 @@ def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=No
   return BatchRun(out, seconds, lowered_at - start, compiled_at - lowered_at)
 
 
-def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], steps: int,
-                    key) -> tuple[Arm, ...]:
+def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],
+                    steps: int) -> tuple[Arm, ...]:
   """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts.
 
   Timed as the slope between loops of 2 and 2 + `steps` steps inside one compiled
@@ -266,9 +264,10 @@ def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request], s
   tokens = _bucketed(tokens, setup.bucket)
   calibrated = []
   for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
-    measured, _ = timing.speculative_step(
-        setup.params, tokens, lengths, key, setup.sampler, target=setup.target, arms=(arm,),
-        reward=setup.reward, verify_fn=setup.verify_fn, steps=(2, 2 + steps), repeats=3)
+    decoder = SpeculativeDecoder(setup.target, (arm,), 1, reward=setup.reward,
+                                 verify_fn=setup.verify_fn)
+    measured, _ = timing.held_step_seconds(decoder, setup.params, (tokens, lengths),
+                                           setup.sampler, (2, 2 + steps), repeats=3)
     calibrated.append(dataclasses.replace(arm, cost=max(measured["seconds"], 1e-6)))
   jax.clear_caches()
   return tuple(calibrated)

@@ -104,6 +104,19 @@ class TopP(_Stochastic):
     return jax.nn.log_softmax(jnp.where(logp >= threshold, logp, -jnp.inf), axis=-1)
 
 
+@struct.dataclass
+class Samplers:
+  """The target's sampler, which defines the output distribution, and the one the
+  drafters draw with (any distribution keeps the output exact)."""
+
+  target: Sampler
+  draft: Sampler
+
+  @classmethod
+  def same(cls, sampler: Sampler) -> Samplers:
+    return cls(target=sampler, draft=sampler)
+
+
 def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Sampler:
   """The sampler for config-style knobs: temperature 0 is greedy, top_k 0 and top_p 1 are off."""
   if temperature < 0 or temperature != temperature:

@@ -28,11 +28,11 @@ from scipy import stats
 
 from flashspec_jax.bandit import Fixed
 from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import Arm, speculative_generate
+from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.generate import prepare_prompts
 from flashspec_jax.kernels.verify import verify_reference
 from flashspec_jax.models.llama import KVCache, Llama
-from flashspec_jax.sampling import Temperature, TopK, TopP
+from flashspec_jax.sampling import Samplers, Temperature, TopK, TopP
 
 
 def continuation_logits(params, config, prompts, num_tokens) -> list[np.ndarray]:
@@ -168,15 +168,13 @@ def draw(params, arms, samplers, batch, keys, *, strategy=Fixed(0), draft_sample
   its own state instead of a fresh one.
   """
   tokens, lengths = prepare_prompts(PROMPTS[batch], VOCAB)
-  max_gamma = max(arm.gamma for arm in arms)
-  run = functools.partial(
-      speculative_generate, params, jnp.asarray(tokens), jnp.asarray(lengths), target=TARGET,
-      arms=arms, strategy=strategy, max_new_tokens=NUM_TOKENS, eos_ids=(),
-      capacity=tokens.shape[1] + NUM_TOKENS + max_gamma + 1, verify_fn=verify_fn)
+  decoder = SpeculativeDecoder(TARGET, arms, NUM_TOKENS, strategy=strategy, verify_fn=verify_fn)
 
   def one_run(sampler, key):
     bandit = None if initial_bandit is None else initial_bandit(jax.random.fold_in(key, 1))
-    return run(key, sampler, draft_sampler or sampler, bandit).tokens
+    samplers = Samplers(target=sampler, draft=draft_sampler or sampler)
+    return decoder.generate(params, jnp.asarray(tokens), jnp.asarray(lengths), key, samplers,
+                            bandit).tokens
 
   def one_sampler(sampler, key):
     return jax.vmap(lambda k: one_run(sampler, k))(jax.random.split(key, NUM_SAMPLES // batch))

@@ -1,6 +1,5 @@
 """The speculative engine: greedy equivalence, ragged batches, budgets, metrics, errors."""
 
-import functools
 import re
 
 import jax
@@ -18,7 +17,7 @@ from flashspec_jax.generate import PAD_ID, prepare_prompts, run_generate
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.prompts import load_prompts
-from flashspec_jax.sampling import Greedy, Temperature, TopK, TopP, make_sampler
+from flashspec_jax.sampling import Greedy, Samplers, Temperature, TopK, TopP, make_sampler
 
 CONFIG = tiny_config(num_layers=4)
 DRAFT_CONFIG = tiny_config(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1)
@@ -40,10 +39,12 @@ def params():
           "drafters": {"small": spread_params(DRAFT_CONFIG, seed=1)}}
 
 
-def speculate(params, drafter="small", prompts=PROMPTS, **kwargs):
-  kwargs = dict(gamma=3, target_sampler=Greedy(), max_new_tokens=16,
-                rng=jax.random.key(0)) | kwargs
-  return engine.run_speculative(params, TARGET, DRAFTERS[drafter], prompts, **kwargs)
+def speculate(params, drafter="small", prompts=PROMPTS, gamma=3, target_sampler=Greedy(),
+              max_new_tokens=16, **kwargs):
+  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTERS[drafter], gamma),),
+                                      max_new_tokens, **kwargs)
+  return engine.run_speculative(params, decoder, prompts, jax.random.key(0),
+                                Samplers.same(target_sampler))
 
 
 @pytest.mark.parametrize("drafter", sorted(DRAFTERS))
@@ -106,14 +107,14 @@ def test_per_row_eos(params):
 def test_speculation_is_one_program_without_host_transfers(params, caplog):
   tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
   args = jax.device_put((params, tokens, lengths, jax.random.key(0)))
-  samplers = jax.device_put(dict(target_sampler=TopP(0.9, 0.8), draft_sampler=Temperature(1.0)))
-  static = dict(target=TARGET, arms=(engine.Arm(DRAFTERS["small"], 4),), max_new_tokens=10,
-                eos_ids=(3,), capacity=tokens.shape[1] + 10 + 5)
-  hlo = engine.speculative_generate.lower(*args, **samplers, **static).compile().as_text()
+  samplers = jax.device_put(Samplers(target=TopP(0.9, 0.8), draft=Temperature(1.0)))
+  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTERS["small"], 4),), 10,
+                                      eos_ids=(3,))
+  hlo = decoder.lower(*args, samplers, None).compile().as_text()
   assert re.search(r"= .* while\(", hlo)
   for host_op in (r"\boutfeed\(", r"\binfeed\(", r"\bsend\(", r"\brecv\(", "callback"):
     assert not re.search(host_op, hlo), host_op
-  out = run_as_one_program(caplog, engine.speculative_generate, *args, **samplers, **static)
+  out = run_as_one_program(caplog, decoder.generate, *args, samplers)
   assert (np.asarray(out.num_tokens) >= 1).all()
 
 
@@ -121,8 +122,7 @@ def test_drafter_vocabulary_must_match(params):
   other = ModelDrafter(Llama(tiny_config(vocab_size=65), param_dtype=jnp.float32), "small")
   with pytest.raises(ValueError, match="drafter vocabulary \\(65\\) differs from the target's "
                                        "\\(64\\)"):
-    engine.run_speculative(params, TARGET, other, PROMPTS, gamma=2, target_sampler=Greedy(),
-                           max_new_tokens=4, rng=jax.random.key(0))
+    engine.SpeculativeDecoder(TARGET, (engine.Arm(other, 2),), 4)
 
 
 def test_bad_gamma_is_rejected(params):
@@ -130,7 +130,7 @@ def test_bad_gamma_is_rejected(params):
     speculate(params, gamma=0)
   with pytest.raises(ValueError, match="\\+ 5 speculative slots = 33 exceeds the KV cache "
                                        "capacity of 32"):
-    speculate(params, gamma=4, max_new_tokens=16, cache_capacity=32)
+    speculate(params, gamma=4, max_new_tokens=16, capacity=32)
   with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
     speculate(params, gamma=4, max_new_tokens=250)
   with pytest.raises(ValueError, match=f"gamma must be <= MAX_GAMMA = {engine.MAX_GAMMA}, got "
@@ -191,9 +191,9 @@ def test_greedy_speculation_equals_greedy_ar_on_smollm2(smollm2):
   # Deep enough that most drafts are partly accepted (alpha ~0.5): every accepted count
   # from 0 to gamma then occurs, where a shallow drafter is almost always rejected at once.
   drafter = ModelDrafter(Llama(config, num_layers=28, param_dtype=jnp.float32), unroll=False)
-  out = engine.run_speculative({"target": params}, target, drafter, prompts, gamma=4,
-                               target_sampler=Greedy(), max_new_tokens=128,
-                               rng=jax.random.key(0), eos_ids=())
+  decoder = engine.SpeculativeDecoder(target, (engine.Arm(drafter, 4),), 128)
+  out = engine.run_speculative({"target": params}, decoder, prompts, jax.random.key(0),
+                               Samplers.same(Greedy()))
   for row in range(len(prompts)):
     assert out.tokens[row].tolist() == ar.tokens[row].tolist(), f"prompt {row} diverges"
   assert all(engine.summarize(out.metrics)["accept_hist"]), "some accepted counts never occur"
@@ -219,11 +219,11 @@ def bandit_arms(chunk=16):
 
 def bandit_generate(params, strategy, arms, max_new_tokens=24, **kwargs):
   tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
-  return engine.speculative_generate(
-      params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
-      kwargs.pop("sampler", Greedy()), Greedy(), target=TARGET, arms=arms, strategy=strategy,
-      max_new_tokens=max_new_tokens, eos_ids=(),
-      capacity=tokens.shape[1] + max_new_tokens + 5, **kwargs)
+  samplers = Samplers(target=kwargs.pop("sampler", Greedy()), draft=Greedy())
+  decoder = engine.SpeculativeDecoder(TARGET, arms, max_new_tokens, strategy=strategy,
+                                      capacity=tokens.shape[1] + max_new_tokens + 5, **kwargs)
+  return decoder.generate(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
+                          samplers)
 
 
 @pytest.mark.parametrize("strategy", [EpsilonGreedy(0.7), Thompson()], ids=["eps", "thompson"])
@@ -242,15 +242,13 @@ def test_switching_arms_keeps_greedy_output(params, strategy):
 
 
 def prefilled_bandit(params, arms, strategy):
-  """The state after prefilling PROMPTS, and bandit_step(params, state) for these arms."""
+  """The state after prefilling PROMPTS, and the decoder's step(params, state) for these arms."""
   tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
-  static = dict(target=TARGET, arms=arms, max_new_tokens=20, eos_ids=())
-  state = engine.init_state(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                            jax.random.key(0), Greedy(), strategy.init(len(arms)),
-                            capacity=tokens.shape[1] + 30, **static)
-  step = functools.partial(engine.bandit_step, strategy=strategy, reward="goodput",
-                           verify_fn=verify_reference, **static)
-  return state, lambda params, state: step(params, state, Greedy(), Greedy())
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 20, strategy=strategy,
+                                      capacity=tokens.shape[1] + 30, verify_fn=verify_reference)
+  state = decoder.init(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
+                       Greedy())
+  return state, lambda params, state: decoder.step(params, state, Samplers.same(Greedy()))
 
 
 def test_idle_arms_are_not_touched(params):
@@ -277,20 +275,20 @@ def test_goodput_reward_prefers_cheap_tokens():
   arms = (engine.Arm(NgramDrafter(64, 2), 4, cost=2.0), engine.Arm(cost=1.0))
   stats = dict(emitted=jnp.array([5, 5]), accepted=jnp.array([4, 4]), live=jnp.array([True, True]))
   # 5 tokens at cost 2 is the best rate possible (5 / 2), so the reward is 1.
-  assert float(engine.step_reward(stats, 0, arms, "goodput")) == pytest.approx(1.0)
+  assert float(engine.Goodput()(stats, 0, arms)) == pytest.approx(1.0)
   one = dict(emitted=jnp.array([1, 1]), accepted=jnp.array([0, 0]), live=jnp.array([True, True]))
-  assert float(engine.step_reward(one, 1, arms, "goodput")) == pytest.approx(1 / 2.5)
-  assert float(engine.step_reward(stats, 0, arms, "acceptance")) == pytest.approx(1.0)
-  assert float(engine.step_reward(one, 1, arms, "acceptance")) == 0.0
+  assert float(engine.Goodput()(one, 1, arms)) == pytest.approx(1 / 2.5)
+  assert float(engine.Acceptance()(stats, 0, arms)) == pytest.approx(1.0)
+  assert float(engine.Acceptance()(one, 1, arms)) == 0.0
 
 
 def test_bandit_generation_is_one_program(params, caplog):
   tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
-  args = jax.device_put((params, tokens, lengths, jax.random.key(0), Temperature(1.0),
-                         Temperature(1.0)))
-  static = dict(target=TARGET, arms=bandit_arms(), strategy=UCB1(), max_new_tokens=10,
-                eos_ids=(), capacity=tokens.shape[1] + 15)
-  out = run_as_one_program(caplog, engine.speculative_generate, *args, **static)
+  args = jax.device_put((params, tokens, lengths, jax.random.key(0),
+                         Samplers.same(Temperature(1.0))))
+  decoder = engine.SpeculativeDecoder(TARGET, bandit_arms(), 10, strategy=UCB1(),
+                                      capacity=tokens.shape[1] + 15)
+  out = run_as_one_program(caplog, decoder.generate, *args)
   assert int(out.bandit.counts.sum()) == int(out.steps) > 0
 
 
@@ -300,4 +298,4 @@ def test_arms_are_validated():
   with pytest.raises(ValueError, match="arm cost must be > 0"):
     engine.Arm(cost=0.0)
   with pytest.raises(ValueError, match="unknown reward 'speed'"):
-    engine.check_arms(TARGET, [engine.Arm()], "speed")
+    engine.reward_named("speed")

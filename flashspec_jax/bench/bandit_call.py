@@ -32,12 +32,12 @@ from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
 from flashspec_jax.bench import timing
 from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
-from flashspec_jax.engine import Arm, init_state, speculative_generate
+from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.environment import on_gpu
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import Llama, init_params
-from flashspec_jax.sampling import Greedy, Temperature
+from flashspec_jax.sampling import Greedy, Samplers, Temperature
 
 STRATEGIES = {"greedy": EpsilonGreedy(epsilon=0.0), "ucb1": UCB1(), "thompson": Thompson()}
 
@@ -77,21 +77,18 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
   for (name, arms), tokens in itertools.product(programs.items(), new_tokens):
     held, bandit = ((Fixed(0), None) if len(arms) == 1
                     else (STRATEGIES[strategy], timing.held_on_first_arm(len(arms))))
-    capacity = context + tokens + gamma + 1
-    static = dict(target=target, arms=arms, max_new_tokens=tokens, eos_ids=())
-    generate = functools.partial(speculative_generate, strategy=held, capacity=capacity,
-                                 verify_fn=get_verify_fn("auto"), **static)
+    decoder = SpeculativeDecoder(target, arms, tokens, strategy=held,
+                                 verify_fn=get_verify_fn("auto"))
+    samplers = Samplers.same(sampler)
     start = time.perf_counter()
-    compiled = jax.jit(generate).lower(params, prompt, lengths, key, sampler, sampler,
-                                       bandit).compile()
+    compiled = decoder.lower(params, prompt, lengths, key, samplers, bandit).compile()
     compile_seconds = time.perf_counter() - start
     hlo = compiled.as_text()
     if hlo_dir:
       pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
       (pathlib.Path(hlo_dir) / f"{len(rows)}.hlo.txt").write_text(hlo)
-    state = jax.eval_shape(functools.partial(init_state, capacity=capacity, **static),
-                           params, prompt, lengths, key, sampler, bandit or held.init(len(arms)))
-    call = functools.partial(compiled, params, prompt, lengths, key, sampler, sampler, bandit)
+    state = jax.eval_shape(decoder.init, params, prompt, lengths, key, sampler, bandit)
+    call = functools.partial(compiled, params, prompt, lengths, key, samplers, bandit)
     times = timing.wall_times(call, repeats)
     out = call()
     steps = int(out.steps)

@@ -17,7 +17,7 @@ from absl import app, flags
 from flashspec_jax import results
 from flashspec_jax.bench import timing
 from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import Arm
+from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.environment import on_gpu
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.config import model_config
@@ -48,9 +48,9 @@ def bench(target_name, idle_counts, batch, gamma, context, steps, repeats, unrol
   for idle in idle_counts:
     arms = tuple(Arm(ModelDrafter(Llama(config, num_layers=d, param_dtype=dtype),
                                   unroll=unroll), gamma) for d in depths[:idle + 1])
-    measured, _ = timing.speculative_step(
-        params, prompt, lengths, jax.random.key(2), sampler, target=target, arms=arms,
-        reward="goodput", verify_fn=get_verify_fn("auto"), steps=steps, repeats=repeats)
+    decoder = SpeculativeDecoder(target, arms, max_new_tokens=1, verify_fn=get_verify_fn("auto"))
+    measured, _ = timing.held_step_seconds(decoder, params, (prompt, lengths), sampler, steps,
+                                           repeats)
     rows.append(dict(idle_arms=idle, arms=[a.name for a in arms],
                      step_ms=measured["seconds"] * 1e3, raw=measured))
   base = rows[0]["step_ms"]

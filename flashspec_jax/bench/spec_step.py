@@ -22,7 +22,7 @@ from absl import app, flags
 from flashspec_jax import results
 from flashspec_jax.bench import timing
 from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import Arm
+from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.kernels.verify import PALLAS_GPU_AVAILABLE, get_verify_fn
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import KVCache, Llama, init_params
@@ -63,10 +63,10 @@ def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, im
     lengths = jnp.full((batch,), context, jnp.int32)
     row = dict(batch=batch, gamma=gamma, context=context)
     for impl in impls:
-      measured, state = timing.speculative_step(
-          params, prompt, lengths, jax.random.key(3), sampler, target=target,
-          arms=(Arm(drafter, gamma),), reward="goodput", verify_fn=get_verify_fn(impl),
-          steps=steps, repeats=repeats)
+      decoder = SpeculativeDecoder(target, (Arm(drafter, gamma),), max_new_tokens=1,
+                                   verify_fn=get_verify_fn(impl))
+      measured, state = timing.held_step_seconds(decoder, params, (prompt, lengths), sampler,
+                                                 steps, repeats)
       row[f"step_ms_{impl}"] = measured["seconds"] * 1e3
       row[f"raw_step_{impl}"] = measured
 

@@ -7,7 +7,7 @@ divided, which removes launch, dispatch and input-copy costs from per-step time.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from flashspec_jax.bandit import BanditState, EpsilonGreedy
-from flashspec_jax.engine import Arm, SpecState, bandit_step, init_state
-from flashspec_jax.models.llama import Llama
+from flashspec_jax.engine import SpecState, SpeculativeDecoder
+from flashspec_jax.sampling import Sampler, Samplers
 
 
 def wall_times(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> list[float]:
@@ -90,21 +90,22 @@ def held_on_first_arm(num_arms: int) -> BanditState:
                      pulls=jnp.int32(pulls * num_arms))
 
 
-def speculative_step(params, tokens, lengths, key, sampler, *, target: Llama,
-                     arms: tuple[Arm, ...], reward: str, verify_fn, steps: tuple[int, int],
-                     repeats: int) -> tuple[dict, SpecState]:
-  """Seconds per engine step with the bandit held on arms[0] (`held_on_first_arm`),
-  stepping on from the prompts.
+def held_step_seconds(decoder: SpeculativeDecoder, params, prompts: tuple[jax.Array, jax.Array],
+                      sampler: Sampler, steps: tuple[int, int], repeats: int
+                      ) -> tuple[dict, SpecState]:
+  """Seconds per `decoder.step` with the bandit held on arms[0] (`held_on_first_arm`),
+  stepping on from the prompts (tokens [B, P], lengths [B]).
 
-  Returns the timing and the state after the prompts' prefill, which the loops start from.
+  The decoder is made to run that long: a greedy strategy, a budget and cache
+  for `steps[1]` steps of its longest arm, no EOS. Returns the timing and the
+  state after the prompts' prefill, which the loops start from.
   """
-  gamma = max(arm.gamma for arm in arms)
-  capacity = tokens.shape[1] + steps[1] * (gamma + 1) + gamma + 2
-  static = dict(target=target, arms=arms, max_new_tokens=capacity, eos_ids=())
-  greedy, bandit = EpsilonGreedy(epsilon=0.0), held_on_first_arm(len(arms))
-  state = jax.jit(functools.partial(init_state, capacity=capacity, **static))(
-      params, tokens, lengths, key, sampler, bandit)
-  step = functools.partial(bandit_step, strategy=greedy, reward=reward, verify_fn=verify_fn,
-                           **static)
-  return per_step(lambda p, s: step(p, s, sampler, sampler), params, state, steps,
+  tokens, lengths = prompts
+  capacity = tokens.shape[1] + steps[1] * (decoder.max_gamma + 1) + decoder.max_gamma + 2
+  decoder = dataclasses.replace(decoder, strategy=EpsilonGreedy(epsilon=0.0),
+                                max_new_tokens=capacity, capacity=capacity, eos_ids=())
+  state = jax.jit(decoder.init)(params, tokens, lengths, jax.random.key(0), sampler,
+                                held_on_first_arm(len(decoder.arms)))
+  samplers = Samplers.same(sampler)
+  return per_step(lambda p, s: decoder.step(p, s, samplers), params, state, steps,
                   repeats), state
