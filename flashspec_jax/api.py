@@ -41,7 +41,7 @@ from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.prompts import Prompt
 from flashspec_jax.runner import (Request, build_methods, calibrate_costs, check_checkpoints,
-                                  make_setup, param_dtype, run_batch, with_arm_costs)
+                                  compile_and_run, make_setup, param_dtype, with_arm_costs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ class FlashSpec:
       if self._costs_pending:
         self.method = dataclasses.replace(self.method, arms=self._arm_costs(batch))
         self._costs_pending = False
-      run = run_batch(self.method, self.setup, batch, key, self.bandit)
+      run = compile_and_run(self.method, self.setup, batch, key, self.bandit)
     out, seconds = run.output, run.seconds
     if self.method.is_bandit:
       self.bandit = out.bandit

@@ -35,9 +35,9 @@ from flax import struct
 
 from flashspec_jax.bandit.strategies import BanditState, Fixed, Strategy
 from flashspec_jax.drafters import Drafter
-from flashspec_jax.generate import (GenerationOutput, append_tokens, check_budget,
-                                    generated_tokens, is_stop_token, prefill, prepare_prompts,
-                                    raise_on_nan)
+from flashspec_jax.generate import (GenerationOutput, append_tokens, generated_tokens,
+                                    is_stop_token, prefill, prepare_prompts, raise_on_nan,
+                                    required_capacity)
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler, Samplers
@@ -461,7 +461,7 @@ def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Seque
     FloatingPointError: when a row's target or draft logits were NaN.
   """
   tokens, lengths = prepare_prompts(prompts, decoder.target.config.vocab_size)
-  check_budget(decoder.target.config, tokens.shape[1], decoder.max_new_tokens,
+  required_capacity(decoder.target.config, tokens.shape[1], decoder.max_new_tokens,
                reserve=decoder.max_gamma + 1, cache_capacity=decoder.capacity)
   out = decoder.generate(params, jnp.asarray(tokens), jnp.asarray(lengths), rng, samplers)
   raise_on_nan(out.nan_rows, out.nan_arm, decoder.arm_names)

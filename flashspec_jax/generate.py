@@ -96,8 +96,9 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[
   return tokens, lengths
 
 
-def check_budget(config: LlamaConfig, prompt_width: int, max_new_tokens: int, reserve: int = 0,
-                 cache_capacity: int | None = None, padded_width: int | None = None) -> int:
+def required_capacity(config: LlamaConfig, prompt_width: int, max_new_tokens: int,
+                      reserve: int = 0, cache_capacity: int | None = None,
+                      padded_width: int | None = None) -> int:
   """Returns the cache capacity needed, or raises if it exceeds what is allowed.
 
   prompt_width is the longest real prompt, which bounds the positions used;
@@ -215,7 +216,8 @@ def run_generate(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
     FloatingPointError: when a row's logits were NaN (the row is stopped, not sampled).
   """
   tokens, lengths = prepare_prompts(prompts, config.vocab_size)
-  capacity = check_budget(config, tokens.shape[1], max_new_tokens, cache_capacity=cache_capacity)
+  capacity = required_capacity(config, tokens.shape[1], max_new_tokens,
+                               cache_capacity=cache_capacity)
   out = generate(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
                  model=Llama(config, param_dtype=param_dtype), sampler=sampler,
                  max_new_tokens=max_new_tokens,
@@ -249,7 +251,7 @@ def stream(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, sam
   streaming and debugging; each step costs a host round trip.
   """
   tokens, lengths = prepare_prompts(prompts, config.vocab_size)
-  capacity = check_budget(config, tokens.shape[1], max_new_tokens)
+  capacity = required_capacity(config, tokens.shape[1], max_new_tokens)
   static = dict(model=Llama(config, param_dtype=param_dtype), sampler=sampler,
                 max_new_tokens=max_new_tokens,
                 eos_ids=config.eos_token_ids if eos_ids is None else tuple(eos_ids))

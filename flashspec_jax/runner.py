@@ -26,7 +26,7 @@ from flashspec_jax.bandit.simulate import run_simulation
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.bench import timing
 from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
-from flashspec_jax.generate import check_budget, generate, prepare_prompts, raise_on_nan
+from flashspec_jax.generate import generate, prepare_prompts, raise_on_nan, required_capacity
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import TARGET_FLAG, LoadedModel, check_checkpoint, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
@@ -219,13 +219,14 @@ class BatchRun:
   compile_seconds: float
 
 
-def run_batch(method: Method, setup: Setup, batch: list[Request], key, bandit=None) -> BatchRun:
+def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
+                    bandit=None) -> BatchRun:
   """Compiles then times one batch."""
   max_new = setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
   reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
   padded = _bucketed(tokens, setup.bucket)
-  capacity = check_budget(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
+  capacity = required_capacity(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
                           padded_width=padded.shape[1])
   tokens = padded
   args = jax.device_put((tokens, lengths, key, setup.sampler))
@@ -339,7 +340,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
     method_records, batch_seconds, step_seconds = [], [], []
     for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
       rng, key = jax.random.split(rng)
-      run = run_batch(method, setup, batch, key, bandit)
+      run = compile_and_run(method, setup, batch, key, bandit)
       out, seconds = run.output, run.seconds
       batch_seconds.append(seconds)
       step_seconds.append(seconds / max(int(out.steps), 1))

@@ -10,7 +10,7 @@ from helpers import with_fields
 from flashspec_jax import config as config_lib
 from flashspec_jax import runner
 from flashspec_jax.engine import MAX_GAMMA
-from flashspec_jax.generate import check_budget
+from flashspec_jax.generate import required_capacity
 from flashspec_jax.prompts import read_prompt_file
 
 
@@ -114,10 +114,10 @@ def test_budget_counts_real_prompt_lengths_not_bucket_padding():
   """A 90-token prompt padded to 256, with 300 new tokens, fits 512 positions; the cache
   still holds the padded width."""
   config = dataclasses.replace(config_lib.model_config("tiny_llama"), max_position_embeddings=512)
-  assert check_budget(config, 90, 300, reserve=5, padded_width=256) == 256 + 300 + 5
+  assert required_capacity(config, 90, 300, reserve=5, padded_width=256) == 256 + 300 + 5
   with pytest.raises(ValueError, match="prompt \\(213 tokens\\) \\+ max_new_tokens \\(300\\) = 513 "
                                        "exceeds the model's 512 positions"):
-    check_budget(config, 213, 300, padded_width=256)
+    required_capacity(config, 213, 300, padded_width=256)
 
 
 def test_runner_pads_to_a_bucket_wider_than_the_positions_left(tmp_path):

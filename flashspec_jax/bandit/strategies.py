@@ -80,8 +80,10 @@ class Strategy(Protocol):
   def update(self, state: BanditState, arm, reward) -> BanditState: ...
 
 
-class _Learner:
-  """Shared plumbing: a plain running mean, and select = choose(draw)."""
+class _RunningMeans:
+  """Shared plumbing: each arm's pulls and running mean reward, and select =
+  choose(draw). Fixed and Oracle choose without the means but keep them for the
+  reports, which read pulls and means from every strategy's state."""
 
   def init(self, num_arms):
     return initial_state(num_arms)
@@ -99,7 +101,7 @@ class _Learner:
 
 
 @dataclasses.dataclass(frozen=True)
-class UCB1(_Learner):
+class UCB1(_RunningMeans):
   exploration: float = 2.0  # the 2 in sqrt(2 ln t / n)
 
   def choose(self, state, draws):
@@ -110,7 +112,7 @@ class UCB1(_Learner):
 
 
 @dataclasses.dataclass(frozen=True)
-class Thompson(_Learner):
+class Thompson(_RunningMeans):
 
   def draw(self, state, key):
     """[K] samples from each arm's Beta posterior."""
@@ -121,7 +123,7 @@ class Thompson(_Learner):
 
 
 @dataclasses.dataclass(frozen=True)
-class DiscountedUCB(_Learner):
+class DiscountedUCB(_RunningMeans):
   discount: float = 0.995  # evidence fades over about 1 / (1 - discount) = 200 pulls
   exploration: float = 2.0
 
@@ -141,7 +143,7 @@ class DiscountedUCB(_Learner):
 
 
 @dataclasses.dataclass(frozen=True)
-class EpsilonGreedy(_Learner):
+class EpsilonGreedy(_RunningMeans):
   epsilon: float = 0.1
 
   def __post_init__(self):
@@ -160,7 +162,7 @@ class EpsilonGreedy(_Learner):
 
 
 @dataclasses.dataclass(frozen=True)
-class Fixed(_Learner):
+class Fixed(_RunningMeans):
   arm: int = 0
 
   def choose(self, state, draws):
@@ -169,7 +171,7 @@ class Fixed(_Learner):
 
 
 @dataclasses.dataclass(frozen=True)
-class Oracle(_Learner):
+class Oracle(_RunningMeans):
   """Knows the true mean of each arm; after `switch_at` pulls, `means_after` apply."""
 
   means: tuple[float, ...]

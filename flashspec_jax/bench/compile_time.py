@@ -73,7 +73,7 @@ def time_programs(config, variant: str) -> list[dict]:
   for method in methods:
     del events[:]
     start = time.perf_counter()
-    run = runner.run_batch(method, setup, [request], jax.random.key(0))
+    run = runner.compile_and_run(method, setup, [request], jax.random.key(0))
     rows.append(dict(method=method.name, variant=variant, arms=[a.name for a in method.arms],
                      lower_seconds=run.lower_seconds, compile_seconds=run.compile_seconds,
                      run_seconds=run.seconds,

@@ -70,13 +70,6 @@ class LlamaConfig:
   def num_groups(self) -> int:
     return self.num_heads // self.num_kv_heads
 
-  def num_params(self) -> int:
-    d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
-    attn = d * (self.num_heads + 2 * self.num_kv_heads) * h + self.num_heads * h * d
-    layer = attn + 3 * d * f + 2 * d
-    embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-    return self.num_layers * layer + embed + d
-
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], name: str = "llama") -> LlamaConfig:
     """Builds a config from a parsed HF `config.json`, refusing what we don't implement."""

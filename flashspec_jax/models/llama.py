@@ -4,10 +4,12 @@ One call processes T new tokens per row, starting at that row's cache length,
 so the same function serves prefill (T = prompt length), decode (T = 1), the
 speculative verify pass (T = gamma + 1) and chunked cache catch-up.
 
-Layers are unrolled in Python rather than scanned: a scan over stacked weights
-made XLA copy each layer's slice and cost 1.7x per decode step on an H200
-(`shared/context/measured_h200.md`). The Q/K/V and gate/up projections are
-stored fused, which halves the number of small GEMVs per layer at batch 1.
+Layers are unrolled in Python rather than looped: in a loop over weights
+stacked on a layer axis, XLA copies each layer's weight slice out of the stack
+before its matrix product, which made every decode step slower on an H200
+(branch `experiment/layer-loop`; docs/architecture.md, "Compile time"). The
+Q/K/V and gate/up projections are stored fused, which halves the number of
+small GEMVs per layer at batch 1.
 
 Axis letters used in this module:
   B batch, T new tokens, S cache slots, D model width, F MLP width,
@@ -54,10 +56,6 @@ class KVCache:
 
   layers: tuple[LayerCache, ...]
   lengths: jax.Array
-
-  @property
-  def capacity(self) -> int:
-    return self.layers[0].k.shape[2]
 
   @classmethod
   def init(cls, config: LlamaConfig, batch: int, capacity: int, dtype=jnp.bfloat16,
