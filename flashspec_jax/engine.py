@@ -14,9 +14,9 @@ Exactness survives the bandit: the arm for step t depends only on steps
 before t, so conditioned on the past each step is an exact speculative step
 with some fixed drafter, and its output is distributed as the target's.
 
-Per-row bookkeeping follows `generate`: prompts are right-padded, each row's
-tokens continue right after its own prompt, and the target cache holds every
-committed token but the last. Each row accepts its own number of drafts and
+Per-row bookkeeping is AR's (`sequences.Sequences`): prompts are
+right-padded, each row's tokens continue right after its own prompt, and the
+target cache holds every committed token but the last. Each row accepts its own number of drafts and
 emits at most its remaining budget, stopping at its first EOS, so what is
 returned never overshoots max_new_tokens.
 """
@@ -35,9 +35,9 @@ from flax import struct
 
 from flashspec_jax.bandit.strategies import BanditState, Fixed, Strategy
 from flashspec_jax.drafters import Drafter
-from flashspec_jax.generate import (GenerationOutput, append_tokens, generated_tokens,
-                                    is_stop_token, prefill, prepare_prompts, raise_on_nan,
-                                    required_capacity)
+from flashspec_jax.generate import Decoder, GenerationOutput
+from flashspec_jax.sequences import (Sequences, append_tokens, is_stop_token, prepare_prompts,
+                                     raise_on_nan, required_capacity)
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler, Samplers
@@ -140,32 +140,23 @@ class SpecState:
   """The speculative loop's carry.
 
   Attributes:
-    tokens: [B, L] int32, prompt then committed tokens; L = P + max_new + max gamma + 1.
-    seq_lens: [B] int32, committed tokens per row.
-    prompt_lens: [B] int32.
+    seqs: the token buffer and per-row bookkeeping, as AR keeps them;
+      L = P + max_new + max gamma + 1; nan_rows counts target and draft NaNs.
     target_cache: holds seq_lens - 1 tokens per row between steps.
     drafter_states: one per arm (a KVCache, or () for stateless arms); a
       drafter's cache holds at most seq_lens - 1 tokens per row between steps.
     bandit: the bandit's state.
-    done: [B] bool.
-    nan_rows: [B] bool, rows stopped because target or draft logits were NaN.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
-    rng: PRNG key.
     step: [] int32, loop iterations.
     metrics: SpecMetrics.
     history: ArmHistory.
   """
 
-  tokens: jax.Array
-  seq_lens: jax.Array
-  prompt_lens: jax.Array
+  seqs: Sequences
   target_cache: KVCache
   drafter_states: tuple
   bandit: BanditState
-  done: jax.Array
-  nan_rows: jax.Array
   nan_arm: jax.Array
-  rng: jax.Array
   step: jax.Array
   metrics: SpecMetrics
   history: ArmHistory
@@ -242,7 +233,7 @@ class SpeculativeDecoder:
     arms: the arms; one arm with the default Fixed(0) strategy is plain
       speculative decoding with that arm's drafter.
     max_new_tokens: the budget per row.
-    eos_ids: tokens that end a row.
+    eos_ids: tokens that end a row; None is the target config's.
     strategy: the bandit strategy that picks an arm per step.
     reward: the bandit's reward for a step.
     capacity: KV cache slots, at least P + max_new_tokens + max gamma + 1; None
@@ -254,7 +245,7 @@ class SpeculativeDecoder:
   target: Llama
   arms: tuple[Arm, ...]
   max_new_tokens: int
-  eos_ids: tuple[int, ...] = ()
+  eos_ids: tuple[int, ...] | None = None
   strategy: Strategy = Fixed(0)
   reward: Reward = Goodput()
   capacity: int | None = None
@@ -272,6 +263,10 @@ class SpeculativeDecoder:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
   @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self.target.config.eos_token_ids if self.eos_ids is None else self.eos_ids
+
+  @property
   def max_gamma(self) -> int:
     return max(arm.gamma for arm in self.arms)
 
@@ -286,22 +281,18 @@ class SpeculativeDecoder:
     bandit: the state to start from (carried across calls to adapt over a stream
     of prompts); None starts fresh.
     """
-    capacity = self.capacity or prompt_tokens.shape[1] + self.max_new_tokens + self.max_gamma + 1
-    ar = prefill(params["target"], prompt_tokens, prompt_lens, rng, model=self.target,
-                 sampler=target_sampler, max_new_tokens=self.max_new_tokens,
-                 eos_ids=self.eos_ids, capacity=capacity)
-    # The AR state's buffer has no room for a step's gamma + 1 tokens past the budget.
-    tokens = jnp.pad(ar.tokens, ((0, 0), (0, self.max_gamma + 1)))
+    ar_decoder = Decoder(self.target, self.max_new_tokens, self.eos_ids, self.capacity,
+                         reserve=self.max_gamma + 1)
+    ar = ar_decoder.init(params["target"], prompt_tokens, prompt_lens, rng, target_sampler)
+    capacity = ar_decoder.cache_capacity(prompt_tokens.shape[1])
     drafter_states = tuple(
         () if arm.drafter is None
         else arm.drafter.init(params, prompt_tokens, prompt_lens, capacity)
         for arm in self.arms)
     return SpecState(
-        tokens=tokens, seq_lens=ar.seq_lens, prompt_lens=prompt_lens, target_cache=ar.cache,
-        drafter_states=drafter_states,
+        seqs=ar.seqs, target_cache=ar.cache, drafter_states=drafter_states,
         bandit=self.strategy.init(len(self.arms)) if bandit is None else bandit,
-        done=ar.done, nan_rows=ar.nan_rows, nan_arm=jnp.full_like(prompt_lens, -1), rng=ar.rng,
-        step=jnp.zeros((), jnp.int32),
+        nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
 
@@ -314,10 +305,11 @@ class SpeculativeDecoder:
     """
     arm = self.arms[arm_index]
     gamma = arm.gamma
-    batch = state.tokens.shape[0]
-    active = ~state.done
-    rng, draft_key, verify_key = jax.random.split(state.rng, 3)
-    last = state.tokens[jnp.arange(batch), state.seq_lens - 1]
+    seqs = state.seqs
+    batch = seqs.tokens.shape[0]
+    active = ~seqs.done
+    rng, draft_key, verify_key = jax.random.split(seqs.rng, 3)
+    last = seqs.last_tokens
 
     drafter_states = list(state.drafter_states)
     if arm.drafter is None:
@@ -329,7 +321,7 @@ class SpeculativeDecoder:
       draft_nan = jnp.zeros((batch,), bool)
     else:
       drafter_states[arm_index], draft_tokens, draft_logq = arm.drafter.propose(
-          params, state.drafter_states[arm_index], state.tokens, state.seq_lens, gamma,
+          params, state.drafter_states[arm_index], seqs.tokens, seqs.seq_lens, gamma,
           samplers.draft, draft_key)
       scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, G+1]
       logits, target_cache = self.target.apply(params["target"], scored, state.target_cache)
@@ -344,20 +336,20 @@ class SpeculativeDecoder:
 
     nan_rows = active & (jnp.isnan(logits).any(axis=(1, 2)) | draft_nan)
     live = active & ~nan_rows
-    remaining = self.max_new_tokens - (state.seq_lens - state.prompt_lens)
-    emitted = jnp.where(live, emitted_counts(new_tokens, num_accepted, remaining, self.eos_ids),
+    remaining = self.max_new_tokens - seqs.num_generated
+    emitted = jnp.where(live, emitted_counts(new_tokens, num_accepted, remaining, self.stop_ids),
                         0)
 
-    tokens = append_tokens(state.tokens, state.seq_lens, new_tokens, emitted)
-    seq_lens = state.seq_lens + emitted
+    tokens = append_tokens(seqs.tokens, seqs.seq_lens, new_tokens, emitted)
+    seq_lens = seqs.seq_lens + emitted
     target_cache = dataclasses.replace(target_cache, lengths=seq_lens - 1)
     if arm.drafter is not None:
       drafter_states[arm_index] = arm.drafter.rollback(drafter_states[arm_index], seq_lens)
 
-    emits_stop = (is_stop_token(new_tokens, self.eos_ids)
+    emits_stop = (is_stop_token(new_tokens, self.stop_ids)
                   & (jnp.arange(gamma + 1)[None, :] < emitted[:, None])).any(axis=1)
-    done = (state.done | nan_rows | emits_stop
-            | (seq_lens - state.prompt_lens >= self.max_new_tokens))
+    done = (seqs.done | nan_rows | emits_stop
+            | (seq_lens - seqs.prompt_lens >= self.max_new_tokens))
 
     m = state.metrics
     count = live.astype(jnp.int32)
@@ -370,11 +362,11 @@ class SpeculativeDecoder:
         emitted=m.emitted + emitted,
         accept_hist=m.accept_hist + (count * (gamma > 0))[:, None] * accepted_slot,
     )
-    state = dataclasses.replace(
-        state, tokens=tokens, seq_lens=seq_lens, target_cache=target_cache,
-        drafter_states=tuple(drafter_states), done=done, nan_rows=state.nan_rows | nan_rows,
-        nan_arm=jnp.where(active & draft_nan, arm_index, state.nan_arm), rng=rng,
-        metrics=metrics)
+    seqs = seqs.replace(tokens=tokens, seq_lens=seq_lens, done=done,
+                        nan_rows=seqs.nan_rows | nan_rows, rng=rng)
+    state = state.replace(
+        seqs=seqs, target_cache=target_cache, drafter_states=tuple(drafter_states),
+        nan_arm=jnp.where(active & draft_nan, arm_index, state.nan_arm), metrics=metrics)
     return state, dict(emitted=emitted, accepted=num_accepted * count, live=live)
 
   def dispatch(self, params, state: SpecState, arm: jax.Array,
@@ -389,7 +381,7 @@ class SpeculativeDecoder:
     """
     if len(self.arms) == 1:
       return self.arm_step(params, state, 0, samplers)
-    batch = state.tokens.shape[0]
+    batch = state.seqs.tokens.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
     for i in range(len(self.arms)):
@@ -402,8 +394,8 @@ class SpeculativeDecoder:
 
   def step(self, params, state: SpecState, samplers: Samplers) -> SpecState:
     """The bandit picks an arm, that arm steps, and the bandit learns the step's reward."""
-    rng, select_key = jax.random.split(state.rng)
-    state = dataclasses.replace(state, rng=rng)
+    rng, select_key = jax.random.split(state.seqs.rng)
+    state = state.replace(seqs=state.seqs.replace(rng=rng))
     arm = self.strategy.select(state.bandit, select_key)
     state, stats = self.dispatch(params, state, arm, samplers)
     r = self.reward(stats, arm, self.arms)
@@ -440,13 +432,12 @@ def _generate(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, r
   state = decoder.init(params, prompt_tokens, prompt_lens, rng, samplers.target, bandit)
 
   def should_continue(state: SpecState):
-    return (state.step < decoder.max_new_tokens) & ~jnp.all(state.done)
+    return (state.step < decoder.max_new_tokens) & ~jnp.all(state.seqs.done)
 
   state = jax.lax.while_loop(should_continue,
                              lambda state: decoder.step(params, state, samplers), state)
-  return SpecOutput(tokens=generated_tokens(state.tokens, state.prompt_lens, state.seq_lens,
-                                            decoder.max_new_tokens),
-                    num_tokens=state.seq_lens - state.prompt_lens, nan_rows=state.nan_rows,
+  return SpecOutput(tokens=state.seqs.generated(decoder.max_new_tokens),
+                    num_tokens=state.seqs.num_generated, nan_rows=state.seqs.nan_rows,
                     nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics,
                     bandit=state.bandit, history=state.history)
 

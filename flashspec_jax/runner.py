@@ -23,16 +23,17 @@ from flashspec_jax import config as config_lib
 from flashspec_jax import environment, plots, results
 from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.bandit.simulate import run_simulation
-from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.bench import timing
+from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
-from flashspec_jax.generate import generate, prepare_prompts, raise_on_nan, required_capacity
+from flashspec_jax.generate import Decoder
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import TARGET_FLAG, LoadedModel, check_checkpoint, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.prompts import load_prompts, read_prompt_file
 from flashspec_jax.sampling import Samplers, make_sampler
+from flashspec_jax.sequences import prepare_prompts, raise_on_nan, required_capacity
 
 DRAFT_FLAG = "--config.draft_checkpoint_dir"
 
@@ -45,7 +46,7 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """Plain AR (no arms: the `generate` program), one arm, or a bandit over arms."""
+  """Plain AR (no arms: a `generate.Decoder`), one arm, or a bandit over arms."""
 
   name: str
   arms: tuple[Arm, ...] = ()
@@ -232,23 +233,22 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
   args = jax.device_put((tokens, lengths, key, setup.sampler))
   start = time.perf_counter()
   if not method.arms:
-    inputs, keywords = (setup.params["target"], *args[:3]), dict(sampler=args[3])
-    lowered = generate.lower(*inputs, **keywords, model=setup.target, max_new_tokens=max_new,
-                             eos_ids=setup.eos_ids, capacity=capacity)
+    decoder = Decoder(setup.target, max_new, setup.eos_ids, capacity)
+    inputs = (setup.params["target"], *args)
   else:
     decoder = SpeculativeDecoder(setup.target, method.arms, max_new, setup.eos_ids,
                                  method.strategy, setup.reward, capacity, setup.verify_fn)
     if bandit is None:
       bandit = method.strategy.init(len(method.arms))
-    inputs, keywords = (setup.params, *args[:3], Samplers.same(args[3]), bandit), {}
-    lowered = decoder.lower(*inputs)
+    inputs = (setup.params, *args[:3], Samplers.same(args[3]), bandit)
+  lowered = decoder.lower(*inputs)
   lowered_at = time.perf_counter()
   compiled = lowered.compile(setup.compiler_options)
   compiled_at = time.perf_counter()
-  out = jax.block_until_ready(compiled(*inputs, **keywords))
+  out = jax.block_until_ready(compiled(*inputs))
   seconds = time.perf_counter() - compiled_at
   if method.arms:
-    raise_on_nan(out.nan_rows, out.nan_arm, [arm.name for arm in method.arms])
+    raise_on_nan(out.nan_rows, out.nan_arm, decoder.arm_names)
   else:
     raise_on_nan(out.nan_rows)
   return BatchRun(out, seconds, lowered_at - start, compiled_at - lowered_at)

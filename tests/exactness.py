@@ -29,7 +29,7 @@ from scipy import stats
 from flashspec_jax.bandit import Fixed
 from flashspec_jax.drafters import ModelDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
-from flashspec_jax.generate import prepare_prompts
+from flashspec_jax.sequences import prepare_prompts
 from flashspec_jax.kernels.verify import verify_reference
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Samplers, Temperature, TopK, TopP

@@ -10,7 +10,7 @@ from helpers import with_fields
 from flashspec_jax import config as config_lib
 from flashspec_jax import runner
 from flashspec_jax.engine import MAX_GAMMA
-from flashspec_jax.generate import required_capacity
+from flashspec_jax.sequences import required_capacity
 from flashspec_jax.prompts import read_prompt_file
 
 

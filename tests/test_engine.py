@@ -13,11 +13,12 @@ from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
 from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.kernels.verify import verify_reference
-from flashspec_jax.generate import PAD_ID, prepare_prompts, run_generate
+from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.prompts import load_prompts
 from flashspec_jax.sampling import Greedy, Samplers, Temperature, TopK, TopP, make_sampler
+from flashspec_jax.sequences import PAD_ID, prepare_prompts
 
 CONFIG = tiny_config(num_layers=4)
 DRAFT_CONFIG = tiny_config(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1)
@@ -50,8 +51,7 @@ def speculate(params, drafter="small", prompts=PROMPTS, gamma=3, target_sampler=
 @pytest.mark.parametrize("drafter", sorted(DRAFTERS))
 @pytest.mark.parametrize("gamma", [1, 4])
 def test_greedy_speculation_equals_greedy_ar_on_a_ragged_batch(params, drafter, gamma):
-  ar = run_generate(params["target"], CONFIG, PROMPTS, sampler=Greedy(), max_new_tokens=16,
-                    rng=jax.random.key(0), param_dtype=jnp.float32)
+  ar = run_generate(params["target"], Decoder(TARGET, 16), PROMPTS, jax.random.key(0), Greedy())
   out = speculate(params, drafter, gamma=gamma)
   np.testing.assert_array_equal(out.tokens, ar.tokens)
   np.testing.assert_array_equal(out.num_tokens, 16)
@@ -185,13 +185,13 @@ def test_greedy_speculation_equals_greedy_ar_on_smollm2(smollm2):
   config, params, tokenizer = smollm2
   texts = [p.text for kind, n in REAL_PROMPT_KINDS.items() for p in load_prompts(kind, n)]
   prompts = encode_chat(tokenizer, texts)
-  ar = run_generate(params, config, prompts, sampler=Greedy(), max_new_tokens=128,
-                    rng=jax.random.key(0), eos_ids=(), param_dtype=jnp.float32)
   target = Llama(config, param_dtype=jnp.float32)
+  ar = run_generate(params, Decoder(target, 128, eos_ids=()), prompts, jax.random.key(0),
+                    Greedy())
   # Deep enough that most drafts are partly accepted (alpha ~0.5): every accepted count
   # from 0 to gamma then occurs, where a shallow drafter is almost always rejected at once.
   drafter = ModelDrafter(Llama(config, num_layers=28, param_dtype=jnp.float32), unroll=False)
-  decoder = engine.SpeculativeDecoder(target, (engine.Arm(drafter, 4),), 128)
+  decoder = engine.SpeculativeDecoder(target, (engine.Arm(drafter, 4),), 128, eos_ids=())
   out = engine.run_speculative({"target": params}, decoder, prompts, jax.random.key(0),
                                Samplers.same(Greedy()))
   for row in range(len(prompts)):
@@ -230,8 +230,7 @@ def bandit_generate(params, strategy, arms, max_new_tokens=24, **kwargs):
 def test_switching_arms_keeps_greedy_output(params, strategy):
   """Arms used rarely catch up in chunks (of 3 here) when picked; greedy output is AR's."""
   out = bandit_generate(params, strategy, bandit_arms(chunk=3))
-  ar = run_generate(params["target"], CONFIG, PROMPTS, sampler=Greedy(), max_new_tokens=24,
-                    rng=jax.random.key(0), param_dtype=jnp.float32)
+  ar = run_generate(params["target"], Decoder(TARGET, 24), PROMPTS, jax.random.key(0), Greedy())
   np.testing.assert_array_equal(out.tokens, ar.tokens)
   arms = np.asarray(out.history.arm[:int(out.steps)])
   assert len(set(arms.tolist())) == 4, "every arm should have been used"
@@ -253,11 +252,11 @@ def prefilled_bandit(params, arms, strategy):
 
 def test_idle_arms_are_not_touched(params):
   state, step = prefilled_bandit(params, bandit_arms(), Fixed(2))
-  lengths = state.prompt_lens
+  lengths = state.seqs.prompt_lens
   step = jax.jit(step)
   for _ in range(3):
     state = step(params, state)
-  assert (state.seq_lens > lengths + 3).any()  # the n-gram arm made progress
+  assert (state.seqs.seq_lens > lengths + 3).any()  # the n-gram arm made progress
   for idle in (0, 1):  # the model arms never ran: their caches still hold just the prompts
     np.testing.assert_array_equal(state.drafter_states[idle].lengths, lengths)
 

@@ -11,6 +11,7 @@ from conftest import run_as_one_program, spread_params, tiny_config
 from flashspec_jax import generate as gen
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Greedy, Temperature, TopP
+from flashspec_jax.sequences import PAD_ID, prepare_prompts
 
 CONFIG = tiny_config()
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1]]
@@ -31,10 +32,11 @@ def assert_greedy(params, config, prompt, generated):
   assert list(generated) == expected.tolist()
 
 
-def run(params, prompts=PROMPTS, config=CONFIG, **kwargs):
-  kwargs = dict(sampler=Greedy(), max_new_tokens=12, rng=jax.random.key(0),
-                param_dtype=jnp.float32) | kwargs
-  return gen.run_generate(params, config, prompts, **kwargs)
+def run(params, prompts=PROMPTS, config=CONFIG, sampler=Greedy(), max_new_tokens=12,
+        rng=jax.random.key(0), eos_ids=None, cache_capacity=None):
+  decoder = gen.Decoder(Llama(config, param_dtype=jnp.float32), max_new_tokens, eos_ids,
+                        cache_capacity)
+  return gen.run_generate(params, decoder, prompts, rng, sampler)
 
 
 def test_greedy_matches_full_recompute_for_ragged_batch(params):
@@ -59,7 +61,7 @@ def test_per_row_eos_stops_only_that_row(params):
   np.testing.assert_array_equal(out.num_tokens, first_hit)
   for row, n in enumerate(first_hit):
     assert out.tokens[row, :n].tolist() == free[row, :n].tolist()
-    assert (out.tokens[row, n:] == gen.PAD_ID).all()
+    assert (out.tokens[row, n:] == PAD_ID).all()
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
@@ -71,24 +73,23 @@ def test_exact_max_new_tokens(params, max_new_tokens):
 
 def test_stream_yields_the_same_tokens_as_generate(params):
   out = run(params, max_new_tokens=6, sampler=TopP(0.9), rng=jax.random.key(3))
-  steps = list(gen.stream(params, CONFIG, PROMPTS, sampler=TopP(0.9), max_new_tokens=6,
-                          rng=jax.random.key(3), param_dtype=jnp.float32))
+  decoder = gen.Decoder(Llama(CONFIG, param_dtype=jnp.float32), 6)
+  steps = list(gen.stream(params, decoder, PROMPTS, jax.random.key(3), TopP(0.9)))
   np.testing.assert_array_equal(np.stack(steps, axis=1), out.tokens)
 
 
 def test_generate_is_one_program_without_host_transfers(params, caplog):
-  tokens, lengths = gen.prepare_prompts(PROMPTS, CONFIG.vocab_size)
-  args = jax.device_put((params, tokens, lengths, jax.random.key(0)))
-  static = dict(model=Llama(CONFIG, param_dtype=jnp.float32),
-                sampler=jax.device_put(Temperature(0.7)), max_new_tokens=9, eos_ids=(3,),
-                capacity=tokens.shape[1] + 9)
+  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  args = jax.device_put((params, tokens, lengths, jax.random.key(0), Temperature(0.7)))
+  decoder = gen.Decoder(Llama(CONFIG, param_dtype=jnp.float32), 9, eos_ids=(3,),
+                        capacity=tokens.shape[1] + 9)
 
-  hlo = gen.generate.lower(*args, **static).compile().as_text()
+  hlo = decoder.lower(*args).compile().as_text()
   assert re.search(r"= .* while\(", hlo), "the decode loop should be an XLA while loop"
   for host_op in (r"\boutfeed\(", r"\binfeed\(", r"\bsend\(", r"\brecv\(", "callback"):
     assert not re.search(host_op, hlo), host_op
 
-  out = run_as_one_program(caplog, gen.generate, *args, **static)
+  out = run_as_one_program(caplog, decoder.generate, *args)
   assert int(out.steps) <= 9
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import CASES, save_tiny_llama
 
-from flashspec_jax.generate import run_generate
+from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import check_checkpoint, load_model
 from flashspec_jax.loading.gguf import (config_from_gguf, load_gguf_checkpoint, read_gguf,
                                         smollm2_path)
@@ -56,8 +56,8 @@ def test_real_gguf_logits_match_transformers(smollm2, hf_smollm2):
 def test_real_gguf_greedy_continuation_matches_transformers(smollm2, hf_smollm2):
   config, params, tokenizer = smollm2
   prompts = encode_chat(tokenizer, REAL_PROMPTS)
-  out = run_generate(params, config, prompts, sampler=Greedy(), max_new_tokens=32,
-                     rng=jax.random.key(0), eos_ids=(), param_dtype=jnp.float32)
+  decoder = Decoder(Llama(config, param_dtype=jnp.float32), 32, eos_ids=())
+  out = run_generate(params, decoder, prompts, jax.random.key(0), Greedy())
   for row, ids in enumerate(prompts):
     with torch.no_grad():
       expected = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=32,

@@ -9,15 +9,13 @@ context) divided by the copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bench import timing
-from flashspec_jax.generate import decode_step, prefill
+from flashspec_jax.generate import Decoder
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import Llama, init_params
 from flashspec_jax.sampling import Greedy
@@ -43,14 +41,11 @@ def bench(model_name: str, batches: list[int], context: int, steps: tuple[int, i
   for batch in batches:
     capacity = context + steps[1] + 1
     prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
-    state = jax.jit(functools.partial(
-        prefill, model=model, sampler=Greedy(), max_new_tokens=capacity, eos_ids=(),
-        capacity=capacity))(params, prompt, jnp.full((batch,), context, jnp.int32),
-                            jax.random.key(2))
-    step = functools.partial(decode_step, model=model, sampler=Greedy(),
-                             max_new_tokens=capacity, eos_ids=())
-
-    measured = timing.per_step(step, params, state, steps, repeats)
+    decoder = Decoder(model, max_new_tokens=capacity, eos_ids=(), capacity=capacity)
+    state = jax.jit(decoder.init)(params, prompt, jnp.full((batch,), context, jnp.int32),
+                                  jax.random.key(2), Greedy())
+    measured = timing.per_step(lambda p, s: decoder.step(p, s, Greedy()), params, state, steps,
+                               repeats)
     kv_bytes = (2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
                 * jnp.dtype(dtype).itemsize)
     floor = (weight_bytes + kv_bytes) / bandwidth["bytes_per_second"]

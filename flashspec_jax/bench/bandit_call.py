@@ -77,7 +77,7 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
   for (name, arms), tokens in itertools.product(programs.items(), new_tokens):
     held, bandit = ((Fixed(0), None) if len(arms) == 1
                     else (STRATEGIES[strategy], timing.held_on_first_arm(len(arms))))
-    decoder = SpeculativeDecoder(target, arms, tokens, strategy=held,
+    decoder = SpeculativeDecoder(target, arms, tokens, eos_ids=(), strategy=held,
                                  verify_fn=get_verify_fn("auto"))
     samplers = Samplers.same(sampler)
     start = time.perf_counter()

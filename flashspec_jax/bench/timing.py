@@ -69,7 +69,7 @@ def per_step(step: Callable, params, state, steps: tuple[int, int], repeats: int
   """Seconds per call of step(params, state) -> state, run in a compiled loop from `state`."""
   @jax.jit
   def run_steps(params, state, num_steps):
-    return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s), state).seq_lens
+    return jax.lax.fori_loop(0, num_steps, lambda _, s: step(params, s), state).seqs.seq_lens
 
   return per_iteration(lambda n: run_steps(params, state, jnp.int32(n)), *steps, repeats)
 
