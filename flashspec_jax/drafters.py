@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler
+from flashspec_jax.sequences import Sequences
 
 
 class Drafter(Protocol):
@@ -34,9 +35,10 @@ class Drafter(Protocol):
   def init(self, params, prompt_tokens, prompt_lens, capacity: int) -> Any:
     """The drafter's state after reading the prompts."""
 
-  def propose(self, params, state, tokens, seq_lens, gamma: int, sampler: Sampler,
+  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler,
               rng) -> tuple[Any, jax.Array, jax.Array]:
-    """(state, draft_tokens [B, gamma], draft_logq [B, gamma, V]) given the committed tokens."""
+    """(state, draft_tokens [B, gamma], draft_logq [B, gamma, V]) given the committed
+    tokens (seqs.tokens, seqs.seq_lens); rng is the draft's own key."""
 
   def rollback(self, state, seq_lens) -> Any:
     """The state once rows hold seq_lens committed tokens."""
@@ -126,7 +128,7 @@ class ModelDrafter:
                                      logits_index=num_valid - 1)
     return logits, cache
 
-  def propose(self, params, cache: KVCache, tokens, seq_lens, gamma: int, sampler: Sampler,
+  def propose(self, params, cache: KVCache, seqs: Sequences, gamma: int, sampler: Sampler,
               rng) -> tuple[KVCache, jax.Array, jax.Array]:
     """Drafts gamma tokens per row.
 
@@ -135,7 +137,7 @@ class ModelDrafter:
       draft_tokens: [B, gamma] int32.
       draft_logq: [B, gamma, V] f32, the log q each draft was sampled from.
     """
-    logits, cache = self.catch_up(params, cache, tokens, seq_lens)
+    logits, cache = self.catch_up(params, cache, seqs.tokens, seqs.seq_lens)
     keys = jax.random.split(rng, gamma)
     first = sampler.get_next_tokens(logits, keys[0])
 
@@ -185,8 +187,9 @@ class NgramDrafter:
     del params, prompt_tokens, prompt_lens, capacity
     return ()
 
-  def propose(self, params, state, tokens, seq_lens, gamma: int, sampler: Sampler, rng):
+  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler, rng):
     del params, sampler, rng
+    tokens, seq_lens = seqs.tokens, seqs.seq_lens
     batch, width = tokens.shape
     starts = jnp.arange(width)[None, :]  # candidate match start s
     continuation = jnp.full((batch,), -1, jnp.int32)  # index of the token after the match
@@ -201,7 +204,7 @@ class NgramDrafter:
       matches &= (starts + n < seq_lens[:, None]) & (seq_lens[:, None] > n)
       latest = jnp.max(jnp.where(matches, starts, -1), axis=1)
       continuation = jnp.where(latest >= 0, latest + n, continuation)
-    last = tokens[jnp.arange(batch), seq_lens - 1]
+    last = seqs.last_tokens
     index = continuation[:, None] + jnp.arange(gamma)[None, :]
     proposed = jnp.take_along_axis(tokens, jnp.clip(index, 0, width - 1), axis=1)
     # Past the committed tokens (or with no match), repeat the last committed token.

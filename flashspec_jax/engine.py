@@ -321,8 +321,7 @@ class SpeculativeDecoder:
       draft_nan = jnp.zeros((batch,), bool)
     else:
       drafter_states[arm_index], draft_tokens, draft_logq = arm.drafter.propose(
-          params, state.drafter_states[arm_index], seqs.tokens, seqs.seq_lens, gamma,
-          samplers.draft, draft_key)
+          params, state.drafter_states[arm_index], seqs, gamma, samplers.draft, draft_key)
       scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, G+1]
       logits, target_cache = self.target.apply(params["target"], scored, state.target_cache)
       target_logp = samplers.target.log_probs(logits)  # [B, G+1, V]

@@ -18,7 +18,7 @@ from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.prompts import load_prompts
 from flashspec_jax.sampling import Greedy, Samplers, Temperature, TopK, TopP, make_sampler
-from flashspec_jax.sequences import PAD_ID, prepare_prompts
+from flashspec_jax.sequences import PAD_ID, Sequences, prepare_prompts
 
 CONFIG = tiny_config(num_layers=4)
 DRAFT_CONFIG = tiny_config(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1)
@@ -204,7 +204,9 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
                       [5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]])  # no earlier match: repeat last
   seq_lens = jnp.array([8, 4])
   drafter = NgramDrafter(vocab_size=10, max_n=2)
-  _, drafts, logq = drafter.propose(None, (), tokens, seq_lens, 4, Greedy(), None)
+  seqs = Sequences(tokens=tokens, seq_lens=seq_lens, prompt_lens=seq_lens,
+                   done=jnp.zeros(2, bool), nan_rows=jnp.zeros(2, bool), rng=jax.random.key(0))
+  _, drafts, logq = drafter.propose(None, (), seqs, 4, Greedy(), None)
   assert drafts.tolist() == [[3, 4, 9, 1], [8, 8, 8, 8]]
   np.testing.assert_array_equal(jnp.argmax(logq, -1), drafts)
   assert (jnp.exp(logq).sum(-1) == 1).all()
