@@ -15,9 +15,8 @@ from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bench import timing
+from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.generate import Decoder
-from flashspec_jax.models.config import model_config
-from flashspec_jax.models.llama import Llama, init_params
 from flashspec_jax.sampling import Greedy
 
 _MODEL = flags.DEFINE_string("model", "llama3_8b", "Model shape in configs/.")
@@ -29,21 +28,17 @@ _COPY_GIB = flags.DEFINE_float("copy_gib", 4.0, "Size of the array copied to mea
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
-def bench(model_name: str, batches: list[int], context: int, steps: tuple[int, int],
+def bench(target: SyntheticTarget, batches: list[int], context: int, steps: tuple[int, int],
           repeats: int, copy_bytes: int) -> dict:
-  config = model_config(model_name)
-  dtype = jnp.bfloat16
-  params = init_params(config, jax.random.key(0), dtype)
+  config, dtype, params = target.config, target.model.param_dtype, target.params["target"]
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  model = Llama(config, param_dtype=dtype)
   bandwidth = timing.copy_bandwidth(copy_bytes)
   rows = []
   for batch in batches:
     capacity = context + steps[1] + 1
-    prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
-    decoder = Decoder(model, max_new_tokens=capacity, eos_ids=(), capacity=capacity)
-    state = jax.jit(decoder.init)(params, prompt, jnp.full((batch,), context, jnp.int32),
-                                  jax.random.key(2), Greedy())
+    decoder = Decoder(target.model, max_new_tokens=capacity, eos_ids=(), capacity=capacity)
+    state = jax.jit(decoder.init)(params, *target.prompts(batch, context), jax.random.key(2),
+                                  Greedy())
     measured = timing.per_step(lambda p, s: decoder.step(p, s, Greedy()), params, state, steps,
                                repeats)
     kv_bytes = (2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
@@ -52,13 +47,14 @@ def bench(model_name: str, batches: list[int], context: int, steps: tuple[int, i
     rows.append(dict(batch=batch, context=context, step_ms=measured["seconds"] * 1e3,
                      floor_ms=floor * 1e3, ratio_to_floor=measured["seconds"] / floor,
                      weight_bytes=weight_bytes, kv_bytes=kv_bytes, raw=measured))
-  return dict(model=model_name, dtype="bfloat16", synthetic_weights=True,
+  return dict(model=config.name, dtype=dtype.name, synthetic_weights=True,
               copy_bandwidth=bandwidth, rows=rows)
 
 
 def main(argv):
   del argv
-  result = bench(_MODEL.value, [int(b) for b in _BATCH.value], _CONTEXT.value,
+  result = bench(SyntheticTarget.create(_MODEL.value, jnp.bfloat16),
+                 [int(b) for b in _BATCH.value], _CONTEXT.value,
                  tuple(int(s) for s in _STEPS.value), _REPEATS.value, int(_COPY_GIB.value * 2**30))
   path = results.write("ar_decode", result, directory=_OUT.value)
   bw = result["copy_bandwidth"]["bytes_per_second"] / 1e12

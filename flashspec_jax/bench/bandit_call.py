@@ -17,6 +17,7 @@ Synthetic weights; every program takes the same steps on the same inputs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import pathlib
@@ -24,19 +25,17 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
 from flashspec_jax.bench import timing
 from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
-from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.bench.synthetic import SyntheticTarget
+from flashspec_jax.drafters import NgramDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.environment import on_gpu
 from flashspec_jax.kernels.verify import get_verify_fn
-from flashspec_jax.models.config import model_config
-from flashspec_jax.models.llama import Llama, init_params
 from flashspec_jax.sampling import Greedy, Samplers, Temperature
 
 STRATEGIES = {"greedy": EpsilonGreedy(epsilon=0.0), "ucb1": UCB1(), "thompson": Thompson()}
@@ -58,26 +57,33 @@ _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", "", "If set, write each optimized program here.")
 
 
-def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], repeats, unroll,
-          strategy="greedy", sampler="temperature", hlo_dir="") -> dict:
-  dtype = jnp.bfloat16 if on_gpu() else jnp.float32
-  config = model_config(target_name)
-  params = {"target": init_params(config, jax.random.key(0), dtype), "drafters": {}}
-  target = Llama(config, param_dtype=dtype)
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The arms to build programs from, and how each program is held and sampled."""
+
+  gamma: int
+  depths: tuple[int, ...]  # of the idle layer-skip arms
+  unroll: bool
+  strategy: str = "greedy"
+  sampler: str = "temperature"
+
+
+def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list[int],
+          repeats: int, hlo_dir: str = "") -> dict:
+  """prompts: (tokens [B, P], lengths [B]); each program runs at both new_tokens lengths."""
+  gamma, config = programs.gamma, target.config
+  params, (prompt, lengths) = target.params, prompts
   ngram = Arm(NgramDrafter(config.vocab_size, 3), gamma)
-  layer_skip = tuple(Arm(ModelDrafter(Llama(config, num_layers=d, param_dtype=dtype),
-                                      unroll=unroll), gamma) for d in depths)
-  programs = {"fixed n-gram": (ngram,), "held: n-gram, ar": (ngram, Arm()),
+  layer_skip = tuple(target.layer_skip_arm(d, gamma, programs.unroll) for d in programs.depths)
+  arm_sets = {"fixed n-gram": (ngram,), "held: n-gram, ar": (ngram, Arm()),
               "held: n-gram, layer-skip, ar": (ngram, *layer_skip, Arm())}
-  prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
-  lengths = jnp.full((batch,), context, jnp.int32)
   key = jax.random.key(2)
-  sampler_name, sampler = sampler, Greedy() if sampler == "greedy" else Temperature(1.0)
+  sampler = Greedy() if programs.sampler == "greedy" else Temperature(1.0)
   rows = []
-  for (name, arms), tokens in itertools.product(programs.items(), new_tokens):
+  for (name, arms), tokens in itertools.product(arm_sets.items(), new_tokens):
     held, bandit = ((Fixed(0), None) if len(arms) == 1
-                    else (STRATEGIES[strategy], timing.held_on_first_arm(len(arms))))
-    decoder = SpeculativeDecoder(target, arms, tokens, eos_ids=(), strategy=held,
+                    else (STRATEGIES[programs.strategy], timing.held_on_first_arm(len(arms))))
+    decoder = SpeculativeDecoder(target.model, arms, tokens, eos_ids=(), strategy=held,
                                  verify_fn=get_verify_fn("auto"))
     samplers = Samplers.same(sampler)
     start = time.perf_counter()
@@ -99,7 +105,7 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
                      cache_copies_in_loop=len(buffer_copies(hlo, cache_shapes(state))),
                      times=times))
   programs_summary = []
-  for name in programs:
+  for name in arm_sets:
     short, long = (r for r in rows if r["program"] == name)  # new_tokens in the given order
     per_step = (long["call_ms"] - short["call_ms"]) / (long["steps"] - short["steps"])
     programs_summary.append(dict(program=name, ms_per_step=per_step,
@@ -107,10 +113,11 @@ def bench(target_name, depths, batch, gamma, context, new_tokens: list[int], rep
                                  cache_copies_in_loop=long["cache_copies_in_loop"]))
   for summary in programs_summary:
     summary["step_vs_fixed"] = summary["ms_per_step"] / programs_summary[0]["ms_per_step"]
-  return dict(target=target_name, dtype=jnp.dtype(dtype).name, synthetic_weights=True,
+  batch, context = prompt.shape
+  return dict(target=config.name, dtype=target.model.param_dtype.name, synthetic_weights=True,
               batch=batch, gamma=gamma, context=context, new_tokens=new_tokens,
-              unrolled_drafts=unroll, strategy=strategy, sampler=sampler_name,
-              programs=programs_summary, rows=rows)
+              unrolled_drafts=programs.unroll, strategy=programs.strategy,
+              sampler=programs.sampler, programs=programs_summary, rows=rows)
 
 
 def main(argv):
@@ -118,9 +125,11 @@ def main(argv):
   if len(_NEW_TOKENS.value) != 2:
     raise app.UsageError("--new_tokens takes two lengths, shorter first")
   unroll = on_gpu() if _UNROLL.value is None else _UNROLL.value
-  result = bench(_TARGET.value, [int(d) for d in _DEPTHS.value], _BATCH.value, _GAMMA.value,
-                 _CONTEXT.value, [int(n) for n in _NEW_TOKENS.value], _REPEATS.value, unroll,
-                 _STRATEGY.value, _SAMPLER.value, _HLO_DIR.value)
+  target = SyntheticTarget.create(_TARGET.value)
+  programs = Programs(_GAMMA.value, tuple(int(d) for d in _DEPTHS.value), unroll,
+                      _STRATEGY.value, _SAMPLER.value)
+  result = bench(target, target.prompts(_BATCH.value, _CONTEXT.value), programs,
+                 [int(n) for n in _NEW_TOKENS.value], _REPEATS.value, _HLO_DIR.value)
   path = results.write("bandit_call", result, directory=_OUT.value)
   print(f"\nwhole calls held on the n-gram arm, {result['target']} shape, synthetic weights "
         f"-> {path}")

@@ -10,18 +10,13 @@ state and their steps in the program, but only the chosen arm's step runs.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bench import timing
-from flashspec_jax.drafters import ModelDrafter
-from flashspec_jax.engine import Arm, SpeculativeDecoder
-from flashspec_jax.environment import on_gpu
+from flashspec_jax.bench.synthetic import SyntheticTarget
+from flashspec_jax.engine import SpeculativeDecoder
 from flashspec_jax.kernels.verify import get_verify_fn
-from flashspec_jax.models.config import model_config
-from flashspec_jax.models.llama import Llama, init_params
 from flashspec_jax.sampling import Temperature
 
 _TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
@@ -35,36 +30,33 @@ _UNROLL = flags.DEFINE_bool("unroll", False, "Unroll the draft steps (compiles s
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
-def bench(target_name, idle_counts, batch, gamma, context, steps, repeats, unroll) -> dict:
-  dtype = jnp.bfloat16 if on_gpu() else jnp.float32
-  config = model_config(target_name)
-  params = {"target": init_params(config, jax.random.key(0), dtype), "drafters": {}}
-  target = Llama(config, param_dtype=dtype)
-  depths = [config.num_layers * (i + 2) // 8 for i in range(max(idle_counts) + 1)]
-  sampler = Temperature(1.0)
-  prompt = jax.random.randint(jax.random.key(1), (batch, context), 0, config.vocab_size)
-  lengths = jnp.full((batch,), context, jnp.int32)
+def bench(target: SyntheticTarget, prompts, idle_counts, gamma, loops, unroll) -> dict:
+  """prompts: (tokens [B, P], lengths [B]); loops: ((short, long) steps, repeats)."""
+  depths = [target.config.num_layers * (i + 2) // 8 for i in range(max(idle_counts) + 1)]
   rows = []
   for idle in idle_counts:
-    arms = tuple(Arm(ModelDrafter(Llama(config, num_layers=d, param_dtype=dtype),
-                                  unroll=unroll), gamma) for d in depths[:idle + 1])
-    decoder = SpeculativeDecoder(target, arms, max_new_tokens=1, verify_fn=get_verify_fn("auto"))
-    measured, _ = timing.held_step_seconds(decoder, params, (prompt, lengths), sampler, steps,
-                                           repeats)
+    arms = tuple(target.layer_skip_arm(d, gamma, unroll) for d in depths[:idle + 1])
+    decoder = SpeculativeDecoder(target.model, arms, max_new_tokens=1,
+                                 verify_fn=get_verify_fn("auto"))
+    measured, _ = timing.held_step_seconds(decoder, target.params, prompts, Temperature(1.0),
+                                           *loops)
     rows.append(dict(idle_arms=idle, arms=[a.name for a in arms],
                      step_ms=measured["seconds"] * 1e3, raw=measured))
   base = rows[0]["step_ms"]
   for row in rows:
     row["relative_to_no_idle"] = row["step_ms"] / base
-  return dict(target=target_name, dtype=jnp.dtype(dtype).name, synthetic_weights=True,
-              batch=batch, gamma=gamma, context=context, unrolled_drafts=unroll, rows=rows)
+  batch, context = prompts[0].shape
+  return dict(target=target.config.name, dtype=target.model.param_dtype.name,
+              synthetic_weights=True, batch=batch, gamma=gamma, context=context,
+              unrolled_drafts=unroll, rows=rows)
 
 
 def main(argv):
   del argv
-  result = bench(_TARGET.value, [int(i) for i in _IDLE.value], _BATCH.value, _GAMMA.value,
-                 _CONTEXT.value, tuple(int(s) for s in _STEPS.value), _REPEATS.value,
-                 _UNROLL.value)
+  target = SyntheticTarget.create(_TARGET.value)
+  result = bench(target, target.prompts(_BATCH.value, _CONTEXT.value),
+                 [int(i) for i in _IDLE.value], _GAMMA.value,
+                 (tuple(int(s) for s in _STEPS.value), _REPEATS.value), _UNROLL.value)
   path = results.write("idle_arms", result, directory=_OUT.value)
   print(f"\nstep time with idle model arms, {result['target']} shape, synthetic weights -> {path}")
   print(f"{'idle arms':>9} {'step ms':>9} {'vs none':>8}")

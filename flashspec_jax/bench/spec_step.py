@@ -21,11 +21,10 @@ from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bench import timing
-from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.kernels.verify import PALLAS_GPU_AVAILABLE, get_verify_fn
-from flashspec_jax.models.config import model_config
-from flashspec_jax.models.llama import KVCache, Llama, init_params
+from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Temperature
 
 _TARGET = flags.DEFINE_string("target", "llama3_8b", "Target shape in configs/.")
@@ -49,35 +48,30 @@ def forward_loop(model: Llama, params, cache: KVCache, tokens, num_steps: int):
   return jax.lax.fori_loop(0, num_steps, body, (cache, jnp.zeros(tokens.shape[0], jnp.int32)))[1]
 
 
-def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, impls) -> dict:
-  dtype = jnp.bfloat16
-  target_config, drafter_config = model_config(target_name), model_config(drafter_name)
-  params = {"target": init_params(target_config, jax.random.key(0), dtype),
-            "drafters": {drafter_name: init_params(drafter_config, jax.random.key(1), dtype)}}
-  target = Llama(target_config, param_dtype=dtype)
-  drafter = ModelDrafter(Llama(drafter_config, param_dtype=dtype), drafter_name)
-  sampler = Temperature(1.0)
+def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> dict:
+  """loops: ((short, long) steps, repeats); impls: verify implementations to time."""
+  steps, repeats = loops
+  params, drafter, gamma = target.params, arm.drafter, arm.gamma
   rows = []
   for batch in batches:
-    prompt = jax.random.randint(jax.random.key(2), (batch, context), 0, target_config.vocab_size)
-    lengths = jnp.full((batch,), context, jnp.int32)
+    prompt, lengths = target.prompts(batch, context)
     row = dict(batch=batch, gamma=gamma, context=context)
     for impl in impls:
-      decoder = SpeculativeDecoder(target, (Arm(drafter, gamma),), max_new_tokens=1,
+      decoder = SpeculativeDecoder(target.model, (arm,), max_new_tokens=1,
                                    verify_fn=get_verify_fn(impl))
-      measured, state = timing.held_step_seconds(decoder, params, (prompt, lengths), sampler,
-                                                 steps, repeats)
+      measured, state = timing.held_step_seconds(decoder, params, (prompt, lengths),
+                                                 Temperature(1.0), steps, repeats)
       row[f"step_ms_{impl}"] = measured["seconds"] * 1e3
       row[f"raw_step_{impl}"] = measured
 
     run_forward = jax.jit(forward_loop, static_argnums=0)
     verify_tokens = prompt[:, :gamma + 1]
     target_fwd = timing.per_iteration(
-        lambda n: run_forward(target, params["target"], state.target_cache, verify_tokens,
+        lambda n: run_forward(target.model, params["target"], state.target_cache, verify_tokens,
                               jnp.int32(n)),
         *steps, repeats)
     draft_fwd = timing.per_iteration(
-        lambda n: run_forward(drafter.model, params["drafters"][drafter_name],
+        lambda n: run_forward(drafter.model, drafter.params(params),
                               state.drafter_states[0], prompt[:, :1], jnp.int32(n)), *steps,
         repeats)
     parts = target_fwd["seconds"] + gamma * draft_fwd["seconds"]
@@ -87,15 +81,17 @@ def bench(target_name, drafter_name, batches, gamma, context, steps, repeats, im
     for impl in impls:
       row[f"overhead_{impl}"] = row[f"step_ms_{impl}"] / row["parts_ms"] - 1
     rows.append(row)
-  return dict(target=target_name, drafter=drafter_name, dtype="bfloat16",
-              synthetic_weights=True, rows=rows)
+  return dict(target=target.config.name, drafter=drafter.params_key,
+              dtype=target.model.param_dtype.name, synthetic_weights=True, rows=rows)
 
 
 def main(argv):
   del argv
   impls = [i for i in _IMPLS.value if i != "pallas" or PALLAS_GPU_AVAILABLE]
-  result = bench(_TARGET.value, _DRAFTER.value, [int(b) for b in _BATCH.value], _GAMMA.value,
-                 _CONTEXT.value, tuple(int(s) for s in _STEPS.value), _REPEATS.value, impls)
+  target = SyntheticTarget.create(_TARGET.value, jnp.bfloat16)
+  arm = target.draft_model_arm(_DRAFTER.value, _GAMMA.value)
+  result = bench(target, arm, [int(b) for b in _BATCH.value], _CONTEXT.value,
+                 (tuple(int(s) for s in _STEPS.value), _REPEATS.value), impls)
   path = results.write("spec_step", result, directory=_OUT.value)
   print(f"\nspeculative step, {result['target']} target, {result['drafter']} drafter, "
         f"synthetic bf16 weights -> {path}")

@@ -1,0 +1,67 @@
+"""What the model benchmarks share: a target of a known shape with random weights,
+random prompts for it, and drafter arms over it.
+
+A step's time depends on shapes, not on weight values, so the benchmarks run
+on synthetic weights (and their results say so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.engine import Arm
+from flashspec_jax.environment import on_gpu
+from flashspec_jax.models.config import LlamaConfig, model_config
+from flashspec_jax.models.llama import Llama, init_params
+
+
+def default_dtype() -> jnp.dtype:
+  """bf16 on a GPU, as run.py runs there; f32 on a CPU, which has no fast bf16 GEMMs."""
+  return jnp.dtype(jnp.bfloat16 if on_gpu() else jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTarget:
+  """A target model with random weights, and the params dict the engine takes.
+
+  Attributes:
+    model: the target.
+    params: {"target": its params, "drafters": {name: a draft model's params}}.
+  """
+
+  model: Llama
+  params: dict[str, Any]
+
+  @classmethod
+  def create(cls, shape: str, dtype: Any = None) -> SyntheticTarget:
+    """The shape named in configs/, in `dtype` (default_dtype() if None)."""
+    dtype = jnp.dtype(dtype or default_dtype())
+    config = model_config(shape)
+    return cls(Llama(config, param_dtype=dtype),
+               {"target": init_params(config, jax.random.key(0), dtype), "drafters": {}})
+
+  @property
+  def config(self) -> LlamaConfig:
+    return self.model.config
+
+  def prompts(self, batch: int, context: int) -> tuple[jax.Array, jax.Array]:
+    """([B, context] random tokens, [B] lengths): every row a full `context` tokens."""
+    tokens = jax.random.randint(jax.random.key(1), (batch, context), 0, self.config.vocab_size)
+    return tokens, jnp.full((batch,), context, jnp.int32)
+
+  def layer_skip_arm(self, depth: int, gamma: int, unroll: bool) -> Arm:
+    """The target's first `depth` layers drafting `gamma` tokens."""
+    return Arm(ModelDrafter(Llama(self.config, num_layers=depth,
+                                  param_dtype=self.model.param_dtype), unroll=unroll), gamma)
+
+  def draft_model_arm(self, shape: str, gamma: int) -> Arm:
+    """A separate draft model of `shape` with random weights, its params added here."""
+    config = model_config(shape)
+    self.params["drafters"][shape] = init_params(config, jax.random.key(1),
+                                                 self.model.param_dtype)
+    return Arm(ModelDrafter(Llama(config, param_dtype=self.model.param_dtype), shape), gamma)
