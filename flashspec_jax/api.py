@@ -40,8 +40,8 @@ from flashspec_jax.engine import summarize
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.prompts import Prompt
-from flashspec_jax.runner import (Request, build_methods, calibrate_costs, check_checkpoints,
-                                  compile_and_run, make_setup, param_dtype, with_arm_costs)
+from flashspec_jax.pipeline import (Request, build_methods, calibrate_costs, check_checkpoints,
+                                    compile_and_run, make_setup, param_dtype, with_arm_costs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,14 @@
 """What `run.py` hands off to: load, build prompts, run each method, time, report, save.
 
 Every method of a run sees the same prompts in the same batches and order, so
-their speeds are measured side by side. Each batch is compiled ahead of time
-and timed apart from its compilation. A bandit method carries its bandit's
+their speeds are measured side by side. Each batch runs through the pipeline
+(pipeline.py), which compiles a program ahead of its first batch of a shape and
+times the run apart from the compile. A bandit method carries its bandit's
 state from one batch to the next, so it adapts over the prompt stream.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections import Counter
 from typing import Any
 
@@ -21,62 +20,12 @@ import tqdm
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, plots, results
-from flashspec_jax.bandit import Fixed, Strategy, make_strategy
-from flashspec_jax.bandit.simulate import run_simulation
-from flashspec_jax.bench import timing
-from flashspec_jax.drafters import ModelDrafter, NgramDrafter
-from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
-from flashspec_jax.generate import Decoder
-from flashspec_jax.kernels.verify import get_verify_fn
-from flashspec_jax.loading import TARGET_FLAG, LoadedModel, check_checkpoint, load_model
+from flashspec_jax.simulation import run_simulation
+from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.models.llama import Llama
+from flashspec_jax.pipeline import (Request, build_methods, check_checkpoints, compile_and_run,
+                                    make_setup, param_dtype, with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file
-from flashspec_jax.sampling import Samplers, make_sampler
-from flashspec_jax.sequences import prepare_prompts, raise_on_nan, required_capacity
-
-DRAFT_FLAG = "--config.draft_checkpoint_dir"
-
-@dataclasses.dataclass
-class Request:
-  id: str
-  kind: str
-  token_ids: list[int]
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """Plain AR (no arms: a `generate.Decoder`), one arm, or a bandit over arms."""
-
-  name: str
-  arms: tuple[Arm, ...] = ()
-  strategy: Strategy = Fixed(0)
-
-  @property
-  def is_bandit(self) -> bool:
-    return len(self.arms) > 1
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything a batch needs that does not change from batch to batch."""
-
-  params: dict[str, Any]
-  target: Llama
-  sampler: Any
-  max_new_tokens: int
-  eos_ids: tuple[int, ...]
-  reward: Reward
-  verify_fn: Any
-  bucket: int
-  # XLA options for compiling each batch's program (bench.compile_time varies them).
-  compiler_options: dict[str, Any] | None = None
-
-
-def param_dtype(config: ml_collections.ConfigDict):
-  if config.dtype == "auto":
-    return jnp.bfloat16 if environment.on_gpu() else jnp.float32
-  return jnp.dtype(config.dtype)
 
 
 def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> list[Request]:
@@ -96,182 +45,6 @@ def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> lis
                                           config.prompts.seed)]
   ids = encode_chat(model.tokenizer, [p.conversation for p in prompts])
   return [Request(prompt.id, prompt.kind, row) for prompt, row in zip(prompts, ids)]
-
-
-def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
-              params: dict[str, Any], drafter_configs: dict[str, Any]) -> Arm:
-  """The arm for a spec; a separate draft model is loaded once, into `params`."""
-  gamma = spec.gamma or config.sampling.gamma
-  if spec.kind == "ar":
-    return Arm()
-  # Unrolled draft steps run fastest on a GPU; on a CPU they mostly cost compile time.
-  unroll = environment.on_gpu()
-  if spec.kind == "layer_skip":  # config.validate has checked k against the target's layers
-    return Arm(ModelDrafter(Llama(target.config, num_layers=int(spec.arg), param_dtype=dtype),
-                            unroll=unroll), gamma)
-  if spec.kind == "ngram":
-    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg)), gamma)
-  if spec.arg not in drafter_configs:
-    drafter = load_model(spec.arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,
-                         config.seed + 1, flag=DRAFT_FLAG)
-    params["drafters"][spec.arg] = drafter.params
-    drafter_configs[spec.arg] = drafter.config
-  return Arm(ModelDrafter(Llama(drafter_configs[spec.arg], param_dtype=dtype), spec.arg,
-                          unroll=unroll), gamma)
-
-
-def check_checkpoints(config, target_flag: str = TARGET_FLAG,
-                      draft_flag: str = DRAFT_FLAG) -> None:
-  """Fails before any weights load if the target's or a draft model's checkpoint is
-  missing or of another shape; the error names the flag (or field) to set."""
-  if config.synthetic_weights:
-    return
-  check_checkpoint(config.target, config.checkpoint_dir, target_flag)
-  specs = map(config_lib.ArmSpec.parse, config_lib.used_arms(config))
-  for shape in sorted({spec.arg for spec in specs if spec.kind == "draft_model"}):
-    check_checkpoint(shape, config.draft_checkpoint_dir, draft_flag)
-
-
-def strategy_for(name: str, config) -> Strategy:
-  kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
-            "epsilon_greedy": dict(epsilon=config.bandit.epsilon)}.get(name, {})
-  return make_strategy(name, **kwargs)
-
-
-def build_methods(config, target: LoadedModel, dtype) -> tuple[list[Method], dict[str, Any]]:
-  """The configured methods, their arms checked, and the params dict the engine expects."""
-  params, drafter_configs = {"target": target.params, "drafters": {}}, {}
-  build = lambda spec: build_arm(spec, config, target, dtype, params, drafter_configs)
-  bandit_arms = (tuple(build(spec) for spec in config_lib.arm_specs(config))
-                 if any(name.startswith("bandit:") for name in config_lib.method_names(config))
-                 else ())
-  methods = []
-  for name in config_lib.method_names(config):
-    kind, _, arg = name.partition(":")
-    if name == "ar":
-      methods.append(Method(name))
-    elif kind == "bandit":
-      methods.append(Method(name, bandit_arms, strategy_for(arg, config)))
-    else:
-      methods.append(Method(name, (build(config_lib.ArmSpec.parse(name)),)))
-  target_model = Llama(target.config, param_dtype=dtype)
-  for method in methods:
-    if method.arms:  # a decoder checks its arms against the target when built
-      SpeculativeDecoder(target_model, method.arms, config.sampling.max_new_tokens)
-  return methods, params
-
-
-def make_setup(config, model: LoadedModel, params: dict[str, Any], dtype) -> Setup:
-  sampling = config.sampling
-  return Setup(params=params, target=Llama(model.config, param_dtype=dtype),
-               sampler=make_sampler(sampling.temperature, sampling.top_k, sampling.top_p),
-               max_new_tokens=sampling.max_new_tokens,
-               eos_ids=() if model.synthetic else model.config.eos_token_ids,
-               reward=reward_named(config.bandit.reward),
-               verify_fn=get_verify_fn(config.verify_impl),
-               bucket=config.prompts.bucket)
-
-
-def with_arm_costs(methods: list[Method], config, setup: Setup,
-                   batch: list[Request] | None = None) -> list[Method]:
-  """The methods with their bandit arms' step costs: config.bandit.costs, else timed on batch."""
-  bandit_arms = next((m.arms for m in methods if m.is_bandit), ())
-  if not bandit_arms:
-    return methods
-  costs = config_lib.floats(config.bandit.costs)
-  if costs:
-    bandit_arms = tuple(dataclasses.replace(a, cost=c) for a, c in zip(bandit_arms, costs))
-  else:
-    bandit_arms = calibrate_costs(bandit_arms, setup, batch, config.bandit.calibration_steps)
-  return [dataclasses.replace(m, arms=bandit_arms) if m.is_bandit else m for m in methods]
-
-
-def bucket_width(width: int, smallest: int) -> int:
-  """The padded width for prompts `width` wide: smallest * 2^k, the least that holds them.
-
-  Geometric buckets keep the number of compiled programs logarithmic in the
-  prompt length, for at most twice the width.
-  """
-  padded = smallest
-  while padded < width:
-    padded *= 2
-  return padded
-
-
-def _bucketed(tokens: np.ndarray, bucket: int) -> np.ndarray:
-  return np.pad(tokens, ((0, 0), (0, bucket_width(tokens.shape[1], bucket) - tokens.shape[1])))
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchRun:
-  """One batch's output and where its time went.
-
-  Attributes:
-    output: the program's GenerationOutput or SpecOutput.
-    seconds: the compiled call alone.
-    lower_seconds: tracing the program and lowering it to StableHLO, which no
-      cache saves in a new process.
-    compile_seconds: XLA's compile, or loading the result from the persistent cache.
-  """
-
-  output: Any
-  seconds: float
-  lower_seconds: float
-  compile_seconds: float
-
-
-def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
-                    bandit=None) -> BatchRun:
-  """Compiles then times one batch."""
-  max_new = setup.max_new_tokens
-  tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
-  reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
-  padded = _bucketed(tokens, setup.bucket)
-  capacity = required_capacity(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
-                          padded_width=padded.shape[1])
-  tokens = padded
-  args = jax.device_put((tokens, lengths, key, setup.sampler))
-  start = time.perf_counter()
-  if not method.arms:
-    decoder = Decoder(setup.target, max_new, setup.eos_ids, capacity)
-    inputs = (setup.params["target"], *args)
-  else:
-    decoder = SpeculativeDecoder(setup.target, method.arms, max_new, setup.eos_ids,
-                                 method.strategy, setup.reward, capacity, setup.verify_fn)
-    if bandit is None:
-      bandit = method.strategy.init(len(method.arms))
-    inputs = (setup.params, *args[:3], Samplers.same(args[3]), bandit)
-  lowered = decoder.lower(*inputs)
-  lowered_at = time.perf_counter()
-  compiled = lowered.compile(setup.compiler_options)
-  compiled_at = time.perf_counter()
-  out = jax.block_until_ready(compiled(*inputs))
-  seconds = time.perf_counter() - compiled_at
-  if method.arms:
-    raise_on_nan(out.nan_rows, out.nan_arm, decoder.arm_names)
-  else:
-    raise_on_nan(out.nan_rows)
-  return BatchRun(out, seconds, lowered_at - start, compiled_at - lowered_at)
-
-
-def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],
-                    steps: int) -> tuple[Arm, ...]:
-  """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts.
-
-  Timed as the slope between loops of 2 and 2 + `steps` steps inside one compiled
-  program, so neither the prefill nor dispatch counts.
-  """
-  tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
-  tokens = _bucketed(tokens, setup.bucket)
-  calibrated = []
-  for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
-    decoder = SpeculativeDecoder(setup.target, (arm,), 1, reward=setup.reward,
-                                 verify_fn=setup.verify_fn)
-    measured, _ = timing.held_step_seconds(decoder, setup.params, (tokens, lengths),
-                                           setup.sampler, (2, 2 + steps), repeats=3)
-    calibrated.append(dataclasses.replace(arm, cost=max(measured["seconds"], 1e-6)))
-  jax.clear_caches()
-  return tuple(calibrated)
 
 
 def summarize_method(records: list[dict], batch_seconds: list[float],
@@ -360,6 +133,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
                      for name in ("steps", "proposed", "tested", "accepted", "emitted")}
         method_records.append(record)
     # Each method's programs are compiled for it alone; let them go before the next.
+    setup.programs.clear()
     jax.clear_caches()
     summaries[method.name] = summarize_method(method_records, batch_seconds, step_seconds)
     if method.is_bandit:

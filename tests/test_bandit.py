@@ -9,7 +9,7 @@ import pytest
 
 from flashspec_jax.bandit import (DiscountedUCB, EpsilonGreedy, Fixed, Oracle, Thompson, UCB1,
                                   make_strategy)
-from flashspec_jax.bandit.simulate import recovery_steps, simulate, ucb1_regret_bound
+from flashspec_jax.simulation import BernoulliArms, recovery_steps, simulate, ucb1_regret_bound
 
 
 class PyBandit:
@@ -139,17 +139,17 @@ def test_ucb1_and_thompson_stay_under_the_ucb1_bound():
   horizon, means = 3000, (0.3, 0.7, 0.5)
   bound = ucb1_regret_bound(means, horizon)
   for strategy in (UCB1(), Thompson()):
-    regret = simulate(strategy, means, horizon, seeds=8)["regret"]
+    regret = simulate(strategy, BernoulliArms(means), horizon, seeds=8)["regret"]
     assert regret[:, -1].mean() < bound, strategy
     # Logarithmic, not linear: the second half adds much less regret than the first.
     assert (regret[:, -1] - regret[:, horizon // 2]).mean() < 0.5 * regret[:, horizon // 2].mean()
-  oracle = simulate(Oracle(means), means, horizon, seeds=2)["regret"]
+  oracle = simulate(Oracle(means), BernoulliArms(means), horizon, seeds=2)["regret"]
   assert (oracle == 0).all()
 
 
 def test_discounted_ucb_tracks_the_new_best_arm():
-  out = simulate(DiscountedUCB(0.995), means=(0.2, 0.8), means_after=(0.8, 0.2), horizon=4000,
-                 switch_at=2000, seeds=6)
+  out = simulate(DiscountedUCB(0.995), BernoulliArms((0.2, 0.8), (0.8, 0.2), switch_at=2000),
+                 horizon=4000, seeds=6)
   assert (out["arms"][:, 3000:] == 0).mean() > 0.7
   recovered = recovery_steps(out["arms"], best_after=0, switch_at=2000)
   assert (recovered > 0).all()

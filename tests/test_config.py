@@ -8,7 +8,7 @@ import pytest
 from helpers import with_fields
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import runner
+from flashspec_jax import pipeline, runner
 from flashspec_jax.engine import MAX_GAMMA
 from flashspec_jax.sequences import required_capacity
 from flashspec_jax.prompts import read_prompt_file
@@ -131,7 +131,7 @@ def test_runner_pads_to_a_bucket_wider_than_the_positions_left(tmp_path):
 @pytest.mark.parametrize("width, smallest, padded", [
     (1, 64, 64), (64, 64, 64), (65, 64, 128), (300, 64, 512), (513, 256, 1024)])
 def test_prompt_buckets_grow_by_powers_of_two(width, smallest, padded):
-  assert runner.bucket_width(width, smallest) == padded
+  assert pipeline.bucket_width(width, smallest) == padded
 
 
 def test_missing_draft_checkpoint_names_its_flag_before_the_target_loads(tmp_path, no_loading):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
-from flashspec_jax.bench import timing
+from flashspec_jax import timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.generate import Decoder
 from flashspec_jax.sampling import Greedy

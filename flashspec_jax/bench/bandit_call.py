@@ -29,7 +29,7 @@ from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
-from flashspec_jax.bench import timing
+from flashspec_jax import timing
 from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.drafters import NgramDrafter

@@ -26,7 +26,7 @@ from absl import app, flags
 from jax import monitoring
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, results, runner
+from flashspec_jax import environment, pipeline, results, runner
 from flashspec_jax.loading import load_model
 
 _TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
@@ -62,18 +62,18 @@ monitoring.register_event_listener(lambda event, **kwargs: _EVENTS.append(event)
 def time_programs(config, variant: str) -> list[dict]:
   """Compiles and runs each method's program once; seconds of each, and cache events."""
   events = _EVENTS
-  dtype = runner.param_dtype(config)
+  dtype = pipeline.param_dtype(config)
   model = load_model(config.target, synthetic=True, dtype=dtype, seed=config.seed)
-  methods, params = runner.build_methods(config, model, dtype)
-  setup = dataclasses.replace(runner.make_setup(config, model, params, dtype),
+  methods, params = pipeline.build_methods(config, model, dtype)
+  setup = dataclasses.replace(pipeline.make_setup(config, model, params, dtype),
                               compiler_options=VARIANTS[variant])
-  methods = runner.with_arm_costs(methods, config, setup)
+  methods = pipeline.with_arm_costs(methods, config, setup)
   (request,) = runner.build_requests(config, model)
   rows = []
   for method in methods:
     del events[:]
     start = time.perf_counter()
-    run = runner.compile_and_run(method, setup, [request], jax.random.key(0))
+    run = pipeline.compile_and_run(method, setup, [request], jax.random.key(0))
     rows.append(dict(method=method.name, variant=variant, arms=[a.name for a in method.arms],
                      lower_seconds=run.lower_seconds, compile_seconds=run.compile_seconds,
                      run_seconds=run.seconds,
@@ -107,9 +107,9 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int) -> di
                cached_run_seconds=w["run_seconds"], compiles_with_warm_cache=w["cache_misses"],
                raw=dict(cold=c, warm=w))
           for c, w in zip(cold, warm)]
-  return dict(target=target, dtype=jax.numpy.dtype(runner.param_dtype(config)).name,
+  return dict(target=target, dtype=jax.numpy.dtype(pipeline.param_dtype(config)).name,
               synthetic_weights=True, batch=1, prompt_length=prompt_length,
-              prompt_bucket=runner.bucket_width(prompt_length, config.prompts.bucket),
+              prompt_bucket=pipeline.bucket_width(prompt_length, config.prompts.bucket),
               max_new_tokens=max_new_tokens, unrolled_drafts=environment.on_gpu(), rows=rows)
 
 

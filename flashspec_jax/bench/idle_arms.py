@@ -13,7 +13,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from flashspec_jax import results
-from flashspec_jax.bench import timing
+from flashspec_jax import timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.engine import SpeculativeDecoder
 from flashspec_jax.kernels.verify import get_verify_fn

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
-from flashspec_jax.bench import timing
+from flashspec_jax import timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.kernels.verify import PALLAS_GPU_AVAILABLE, get_verify_fn

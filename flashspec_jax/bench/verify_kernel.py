@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from flashspec_jax import results
-from flashspec_jax.bench import timing
+from flashspec_jax import timing
 from flashspec_jax.kernels.verify import VerifyTiling, verify_pallas, verify_reference
 
 _BATCH = flags.DEFINE_list("batch", ["1", "8", "32", "128"], "Batch sizes.")

@@ -1,4 +1,5 @@
-"""Bandit simulations with Bernoulli arms: regret, its bound, and recovery after a switch.
+"""The `bandit_simulation` experiment: strategies on Bernoulli arms, their regret,
+its bound, and recovery after a switch of the means.
 
 Every seed is a `lax.scan` over T pulls, vmapped over seeds, so a strategy's
 whole experiment is one compiled program. Regret is the pseudo-regret
@@ -7,6 +8,7 @@ sum_t (mu*_t - mu_{a_t}), with the means in force at step t.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -15,7 +17,18 @@ import numpy as np
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import plots, results
-from flashspec_jax.bandit.strategies import Strategy, make_strategy
+from flashspec_jax.bandit import Strategy
+from flashspec_jax.pipeline import strategy_for
+
+
+@dataclasses.dataclass(frozen=True)
+class BernoulliArms:
+  """Arms paying 1 with probability `means[i]`, which become `means_after` from pull
+  `switch_at` on, if given."""
+
+  means: tuple[float, ...]
+  means_after: tuple[float, ...] | None = None
+  switch_at: int | None = None
 
 
 def ucb1_regret_bound(means, horizon: int) -> float:
@@ -26,15 +39,15 @@ def ucb1_regret_bound(means, horizon: int) -> float:
   return sum(8 * math.log(horizon) / g for g in gaps) + (1 + math.pi**2 / 3) * sum(gaps)
 
 
-def simulate(strategy: Strategy, means, horizon: int, seeds: int, means_after=None,
-             switch_at: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-  """Runs the strategy on Bernoulli arms; the means change at `switch_at` if given.
+def simulate(strategy: Strategy, arms: BernoulliArms, horizon: int, seeds: int,
+             seed: int = 0) -> dict[str, np.ndarray]:
+  """Runs the strategy for `horizon` pulls, once per seed.
 
   Returns [seeds, T] arrays: arm pulled, reward drawn, and cumulative regret.
   """
-  before = jnp.asarray(means, jnp.float32)
-  after = before if means_after is None else jnp.asarray(means_after, jnp.float32)
-  switch = horizon if switch_at is None else switch_at
+  before = jnp.asarray(arms.means, jnp.float32)
+  after = before if arms.means_after is None else jnp.asarray(arms.means_after, jnp.float32)
+  switch = horizon if arms.switch_at is None else arms.switch_at
 
   def one_seed(key):
     def pull(state, t):
@@ -44,12 +57,13 @@ def simulate(strategy: Strategy, means, horizon: int, seeds: int, means_after=No
       reward = jax.random.bernoulli(reward_key, current[arm]).astype(jnp.float32)
       return strategy.update(state, arm, reward), (arm, reward, current.max() - current[arm])
 
-    _, (arms, rewards, gaps) = jax.lax.scan(pull, strategy.init(len(means)), jnp.arange(horizon))
-    return arms, rewards, jnp.cumsum(gaps)
+    _, (pulled, rewards, gaps) = jax.lax.scan(pull, strategy.init(len(arms.means)),
+                                              jnp.arange(horizon))
+    return pulled, rewards, jnp.cumsum(gaps)
 
   keys = jax.random.split(jax.random.key(seed), seeds)
-  arms, rewards, regret = jax.jit(jax.vmap(one_seed))(keys)
-  return dict(arms=np.asarray(arms), rewards=np.asarray(rewards), regret=np.asarray(regret))
+  pulled, rewards, regret = jax.jit(jax.vmap(one_seed))(keys)
+  return dict(arms=np.asarray(pulled), rewards=np.asarray(rewards), regret=np.asarray(regret))
 
 
 def recovery_steps(arms: np.ndarray, best_after: int, switch_at: int, window: int = 200,
@@ -70,13 +84,11 @@ def run_simulation(config, env: dict) -> dict:
   means = config_lib.floats(sim.means)
   means_after = config_lib.floats(sim.means_after) or None
   switch_at = sim.switch_at if means_after else None
-  kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
-            "epsilon_greedy": dict(epsilon=config.bandit.epsilon)}
   bound = ucb1_regret_bound(means, sim.horizon) if not means_after else None
   summaries, curves = {}, {}
   for name in config_lib.split_list(sim.strategies):
-    strategy = make_strategy(name, **kwargs.get(name, {}))
-    out = simulate(strategy, means, sim.horizon, sim.seeds, means_after, switch_at, config.seed)
+    out = simulate(strategy_for(name, config), BernoulliArms(means, means_after, switch_at),
+                   sim.horizon, sim.seeds, config.seed)
     final = out["regret"][:, -1]
     summary = dict(regret_mean=float(final.mean()), regret_std=float(final.std()),
                    regret_per_seed=final.tolist())
