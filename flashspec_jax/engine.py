@@ -458,23 +458,21 @@ def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Seque
   return out
 
 
-def summarize(metrics: SpecMetrics) -> dict[str, Any]:
-  """Host-side report of the device metrics, over all rows.
+def acceptance_rates(steps: int, tested: int, accepted: int, emitted: int) -> dict[str, float]:
+  """alpha: drafts accepted per draft the accept test reached (it stops at the first
+  rejection); tau: tokens emitted per row step. NaN where nothing was counted."""
+  return dict(alpha=accepted / tested if tested else float("nan"),
+              tau=emitted / steps if steps else float("nan"))
 
-  alpha counts only the drafts the accept test reached (it stops at the first
-  rejection); tau is tokens emitted per loop step.
-  """
+
+def summarize(metrics: SpecMetrics) -> dict[str, Any]:
+  """Host-side report of the device metrics, over all rows."""
   m = jax.tree.map(np.asarray, metrics)
-  steps, tested = int(m.steps.sum()), int(m.tested.sum())
-  hist = m.accept_hist.sum(axis=0)
-  return {
-      "steps": steps,
-      "proposed": int(m.proposed.sum()),
-      "tested": tested,
-      "accepted": int(m.accepted.sum()),
-      "emitted": int(m.emitted.sum()),
-      "alpha": int(m.accepted.sum()) / tested if tested else float("nan"),
-      "tau": int(m.emitted.sum()) / steps if steps else float("nan"),
-      "mean_accepted": int(m.accepted.sum()) / steps if steps else float("nan"),
-      "accept_hist": hist.tolist(),
-  }
+  totals = {name: int(getattr(m, name).sum())
+            for name in ("steps", "proposed", "tested", "accepted", "emitted")}
+  return (totals
+          | acceptance_rates(totals["steps"], totals["tested"], totals["accepted"],
+                             totals["emitted"])
+          | dict(mean_accepted=(totals["accepted"] / totals["steps"] if totals["steps"]
+                                else float("nan")),
+                 accept_hist=m.accept_hist.sum(axis=0).tolist()))

@@ -20,6 +20,7 @@ import tqdm
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, plots, results
+from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
@@ -56,8 +57,7 @@ def summarize_method(records: list[dict], batch_seconds: list[float],
                  step_ms_p99=1e3 * float(np.percentile(step_seconds, 99)))
   if "accepted" in records[0]:
     totals = {k: sum(r[k] for r in records) for k in ("steps", "tested", "accepted", "emitted")}
-    summary |= dict(alpha=totals["accepted"] / max(totals["tested"], 1),
-                    tau=totals["emitted"] / max(totals["steps"], 1))
+    summary |= acceptance_rates(**totals)
   return summary
 
 
