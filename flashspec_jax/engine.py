@@ -36,8 +36,8 @@ from flax import struct
 from flashspec_jax.bandit.strategies import BanditState, Fixed, Strategy
 from flashspec_jax.drafters import Drafter
 from flashspec_jax.generate import Decoder, GenerationOutput
-from flashspec_jax.sequences import (Sequences, append_tokens, is_stop_token, prepare_prompts,
-                                     raise_on_nan, required_capacity)
+from flashspec_jax.sequences import (Sequences, append_tokens, is_stop_token, loop_until_done,
+                                     prepare_prompts, raise_on_nan, required_capacity)
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler, Samplers
@@ -429,12 +429,8 @@ class SpeculativeDecoder:
 def _generate(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, rng,
               samplers: Samplers, bandit: BanditState | None) -> SpecOutput:
   state = decoder.init(params, prompt_tokens, prompt_lens, rng, samplers.target, bandit)
-
-  def should_continue(state: SpecState):
-    return (state.step < decoder.max_new_tokens) & ~jnp.all(state.seqs.done)
-
-  state = jax.lax.while_loop(should_continue,
-                             lambda state: decoder.step(params, state, samplers), state)
+  state = loop_until_done(state, lambda state: decoder.step(params, state, samplers),
+                          decoder.max_new_tokens)
   return SpecOutput(tokens=state.seqs.generated(decoder.max_new_tokens),
                     num_tokens=state.seqs.num_generated, nan_rows=state.seqs.nan_rows,
                     nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics,

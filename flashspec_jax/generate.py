@@ -20,8 +20,8 @@ from flax import struct
 
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler
-from flashspec_jax.sequences import (Sequences, append_tokens, is_stop_token, prepare_prompts,
-                                     raise_on_nan, required_capacity)
+from flashspec_jax.sequences import (Sequences, append_tokens, is_stop_token, loop_until_done,
+                                     prepare_prompts, raise_on_nan, required_capacity)
 
 
 @struct.dataclass(kw_only=True)
@@ -150,12 +150,8 @@ class Decoder:
 def _generate(decoder: Decoder, params, prompt_tokens, prompt_lens, rng,
               sampler: Sampler) -> GenerationOutput:
   state = decoder.init(params, prompt_tokens, prompt_lens, rng, sampler)
-
-  def should_continue(state: DecodeState):
-    return (state.step < decoder.max_new_tokens) & ~jnp.all(state.seqs.done)
-
-  state = jax.lax.while_loop(should_continue,
-                             lambda state: decoder.step(params, state, sampler), state)
+  state = loop_until_done(state, lambda state: decoder.step(params, state, sampler),
+                          decoder.max_new_tokens)
   return GenerationOutput(tokens=state.seqs.generated(decoder.max_new_tokens),
                           num_tokens=state.seqs.num_generated, nan_rows=state.seqs.nan_rows,
                           steps=state.step)

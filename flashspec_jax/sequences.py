@@ -9,7 +9,7 @@ per row, so padding is never attended to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,15 @@ class Sequences:
     picked = self.tokens[jnp.arange(batch)[:, None],
                          jnp.minimum(self.prompt_lens[:, None] + offsets, width - 1)]
     return jnp.where(offsets < self.num_generated[:, None], picked, PAD_ID)
+
+
+def loop_until_done(state, step: Callable, max_steps: int):
+  """The generation loop both decoders compile: `state = step(state)` in a
+  `lax.while_loop` until every row of `state.seqs` is done or `state.step`
+  reaches max_steps."""
+  def should_continue(state):
+    return (state.step < max_steps) & ~jnp.all(state.seqs.done)
+  return jax.lax.while_loop(should_continue, step, state)
 
 
 def prepare_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.ndarray,
