@@ -9,6 +9,7 @@ state from one batch to the next, so it adapts over the prompt stream.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Any
 
@@ -191,9 +192,9 @@ def run_kernel_bench(config, env) -> dict[str, Any]:
   from flashspec_jax.bench import verify_kernel
   k = config.kernel
   ints = lambda text: [int(x) for x in config_lib.split_list(text)]
-  result = verify_kernel.bench(ints(k.batches), ints(k.gammas), ints(k.vocabs), (4, 24),
-                               k.repeats, verify_kernel.VerifyTiling(), k.interpret,
-                               int(k.copy_gib * 2**30))
+  shapes = itertools.product(ints(k.batches), ints(k.gammas), ints(k.vocabs))
+  result = verify_kernel.bench(shapes, ((4, 24), k.repeats), verify_kernel.VerifyTiling(),
+                               k.interpret, int(k.copy_gib * 2**30))
   path = results.write(config.experiment, dict(config=config.to_dict(), **result),
                        [{k: v for k, v in row.items() if not k.startswith("raw")}
                         for row in result["rows"]], directory=config.results_dir, env=env)

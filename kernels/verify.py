@@ -221,13 +221,15 @@ def _verify_kernel(
   mass_ref[...] = jnp.sum(mass)
 
 
-def verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds, *, tiling: VerifyTiling,
+def verify_kernel_call(inputs: tuple[jax.Array, ...], *, tiling: VerifyTiling,
                        interpret: bool = False, poison: float | None = None):
   """The raw kernel: six [B, S] arrays, one entry per program (see `_verify_kernel`).
 
-  With `poison`, every output starts filled with that value, so an element the
-  kernel fails to write keeps it.
+  inputs: (target_logp, draft_logq, draft_tokens, seeds), as `verify_reference`
+  takes them. With `poison`, every output starts filled with that value, so an
+  element the kernel fails to write keeps it.
   """
+  target_logp, draft_logq, draft_tokens, seeds = inputs
   batch, gamma, vocab = draft_logq.shape
   splits = tiling.num_splits(batch, vocab)
   tiles_per_split = -(-(-(-vocab // tiling.block_v)) // splits)
@@ -237,14 +239,14 @@ def verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds, *, tiling: 
   dtypes = (jnp.int32, jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.float32)
   out_specs = [pl.BlockSpec((None, None), lambda b, s: (b, s))] * len(dtypes)
   out_shape = [jax.ShapeDtypeStruct((batch, splits), dtype) for dtype in dtypes]
-  inputs = [target_logp.astype(jnp.float32), draft_logq.astype(jnp.float32), draft_tokens,
+  operands = [target_logp.astype(jnp.float32), draft_logq.astype(jnp.float32), draft_tokens,
             seeds.astype(jnp.uint32)]
   in_specs = [pl.BlockSpec((None, gamma + 1, vocab), row), pl.BlockSpec((None, gamma, vocab), row),
               pl.BlockSpec((None, gamma), lambda b, s: (b, 0)),
               pl.BlockSpec((None,), lambda b, s: (b,))]
   aliases = {}
   if poison is not None:
-    inputs += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
+    operands += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
     in_specs += out_specs
     aliases = {4 + i: i for i in range(len(out_shape))}
   return pl.pallas_call(
@@ -258,7 +260,7 @@ def verify_kernel_call(target_logp, draft_logq, draft_tokens, seeds, *, tiling: 
                                            num_stages=tiling.num_stages),
       interpret=interpret,
       name="speculative_verify",
-  )(*inputs)
+  )(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -278,7 +280,7 @@ def verify_pallas(
   here, in one small XLA reduction.
   """
   num_accepted, key, index, p_key, p_index, mass = verify_kernel_call(
-      target_logp, draft_logq, draft_tokens, seeds, tiling=tiling, interpret=interpret)
+      (target_logp, draft_logq, draft_tokens, seeds), tiling=tiling, interpret=interpret)
   # Shares are contiguous, so the first share holding the top key holds the
   # earliest index with that key, as jnp.argmax picks.
   pick = lambda keys, indices: jnp.take_along_axis(

@@ -58,7 +58,7 @@ class TestReference:
   def check_matches_reference(self, *args):
     if self.IMPL != "reference":
       raw = jitted(verify_kernel_call, tiling=self.TILING,
-                   interpret=self.IMPL == "pallas_interpret", poison=POISON)(*args)
+                   interpret=self.IMPL == "pallas_interpret", poison=POISON)(args)
       for output in raw:
         assert (np.asarray(output) != POISON).all(), "the kernel left an output unwritten"
     num_accepted, next_token = map(np.asarray, self.verify(*args))

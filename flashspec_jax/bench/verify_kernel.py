@@ -41,6 +41,9 @@ _COPY_GIB = flags.DEFINE_float("copy_gib", 4.0, "Size of the array copied to mea
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 L2_BYTES = 60 << 20  # H200; rotating through 3x this defeats the cache
+# Timed calls at least between the two loop lengths, so that the slope stands well
+# above the timer's noise when few input sets fit per iteration.
+MIN_CALLS = 640
 
 
 def make_inputs(key, batch, gamma, vocab):
@@ -68,19 +71,18 @@ def empty_loop(num_iterations, batch):
   return jax.lax.fori_loop(0, num_iterations, lambda i, c: c + i, jnp.zeros((batch,), jnp.int32))
 
 
-def bench(batches, gammas, vocabs, iters, repeats, tiling, interpret, copy_bytes,
-          min_calls=640) -> dict:
+def bench(shapes, loops, tiling: VerifyTiling, interpret: bool, copy_bytes: int) -> dict:
+  """shapes: (batch, gamma, vocab) triples; loops: ((short, long) iterations, repeats)."""
+  iters, repeats = loops
   bandwidth = timing.copy_bandwidth(copy_bytes)
   impls = {"reference": verify_reference,
            "pallas": functools.partial(verify_pallas, tiling=tiling, interpret=interpret)}
   rows = []
-  for batch, gamma, vocab in itertools.product(batches, gammas, vocabs):
+  for batch, gamma, vocab in shapes:
     set_bytes = batch * (2 * gamma + 1) * vocab * 4
     num_sets = max(2, min(32, math.ceil(3 * L2_BYTES / set_bytes)))
     sets = [make_inputs(jax.random.key(i), batch, gamma, vocab) for i in range(num_sets)]
-    # At least `min_calls` timed calls between the two loop lengths, so that the
-    # slope stands well above the timer's noise when few sets fit per iteration.
-    iters = (iters[0], iters[0] + max(iters[1] - iters[0], -(-min_calls // num_sets)))
+    iters = (iters[0], iters[0] + max(iters[1] - iters[0], -(-MIN_CALLS // num_sets)))
     run_empty = jax.jit(empty_loop, static_argnums=1)
     loop_cost = timing.per_iteration(lambda n: run_empty(jnp.int32(n), batch), *iters,
                                      repeats)["seconds"]
@@ -109,9 +111,10 @@ HEADER = (f"{'B':>4} {'G':>3} {'V':>7} {'ref us':>9} {'pallas us':>9} {'speedup'
 def main(argv):
   del argv
   print(HEADER)
-  result = bench([int(b) for b in _BATCH.value], [int(g) for g in _GAMMA.value],
-                 [int(v) for v in _VOCAB.value], tuple(int(i) for i in _ITERS.value),
-                 _REPEATS.value, VerifyTiling(_BLOCK_V.value, _NUM_WARPS.value), _INTERPRET.value,
+  ints = lambda values: [int(v) for v in values]
+  shapes = itertools.product(ints(_BATCH.value), ints(_GAMMA.value), ints(_VOCAB.value))
+  result = bench(shapes, (tuple(ints(_ITERS.value)), _REPEATS.value),
+                 VerifyTiling(_BLOCK_V.value, _NUM_WARPS.value), _INTERPRET.value,
                  int(_COPY_GIB.value * 2**30))
   path = results.write("verify_kernel", result, directory=_OUT.value)
   bw = result["copy_bandwidth"]["bytes_per_second"] / 1e12
