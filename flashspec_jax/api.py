@@ -18,7 +18,10 @@ choice of drafter adapts over a conversation. Without given costs, a bandit's
 arm costs are timed on its first call and kept in the per-user cache
 (environment.user_cache_dir()/arm_costs.json), one entry per target, dtype,
 device, batch size and arm, so later engines start without timing them again.
-Compiled programs persist in the same cache directory (compilation_cache_dir).
+An engine keeps the programs it compiled: a later call at the same batch size
+whose prompts fall in the same bucket neither traces nor compiles again, and
+compiled programs also persist in the per-user cache (compilation_cache_dir)
+for later processes.
 """
 
 from __future__ import annotations
