@@ -36,8 +36,8 @@ from flax import struct
 from flashspec_jax.bandit.strategies import BanditState, Fixed, Strategy
 from flashspec_jax.drafters import Drafter
 from flashspec_jax.generate import Decoder, GenerationOutput
-from flashspec_jax.sequences import (Sequences, append_tokens, is_stop_token, loop_until_done,
-                                     prepare_prompts, raise_on_nan, required_capacity)
+from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
+                                     is_stop_token, loop_until_done, raise_on_nan)
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler, Samplers
@@ -259,12 +259,18 @@ class SpeculativeDecoder:
         raise ValueError(f"drafter vocabulary ({arm.drafter.vocab_size}) differs from the "
                          f"target's ({self.target.config.vocab_size}); speculative decoding "
                          f"needs one vocabulary")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
+
+  @property
+  def ar_decoder(self) -> Decoder:
+    """The AR decoder of the target that prefills, with room for a step's gamma + 1
+    tokens past the budget."""
+    return Decoder(self.target, self.max_new_tokens, self.eos_ids, self.capacity,
+                   reserve=self.max_gamma + 1)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    return self.target.config.eos_token_ids if self.eos_ids is None else self.eos_ids
+    return self.ar_decoder.stop_ids
 
   @property
   def max_gamma(self) -> int:
@@ -281,8 +287,7 @@ class SpeculativeDecoder:
     bandit: the state to start from (carried across calls to adapt over a stream
     of prompts); None starts fresh.
     """
-    ar_decoder = Decoder(self.target, self.max_new_tokens, self.eos_ids, self.capacity,
-                         reserve=self.max_gamma + 1)
+    ar_decoder = self.ar_decoder
     ar = ar_decoder.init(params["target"], prompt_tokens, prompt_lens, rng, target_sampler)
     capacity = ar_decoder.cache_capacity(prompt_tokens.shape[1])
     drafter_states = tuple(
@@ -446,10 +451,7 @@ def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Seque
       model's positions cannot hold.
     FloatingPointError: when a row's target or draft logits were NaN.
   """
-  tokens, lengths = prepare_prompts(prompts, decoder.target.config.vocab_size)
-  required_capacity(decoder.target.config, tokens.shape[1], decoder.max_new_tokens,
-               reserve=decoder.max_gamma + 1, cache_capacity=decoder.capacity)
-  out = decoder.generate(params, jnp.asarray(tokens), jnp.asarray(lengths), rng, samplers)
+  out = decoder.generate(params, *decoder.ar_decoder.prepare(prompts), rng, samplers)
   raise_on_nan(out.nan_rows, out.nan_arm, decoder.arm_names)
   return out
 

@@ -20,8 +20,9 @@ from flax import struct
 
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler
-from flashspec_jax.sequences import (Sequences, append_tokens, is_stop_token, loop_until_done,
-                                     prepare_prompts, raise_on_nan, required_capacity)
+from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
+                                     is_stop_token, loop_until_done, prepare_prompts,
+                                     raise_on_nan, required_capacity)
 
 
 @struct.dataclass(kw_only=True)
@@ -80,8 +81,7 @@ class Decoder:
   reserve: int = 0
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -145,6 +145,14 @@ class Decoder:
     """`generate`'s program for these arguments, lowered and ready to compile."""
     return _generate.lower(self, *args)
 
+  def prepare(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, jax.Array]:
+    """([B, P] tokens, [B] lengths) for token-id prompts, checked on the host against
+    the vocabulary, the cache and the model's positions."""
+    tokens, lengths = prepare_prompts(prompts, self.model.config.vocab_size)
+    required_capacity(self.model.config, tokens.shape[1], self.max_new_tokens,
+                      reserve=self.reserve, cache_capacity=self.capacity)
+    return jnp.asarray(tokens), jnp.asarray(lengths)
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _generate(decoder: Decoder, params, prompt_tokens, prompt_lens, rng,
@@ -165,10 +173,7 @@ def run_generate(params, decoder: Decoder, prompts: Sequence[Sequence[int]], rng
     ValueError: on empty prompts, ids outside the vocabulary or a budget beyond the cache.
     FloatingPointError: when a row's logits were NaN (the row is stopped, not sampled).
   """
-  tokens, lengths = prepare_prompts(prompts, decoder.model.config.vocab_size)
-  required_capacity(decoder.model.config, tokens.shape[1], decoder.max_new_tokens,
-                    reserve=decoder.reserve, cache_capacity=decoder.capacity)
-  out = decoder.generate(params, jnp.asarray(tokens), jnp.asarray(lengths), rng, sampler)
+  out = decoder.generate(params, *decoder.prepare(prompts), rng, sampler)
   raise_on_nan(out.nan_rows)
   return out
 
@@ -180,10 +185,8 @@ def stream(params, decoder: Decoder, prompts: Sequence[Sequence[int]], rng,
   Drives the same `init` and `step` as `generate` from Python, for streaming
   and debugging; each step costs a host round trip.
   """
-  tokens, lengths = prepare_prompts(prompts, decoder.model.config.vocab_size)
-  required_capacity(decoder.model.config, tokens.shape[1], decoder.max_new_tokens,
-                    reserve=decoder.reserve, cache_capacity=decoder.capacity)
-  state = jax.jit(decoder.init)(params, jnp.asarray(tokens), jnp.asarray(lengths), rng, sampler)
+  tokens, lengths = decoder.prepare(prompts)
+  state = jax.jit(decoder.init)(params, tokens, lengths, rng, sampler)
   step = jax.jit(decoder.step)
   previous = np.asarray(lengths)
   while True:

@@ -87,6 +87,11 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[
   return tokens, lengths
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def required_capacity(config: LlamaConfig, prompt_width: int, max_new_tokens: int,
                       reserve: int = 0, cache_capacity: int | None = None,
                       padded_width: int | None = None) -> int:
@@ -95,8 +100,7 @@ def required_capacity(config: LlamaConfig, prompt_width: int, max_new_tokens: in
   prompt_width is the longest real prompt, which bounds the positions used;
   padded_width, the width of the padded prompt buffer, only sizes the cache.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  check_max_new_tokens(max_new_tokens)
   needed = max(prompt_width, padded_width or 0) + max_new_tokens + reserve
   if cache_capacity is not None and needed > cache_capacity:
     raise ValueError(
