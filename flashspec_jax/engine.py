@@ -429,6 +429,15 @@ class SpeculativeDecoder:
     """`generate`'s program for these arguments, lowered and ready to compile."""
     return _generate.lower(self, *args)
 
+  def checked(self, out: SpecOutput) -> SpecOutput:
+    """`out`, once the host has seen no NaN rows in it.
+
+    Raises:
+      FloatingPointError: naming the target or the arm whose drafter gave NaN logits.
+    """
+    raise_on_nan(out.nan_rows, out.nan_arm, self.arm_names)
+    return out
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _generate(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, rng,
@@ -451,9 +460,8 @@ def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Seque
       model's positions cannot hold.
     FloatingPointError: when a row's target or draft logits were NaN.
   """
-  out = decoder.generate(params, *decoder.ar_decoder.prepare(prompts), rng, samplers)
-  raise_on_nan(out.nan_rows, out.nan_arm, decoder.arm_names)
-  return out
+  return decoder.checked(
+      decoder.generate(params, *decoder.ar_decoder.prepare(prompts), rng, samplers))
 
 
 def acceptance_rates(steps: int, tested: int, accepted: int, emitted: int) -> dict[str, float]:

@@ -145,6 +145,15 @@ class Decoder:
     """`generate`'s program for these arguments, lowered and ready to compile."""
     return _generate.lower(self, *args)
 
+  def checked(self, out: GenerationOutput) -> GenerationOutput:
+    """`out`, once the host has seen no NaN rows in it.
+
+    Raises:
+      FloatingPointError: when a row's logits were NaN (the row was stopped, not sampled).
+    """
+    raise_on_nan(out.nan_rows)
+    return out
+
   def prepare(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, jax.Array]:
     """([B, P] tokens, [B] lengths) for token-id prompts, checked on the host against
     the vocabulary, the cache and the model's positions."""
@@ -173,9 +182,7 @@ def run_generate(params, decoder: Decoder, prompts: Sequence[Sequence[int]], rng
     ValueError: on empty prompts, ids outside the vocabulary or a budget beyond the cache.
     FloatingPointError: when a row's logits were NaN (the row is stopped, not sampled).
   """
-  out = decoder.generate(params, *decoder.prepare(prompts), rng, sampler)
-  raise_on_nan(out.nan_rows)
-  return out
+  return decoder.checked(decoder.generate(params, *decoder.prepare(prompts), rng, sampler))
 
 
 def stream(params, decoder: Decoder, prompts: Sequence[Sequence[int]], rng,

@@ -30,7 +30,7 @@ from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import TARGET_FLAG, LoadedModel, check_checkpoint, load_model
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.sampling import Samplers, make_sampler
-from flashspec_jax.sequences import prepare_prompts, raise_on_nan, required_capacity
+from flashspec_jax.sequences import prepare_prompts, required_capacity
 
 DRAFT_FLAG = "--config.draft_checkpoint_dir"
 
@@ -235,11 +235,7 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
   compiled = setup.programs[program]
   out = jax.block_until_ready(compiled(*inputs))
   seconds = time.perf_counter() - compiled_at
-  if method.arms:
-    raise_on_nan(out.nan_rows, out.nan_arm, decoder.arm_names)
-  else:
-    raise_on_nan(out.nan_rows)
-  return BatchRun(out, seconds, lowered_at - start, compiled_at - lowered_at)
+  return BatchRun(decoder.checked(out), seconds, lowered_at - start, compiled_at - lowered_at)
 
 
 def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],
