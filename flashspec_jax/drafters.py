@@ -18,7 +18,10 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from flashspec_jax.models.llama import KVCache, Llama
+from flax import struct
+
+from flashspec_jax.models.eagle import FeatureDrafterNet, rollout_visibility
+from flashspec_jax.models.llama import KVCache, LayerCache, Llama
 from flashspec_jax.sampling import Sampler
 from flashspec_jax.sequences import Sequences
 
@@ -43,6 +46,11 @@ class Drafter(Protocol):
   def rollback(self, state, seq_lens) -> Any:
     """The state once rows hold seq_lens committed tokens."""
 
+  # A drafter that reads the target's features has `reads_features` True and an
+  # `observe(state, features, starts)` that the engine calls after every target
+  # forward, with features [B, T, D] of the positions starts[b] + t.
+  reads_features: bool
+
 
 def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
   """[..., V] log q the sampler draws from, NaN where the raw logits hold a NaN.
@@ -54,10 +62,11 @@ def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
                    sampler.log_probs(logits))
 
 
-def gather_window(tokens: jax.Array, starts: jax.Array, width: int) -> jax.Array:
-  """[B, width] tokens[b, starts[b]:starts[b] + width], clamped at the buffer's end."""
-  index = jnp.minimum(starts[:, None] + jnp.arange(width)[None, :], tokens.shape[1] - 1)
-  return jnp.take_along_axis(tokens, index, axis=1)
+def gather_window(buffer: jax.Array, starts: jax.Array, width: int) -> jax.Array:
+  """[B, width, ...] buffer[b, starts[b]:starts[b] + width], clamped at the buffer's end."""
+  index = jnp.minimum(starts[:, None] + jnp.arange(width)[None, :], buffer.shape[1] - 1)
+  index = index.reshape(index.shape + (1,) * (buffer.ndim - 2))
+  return jnp.take_along_axis(buffer, index, axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +91,7 @@ class ModelDrafter:
   params_key: str = "target"
   chunk: int = 16
   unroll: bool = True
+  reads_features = False
 
   @property
   def name(self) -> str:
@@ -178,6 +188,7 @@ class NgramDrafter:
 
   vocab_size: int
   max_n: int = 3
+  reads_features = False
 
   @property
   def name(self) -> str:
@@ -215,3 +226,176 @@ class NgramDrafter:
   def rollback(self, state, seq_lens):
     del seq_lens
     return state
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+  """Writes new [B, T, ...] into buffer [B, S, ...] at rows' slots starts[b] + t,
+  dropping writes past the end."""
+  batch, width = new.shape[:2]
+  slots = starts[:, None] + jnp.arange(width)[None, :]
+  return buffer.at[jnp.arange(batch)[:, None], slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+@struct.dataclass(kw_only=True)
+class FeatureDrafterState:
+  """Attributes:
+    cache: the drafter's one-layer KVCache; slot j holds the pair (f_j, t_{j+1}).
+      Between steps it holds at most seq_lens - 1 pairs, all from target features.
+    features: [B, S, D] the target's features f_j of the positions it has scored;
+      those of committed positions (j < seq_lens - 1) are final.
+  """
+
+  cache: KVCache
+  features: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDrafter:
+  """An EAGLE-style drafter (models/eagle.py) with its own one-layer KV cache.
+
+  The engine hands it the target's features after every target forward, the
+  other arms' too, so an idle feature drafter catches up on pairs it has not
+  read without running the target again. It drafts from the pair of the last
+  committed token, then from its own outputs; the slots it wrote while
+  drafting hold its own features, not the target's, so it forgets them at
+  once and reads the accepted tokens' true features at the next step.
+
+  Attributes:
+    target: the target model, whose embedding and head the drafter shares.
+    params_key: the drafter's key in params["drafters"].
+    chunk: pairs per catch-up forward; a step usually leaves gamma + 1 or fewer.
+    unroll: unroll the gamma draft steps in XLA (fastest on GPU).
+  """
+
+  target: Llama
+  params_key: str
+  chunk: int = 16
+  unroll: bool = True
+  reads_features = True
+
+  @property
+  def name(self) -> str:
+    return f"eagle_{self.params_key}"
+
+  @property
+  def vocab_size(self) -> int:
+    return self.target.config.vocab_size
+
+  @property
+  def net(self) -> FeatureDrafterNet:
+    return FeatureDrafterNet(self.target.config, self.target.param_dtype)
+
+  def init(self, params, prompt_tokens, prompt_lens, capacity: int) -> FeatureDrafterState:
+    """Empty: the prompts' pairs are read at the first proposal, once observed."""
+    del params, prompt_lens
+    c = self.target.config
+    batch = prompt_tokens.shape[0]
+    dtype = self.target.param_dtype
+    return FeatureDrafterState(
+        cache=KVCache.init(c, batch, capacity, dtype=dtype, num_layers=1),
+        features=jnp.zeros((batch, capacity, c.hidden_size), dtype))
+
+  def observe(self, state: FeatureDrafterState, features, starts) -> FeatureDrafterState:
+    return state.replace(features=write_rows(state.features, features, starts))
+
+  def head(self, params, normed: jax.Array) -> jax.Array:
+    """f32 logits [..., V] from the drafter's final-normed outputs [..., D], through
+    the target's head."""
+    target = params["target"]["params"]
+    unembedding = target.get("unembedding", target["embedding"])
+    return jnp.einsum("...D,VD->...V", normed, unembedding, preferred_element_type=jnp.float32)
+
+  def rollout(self, params, features, tokens, steps: int) -> jax.Array:
+    """[steps, B, T, D] final-normed outputs of draft steps 0..steps-1 at every position,
+    run at once as drafting runs them (see models/eagle.py), for training.
+
+    Step 0 at position j reads (f_j, t_{j+1}); step k reads its step k-1 output at
+    j - 1 with t_{j+1}. Every step at j predicts t_{j+2}; step k at j < k is not
+    a real draft.
+
+    Args:
+      params: {"target": ..., "drafters": {params_key: ...}}.
+      features: [B, T, D] the target's features at positions 0..T-1.
+      tokens: [B, T] the tokens t_0..t_{T-1}.
+      steps: draft steps to run.
+    """
+    batch, width = tokens.shape
+    c = self.target.config
+    following = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    embeds = jnp.take(params["target"]["params"]["embedding"], following, axis=0)
+    shape = (batch, c.num_kv_heads, steps * width, c.head_dim)
+    layer_cache = LayerCache(k=jnp.zeros(shape, self.target.param_dtype),
+                             v=jnp.zeros(shape, self.target.param_dtype))
+    positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
+    outputs = []
+    for step in range(steps):
+      hidden, normed, layer_cache = self.net.apply(
+          params["drafters"][self.params_key], features, embeds, layer_cache,
+          jnp.full((batch,), step * width), positions, rollout_visibility(width, steps, step))
+      outputs.append(normed)
+      features = jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))[:, :width]
+    return jnp.stack(outputs)
+
+  def forward(self, params, cache: KVCache, features, tokens,
+              num_valid) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Reads pairs (features [B, T, D], tokens [B, T]) at each row's cache length;
+    returns the outputs [B, T, D], logits [B, T, V] and the cache grown by num_valid."""
+    starts = cache.lengths
+    positions = starts[:, None] + jnp.arange(tokens.shape[1])[None, :]
+    embeds = jnp.take(params["target"]["params"]["embedding"], tokens, axis=0)
+    hidden, normed, layer_cache = self.net.apply(
+        params["drafters"][self.params_key], features, embeds, cache.layers[0], starts, positions)
+    return (hidden, self.head(params, normed),
+            KVCache(layers=(layer_cache,), lengths=starts + num_valid))
+
+  def catch_up(self, params, state: FeatureDrafterState, tokens,
+               seq_lens) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Reads every committed pair the cache lacks (the last is that of the newest
+    token); returns the logits [B, V] and output [B, D] after the last pair."""
+    def pairs_at(cache):  # the chunk of pairs from each row's cache length
+      return (gather_window(state.features, cache.lengths, self.chunk),
+              gather_window(tokens, cache.lengths + 1, self.chunk))
+
+    def missing(cache):
+      return seq_lens - 1 - cache.lengths
+
+    def feed_chunk(cache):
+      num_valid = jnp.where(missing(cache) > self.chunk, self.chunk, 0)
+      return self.forward(params, cache, *pairs_at(cache), num_valid)[2]
+
+    cache = jax.lax.while_loop(lambda cache: jnp.any(missing(cache) > self.chunk), feed_chunk,
+                               state.cache)
+    num_valid = jnp.maximum(missing(cache), 0)
+    hidden, logits, cache = self.forward(params, cache, *pairs_at(cache), num_valid)
+    last = jnp.maximum(num_valid - 1, 0)[:, None, None]
+    return (jnp.take_along_axis(logits, last, axis=1)[:, 0],
+            jnp.take_along_axis(hidden, last, axis=1)[:, 0], cache)
+
+  def propose(self, params, state: FeatureDrafterState, seqs: Sequences, gamma: int,
+              sampler: Sampler, rng) -> tuple[FeatureDrafterState, jax.Array, jax.Array]:
+    """Drafts gamma tokens per row; returns the state, draft_tokens [B, gamma] and
+    draft_logq [B, gamma, V]."""
+    logits, hidden, cache = self.catch_up(params, state, seqs.tokens, seqs.seq_lens)
+    keys = jax.random.split(rng, gamma)
+    first = sampler.get_next_tokens(logits, keys[0])
+    ones = jnp.ones_like(seqs.seq_lens)
+
+    def draft_one(carry, key):
+      cache, hidden, previous, logq = carry
+      hidden, logits, cache = self.forward(params, cache, hidden[:, None], previous[:, None], ones)
+      token = sampler.get_next_tokens(logits[:, 0], key)
+      return (cache, hidden[:, 0], token, draft_log_q(sampler, logits[:, 0])), (previous, logq)
+
+    (_, _, last, last_logq), (drafts, logqs) = jax.lax.scan(
+        draft_one, (cache, hidden, first, draft_log_q(sampler, logits)), keys[1:],
+        unroll=max(gamma - 1, 1) if self.unroll else 1)
+    draft_tokens = jnp.concatenate([drafts, last[None]], axis=0).T
+    draft_logq = jnp.concatenate([logqs, last_logq[None]], axis=0).transpose(1, 0, 2)
+    # Only pairs of target features stay: the drafted slots are forgotten.
+    cache = dataclasses.replace(cache, lengths=seqs.seq_lens - 1)
+    return state.replace(cache=cache), draft_tokens, draft_logq
+
+  def rollback(self, state: FeatureDrafterState, seq_lens) -> FeatureDrafterState:
+    cache = state.cache
+    return state.replace(cache=dataclasses.replace(
+        cache, lengths=jnp.minimum(cache.lengths, seq_lens - 1)))

@@ -280,6 +280,23 @@ class SpeculativeDecoder:
   def arm_names(self) -> list[str]:
     return [arm.name for arm in self.arms]
 
+  @property
+  def feature_arms(self) -> tuple[int, ...]:
+    """The arms whose drafters read the target's features."""
+    return tuple(i for i, arm in enumerate(self.arms)
+                 if arm.drafter is not None and arm.drafter.reads_features)
+
+  def target_forward(self, params, tokens, cache: KVCache,
+                     drafter_states: list) -> tuple[jax.Array, KVCache]:
+    """The target's logits [B, T, V] for tokens [B, T] at each row's cache length; the
+    drafters that read features observe the target's (in drafter_states, in place)."""
+    starts = cache.lengths
+    logits, cache, *features = self.target.apply(params["target"], tokens, cache,
+                                                 return_features=bool(self.feature_arms))
+    for i in self.feature_arms:
+      drafter_states[i] = self.arms[i].drafter.observe(drafter_states[i], features[0], starts)
+    return logits, cache
+
   def init(self, params, prompt_tokens, prompt_lens, rng, target_sampler: Sampler,
            bandit: BanditState | None = None) -> SpecState:
     """Prefills the target and every drafter; the target samples each row's first token.
@@ -288,14 +305,18 @@ class SpeculativeDecoder:
     of prompts); None starts fresh.
     """
     ar_decoder = self.ar_decoder
-    ar = ar_decoder.init(params["target"], prompt_tokens, prompt_lens, rng, target_sampler)
+    ar, features = ar_decoder.prefill(params["target"], prompt_tokens, prompt_lens, rng,
+                                      target_sampler, with_features=bool(self.feature_arms))
     capacity = ar_decoder.cache_capacity(prompt_tokens.shape[1])
-    drafter_states = tuple(
+    drafter_states = [
         () if arm.drafter is None
         else arm.drafter.init(params, prompt_tokens, prompt_lens, capacity)
-        for arm in self.arms)
+        for arm in self.arms]
+    for i in self.feature_arms:
+      drafter_states[i] = self.arms[i].drafter.observe(drafter_states[i], features,
+                                                       jnp.zeros_like(prompt_lens))
     return SpecState(
-        seqs=ar.seqs, target_cache=ar.cache, drafter_states=drafter_states,
+        seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.strategy.init(len(self.arms)) if bandit is None else bandit,
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
@@ -318,8 +339,8 @@ class SpeculativeDecoder:
 
     drafter_states = list(state.drafter_states)
     if arm.drafter is None:
-      logits, target_cache = self.target.apply(params["target"], last[:, None],
-                                               state.target_cache)
+      logits, target_cache = self.target_forward(params, last[:, None], state.target_cache,
+                                                 drafter_states)
       num_accepted = jnp.zeros((batch,), jnp.int32)
       next_token = samplers.target.get_next_tokens(logits[:, 0], verify_key)
       new_tokens = next_token[:, None]
@@ -328,7 +349,8 @@ class SpeculativeDecoder:
       drafter_states[arm_index], draft_tokens, draft_logq = arm.drafter.propose(
           params, state.drafter_states[arm_index], seqs, gamma, samplers.draft, draft_key)
       scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, G+1]
-      logits, target_cache = self.target.apply(params["target"], scored, state.target_cache)
+      logits, target_cache = self.target_forward(params, scored, state.target_cache,
+                                                 drafter_states)
       target_logp = samplers.target.log_probs(logits)  # [B, G+1, V]
       seeds = jax.random.bits(verify_key, (batch,), jnp.uint32)
       verify_fn = self.verify_fn or get_verify_fn("auto")

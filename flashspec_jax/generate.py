@@ -92,11 +92,18 @@ class Decoder:
 
   def init(self, params, prompt_tokens, prompt_lens, rng, sampler: Sampler) -> DecodeState:
     """Runs the prompts through the model and samples each row's first token."""
+    return self.prefill(params, prompt_tokens, prompt_lens, rng, sampler)[0]
+
+  def prefill(self, params, prompt_tokens, prompt_lens, rng, sampler: Sampler,
+              with_features: bool = False) -> tuple[DecodeState, jax.Array | None]:
+    """`init`, also returning the model's features [B, P, D] of the prompts if asked
+    (see Llama's return_features)."""
     batch, width = prompt_tokens.shape
     cache = KVCache.init(self.model.config, batch, self.cache_capacity(width),
                          dtype=self.model.param_dtype)
-    logits, cache = self.model.apply(params, prompt_tokens, cache, num_valid=prompt_lens,
-                                     logits_index=prompt_lens - 1)
+    logits, cache, *features = self.model.apply(
+        params, prompt_tokens, cache, num_valid=prompt_lens, logits_index=prompt_lens - 1,
+        return_features=with_features)
     rng, key = jax.random.split(rng)
     first = sampler.get_next_tokens(logits, key)
     nan_rows = jnp.isnan(logits).any(axis=-1)
@@ -107,7 +114,8 @@ class Decoder:
     done = nan_rows | is_stop_token(first, self.stop_ids) | (self.max_new_tokens <= 1)
     seqs = Sequences(tokens=tokens, seq_lens=prompt_lens + emits, prompt_lens=prompt_lens,
                      done=done, nan_rows=nan_rows, rng=rng)
-    return DecodeState(seqs=seqs, cache=cache, step=jnp.zeros((), jnp.int32))
+    state = DecodeState(seqs=seqs, cache=cache, step=jnp.zeros((), jnp.int32))
+    return state, (features[0] if features else None)
 
   def step(self, params, state: DecodeState, sampler: Sampler) -> DecodeState:
     """Feeds each row's last token and appends one sampled token to rows not yet done."""

@@ -125,7 +125,9 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, positions, layer_cache: LayerCache, starts, inv_freq):
+  def __call__(self, x, positions, layer_cache: LayerCache, starts, inv_freq, visible=None):
+    """visible: [B or 1, T, S] bool, which cache slots each new token attends to;
+    None is causal by position."""
     c = self.config
     init = nn.initializers.normal(0.02)
     qkv_w = self.param("qkv", init, (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
@@ -146,8 +148,9 @@ class Attention(nn.Module):
     q = q.reshape(batch, num_new, c.num_kv_heads, c.num_groups, c.head_dim)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, layer_cache.k,
                         preferred_element_type=jnp.float32) * c.head_dim**-0.5
-    slots = jnp.arange(layer_cache.k.shape[2])
-    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S], causal over the cache
+    if visible is None:
+      slots = jnp.arange(layer_cache.k.shape[2])
+      visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S], causal over the cache
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, layer_cache.v)
@@ -175,11 +178,11 @@ class Block(nn.Module):
   param_dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, positions, layer_cache, starts, inv_freq):
+  def __call__(self, x, positions, layer_cache, starts, inv_freq, visible=None):
     eps = self.config.rms_norm_eps
     attn_out, layer_cache = Attention(self.config, self.param_dtype, name="attn")(
         RMSNorm(eps, self.param_dtype, name="attn_norm")(x), positions, layer_cache, starts,
-        inv_freq)
+        inv_freq, visible)
     x = x + attn_out
     x = x + MLP(self.config, self.param_dtype, name="mlp")(
         RMSNorm(eps, self.param_dtype, name="mlp_norm")(x))
@@ -202,12 +205,15 @@ class Llama(nn.Module):
       cache: KVCache,
       num_valid: jax.Array | None = None,  # [B] int32, real tokens per row; default T
       logits_index: jax.Array | None = None,  # [B] int32, the one position to score per row
-  ) -> tuple[jax.Array, KVCache]:
+      return_features: bool = False,
+  ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
     """Appends tokens to the cache and returns f32 logits.
 
     Returns:
       logits: [B, T, V], or [B, V] when logits_index is given.
       cache: the updated cache; each row's length grows by num_valid.
+      features: only with return_features: [B, T, D], the hidden state the head
+        reads (after the final norm) at every position, for feature drafters.
     """
     c = self.config
     num_layers = self.num_layers or c.num_layers
@@ -229,16 +235,22 @@ class Llama(nn.Module):
       num_valid = jnp.full_like(starts, tokens.shape[1])
     cache = KVCache(layers=tuple(layers), lengths=starts + num_valid)
 
+    # The norm is per position: without features, only the scored position is normalised.
+    final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")
+    features = final_norm(x) if return_features else None
+    if return_features:
+      x = features
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
-    x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")(x)
+    if not return_features:
+      x = final_norm(x)
     if c.tie_word_embeddings:
       unembedding = embedding
     else:
       unembedding = self.param("unembedding", nn.initializers.normal(0.02),
                                (c.vocab_size, c.hidden_size), self.param_dtype)
     logits = jnp.einsum("...D,VD->...V", x, unembedding, preferred_element_type=jnp.float32)
-    return logits, cache
+    return (logits, cache) if features is None else (logits, cache, features)
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16) -> dict:

@@ -1,0 +1,85 @@
+"""A feature drafter (EAGLE, Li et al. 2024; EAGLE-3, Li et al. 2025): one Llama
+block over the target's own hidden states.
+
+Slot j of the drafter reads a pair (f_j, t_{j+1}): the target's feature after
+token j (its final-normed hidden state, the vector its head reads) and the
+embedding of the token that followed. The block's output h_j predicts t_{j+2}
+through the target's frozen head. Drafting further, the drafter reads its own
+output where the target's feature is not known yet: (h_j, d_{j+2}) at slot
+j + 1, and so on. Its own weights are two input norms, a projection fusing
+the pair, one block and a final norm; the embedding and head are the target's.
+
+Training runs every position and draft step at once (`rollout_visibility`):
+draft step k at slot j continues a chain that started from the target's
+feature at slot j - k, so it attends to the target-feature slots up to j - k
+and to its own chain's slots, exactly what it sees when drafting (EAGLE-3's
+"training-time test").
+
+Axis letters used in this module:
+  B batch, T tokens, S cache slots, D model width, E two model widths, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flashspec_jax.models.config import LlamaConfig
+from flashspec_jax.models.llama import Block, LayerCache, RMSNorm, rope_inverse_frequencies
+
+
+class FeatureDrafterNet(nn.Module):
+  """The drafter's network, as wide as its target (`config` is the target's)."""
+
+  config: LlamaConfig
+  param_dtype: jnp.dtype = jnp.bfloat16
+
+  @nn.compact
+  def __call__(
+      self,
+      features: jax.Array,  # [B, T, D] the target's features, or the drafter's own outputs
+      token_embeds: jax.Array,  # [B, T, D] embeddings of the tokens that followed
+      layer_cache: LayerCache,
+      starts: jax.Array,  # [B] int32, the slot of the first pair
+      positions: jax.Array,  # [B, T] int32, rotary positions
+      visible: jax.Array | None = None,  # [B or 1, T, S] bool; None is causal
+  ) -> tuple[jax.Array, jax.Array, LayerCache]:
+    """Returns the block's output [B, T, D] (the next slot's feature), the same after
+    the final norm (what the target's head reads) and the updated cache."""
+    c = self.config
+    eps = c.rms_norm_eps
+    fuse = self.param("fuse", nn.initializers.normal(0.02), (2 * c.hidden_size, c.hidden_size),
+                      self.param_dtype)
+    pair = jnp.concatenate([RMSNorm(eps, self.param_dtype, name="feature_norm")(features),
+                            RMSNorm(eps, self.param_dtype, name="token_norm")(token_embeds)],
+                           axis=-1)
+    x = jnp.einsum("BTE,ED->BTD", pair.astype(self.param_dtype), fuse)
+    hidden, layer_cache = Block(c, self.param_dtype, name="block")(
+        x, positions, layer_cache, starts, rope_inverse_frequencies(c), visible)
+    return hidden, RMSNorm(eps, self.param_dtype, name="final_norm")(hidden), layer_cache
+
+
+def rollout_visibility(width: int, steps: int, step: int) -> jax.Array:
+  """[1, T, steps * T] which slots draft step `step` at position j attends to.
+
+  The cache holds step s's keys at slots s * T + i. Step `step` at j sees the
+  target-feature slots i <= j - step and, of each later step s <= step, the
+  one slot of its own chain, i = j - step + s.
+  """
+  j = jnp.arange(width)[:, None, None]
+  s = jnp.arange(steps)[None, :, None]
+  i = jnp.arange(width)[None, None, :]
+  chain = (s >= 1) & (s <= step) & (i == j - step + s)
+  visible = ((s == 0) & (i <= j - step)) | chain  # [T, steps, T]
+  return visible.reshape(1, width, steps * width)
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16) -> dict:
+  """Random (untrained) drafter parameters for a target of this config."""
+  net = FeatureDrafterNet(config, param_dtype)
+  shape = (1, config.num_kv_heads, 1, config.head_dim)
+  cache = LayerCache(k=jnp.zeros(shape, param_dtype), v=jnp.zeros(shape, param_dtype))
+  x = jnp.zeros((1, 1, config.hidden_size), param_dtype)
+  zeros = jnp.zeros((1,), jnp.int32)
+  return jax.jit(net.init)(rng, x, x, cache, zeros, zeros[:, None])
