@@ -18,13 +18,15 @@ from flashspec_jax.models.config import known_shapes, model_config
 from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file
 
 DTYPES = ("auto", "float32", "bfloat16")
-KINDS = ("generate", "bandit_simulation", "kernel_bench")
+KINDS = ("generate", "bandit_simulation", "kernel_bench", "train_drafter")
 # Arms: "ar", "layer_skip:<k>" (the target's first k layers draft),
 # "draft_model:<shape>" (a separate model of a shape in configs/) and
-# "ngram:<n>" (prompt lookup with matches up to n tokens), each optionally
+# "ngram:<n>" (prompt lookup with matches up to n tokens) and "eagle:<name>" (a
+# feature drafter: the shipped weights flashspec_jax/weights/eagle_<name>/, or
+# config.eagle_checkpoint; "eagle:random" is untrained), each optionally
 # followed by "@<gamma>". A method is an arm, run alone, or "bandit:<strategy>",
 # which chooses among config.arms at every step.
-ARM_KINDS = ("ar", "layer_skip", "draft_model", "ngram")
+ARM_KINDS = ("ar", "layer_skip", "draft_model", "ngram", "eagle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class ArmSpec:
     kind, _, arg = body.partition(":")
     valid = (kind == "ar" and not arg and not gamma) or (
         kind in ("layer_skip", "ngram") and arg.isdigit() and int(arg) >= 1) or (
-        kind == "draft_model" and bool(arg))
+        kind in ("draft_model", "eagle") and bool(arg))
     if not valid or (gamma and not (gamma.isdigit() and 1 <= int(gamma) <= MAX_GAMMA)):
       raise ValueError(f"{text!r} is not an arm")
     return cls(kind, arg, int(gamma) if gamma else None)
@@ -62,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.target = "smollm2_135m"
   config.checkpoint_dir = ""
   config.draft_checkpoint_dir = ""  # for a draft_model method; "" = its default place
+  config.eagle_checkpoint = ""  # a .safetensors for eagle:<name> arms; "" = the shipped one
   config.synthetic_weights = False
   config.dtype = "auto"  # bfloat16 on GPU, float32 on CPU
   config.seed = 0  # sampling and synthetic weights; prompts.seed picks the prompts
@@ -120,6 +123,29 @@ def base_config() -> ml_collections.ConfigDict:
   config.kernel.repeats = 5
   config.kernel.interpret = False  # True runs the kernel in Pallas interpret mode (CPU)
   config.kernel.copy_gib = 4.0
+
+  # kind = "train_drafter": self-distils a feature drafter (flashspec_jax/distill.py)
+  # on the target's answers to tune-split prompts of config.prompts.sets.
+  config.train = ml_collections.ConfigDict()
+  config.train.prompts_per_set = 1000  # at most; fewer where the tune split holds fewer
+  config.train.max_prompt_tokens = 384  # longer prompts are left out
+  config.train.answer_tokens = 256
+  config.train.answer_temperature = 0.0  # how the target answers (0 is greedy)
+  config.train.generate_batch = 64
+  config.train.max_tokens = 640  # sequences are cut to this many tokens
+  config.train.validation_fraction = 0.05
+  config.train.rollout_steps = 4  # draft steps trained at once (training-time test)
+  config.train.steps = 2000
+  config.train.max_seconds = 0.0  # > 0: stop training after this long, whatever the step
+  config.train.batch_size = 16
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 100
+  config.train.weight_decay = 0.01
+  config.train.grad_clip = 1.0
+  config.train.log_every = 20
+  config.train.checkpoint_every = 500
+  config.train.workdir = ""  # where checkpoints go, to resume from; "" keeps none
+  config.train.output = ""  # the drafter's .safetensors; "" puts it beside the results file
   return config
 
 
@@ -301,6 +327,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("kernel.batches", _parses(_ints, config.kernel.batches), "comma-separated integers"),
       ("kernel.gammas", _parses(_ints, config.kernel.gammas), "comma-separated integers"),
       ("kernel.vocabs", _parses(_ints, config.kernel.vocabs), "comma-separated integers"),
+      ("eagle_checkpoint", not config.eagle_checkpoint
+       or config.eagle_checkpoint.endswith(".safetensors"), "empty or a .safetensors file"),
+      *[(f"train.{name}", config.train[name] >= 1, ">= 1") for name in (
+          "prompts_per_set", "max_prompt_tokens", "answer_tokens", "generate_batch",
+          "max_tokens", "rollout_steps", "steps", "batch_size", "log_every",
+          "checkpoint_every")],
+      ("train.answer_temperature", config.train.answer_temperature >= 0, ">= 0 (0 is greedy)"),
+      ("train.validation_fraction", 0 < config.train.validation_fraction < 1, "in (0, 1)"),
+      ("train.learning_rate", config.train.learning_rate > 0, "> 0"),
   ]
   for field, ok, expected in checks:
     if not ok:

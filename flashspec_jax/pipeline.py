@@ -11,6 +11,7 @@ program is compiled once per batch shape and kept in the Setup.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 from typing import Any
 
@@ -23,11 +24,14 @@ import tqdm
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, timing
 from flashspec_jax.bandit import Fixed, Strategy, make_strategy
-from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
 from flashspec_jax.generate import Decoder
 from flashspec_jax.kernels.verify import get_verify_fn
-from flashspec_jax.loading import TARGET_FLAG, LoadedModel, check_checkpoint, load_model
+from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, check_checkpoint,
+                                   load_model)
+from flashspec_jax.loading.eagle import load_drafter, shipped_path
+from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.sampling import Samplers, make_sampler
 from flashspec_jax.sequences import prepare_prompts, required_capacity
@@ -93,6 +97,14 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
                             unroll=unroll), gamma)
   if spec.kind == "ngram":
     return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg)), gamma)
+  if spec.kind == "eagle":
+    if spec.arg not in params["drafters"]:
+      params["drafters"][spec.arg] = (
+          eagle.init_params(target.config, jax.random.key(config.seed + 2), dtype)
+          if spec.arg == "random" else load_drafter(eagle_weights(spec.arg, config), target.config,
+                                                    dtype))
+    return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=unroll),
+               gamma)
   if spec.arg not in drafter_configs:
     drafter = load_model(spec.arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,
                          config.seed + 1, flag=DRAFT_FLAG)
@@ -102,14 +114,25 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
                           unroll=unroll), gamma)
 
 
+def eagle_weights(name: str, config) -> pathlib.Path:
+  """The weights file of the arm eagle:<name>: config.eagle_checkpoint, else the shipped one."""
+  return pathlib.Path(config.eagle_checkpoint) if config.eagle_checkpoint else shipped_path(name)
+
+
 def check_checkpoints(config, target_flag: str = TARGET_FLAG,
                       draft_flag: str = DRAFT_FLAG) -> None:
   """Fails before any weights load if the target's or a draft model's checkpoint is
-  missing or of another shape; the error names the flag (or field) to set."""
+  missing or of another shape, or a feature drafter's weights file is missing; the
+  error names the flag (or field) to set."""
+  specs = list(map(config_lib.ArmSpec.parse, config_lib.used_arms(config)))
+  for name in sorted({spec.arg for spec in specs if spec.kind == "eagle"} - {"random"}):
+    if not eagle_weights(name, config).is_file():
+      raise CheckpointError(f"no weights for the feature drafter eagle:{name} at "
+                            f"{eagle_weights(name, config)}: set --config.eagle_checkpoint, or "
+                            f"use eagle:random for an untrained one")
   if config.synthetic_weights:
     return
   check_checkpoint(config.target, config.checkpoint_dir, target_flag)
-  specs = map(config_lib.ArmSpec.parse, config_lib.used_arms(config))
   for shape in sorted({spec.arg for spec in specs if spec.kind == "draft_model"}):
     check_checkpoint(shape, config.draft_checkpoint_dir, draft_flag)
 

@@ -74,3 +74,20 @@ def sweep(points: list[dict], field: str, path: pathlib.Path) -> pathlib.Path:
     ax.set_xscale("log", base=2)
     ax.legend()
   return _save(fig, path)
+
+
+def training(curve: list[dict], validation: dict[str, dict], path: pathlib.Path) -> pathlib.Path:
+  """A drafter's training loss, and its greedy chain acceptance per draft position on
+  the validation split, per prompt kind."""
+  fig, (loss, accept) = plt.subplots(1, 2, figsize=(10, 4))
+  loss.plot([p["step"] for p in curve], [p["loss"] for p in curve])
+  loss.set(xlabel="step", ylabel="soft cross-entropy (mean over draft steps)", title="training",
+           yscale="log")
+  for kind, stats in validation.items():
+    positions = np.arange(1, len(stats["step_acceptance"]) + 1)
+    accept.plot(positions, stats["step_acceptance"], "o-", label=kind)
+  accept.set(xlabel="draft position", ylabel="accepted (greedy, whole chain)", ylim=(0, 1),
+             title="validation", xticks=np.arange(1, 1 + max(
+                 (len(s["step_acceptance"]) for s in validation.values()), default=1)))
+  accept.legend()
+  return _save(fig, path)

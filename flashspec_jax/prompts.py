@@ -127,13 +127,22 @@ def _edit_pool() -> tuple[Prompt, ...]:
 _POOLS = {"chat": _chat_pool, "code": _code_pool, "edit": _edit_pool}
 
 
-def load_prompts(kind: str, num: int, split: str = "tune", seed: int = 0) -> list[Prompt]:
-  """`num` prompts of one set, drawn by a seeded permutation of that split."""
+def _split_pool(kind: str, split: str) -> list[Prompt]:
   if kind not in _POOLS:
     raise ValueError(f"unknown prompt set {kind!r}; known: {PROMPT_SETS}")
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
-  pool = [p for p in _POOLS[kind]() if split_of(p.id) == split]
+  return [p for p in _POOLS[kind]() if split_of(p.id) == split]
+
+
+def split_size(kind: str, split: str) -> int:
+  """How many prompts of the set `kind` the split holds."""
+  return len(_split_pool(kind, split))
+
+
+def load_prompts(kind: str, num: int, split: str = "tune", seed: int = 0) -> list[Prompt]:
+  """`num` prompts of one set, drawn by a seeded permutation of that split."""
+  pool = _split_pool(kind, split)
   if num > len(pool):
     raise ValueError(f"asked for {num} {kind} prompts but the {split} split holds {len(pool)}")
   order = np.random.default_rng(seed).permutation(len(pool))

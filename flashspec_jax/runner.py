@@ -20,7 +20,7 @@ import numpy as np
 import tqdm
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, plots, results
+from flashspec_jax import distill, environment, plots, results
 from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel, load_model
@@ -212,6 +212,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return run_simulation(config, env)
   if config.kind == "kernel_bench":
     return run_kernel_bench(config, env)
+  if config.kind == "train_drafter":
+    return distill.train(config, env)
   sweep = config_lib.parse_sweep(config)
   if sweep is not None:
     return run_sweep(config, env, *sweep)

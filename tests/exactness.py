@@ -27,10 +27,11 @@ from conftest import spread_params, tiny_config
 from scipy import stats
 
 from flashspec_jax.bandit import Fixed
-from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.drafters import FeatureDrafter, ModelDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.sequences import prepare_prompts
 from flashspec_jax.kernels.verify import verify_reference
+from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Samplers, Temperature, TopK, TopP
 
@@ -137,13 +138,15 @@ TARGET = Llama(TARGET_CONFIG, param_dtype=jnp.float32)
 # One loop body for the draft steps: the same program, compiled several times faster on CPU.
 DRAFTERS = {"small": ModelDrafter(Llama(DRAFT_CONFIG, param_dtype=jnp.float32), "small",
                                   unroll=False),
-            "self": ModelDrafter(TARGET, "target", unroll=False)}
+            "self": ModelDrafter(TARGET, "target", unroll=False),
+            "eagle": FeatureDrafter(TARGET, "eagle", unroll=False)}
 
 
 @pytest.fixture(scope="module")
 def params():
   return {"target": spread_params(TARGET_CONFIG, seed=0, scale=6.0),
-          "drafters": {"small": spread_params(DRAFT_CONFIG, seed=1, scale=6.0)}}
+          "drafters": {"small": spread_params(DRAFT_CONFIG, seed=1, scale=6.0),
+                       "eagle": eagle.init_params(TARGET_CONFIG, jax.random.key(2), jnp.float32)}}
 
 
 @pytest.fixture(scope="module")

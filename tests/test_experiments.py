@@ -37,6 +37,9 @@ def test_tiny_variant_runs_and_writes_results(name, tmp_path):
   out = runner.run(config)
   saved = json.loads(pathlib.Path(out["path"]).read_text())
   assert saved["environment"]["git_sha"] and saved["config"]["experiment"] == config.experiment
+  if config.kind == "train_drafter":  # a few steps, and the loss falls
+    losses = [point["loss"] for point in saved["curve"]]
+    assert saved["steps"] == config.train.steps and max(losses[-3:]) < losses[0], losses
 
 
 def test_unknown_config_argument_is_refused():

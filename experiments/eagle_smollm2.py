@@ -1,0 +1,38 @@
+"""The trained feature drafter eagle:smollm2 against AR, n-gram and layer-skip.
+
+  python run.py --config=experiments/eagle_smollm2.py
+  python run.py --config=experiments/eagle_smollm2.py:tiny    # CI-sized
+  python run.py --config=experiments/eagle_smollm2.py --config.sampling.temperature=1
+  python run.py --config=experiments/eagle_smollm2.py --config.batch_size=8 \
+    --config.prompts.num_per_set=8
+  python run.py --config=experiments/eagle_smollm2.py --config.methods=eagle:smollm2 \
+    --config.sweep=sampling.gamma=1,2,3,4,5,6,7,8
+
+Greedy, gamma 4, batch 1, 128 new tokens, five held-out prompts of each set
+(chat, code, copy-heavy edit) that training never saw; every method runs on
+the same prompts in one run. Writes results/eagle_smollm2/. The table gives
+alpha, tau, tok/s and the speedup against AR.
+Expected: on one H200 (bf16) eagle:smollm2 is the fastest method on chat and
+code; the figures and what they mean are in
+flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md. On 2 CPU cores (f32, about
+10 minutes) every speculative method is slower than AR.
+"""
+
+from flashspec_jax.config import base_config, is_tiny, make_tiny
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.experiment = "eagle_smollm2"
+  config.methods = "ar,ngram:3,layer_skip:26,eagle:smollm2"
+  config.prompts.split = "heldout"
+  config.prompts.num_per_set = 5
+  config.prompts.bucket = 256
+  config.sampling.max_new_tokens = 128
+  config.sampling.gamma = 4
+  config.print_text = False
+  if is_tiny(arg):
+    make_tiny(config, synthetic=False)
+    config.prompts.sets = "chat"
+    config.methods = "ar,eagle:smollm2"
+  return config

@@ -1,0 +1,45 @@
+"""Trains eagle:smollm2, the feature drafter shipped for SmolLM2-135M-Instruct.
+
+  python run.py --config=experiments/train_eagle_smollm2.py
+  python run.py --config=experiments/train_eagle_smollm2.py:tiny    # CI-sized
+
+Self-distillation (flashspec_jax/distill.py): SmolLM2 answers up to 1000
+tune-split prompts per set (chat, code, edit; never a held-out one) greedily,
+then the drafter learns its next-token distributions with 4-step rollouts.
+It runs through run.py like every experiment, so the results file records the
+command, sha and device like the others, and the config's flags and sweeps apply.
+Writes flashspec_jax/weights/eagle_smollm2/model.safetensors and
+results/train_eagle_smollm2/ (loss curve, acceptance per draft position on the
+validation split). Expected on one H200: a few minutes; see the model card
+beside the weights for what it gave.
+The :tiny variant answers a few short chat prompts with 16 tokens and trains
+for 12 steps on CPU (about a minute); its loss falls.
+"""
+
+from flashspec_jax.config import base_config, is_tiny
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.experiment = "train_eagle_smollm2"
+  config.kind = "train_drafter"
+  config.target = "smollm2_135m"
+  config.prompts.sets = "chat,code,edit"
+  config.train.output = "flashspec_jax/weights/eagle_smollm2/model.safetensors"
+  config.train.workdir = "checkpoints/train_eagle_smollm2"
+  if is_tiny(arg):
+    config.experiment += "_tiny"
+    config.prompts.sets = "chat"
+    config.train.prompts_per_set = 12
+    config.train.max_prompt_tokens = 64
+    config.train.answer_tokens = 16
+    config.train.generate_batch = 12
+    config.train.max_tokens = 80
+    config.train.validation_fraction = 0.25
+    config.train.rollout_steps = 3
+    config.train.steps = 12
+    config.train.batch_size = 4
+    config.train.warmup_steps = 2
+    config.train.log_every = 1
+    config.train.workdir = config.train.output = ""  # beside the results file
+  return config

@@ -1,0 +1,332 @@
+"""Trains a feature drafter (eagle:<name>) by self-distillation from its target.
+
+`run.py --config=experiments/train_eagle_smollm2.py` runs it end to end:
+
+1. Data: the target answers tune-split prompts (never a held-out one) with
+   this engine, in large batches; prompt + answer are the training sequences.
+2. Each training step runs the frozen target over a batch for its features
+   and next-token distributions p, then the drafter's rollout over
+   `train.rollout_steps` draft steps (EAGLE-3's training-time test), and
+   minimises the soft cross-entropy -sum p log q at every step, so that
+   errors compound in training as they do when drafting. AdamW with warm-up
+   and cosine decay (optax).
+3. A validation split of the generated sequences gives, per draft position,
+   the greedy acceptance of a chain (all earlier drafts of the chain accepted).
+
+It saves a checkpoint every `train.checkpoint_every` steps and resumes from it;
+given the same command and seed it draws the same data order. Writes the
+drafter (bf16 safetensors) to `train.output`, and a results file with the loss
+curve and per-position acceptance (JSON and PNG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from flashspec_jax import config as config_lib
+from flashspec_jax import plots, results
+from flashspec_jax.drafters import FeatureDrafter
+from flashspec_jax.loading import LoadedModel, load_model
+from flashspec_jax.loading.eagle import save_drafter
+from flashspec_jax.loading.tokenizer import encode_chat
+from flashspec_jax.models.eagle import init_params
+from flashspec_jax.models.llama import KVCache, Llama
+from flashspec_jax.pipeline import Method, Request, compile_and_run, make_setup, param_dtype
+from flashspec_jax.prompts import load_prompts, split_of, split_size
+
+DRAFTER_KEY = "training"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+  """Training sequences, right-padded.
+
+  Attributes:
+    tokens: [N, T] int32, prompt then the target's answer.
+    lengths: [N] int32.
+    prompt_lens: [N] int32.
+    ids: the prompt id of each row.
+    kinds: the prompt set of each row (chat, code, edit).
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  prompt_lens: np.ndarray
+  ids: tuple[str, ...]
+  kinds: tuple[str, ...]
+
+  def take(self, rows) -> TrainingData:
+    return TrainingData(self.tokens[rows], self.lengths[rows], self.prompt_lens[rows],
+                        tuple(self.ids[i] for i in rows), tuple(self.kinds[i] for i in rows))
+
+  def batch(self) -> dict[str, np.ndarray]:
+    return dict(tokens=self.tokens, lengths=self.lengths, prompt_lens=self.prompt_lens)
+
+
+def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Request]:
+  """Tune-split prompts of config.prompts.sets, at most train.prompts_per_set each and no
+  longer than train.max_prompt_tokens; sorted by length so batches pad little."""
+  t = config.train
+  requests = []
+  for kind in config_lib.prompt_sets(config):
+    prompts = load_prompts(kind, min(t.prompts_per_set, split_size(kind, "tune")), "tune",
+                           config.prompts.seed)
+    ids = encode_chat(tokenizer, [p.conversation for p in prompts])
+    requests += [Request(p.id, kind, row) for p, row in zip(prompts, ids)
+                 if len(row) <= t.max_prompt_tokens]
+  assert all(split_of(r.id) == "tune" for r in requests), "a held-out prompt reached training"
+  return sorted(requests, key=lambda r: len(r.token_ids))
+
+
+def generate_sequences(config: ml_collections.ConfigDict, model: LoadedModel) -> TrainingData:
+  """The target's answers to the training prompts, from this engine's AR decoder."""
+  t = config.train
+  dtype = param_dtype(config)
+  gen_config = config.copy_and_resolve_references()
+  gen_config.sampling.max_new_tokens = t.answer_tokens
+  gen_config.sampling.temperature = t.answer_temperature
+  setup = make_setup(gen_config, model, {"target": model.params}, dtype)
+  requests = training_requests(config, model.tokenizer)
+  rows, rng = [], jax.random.key(config.seed)
+  for start in tqdm.trange(0, len(requests), t.generate_batch, desc="target answers",
+                           unit="batch"):
+    batch = requests[start:start + t.generate_batch]
+    rng, key = jax.random.split(rng)
+    out = compile_and_run(Method("ar"), setup, batch, key).output
+    for i, request in enumerate(batch):
+      rows.append((request, np.asarray(out.tokens[i, :out.num_tokens[i]]).tolist()))
+  width = max(len(request.token_ids) + len(answer) for request, answer in rows)
+  tokens = np.zeros((len(rows), width), np.int32)
+  for i, (request, answer) in enumerate(rows):
+    tokens[i, :len(request.token_ids) + len(answer)] = request.token_ids + answer
+  return TrainingData(tokens, np.array([len(r.token_ids) + len(a) for r, a in rows], np.int32),
+                      np.array([len(r.token_ids) for r, _ in rows], np.int32),
+                      tuple(r.id for r, _ in rows), tuple(r.kind for r, _ in rows))
+
+
+def split_validation(data: TrainingData, fraction: float, seed: int) -> tuple[TrainingData,
+                                                                         TrainingData]:
+  """(train, validation), split by a seeded permutation of the rows."""
+  order = np.random.default_rng(seed).permutation(len(data.ids))
+  cut = max(1, int(round(len(order) * fraction)))
+  return data.take(np.sort(order[cut:])), data.take(np.sort(order[:cut]))
+
+
+def target_outputs(target: Llama, params, tokens, lengths) -> tuple[jax.Array, jax.Array]:
+  """The target's features [B, T, D] and log p [B, T, V] over whole sequences."""
+  cache = KVCache.init(target.config, tokens.shape[0], tokens.shape[1], target.param_dtype)
+  logits, _, features = target.apply(params["target"], tokens, cache, num_valid=lengths,
+                                     return_features=True)
+  return jax.lax.stop_gradient(features), jax.nn.log_softmax(jax.lax.stop_gradient(logits))
+
+
+def prediction_mask(lengths, prompt_lens, width: int, step: int) -> jax.Array:
+  """[B, T] where draft step `step` at position j is a real draft of an answer token:
+  its chain starts at a position (j >= step) and it predicts t_{j+2}, an answer token."""
+  j = jnp.arange(width)[None, :]
+  return (j >= step) & (j + 2 < lengths[:, None]) & (j + 2 >= prompt_lens[:, None])
+
+
+def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array],
+                 steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean soft cross-entropy of the target's p against the drafter's q over all draft
+  steps, and per step the loss and the greedy chain acceptance."""
+  tokens, lengths, prompt_lens = batch["tokens"], batch["lengths"], batch["prompt_lens"]
+  features, target_logp = target_outputs(drafter.target, params, tokens, lengths)
+  # Step k at j predicts t_{j+2}, which the target's distribution at j + 1 gives.
+  target_logp = jnp.pad(target_logp[:, 1:], ((0, 0), (0, 1), (0, 0)))
+  target_top = jnp.argmax(target_logp, axis=-1)
+  normed = drafter.rollout(params, features, tokens, steps)
+  losses, accepted = [], []
+  chain = jnp.ones(tokens.shape, bool)
+  for step in range(steps):
+    logq = jax.nn.log_softmax(drafter.head(params, normed[step]))
+    mask = prediction_mask(lengths, prompt_lens, tokens.shape[1], step)
+    cross_entropy = -jnp.sum(jnp.exp(target_logp) * logq, axis=-1)
+    losses.append(jnp.sum(cross_entropy * mask) / jnp.maximum(mask.sum(), 1))
+    # The chain at j started at j - step: its drafts up to this one all match.
+    chain = jnp.pad(chain[:, :-1], ((0, 0), (1, 0))) if step else chain
+    chain = chain & (jnp.argmax(logq, axis=-1) == target_top)
+    accepted.append(jnp.sum(chain * mask) / jnp.maximum(mask.sum(), 1))
+  losses = jnp.stack(losses)
+  return losses.mean(), dict(step_loss=losses, step_acceptance=jnp.stack(accepted))
+
+
+def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
+      end_value=t.learning_rate * 0.1)
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip),
+                     optax.adamw(schedule, weight_decay=t.weight_decay))
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """What resuming needs: the step reached, the drafter's params, the optimizer state
+  and the loss curve so far."""
+
+  step: int
+  params: Any
+  opt_state: Any
+  curve: list
+
+  def save(self, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = flax.serialization.to_bytes(dict(step=self.step, params=self.params,
+                                            opt_state=self.opt_state))
+    with results.open_atomic(path, "wb") as file:
+      file.write(blob)
+    with results.open_atomic(path.with_suffix(".curve.json")) as file:
+      file.write(json.dumps(self.curve))
+
+  @classmethod
+  def restore(cls, path: pathlib.Path, template: Checkpoint) -> Checkpoint | None:
+    if not path.exists():
+      return None
+    state = flax.serialization.from_bytes(
+        dict(step=0, params=template.params, opt_state=template.opt_state), path.read_bytes())
+    curve = json.loads(path.with_suffix(".curve.json").read_text())
+    return cls(int(state["step"]), state["params"], state["opt_state"], curve)
+
+
+def batches(data: TrainingData, batch_size: int, seed: int, start_step: int):
+  """Training batches from step `start_step` on: epochs of seeded permutations, so a
+  resumed run sees what an uninterrupted one would."""
+  per_epoch = max(len(data.ids) // batch_size, 1)
+  step = start_step
+  while True:
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(data.ids))
+    yield data.take(np.sort(order[index * batch_size:(index + 1) * batch_size])).batch()
+    step += 1
+
+
+def evaluate(drafter: FeatureDrafter, params, data: TrainingData, batch_size: int,
+             steps: int) -> dict[str, list[float]]:
+  """Loss and greedy chain acceptance per draft position on `data`, weighted by batch."""
+  evaluate_batch = jax.jit(lambda p, b: rollout_loss(drafter, p, b, steps)[1])
+  totals = []
+  for start in range(0, len(data.ids), batch_size):
+    rows = np.arange(start, min(start + batch_size, len(data.ids)))
+    stats = evaluate_batch(params, data.take(rows).batch())
+    totals.append((len(rows), jax.tree.map(np.asarray, stats)))
+  count = sum(n for n, _ in totals)
+  return {name: (sum(n * s[name] for n, s in totals) / count).tolist()
+          for name in ("step_loss", "step_acceptance")}
+
+
+def expected_tokens_per_step(acceptance: list[float]) -> float:
+  """tau implied by per-position chain acceptance: 1 + the expected drafts accepted."""
+  return 1.0 + float(sum(acceptance))
+
+
+def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
+  """Generates the data, trains, evaluates and writes the drafter and its results."""
+  t = config.train
+  dtype = param_dtype(config)
+  model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
+                     config.seed)
+  started = time.perf_counter()
+  data = generate_sequences(config, model)
+  generate_seconds = time.perf_counter() - started
+  width = min(data.tokens.shape[1], t.max_tokens)
+  data = dataclasses.replace(data, tokens=data.tokens[:, :width],
+                             lengths=np.minimum(data.lengths, width))
+  train_data, validation = split_validation(data, t.validation_fraction, config.seed)
+  print(f"{len(train_data.ids)} training and {len(validation.ids)} validation sequences of "
+        f"at most {width} tokens, answered in {generate_seconds:.0f} s")
+
+  target = Llama(model.config, param_dtype=dtype)
+  drafter = FeatureDrafter(target, DRAFTER_KEY)
+  tx = optimizer(t)
+  drafter_params = init_params(model.config, jax.random.key(config.seed), jnp.float32)
+  state = Checkpoint(0, drafter_params, tx.init(drafter_params), [])
+  checkpoint_path = pathlib.Path(t.workdir) / "checkpoint.msgpack" if t.workdir else None
+  if checkpoint_path:
+    state = Checkpoint.restore(checkpoint_path, state) or state
+  if state.step:
+    print(f"resuming from {checkpoint_path} at step {state.step}")
+
+  def loss_fn(drafter_params, target_params, batch):
+    params = {"target": target_params, "drafters": {DRAFTER_KEY: drafter_params}}
+    return rollout_loss(drafter, params, batch, t.rollout_steps)
+
+  # The target's params are an argument, not a closed-over constant XLA would fold.
+  @jax.jit
+  def train_step(drafter_params, opt_state, target_params, batch):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(drafter_params,
+                                                                      target_params, batch)
+    updates, opt_state = tx.update(grads, opt_state, drafter_params)
+    return optax.apply_updates(drafter_params, updates), opt_state, loss, stats
+
+  drafter_params, opt_state, curve = state.params, state.opt_state, state.curve
+  progress = tqdm.trange(state.step, t.steps, desc="training", unit="step", initial=state.step,
+                         total=t.steps)
+  train_started = time.perf_counter()
+  stopped_early, steps_done = False, state.step
+  for step, batch in zip(progress, batches(train_data, t.batch_size, config.seed, state.step)):
+    if t.max_seconds and time.perf_counter() - train_started > t.max_seconds:
+      print(f"stopping at step {step} of {t.steps}: train.max_seconds ({t.max_seconds}) reached")
+      stopped_early = True
+      break
+    drafter_params, opt_state, loss, stats = train_step(drafter_params, opt_state, model.params,
+                                                        batch)
+    steps_done = step + 1
+    if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+      point = dict(step=step + 1, loss=float(loss),
+                   step_acceptance=np.asarray(stats["step_acceptance"]).tolist())
+      curve.append(point)
+      progress.set_postfix(loss=f"{point['loss']:.3f}")
+    if checkpoint_path and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+      Checkpoint(step + 1, drafter_params, opt_state, curve).save(checkpoint_path)
+  train_seconds = time.perf_counter() - train_started
+
+  params = {"target": model.params, "drafters": {DRAFTER_KEY: drafter_params}}
+  by_kind = {}
+  for kind in sorted(set(validation.kinds)):
+    rows = [i for i, k in enumerate(validation.kinds) if k == kind]
+    stats = evaluate(drafter, params, validation.take(rows), t.batch_size, t.rollout_steps)
+    by_kind[kind] = stats | dict(
+        sequences=len(rows), greedy_tau=expected_tokens_per_step(stats["step_acceptance"]))
+  # The results file names the weights; it is written first so that their default
+  # place, beside it, is known.
+  output = pathlib.Path(t.output) if t.output else None
+  payload = dict(config=config.to_dict(), weights=model.source,
+                 drafter=t.output or "beside this file, as <its name>.safetensors",
+                 sequences=dict(train=len(train_data.ids), validation=len(validation.ids),
+                                max_tokens=width),
+                 steps=steps_done, stopped_early=stopped_early,
+                 seconds=dict(generate=generate_seconds, train=train_seconds),
+                 curve=curve, validation=by_kind)
+  path = results.write(config.experiment, payload, directory=config.results_dir, env=env)
+  output = save_drafter(output or path.with_suffix(".safetensors"), drafter_params,
+                        config.target, metadata=dict(
+                            steps=str(steps_done), seed=str(config.seed), results=path.name,
+                            git_sha=env["git_sha"], device=env["device"], command=env["command"]))
+  plots.training(curve, by_kind, path.with_suffix(".png"))
+  print_summary(curve, by_kind)
+  print(f"drafter: {output}\nresults: {path}")
+  return dict(path=str(path), output=str(output), curve=curve, validation=by_kind)
+
+
+def print_summary(curve: list[dict], by_kind: dict[str, dict]) -> None:
+  if curve:
+    print(f"\nloss {curve[0]['loss']:.3f} at step {curve[0]['step']} -> "
+          f"{curve[-1]['loss']:.3f} at step {curve[-1]['step']}")
+  print(f"{'validation':<12} {'rows':>5} {'loss':>7} {'tau (greedy)':>13}  acceptance per position")
+  for kind, s in by_kind.items():
+    accept = " ".join(f"{a:.2f}" for a in s["step_acceptance"])
+    print(f"{kind:<12} {s['sequences']:>5} {np.mean(s['step_loss']):>7.3f} "
+          f"{s['greedy_tau']:>13.2f}  {accept}")

@@ -1,0 +1,75 @@
+"""Feature-drafter weights: one safetensors file per drafter, checked against its target.
+
+Tensors are named by their path in the parameter tree ("block.attn.qkv", ...);
+the header's metadata names the target shape the drafter was trained for.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import traverse_util
+
+from flashspec_jax.loading.params import CheckpointError
+from flashspec_jax.models.config import LlamaConfig
+from flashspec_jax.models.eagle import init_params
+
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "weights"
+
+
+def shipped_path(name: str) -> pathlib.Path:
+  """Where the shipped drafter `eagle:<name>` lives (inside the package)."""
+  return WEIGHTS_DIR / f"eagle_{name}" / "model.safetensors"
+
+
+def save_drafter(path: str | pathlib.Path, params: dict, target: str,
+                 metadata: dict[str, str] | None = None) -> pathlib.Path:
+  """Writes {"params": ...} as bf16 safetensors; metadata adds to the header."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  flat = traverse_util.flatten_dict(params["params"], sep=".")
+  tensors = {name: np.asarray(jnp.asarray(value, jnp.bfloat16).view(jnp.uint16))
+             for name, value in flat.items()}
+  header = {"target": target, "dtype": "bfloat16"} | (metadata or {})
+  temporary = path.with_name(path.name + ".partial")
+  safetensors.numpy.save_file(tensors, temporary, metadata=header)
+  temporary.replace(path)
+  return path
+
+
+def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any) -> dict:
+  """The drafter's params for a target of `config`, from `path`.
+
+  Raises:
+    CheckpointError: naming the file if it is missing, unreadable, made for
+      another target, or holds missing or misshapen tensors.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"no feature-drafter weights at {path}")
+  try:
+    with safetensors.safe_open(str(path), "numpy") as file:
+      metadata = file.metadata() or {}
+      tensors = {name: file.get_tensor(name) for name in file.keys()}
+  except Exception as error:  # safetensors raises its own error types for broken files
+    raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+  if metadata.get("target") != config.name:
+    raise CheckpointError(f"{path} holds a drafter for {metadata.get('target')!r}, not for the "
+                          f"target {config.name!r}")
+  expected = traverse_util.flatten_dict(
+      jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))["params"], sep=".")
+  wrong = sorted(set(expected) ^ set(tensors)) + [
+      f"{name} {tensors[name].shape} != {expected[name].shape}"
+      for name in sorted(set(expected) & set(tensors))
+      if tensors[name].shape != expected[name].shape]
+  if wrong:
+    raise CheckpointError(f"{path} does not hold the drafter for {config.name}: "
+                          f"{', '.join(wrong[:5])}")
+  params = {name: jnp.asarray(value.view(jnp.bfloat16), dtype) for name, value in tensors.items()}
+  return {"params": traverse_util.unflatten_dict(params, sep=".")}

@@ -1,0 +1,173 @@
+"""The feature drafter (eagle): target features, drafting and catching up, training
+rollouts, its weights file, its training data, and the shipped eagle:smollm2."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import spread_params, tiny_config
+
+from flashspec_jax import config as config_lib
+from flashspec_jax import distill, engine
+from flashspec_jax.bandit import UCB1
+from flashspec_jax.drafters import FeatureDrafter, NgramDrafter
+from flashspec_jax.generate import Decoder, run_generate
+from flashspec_jax.loading import CheckpointError
+from flashspec_jax.loading.eagle import load_drafter, save_drafter, shipped_path
+from flashspec_jax.loading.tokenizer import encode_chat
+from flashspec_jax.models import eagle
+from flashspec_jax.models.llama import KVCache, Llama
+from flashspec_jax.prompts import load_prompts, split_size
+from flashspec_jax.sampling import Greedy, Samplers
+
+CONFIG = tiny_config(num_layers=4, name="tiny_eagle_target")
+TARGET = Llama(CONFIG, param_dtype=jnp.float32)
+# chunk 4 < the longest prompt: the first proposal catches up in several chunks.
+DRAFTER = FeatureDrafter(TARGET, "eagle", chunk=4, unroll=False)
+PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(30, 39)),
+           [4] * 6, [60, 61, 62, 63, 0]]  # batch 8, lengths 1 to 12
+
+
+@pytest.fixture(scope="module")
+def params():
+  return {"target": spread_params(CONFIG, seed=0),
+          "drafters": {"eagle": eagle.init_params(CONFIG, jax.random.key(3), jnp.float32)}}
+
+
+def greedy_ar(params, max_new_tokens=16):
+  return run_generate(params["target"], Decoder(TARGET, max_new_tokens), PROMPTS,
+                      jax.random.key(0), Greedy())
+
+
+def test_features_are_what_the_head_reads_and_change_no_logit(params):
+  tokens = jnp.asarray([[5, 9, 3, 17, 2, 8]])
+  cache = KVCache.init(CONFIG, 1, 8, jnp.float32)
+  logits, _ = TARGET.apply(params["target"], tokens, cache)
+  with_features, _, features = TARGET.apply(params["target"], tokens, cache, return_features=True)
+  np.testing.assert_array_equal(with_features, logits)
+  np.testing.assert_allclose(DRAFTER.head(params, features), logits, rtol=1e-5, atol=1e-5)
+  scored, _, _ = TARGET.apply(params["target"], tokens, cache, logits_index=jnp.array([3]),
+                              return_features=True)
+  np.testing.assert_allclose(scored, logits[:, 3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_speculation_equals_greedy_ar_on_a_ragged_batch(params, gamma):
+  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTER, gamma),), 16)
+  out = engine.run_speculative(params, decoder, PROMPTS, jax.random.key(0),
+                               Samplers.same(Greedy()))
+  np.testing.assert_array_equal(out.tokens, greedy_ar(params).tokens)
+
+
+def test_an_idle_feature_drafter_catches_up_in_a_bandit(params):
+  """The feature drafter reads the features of steps other arms took (UCB1 tries each
+  arm in turn), and its drafts stay exact."""
+  arms = (engine.Arm(DRAFTER, 3), engine.Arm(NgramDrafter(CONFIG.vocab_size, 2), 3), engine.Arm())
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=UCB1())
+  out = engine.run_speculative(params, decoder, PROMPTS, jax.random.key(0),
+                               Samplers.same(Greedy()))
+  np.testing.assert_array_equal(out.tokens, greedy_ar(params).tokens)
+  chosen = np.asarray(out.history.arm[:int(out.steps)]).tolist()
+  assert chosen[:3] == [0, 1, 2] and chosen.count(0) >= 2
+
+
+def test_training_rollout_is_what_drafting_computes(params):
+  """Draft step k at position j of the rollout gives the logits that drafting gives
+  with L = j + 2 - k committed tokens and the true tokens as its earlier drafts."""
+  sequence = jnp.asarray([[5, 9, 3, 17, 2, 8, 11, 4, 6, 1, 30, 22]])
+  width, steps = sequence.shape[1], 3
+  _, _, features = TARGET.apply(params["target"], sequence,
+                                KVCache.init(CONFIG, 1, width, jnp.float32), return_features=True)
+  rollout = DRAFTER.head(params, DRAFTER.rollout(params, features, sequence, steps))
+  padded = jnp.pad(sequence, ((0, 0), (0, steps)))
+  for length in (2, 6, 9):
+    state = DRAFTER.init(params, sequence[:, :length], jnp.array([length]), width + steps)
+    state = DRAFTER.observe(state, features[:, :length - 1], jnp.zeros((1,), jnp.int32))
+    logits, hidden, cache = DRAFTER.catch_up(params, state, padded, jnp.array([length]))
+    np.testing.assert_allclose(logits[0], rollout[0, 0, length - 2], rtol=1e-4, atol=1e-4)
+    for step in range(1, steps):
+      true_draft = sequence[:, length - 1 + step]
+      hidden, logits, cache = DRAFTER.forward(params, cache, hidden[:, None], true_draft[:, None],
+                                              jnp.ones((1,), jnp.int32))
+      hidden = hidden[:, 0]
+      np.testing.assert_allclose(logits[0, 0], rollout[step, 0, length - 2 + step], rtol=1e-4,
+                                 atol=1e-4)
+
+
+def test_the_rollout_loss_trains_the_drafter_towards_the_target(params):
+  """A few steps of gradient descent on the rollout loss lower it, at every draft step."""
+  batch = dict(tokens=jnp.asarray([list(range(3, 15)), [7, 1, 9, 2, 8, 3] * 2]),
+               lengths=jnp.array([12, 10]), prompt_lens=jnp.array([3, 2]))
+
+  def loss(drafter_params):
+    return distill.rollout_loss(DRAFTER, params | {"drafters": {"eagle": drafter_params}}, batch,
+                                steps=3)
+
+  grad = jax.jit(jax.grad(lambda p: loss(p)[0]))
+  before = np.asarray(loss(params["drafters"]["eagle"])[1]["step_loss"])
+  trained = params["drafters"]["eagle"]
+  for _ in range(20):
+    trained = jax.tree.map(lambda p, g: p - 0.05 * g, trained, grad(trained))
+  after = np.asarray(loss(trained)[1]["step_loss"])
+  assert (after < before).all(), (before, after)
+
+
+def test_weights_round_trip_and_bad_files_are_named(params, tmp_path):
+  path = save_drafter(tmp_path / "drafter.safetensors", params["drafters"]["eagle"], CONFIG.name)
+  loaded = load_drafter(path, CONFIG, jnp.float32)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, jnp.asarray(b, jnp.bfloat16)
+                                                          .astype(jnp.float32)),
+               loaded, params["drafters"]["eagle"])
+  with pytest.raises(CheckpointError, match="for 'tiny_eagle_target', not for the target 'other'"):
+    load_drafter(path, dataclasses.replace(CONFIG, name="other"), jnp.float32)
+  with pytest.raises(CheckpointError, match="does not hold the drafter for tiny_eagle_target: block.attn.out"):
+    load_drafter(path, dataclasses.replace(CONFIG, hidden_size=48), jnp.float32)
+  broken = tmp_path / "broken.safetensors"
+  broken.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(CheckpointError, match="broken.safetensors is not a readable safetensors"):
+    load_drafter(broken, CONFIG, jnp.float32)
+  with pytest.raises(CheckpointError, match="no feature-drafter weights at .*missing"):
+    load_drafter(tmp_path / "missing.safetensors", CONFIG, jnp.float32)
+
+
+def test_a_missing_drafter_is_refused_before_any_weights_load(tmp_path):
+  from flashspec_jax.pipeline import check_checkpoints
+  config = config_lib.base_config()
+  config.methods = "eagle:nonexistent"
+  with pytest.raises(CheckpointError, match="eagle:nonexistent at .*eagle_checkpoint"):
+    check_checkpoints(config)
+
+
+def test_training_prompts_are_never_held_out(smollm2):
+  """Every training prompt is in the tune split, none is one the experiments hold out."""
+  _, _, tokenizer = smollm2
+  config = config_lib.base_config()
+  config.train.prompts_per_set = 40
+  requests = distill.training_requests(config, tokenizer)
+  held_out = {p.id for kind in ("chat", "code", "edit")
+              for p in load_prompts(kind, split_size(kind, "heldout"), "heldout")}
+  assert len(requests) > 60 and not {r.id for r in requests} & held_out
+  assert {r.kind for r in requests} == {"chat", "code", "edit"}
+
+
+@pytest.mark.skipif(not shipped_path("smollm2").exists(), reason="eagle:smollm2 is not trained yet")
+def test_shipped_drafter_speculates_exactly_on_smollm2(smollm2):
+  """Greedy speculation with eagle:smollm2 in f32 is greedy AR, token for token, on five
+  real prompts of 128 new tokens, and each number of accepted drafts, 0 to gamma, occurs."""
+  config, target_params, tokenizer = smollm2
+  target = Llama(config, param_dtype=jnp.float32)
+  params = {"target": target_params,
+            "drafters": {"smollm2": load_drafter(shipped_path("smollm2"), config, jnp.float32)}}
+  prompts = [p.conversation for kind in ("chat", "code") for p in load_prompts(kind, 3, "heldout")]
+  ids = encode_chat(tokenizer, prompts[:5])
+  gamma = 4
+  ar = run_generate(target_params, Decoder(target, 128, eos_ids=()), ids, jax.random.key(0),
+                    Greedy())
+  decoder = engine.SpeculativeDecoder(
+      target, (engine.Arm(FeatureDrafter(target, "smollm2", unroll=False), gamma),), 128,
+      eos_ids=())
+  out = engine.run_speculative(params, decoder, ids, jax.random.key(0), Samplers.same(Greedy()))
+  np.testing.assert_array_equal(out.tokens, ar.tokens)
+  assert all(np.asarray(out.metrics.accept_hist).sum(axis=0) > 0), out.metrics.accept_hist
