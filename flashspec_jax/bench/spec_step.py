@@ -1,6 +1,7 @@
 """Speculative step time against its parts, with synthetic weights.
 
   python -m flashspec_jax.bench.spec_step --target=llama3_8b --drafter=llama3.2_1b --batch=1,8
+  python -m flashspec_jax.bench.spec_step --target=llama3_8b --drafter=eagle --batch=1
 
 For each batch size, timed in the same process:
   * the speculative step the engine runs (draft gamma tokens, one target pass
@@ -8,7 +9,9 @@ For each batch size, timed in the same process:
     implementation;
   * its parts, each alone: one target forward of gamma + 1 tokens and one
     drafter forward of one token (the step runs gamma of them).
-overhead = step / (target forward + gamma x drafter step) - 1.
+overhead = step / (target forward + gamma x drafter step) - 1, and
+step_vs_target_forward = step / target forward: what a drafter's tau has to beat.
+--drafter=eagle is an untrained feature drafter as wide as the target.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from absl import app, flags
 from flashspec_jax import results
 from flashspec_jax import timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
+from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
 from flashspec_jax.kernels.verify import PALLAS_GPU_AVAILABLE, get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Temperature
 
 _TARGET = flags.DEFINE_string("target", "llama3_8b", "Target shape in configs/.")
-_DRAFTER = flags.DEFINE_string("drafter", "llama3.2_1b", "Drafter shape in configs/.")
+_DRAFTER = flags.DEFINE_string("drafter", "llama3.2_1b",
+                                "Drafter shape in configs/, or eagle (a feature drafter).")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "Draft tokens per step.")
 _CONTEXT = flags.DEFINE_integer("context", 1024, "Prompt tokens before stepping.")
@@ -46,6 +51,21 @@ def forward_loop(model: Llama, params, cache: KVCache, tokens, num_steps: int):
     cache = dataclasses.replace(cache, lengths=cache.lengths - tokens.shape[1])
     return cache, checksum + jnp.argmax(logits[:, -1], axis=-1)
   return jax.lax.fori_loop(0, num_steps, body, (cache, jnp.zeros(tokens.shape[0], jnp.int32)))[1]
+
+
+def feature_draft_loop(drafter: FeatureDrafter, params, state, tokens, num_steps: int):
+  """num_steps feature-drafter forwards of one token per row, each rolled back."""
+  ones = jnp.ones(tokens.shape[:1], jnp.int32)
+
+  def body(_, carry):
+    cache, hidden, checksum = carry
+    hidden, logits, cache = drafter.forward(params, cache, hidden, tokens, ones)
+    cache = dataclasses.replace(cache, lengths=cache.lengths - 1)
+    return cache, hidden, checksum + jnp.argmax(logits[:, -1], axis=-1)
+
+  hidden = state.features[:, :1]
+  zeros = jnp.zeros(tokens.shape[0], jnp.int32)
+  return jax.lax.fori_loop(0, num_steps, body, (state.cache, hidden, zeros))[2]
 
 
 def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> dict:
@@ -70,16 +90,23 @@ def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> 
         lambda n: run_forward(target.model, params["target"], state.target_cache, verify_tokens,
                               jnp.int32(n)),
         *steps, repeats)
-    draft_fwd = timing.per_iteration(
-        lambda n: run_forward(drafter.model, drafter.params(params),
-                              state.drafter_states[0], prompt[:, :1], jnp.int32(n)), *steps,
-        repeats)
+    if isinstance(drafter, FeatureDrafter):
+      run_draft = jax.jit(feature_draft_loop, static_argnums=0)
+      draft_fwd = timing.per_iteration(
+          lambda n: run_draft(drafter, params, state.drafter_states[0], prompt[:, :1],
+                              jnp.int32(n)), *steps, repeats)
+    else:
+      draft_fwd = timing.per_iteration(
+          lambda n: run_forward(drafter.model, drafter.params(params),
+                                state.drafter_states[0], prompt[:, :1], jnp.int32(n)), *steps,
+          repeats)
     parts = target_fwd["seconds"] + gamma * draft_fwd["seconds"]
     row |= dict(target_forward_ms=target_fwd["seconds"] * 1e3,
                 drafter_step_ms=draft_fwd["seconds"] * 1e3, parts_ms=parts * 1e3,
                 raw_target_forward=target_fwd, raw_drafter_step=draft_fwd)
     for impl in impls:
       row[f"overhead_{impl}"] = row[f"step_ms_{impl}"] / row["parts_ms"] - 1
+      row[f"step_vs_target_forward_{impl}"] = row[f"step_ms_{impl}"] / row["target_forward_ms"]
     rows.append(row)
   return dict(target=target.config.name, drafter=drafter.params_key,
               dtype=target.model.param_dtype.name, synthetic_weights=True, rows=rows)
@@ -89,7 +116,8 @@ def main(argv):
   del argv
   impls = [i for i in _IMPLS.value if i != "pallas" or PALLAS_GPU_AVAILABLE]
   target = SyntheticTarget.create(_TARGET.value, jnp.bfloat16)
-  arm = target.draft_model_arm(_DRAFTER.value, _GAMMA.value)
+  arm = (target.feature_drafter_arm(_GAMMA.value) if _DRAFTER.value == "eagle"
+         else target.draft_model_arm(_DRAFTER.value, _GAMMA.value))
   result = bench(target, arm, [int(b) for b in _BATCH.value], _CONTEXT.value,
                  (tuple(int(s) for s in _STEPS.value), _REPEATS.value), impls)
   path = results.write("spec_step", result, directory=_OUT.value)
@@ -97,13 +125,14 @@ def main(argv):
         f"synthetic bf16 weights -> {path}")
   header = f"{'batch':>5} {'target fwd ms':>13} {'draft step ms':>13} {'parts ms':>9}"
   for impl in impls:
-    header += f" {'step ms ' + impl:>18} {'overhead':>9}"
+    header += f" {'step ms ' + impl:>18} {'overhead':>9} {'vs target fwd':>13}"
   print(header)
   for row in result["rows"]:
     line = (f"{row['batch']:>5} {row['target_forward_ms']:>13.3f} {row['drafter_step_ms']:>13.3f} "
             f"{row['parts_ms']:>9.3f}")
     for impl in impls:
-      line += f" {row['step_ms_' + impl]:>18.3f} {row['overhead_' + impl]:>9.1%}"
+      line += (f" {row['step_ms_' + impl]:>18.3f} {row['overhead_' + impl]:>9.1%}"
+               f" {row['step_vs_target_forward_' + impl]:>12.2f}x")
     print(line)
 
 

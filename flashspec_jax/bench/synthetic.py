@@ -13,10 +13,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flashspec_jax.drafters import ModelDrafter
+from flashspec_jax.drafters import FeatureDrafter, ModelDrafter
 from flashspec_jax.engine import Arm
 from flashspec_jax.environment import on_gpu
 from flashspec_jax.models.config import LlamaConfig, model_config
+from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import Llama, init_params
 
 
@@ -65,3 +66,9 @@ class SyntheticTarget:
     self.params["drafters"][shape] = init_params(config, jax.random.key(1),
                                                  self.model.param_dtype)
     return Arm(ModelDrafter(Llama(config, param_dtype=self.model.param_dtype), shape), gamma)
+
+  def feature_drafter_arm(self, gamma: int) -> Arm:
+    """An untrained feature drafter (eagle) as wide as the target, its params added here."""
+    self.params["drafters"]["eagle"] = eagle.init_params(self.config, jax.random.key(2),
+                                                         self.model.param_dtype)
+    return Arm(FeatureDrafter(self.model, "eagle"), gamma)
