@@ -16,5 +16,7 @@ MAPPED = {"flashspec_jax.kernels": "kernels", "flashspec_jax.configs": "configs"
 setuptools.setup(
     packages=setuptools.find_packages(include=["flashspec_jax", "flashspec_jax.*"]) + list(MAPPED),
     package_dir=MAPPED,
-    package_data={"flashspec_jax.configs": ["*.json"]},
+    package_data={"flashspec_jax.configs": ["*.json"],
+                  # The shipped feature drafters (eagle:<name>), with their model cards.
+                  "flashspec_jax": ["weights/*/model.safetensors", "weights/*/MODEL_CARD.md"]},
 )
