@@ -4,7 +4,8 @@
   python run.py --config=experiments/bandit_smollm2.py:tiny     # CI-sized
 
 Arms: n-gram prompt lookup, the layer-skip self-drafter at 20 and 26 of 30
-layers (gamma 4), and plain AR steps. The stream is two chat prompts, then two
+layers, the trained feature drafter eagle:smollm2 (gamma 4 each), and plain
+AR steps. The stream is two chat prompts, then two
 code prompts, then two copy-heavy edit prompts, one at a time; each bandit
 keeps its state across the stream. Rewards are goodput, with each arm's cost
 timed at start-up. Every fixed arm and every bandit runs on the same stream in
@@ -20,6 +21,8 @@ came from
     --config.prompts.bucket=512
 
 in about 4 minutes, most of it compiling (one bucket halves the programs).
+The results files of both devices predate the eagle:smollm2 arm; rerunning
+this config adds it.
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny
@@ -28,8 +31,8 @@ from flashspec_jax.config import base_config, is_tiny, make_tiny
 def get_config(arg=None):
   config = base_config()
   config.experiment = "bandit_smollm2"
-  config.arms = "ngram:3,layer_skip:20,layer_skip:26,ar"
-  config.methods = ("ar,ngram:3,layer_skip:20,layer_skip:26,"
+  config.arms = "ngram:3,layer_skip:20,layer_skip:26,eagle:smollm2,ar"
+  config.methods = ("ar,ngram:3,layer_skip:20,layer_skip:26,eagle:smollm2,"
                     "bandit:ucb1,bandit:thompson,bandit:discounted_ucb")
   config.prompts.sets = "chat,code,edit"
   config.prompts.num_per_set = 2
@@ -38,9 +41,9 @@ def get_config(arg=None):
   config.print_text = False
   if is_tiny(arg):
     make_tiny(config, synthetic=False)
-    config.arms = "ngram:3,ar"
+    config.arms = "ngram:3,eagle:smollm2,ar"
     config.methods = "ar,bandit:ucb1"
     # Given, not timed: baselines:tiny covers start-up calibration, which would
     # double this run's CPU time.
-    config.bandit.costs = "1.0,1.0"
+    config.bandit.costs = "1.0,1.0,1.0"
   return config

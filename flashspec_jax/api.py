@@ -71,7 +71,8 @@ class BanditConfig:
 @dataclasses.dataclass(frozen=True)
 class FlashSpecConfig:
   """target: a shape in configs/; drafters: arms as in config.arms ("ar",
-  "layer_skip:<k>", "draft_model:<shape>", "ngram:<n>", each "@<gamma>" optional);
+  "layer_skip:<k>", "draft_model:<shape>", "ngram:<n>", "eagle:<name>" (a shipped
+  feature drafter, e.g. eagle:smollm2), each "@<gamma>" optional);
   one drafter means plain speculative decoding, several a bandit over them, none
   plain AR. device: "cpu" or "gpu" (None: JAX's default). draft_checkpoint_dir: the
   weights of draft_model:<shape> drafters. compilation_cache_dir: as in run.py's

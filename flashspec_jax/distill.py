@@ -86,7 +86,9 @@ def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Requ
     ids = encode_chat(tokenizer, [p.conversation for p in prompts])
     requests += [Request(p.id, kind, row) for p, row in zip(prompts, ids)
                  if len(row) <= t.max_prompt_tokens]
-  assert all(split_of(r.id) == "tune" for r in requests), "a held-out prompt reached training"
+  held_out = [r.id for r in requests if split_of(r.id) != "tune"]
+  if held_out:  # load_prompts draws from the tune split; this guards the guarantee
+    raise ValueError(f"held-out prompts reached training: {held_out[:5]}")
   return sorted(requests, key=lambda r: len(r.token_ids))
 
 

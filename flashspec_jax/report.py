@@ -9,6 +9,7 @@ the newest results file of its experiment, which it names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -22,10 +23,13 @@ RESULTS = REPO / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def newest(name: str, device: str = "") -> tuple[pathlib.Path, dict] | None:
-  """The newest results file of experiment `name` whose device starts with `device`."""
+def newest(name: str, device: str = "",
+           select: Callable[[dict], bool] = lambda data: True) -> tuple[pathlib.Path, dict] | None:
+  """The newest results file of experiment `name` whose device starts with `device` and
+  whose contents `select` accepts."""
   loaded = [(f, json.loads(f.read_text())) for f in sorted(RESULTS.glob(f"{name}/*.json"))]
-  loaded = [item for item in loaded if item[1]["environment"]["device"].startswith(device)]
+  loaded = [item for item in loaded
+            if item[1]["environment"]["device"].startswith(device) and select(item[1])]
   if not loaded:
     return None
   return max(loaded, key=lambda item: recency(*item))
@@ -65,16 +69,21 @@ def ar_decode(data: dict) -> list[str]:
 
 def spec_step(data: dict) -> list[str]:
   impls = [k.removeprefix("step_ms_") for k in data["rows"][0] if k.startswith("step_ms_")]
+  # Files from before the bench reported the step against one target forward lack it.
+  against_target = "step_vs_target_forward_" + impls[0] in data["rows"][0]
+  columns = "step, {} verify (ms) | overhead" + (" | vs target fwd" if against_target else "")
   lines = [f"{data['target']} target, {data['drafter']} drafter, synthetic bf16 weights, "
            f"gamma {data['rows'][0]['gamma']}, context {data['rows'][0]['context']}. Parts = one "
            f"target forward of gamma + 1 tokens + gamma drafter steps, each timed alone.", "",
            "| batch | target fwd (ms) | drafter step (ms) | parts (ms) | "
-           + " | ".join(f"step, {i} verify (ms) | overhead" for i in impls) + " |",
-           "|---|---|---|---|" + "---|---|" * len(impls)]
+           + " | ".join(columns.format(i) for i in impls) + " |",
+           "|---|---|---|---|" + ("---|" * columns.count("|") + "---|") * len(impls)]
   for r in data["rows"]:
+    cells = [f"{r['step_ms_' + i]:.3f} | {r['overhead_' + i]:+.1%}"
+             + (f" | {r['step_vs_target_forward_' + i]:.2f}x" if against_target else "")
+             for i in impls]
     lines.append(f"| {r['batch']} | {r['target_forward_ms']:.3f} | {r['drafter_step_ms']:.3f} | "
-                 f"{r['parts_ms']:.3f} | " + " | ".join(
-                     f"{r['step_ms_' + i]:.3f} | {r['overhead_' + i]:+.1%}" for i in impls) + " |")
+                 f"{r['parts_ms']:.3f} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -107,6 +116,53 @@ def method_table(data: dict) -> list[str]:
     speedup = f"{s['tokens_per_second'] / base:.2f}x" if base else "-"
     lines.append(f"| {name} | {s['tokens_per_second']:.1f} | {alpha} | {tau} | "
                  f"{s['step_ms_p50']:.1f} | {speedup} |")
+  return lines
+
+
+def by_prompt_set(data: dict) -> list[str]:
+  """method_table, then each method per prompt set, with its speedup against AR's on
+  the same prompts."""
+  lines = method_table(data) + ["", "Per prompt set:", "",
+                                "| method | set | tok/s | vs AR | alpha | tau |",
+                                "|---|---|---|---|---|---|"]
+  batch_size = data["config"]["batch_size"]
+  base = {}
+  for name in data["summaries"]:
+    for kind in dict.fromkeys(r["kind"] for r in data["records"]):
+      rows = [r for r in data["records"] if r["method"] == name and r["kind"] == kind]
+      # Each row's share of its batch's time (rows of full batches share it evenly).
+      seconds = sum(r["batch_seconds"] / r.get("batch_rows", batch_size) for r in rows)
+      rate = sum(r["new_tokens"] for r in rows) / seconds
+      base.setdefault(kind, rate if name == "ar" else None)
+      speedup = f"{rate / base[kind]:.2f}x" if base[kind] else "-"
+      alpha = tau = "-"
+      if "accepted" in rows[0]:
+        totals = {k: sum(r[k] for r in rows) for k in ("steps", "tested", "accepted", "emitted")}
+        alpha, tau = f"{totals['accepted'] / totals['tested']:.3f}", \
+            f"{totals['emitted'] / totals['steps']:.2f}"
+      lines.append(f"| {name} | {kind} | {rate:.1f} | {speedup} | {alpha} | {tau} |")
+  return lines
+
+
+def drafter_training(data: dict) -> list[str]:
+  t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
+  lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
+           f"tune-split prompts ({data['config']['prompts']['sets']}, up to "
+           f"{t['answer_tokens']} tokens, temperature {t['answer_temperature']}) in "
+           f"{data['seconds']['generate']:.0f} s; {data['steps']} steps of batch "
+           f"{t['batch_size']} with {t['rollout_steps']}-step rollouts in "
+           f"{data['seconds']['train']:.0f} s"
+           + (" (stopped by train.max_seconds)" if data["stopped_early"] else "")
+           + f"; loss {curve[0]['loss']:.3f} at step {curve[0]['step']}, "
+           f"{curve[-1]['loss']:.3f} at step {curve[-1]['step']}. Validation: "
+           f"{sequences['validation']} held-back answers; acceptance of draft position k is "
+           f"greedy, with the whole chain before it accepted.", "",
+           "| set | sequences | loss | greedy tau | acceptance per draft position |",
+           "|---|---|---|---|---|"]
+  for kind, v in data["validation"].items():
+    accept = ", ".join(f"{a:.2f}" for a in v["step_acceptance"])
+    lines.append(f"| {kind} | {v['sequences']} | {sum(v['step_loss']) / len(v['step_loss']):.3f} "
+                 f"| {v['greedy_tau']:.2f} | {accept} |")
   return lines
 
 
@@ -212,40 +268,82 @@ def sweep(data: dict) -> list[str]:
   return lines
 
 
-# (experiment, device prefix, title, renderer): an experiment run on several
-# devices gets one section per device.
-SECTIONS: list[tuple[str, str, str, Callable[[dict], list[str]]]] = [
-    ("ar_decode", "gpu", "AR decode step against the bandwidth floor (H200)", ar_decode),
-    ("spec_step", "gpu", "Speculative step against the sum of its parts (H200)", spec_step),
-    ("verify_kernel", "gpu", "Pallas verify kernel against the jnp reference (H200)", verify_kernel),
-    ("layer_skip_smollm2", "cpu", "SmolLM2-135M with layer-skip drafters against AR (CPU)",
-     method_table),
-    ("bandit_regret", "", "Bandit regret, stationary arms", regret),
-    ("bandit_switching", "", "Bandit regret when the best arm changes", regret),
-    ("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a changing "
-     "stream (CPU)", bandit_run),
-    ("bandit_smollm2", "gpu", "The same stream on the H200", bandit_run),
-    ("idle_arms", "gpu", "Step time with idle model arms", idle_arms),
-    ("bandit_call", "gpu", "Whole calls of the bandit program held on one arm (H200)",
-     bandit_call),
-    ("compile_time", "gpu", "Compile time and the disk cache (H200)", compile_time),
-    ("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time),
-    ("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),
-    ("baselines", "", "Baselines on held-out prompts", bandit_run),
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """A README section: the newest file of `experiment` run on `device` (a prefix) that
+  `select` accepts, drawn by `render`. An experiment with several sections, one per
+  device or per variant, keeps them apart by device and select."""
+
+  experiment: str
+  device: str
+  title: str
+  render: Callable[[dict], list[str]]
+  select: Callable[[dict], bool] = lambda data: True
+
+
+def _plain_run(data: dict) -> bool:
+  """A generation run at the experiment's own batch, greedy and unswept."""
+  config = data["config"]
+  return (not config["sweep"] and config["batch_size"] == 1
+          and config["sampling"]["temperature"] == 0)
+
+
+def _with_drafter(name: str) -> Callable[[dict], bool]:
+  return lambda data: data["drafter"] == name
+
+
+SECTIONS = [
+    Section("ar_decode", "gpu", "AR decode step against the bandwidth floor (H200)", ar_decode),
+    Section("spec_step", "gpu", "Speculative step against the sum of its parts (H200)", spec_step,
+            lambda data: data["drafter"] != "eagle"),
+    Section("spec_step", "gpu", "An untrained feature drafter at the Llama-3-8B shape (H200)",
+            spec_step, _with_drafter("eagle")),
+    Section("verify_kernel", "gpu", "Pallas verify kernel against the jnp reference (H200)",
+            verify_kernel),
+    Section("layer_skip_smollm2", "cpu", "SmolLM2-135M with layer-skip drafters against AR (CPU)",
+            method_table),
+    Section("train_eagle_smollm2", "gpu", "Training eagle:smollm2 (H200)", drafter_training),
+    Section("eagle_smollm2", "gpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
+            "prompts (H200)", by_prompt_set, _plain_run),
+    Section("eagle_smollm2", "gpu", "eagle:smollm2 at temperature 1 (H200)", by_prompt_set,
+            lambda data: data["config"]["sampling"]["temperature"] == 1 and not
+            data["config"]["sweep"]),
+    Section("eagle_smollm2", "gpu", "eagle:smollm2 at batch 8 (H200)", by_prompt_set,
+            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]),
+    Section("eagle_smollm2", "gpu", "eagle:smollm2 against gamma (H200)", sweep,
+            lambda data: "sweep_field" in data),
+    Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
+            "prompts (CPU)", by_prompt_set, _plain_run),
+    Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
+    Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),
+    Section("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a "
+            "changing stream (CPU)", bandit_run),
+    Section("bandit_smollm2", "gpu", "The same stream on the H200", bandit_run),
+    Section("idle_arms", "gpu", "Step time with idle model arms", idle_arms),
+    Section("bandit_call", "gpu", "Whole calls of the bandit program held on one arm (H200)",
+            bandit_call),
+    Section("compile_time", "gpu", "Compile time and the disk cache (H200)", compile_time),
+    Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time),
+    Section("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),
+    Section("baselines", "", "Baselines on held-out prompts", bandit_run),
 ]
-CLAIMS = {}
-for name, device, title, _ in SECTIONS:
-  CLAIMS.setdefault(name, {})[device] = title
+
+
+def claim(path: pathlib.Path, data: dict) -> str:
+  """The title of the section this file could back, whether or not it is the newest."""
+  return next((s.title for s in SECTIONS if s.experiment == path.parent.name
+               and data["environment"]["device"].startswith(s.device) and s.select(data)),
+              "(not quoted in the README)")
 
 
 def readme_section() -> str:
   lines = [BEGIN, "<!-- Generated by `python -m flashspec_jax.report`; do not edit. -->"]
-  for name, device, title, render in SECTIONS:
-    found = newest(name, device)
+  for section in SECTIONS:
+    found = newest(section.experiment, section.device, section.select)
     if found is None:
       continue
     path, data = found
-    lines += ["", f"### {title}", "", *render(data), "", provenance(path, data)]
+    lines += ["", f"### {section.title}", "", *section.render(data), "", provenance(path, data)]
   lines.append(END)
   return "\n".join(lines)
 
@@ -259,12 +357,10 @@ def results_index() -> str:
            "beside it.", "", "| file | backs | command | device | date |",
            "|---|---|---|---|---|"]
   for path in sorted(RESULTS.glob("*/*.json")):
-    env = json.loads(path.read_text())["environment"]
-    claims = CLAIMS.get(path.parent.name, {})
-    claim = next((title for device, title in claims.items() if env["device"].startswith(device)),
-                 "(not quoted in the README)")
-    lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | {claim} | "
-                 f"`{env['command']}` | {env['device']} | {env['date']} |")
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | "
+                 f"{claim(path, data)} | `{env['command']}` | {env['device']} | {env['date']} |")
   return "\n".join(lines) + "\n"
 
 

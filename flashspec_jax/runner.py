@@ -125,7 +125,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
         ids = np.asarray(out.tokens[row, :out.num_tokens[row]]).tolist()
         record = dict(method=method.name, id=request.id, kind=request.kind,
                       prompt_tokens=len(request.token_ids), new_tokens=len(ids),
-                      batch_seconds=seconds, lower_seconds=run.lower_seconds,
+                      batch_seconds=seconds, batch_rows=len(batch), lower_seconds=run.lower_seconds,
                       compile_seconds=run.compile_seconds,
                       loop_steps=int(out.steps),
                       text=None if model.tokenizer is None else model.tokenizer.decode(ids))
