@@ -14,8 +14,11 @@ the same prompts in one run. Writes results/eagle_smollm2/. The table gives
 alpha, tau, tok/s and the speedup against AR.
 Expected: on one H200 (bf16) eagle:smollm2 is the fastest method on chat and
 code; the figures and what they mean are in
-flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md. On 2 CPU cores (f32, about
-10 minutes) every speculative method is slower than AR.
+flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md. On 2 CPU cores (f32) every
+speculative method is slower than AR, since there a verify pass of gamma + 1
+tokens costs several one-token steps; the CPU file in results/ came from
+--config.prompts.num_per_set=2 --config.sampling.max_new_tokens=64, in about
+3 minutes.
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny
