@@ -8,10 +8,11 @@ with ml_collections' message naming it. `validate` checks values.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import ml_collections
 
-from flashspec_jax.bandit import STRATEGIES
+from flashspec_jax.bandit import ENGINE_STRATEGIES, STRATEGIES
 from flashspec_jax.engine import MAX_GAMMA, REWARDS
 from flashspec_jax.kernels.verify import VERIFY_IMPLS, get_verify_fn
 from flashspec_jax.models.config import known_shapes, model_config
@@ -79,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.prompts.sets = "chat,code,edit"  # comma-separated, from PROMPT_SETS
   config.prompts.num_per_set = 1
   config.prompts.split = "tune"
+  # "blocks": all prompts of one set, then the next set's; "interleaved": one of each in turn.
+  config.prompts.order = "blocks"
   # Which prompts run; apart from config.seed, so two sampling seeds see the same prompts.
   config.prompts.seed = 0
   # A JSONL file of your own prompts, one {"text": ...} or {"messages": [...]} per
@@ -106,6 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.bandit.costs = ""
   config.bandit.calibration_steps = 8
   config.bandit.discount = 0.995  # discounted_ucb
+  # acceptance_thompson, kl_ucb and hedge: per step, on the drafts seen; evidence fades
+  # over about 1 / (1 - discount) steps, so a change of domain is followed.
+  config.bandit.acceptance_discount = 0.99
+  # A results file of an earlier run: its bandit methods' final states are where this
+  # run's same-named methods start ("" starts fresh).
+  config.bandit.initial_state = ""
   config.bandit.epsilon = 0.1  # epsilon_greedy
 
   config.simulation = ml_collections.ConfigDict()
@@ -241,7 +250,7 @@ def _sweep_or_raise(config):
 def _valid_method(name: str) -> bool:
   kind, _, arg = name.partition(":")
   if kind == "bandit":
-    return arg in STRATEGIES and arg != "fixed"
+    return arg in ENGINE_STRATEGIES and arg != "fixed"
   return _parses(ArmSpec.parse, name)
 
 
@@ -289,6 +298,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"{PROMPT_SETS}"),
       ("prompts.num_per_set", config.prompts.num_per_set >= 1, ">= 1"),
       ("prompts.split", config.prompts.split in SPLITS, f"one of {SPLITS}"),
+      ("prompts.order", config.prompts.order in ("blocks", "interleaved"),
+       "blocks or interleaved"),
       ("prompts.synthetic_length", config.prompts.synthetic_length >= 1, ">= 1"),
       ("prompts.bucket", config.prompts.bucket >= 1, ">= 1"),
       ("sampling.temperature", config.sampling.temperature >= 0, ">= 0 (0 is greedy)"),
@@ -312,6 +323,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "empty (calibrate) or one positive cost per arm"),
       ("bandit.calibration_steps", config.bandit.calibration_steps >= 1, ">= 1"),
       ("bandit.discount", 0 < config.bandit.discount <= 1, "in (0, 1]"),
+      ("bandit.acceptance_discount", 0 < config.bandit.acceptance_discount <= 1, "in (0, 1]"),
+      ("bandit.initial_state", not config.bandit.initial_state
+       or pathlib.Path(config.bandit.initial_state).is_file(),
+       "empty or the results file of an earlier run"),
       ("bandit.epsilon", 0 <= config.bandit.epsilon <= 1, "in [0, 1]"),
       ("simulation.strategies", split_list(sim.strategies) and set(split_list(sim.strategies))
        <= set(STRATEGIES), f"a comma-separated subset of {sorted(STRATEGIES)}"),

@@ -50,6 +50,9 @@ class Drafter(Protocol):
   # `observe(state, features, starts)` that the engine calls after every target
   # forward, with features [B, T, D] of the positions starts[b] + t.
   reads_features: bool
+  # True for a deterministic drafter with no model, whose proposal the engine can
+  # score against the committed tokens at no cost (engine._scored_for_free).
+  scored_free: bool
 
 
 def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
@@ -92,6 +95,7 @@ class ModelDrafter:
   chunk: int = 16
   unroll: bool = True
   reads_features = False
+  scored_free = False
 
   @property
   def name(self) -> str:
@@ -189,6 +193,8 @@ class NgramDrafter:
   vocab_size: int
   max_n: int = 3
   reads_features = False
+  # Deterministic and without a model: the engine scores it after other arms' steps.
+  scored_free = True
 
   @property
   def name(self) -> str:
@@ -272,6 +278,7 @@ class FeatureDrafter:
   chunk: int = 16
   unroll: bool = True
   reads_features = True
+  scored_free = False
 
   @property
   def name(self) -> str:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flashspec_jax.bandit.strategies import BanditState, Fixed, Strategy
+from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
 from flashspec_jax.drafters import Drafter
 from flashspec_jax.generate import Decoder, GenerationOutput
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
@@ -281,6 +281,11 @@ class SpeculativeDecoder:
     return [arm.name for arm in self.arms]
 
   @property
+  def chooser(self) -> Strategy:
+    """The strategy bound to these arms (their gammas, costs and drafters)."""
+    return self.strategy.bind(self.arms)
+
+  @property
   def feature_arms(self) -> tuple[int, ...]:
     """The arms whose drafters read the target's features."""
     return tuple(i for i, arm in enumerate(self.arms)
@@ -317,7 +322,7 @@ class SpeculativeDecoder:
                                                        jnp.zeros_like(prompt_lens))
     return SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
-        bandit=self.strategy.init(len(self.arms)) if bandit is None else bandit,
+        bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
@@ -342,6 +347,7 @@ class SpeculativeDecoder:
       logits, target_cache = self.target_forward(params, last[:, None], state.target_cache,
                                                  drafter_states)
       num_accepted = jnp.zeros((batch,), jnp.int32)
+      target_logp = samplers.target.log_probs(logits)  # [B, 1, V]; scoring may read it
       next_token = samplers.target.get_next_tokens(logits[:, 0], verify_key)
       new_tokens = next_token[:, None]
       draft_nan = jnp.zeros((batch,), bool)
@@ -388,12 +394,62 @@ class SpeculativeDecoder:
         emitted=m.emitted + emitted,
         accept_hist=m.accept_hist + (count * (gamma > 0))[:, None] * accepted_slot,
     )
+    stats = dict(emitted=emitted, accepted=num_accepted * count, live=live)
+    if self.chooser.uses_free_feedback:
+      tested = count * jnp.minimum(num_accepted + 1, gamma)
+      outcome = dict(logp=target_logp, accepted=num_accepted, tokens=new_tokens,
+                     emitted=emitted, live=live)
+      arm_accepted, arm_tested = self._scored_for_free(params, state, arm_index, outcome)
+      chosen = jnp.arange(len(self.arms)) == arm_index
+      stats |= dict(arm_accepted=arm_accepted + chosen * (num_accepted * count).sum(),
+                    arm_tested=arm_tested + chosen * tested.sum())
     seqs = seqs.replace(tokens=tokens, seq_lens=seq_lens, done=done,
                         nan_rows=seqs.nan_rows | nan_rows, rng=rng)
     state = state.replace(
         seqs=seqs, target_cache=target_cache, drafter_states=tuple(drafter_states),
         nan_arm=jnp.where(active & draft_nan, arm_index, state.nan_arm), metrics=metrics)
-    return state, dict(emitted=emitted, accepted=num_accepted * count, live=live)
+    return state, stats
+
+  def _scored_for_free(self, params, state: SpecState, arm_index: int,
+                       outcome: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """[K] drafts accepted and tested, summed over live rows, by the arms whose drafters
+    can be scored without running them (`scored_free`: deterministic, no model), had
+    they proposed at this step instead of arms[arm_index].
+
+    Draft i of such an arm is a trial when its earlier drafts match the committed
+    tokens and the target's log p at its position was computed on the committed
+    prefix (i <= the drafts the step accepted). It counts as accepted with the
+    target's probability of that token, the acceptance probability of a point-mass
+    draft: exactly 0 or 1 when greedy. The chain reaches draft i as often as a run
+    of the arm would (the committed tokens follow the target's distribution), so
+    the counts estimate the arm's acceptance without bias, though only as far as
+    the step that ran verified. An arm that shares its drafter with the arm that
+    ran, or with an earlier arm, is left out, so no draft is counted twice.
+    """
+    groups = self.chooser.groups
+    accepted, tested = [], []
+    for j, arm in enumerate(self.arms):
+      skip = (arm.drafter is None or not arm.drafter.scored_free or groups[j] != j
+              or groups[j] == groups[arm_index])
+      if skip:
+        accepted.append(jnp.float32(0))
+        tested.append(jnp.float32(0))
+        continue
+      _, proposal, _ = arm.drafter.propose(params, state.drafter_states[j], state.seqs,
+                                           arm.gamma, None, None)
+      width = min(arm.gamma, outcome["logp"].shape[1])
+      drafts = proposal[:, :width]
+      position = jnp.arange(width)[None, :]
+      matches = drafts == outcome["tokens"][:, :width]
+      reached = jnp.cumprod(jnp.pad(matches, ((0, 0), (1, 0)), constant_values=True)[:, :width],
+                            axis=1).astype(bool)
+      trials = (reached & (position <= outcome["accepted"][:, None])
+                & (position < outcome["emitted"][:, None]) & outcome["live"][:, None])
+      p = jnp.exp(jnp.take_along_axis(outcome["logp"][:, :width], drafts[..., None],
+                                      axis=-1)[..., 0])
+      accepted.append(jnp.sum(jnp.where(trials, p, 0.0)))
+      tested.append(jnp.sum(trials).astype(jnp.float32))
+    return jnp.stack(accepted), jnp.stack(tested)
 
   def dispatch(self, params, state: SpecState, arm: jax.Array,
                samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:
@@ -410,6 +466,9 @@ class SpeculativeDecoder:
     batch = state.seqs.tokens.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
+    if self.chooser.uses_free_feedback:
+      stats |= dict(arm_accepted=jnp.zeros((len(self.arms),)),
+                    arm_tested=jnp.zeros((len(self.arms),)))
     for i in range(len(self.arms)):
       def run_once(carry, i=i):
         _, state, _ = carry
@@ -422,15 +481,20 @@ class SpeculativeDecoder:
     """The bandit picks an arm, that arm steps, and the bandit learns the step's reward."""
     rng, select_key = jax.random.split(state.seqs.rng)
     state = state.replace(seqs=state.seqs.replace(rng=rng))
-    arm = self.strategy.select(state.bandit, select_key)
+    chooser = self.chooser
+    arm = chooser.select(state.bandit, select_key)
     state, stats = self.dispatch(params, state, arm, samplers)
     r = self.reward(stats, arm, self.arms)
+    zeros = jnp.zeros((len(self.arms),))
+    feedback = Feedback(reward=r, accepted=stats.get("arm_accepted", zeros),
+                        tested=stats.get("arm_tested", zeros),
+                        rows=stats["live"].sum().astype(jnp.float32))
     history = state.history
     history = ArmHistory(arm=history.arm.at[state.step].set(arm, mode="drop"),
                          reward=history.reward.at[state.step].set(r, mode="drop"),
                          emitted=history.emitted.at[state.step].set(stats["emitted"].sum(),
                                                                     mode="drop"))
-    return dataclasses.replace(state, bandit=self.strategy.update(state.bandit, arm, r),
+    return dataclasses.replace(state, bandit=chooser.learn(state.bandit, arm, feedback),
                                history=history, step=state.step + 1)
 
   def generate(self, params, prompt_tokens, prompt_lens, rng, samplers: Samplers,

@@ -139,7 +139,10 @@ def check_checkpoints(config, target_flag: str = TARGET_FLAG,
 
 def strategy_for(name: str, config) -> Strategy:
   kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
-            "epsilon_greedy": dict(epsilon=config.bandit.epsilon)}.get(name, {})
+            "epsilon_greedy": dict(epsilon=config.bandit.epsilon),
+            "acceptance_thompson": dict(discount=config.bandit.acceptance_discount),
+            "kl_ucb": dict(discount=config.bandit.acceptance_discount),
+            "hedge": dict(discount=config.bandit.acceptance_discount)}.get(name, {})
   return make_strategy(name, **kwargs)
 
 

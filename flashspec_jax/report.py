@@ -144,6 +144,29 @@ def by_prompt_set(data: dict) -> list[str]:
   return lines
 
 
+def choosers(data: dict) -> list[str]:
+  """by_prompt_set, then each chooser against the best fixed arms and the per-set oracle."""
+  lines = by_prompt_set(data)
+  rows = {name: s["stream"] for name, s in data["summaries"].items() if "stream" in s}
+  if not rows:
+    return lines
+  kinds = list(next(iter(rows.values()))["by_set"])
+  lines += ["", "Choosers against the best fixed arm over the stream, per set and the per-set "
+            "oracle; steps off each set's best arm; steps to settle on it after each change "
+            "of set (a run of 5 picks; - if never).", "",
+            "| chooser | vs best fixed | " + " | ".join(f"vs best on {k}" for k in kinds)
+            + " | vs oracle | off-best steps | settle steps |",
+            "|---|---|" + "---|" * len(kinds) + "---|---|---|"]
+  for name, stream in rows.items():
+    settle = ", ".join("-" if n is None else str(n) for n in stream["settle_steps"] or [])
+    lines.append(f"| {name} | {data['summaries'][name]['vs_best_fixed']:.2f}x | "
+                 + " | ".join(f"{stream['by_set'][k]['vs_best_fixed']:.2f}x "
+                              f"({stream['by_set'][k]['best_fixed']})" for k in kinds)
+                 + f" | {stream['vs_oracle']:.2f}x | {stream['off_best_share']:.0%} | "
+                 f"{settle or '-'} |")
+  return lines
+
+
 def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
   lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
@@ -314,6 +337,8 @@ SECTIONS = [
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set, _plain_run),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream (H200)", choosers),
+    Section("choosers_smollm2", "cpu", "Choosers on a held-out stream (CPU)", choosers),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
     Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),
     Section("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a "

@@ -9,7 +9,10 @@ state from one batch to the next, so it adapts over the prompt stream.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
+import pathlib
 from collections import Counter
 from typing import Any
 
@@ -20,7 +23,7 @@ import numpy as np
 import tqdm
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import distill, environment, plots, results
+from flashspec_jax import distill, environment, plots, results, streams
 from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel, load_model
@@ -42,11 +45,27 @@ def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> lis
   if config.prompts.file:
     prompts = read_prompt_file(config.prompts.file)
   else:
-    prompts = [prompt for kind in config_lib.prompt_sets(config)
-               for prompt in load_prompts(kind, config.prompts.num_per_set, config.prompts.split,
-                                          config.prompts.seed)]
+    by_set = [load_prompts(kind, config.prompts.num_per_set, config.prompts.split,
+                           config.prompts.seed) for kind in config_lib.prompt_sets(config)]
+    order = zip(*by_set) if config.prompts.order == "interleaved" else by_set
+    prompts = [prompt for group in order for prompt in group]
   ids = encode_chat(model.tokenizer, [p.conversation for p in prompts])
   return [Request(prompt.id, prompt.kind, row) for prompt, row in zip(prompts, ids)]
+
+
+def load_bandit_states(path: str, methods) -> dict[str, Any]:
+  """Each bandit method's state saved at the end of an earlier run (its results file's
+  bandit_states), to start from; {} without a path."""
+  if not path:
+    return {}
+  saved = json.loads(pathlib.Path(path).read_text()).get("bandit_states", {})
+  states = {}
+  for method in methods:
+    if method.is_bandit and method.name in saved:
+      fresh = method.strategy.init(len(method.arms))
+      states[method.name] = fresh.replace(**{k: jnp.asarray(v, getattr(fresh, k).dtype)
+                                             for k, v in saved[method.name].items()})
+  return states
 
 
 def summarize_method(records: list[dict], batch_seconds: list[float],
@@ -107,10 +126,11 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   if bandit_arms:
     print("arm costs (s/step): " + ", ".join(f"{a.name} {a.cost:.4f}" for a in bandit_arms))
 
-  records, summaries, histories = [], {}, {}
+  records, summaries, histories, final_states = [], {}, {}, {}
+  saved_states = load_bandit_states(config.bandit.initial_state, methods)
   for method in tqdm.tqdm(methods, desc="methods", unit="method", disable=len(methods) < 2):
     rng = jax.random.key(config.seed)  # the same randomness for every method
-    bandit, steps_by_kind = None, []
+    bandit, steps_by_kind = saved_states.get(method.name), []
     method_records, batch_seconds, step_seconds = [], [], []
     for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
       rng, key = jax.random.split(rng)
@@ -125,8 +145,8 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
         ids = np.asarray(out.tokens[row, :out.num_tokens[row]]).tolist()
         record = dict(method=method.name, id=request.id, kind=request.kind,
                       prompt_tokens=len(request.token_ids), new_tokens=len(ids),
-                      batch_seconds=seconds, batch_rows=len(batch), lower_seconds=run.lower_seconds,
-                      compile_seconds=run.compile_seconds,
+                      batch_seconds=seconds, batch_rows=len(batch),
+                      lower_seconds=run.lower_seconds, compile_seconds=run.compile_seconds,
                       loop_steps=int(out.steps),
                       text=None if model.tokenizer is None else model.tokenizer.decode(ids))
         if method.arms:
@@ -141,15 +161,19 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
       names = [arm.name for arm in method.arms]
       summaries[method.name]["arm_shares"] = arm_shares(names, steps_by_kind)
       histories[method.name] = dict(arms=names, steps=steps_by_kind)
+      final_states[method.name] = jax.tree.map(lambda x: np.asarray(x).tolist(),
+                                               dataclasses.asdict(bandit))
     records += method_records
 
   fixed = {name: s["tokens_per_second"] for name, s in summaries.items()
            if name in config_lib.method_names(config) and not name.startswith("bandit:")}
   if histories and fixed:
     best = max(fixed, key=fixed.get)
-    for name in histories:
-      summaries[name]["vs_best_fixed"] = summaries[name]["tokens_per_second"] / fixed[best]
-      summaries[name]["best_fixed"] = best
+    fixed_arms = {m.name: m.arms[0].name if m.arms else "ar" for m in methods
+                  if m.name in fixed}
+    for name, stream in streams.compare(records, histories, fixed_arms).items():
+      summaries[name] |= dict(vs_best_fixed=summaries[name]["tokens_per_second"] / fixed[best],
+                              best_fixed=best, stream=stream)
 
   if config.print_text:
     for record in records:
@@ -158,7 +182,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   print_table(summaries, model.synthetic)
   payload = dict(config=config.to_dict(), synthetic_weights=model.synthetic,
                  weights=model.source, summaries=summaries, bandit_histories=histories,
-                 arm_costs={a.name: a.cost for a in bandit_arms})
+                 bandit_states=final_states, arm_costs={a.name: a.cost for a in bandit_arms})
   return payload, records
 
 

@@ -25,7 +25,8 @@ from exactness import (DRAFT_CONFIG, DRAFTERS, NUM_SAMPLES, NUM_TOKENS, PROMPTS,
                        sequence_probs)
 from exactness import exact_probs, params  # noqa: F401 (fixtures)
 
-from flashspec_jax.bandit import BanditState, Thompson, UCB1
+from flashspec_jax.bandit import (AcceptanceState, AcceptanceThompson, BanditState, Hedge,
+                                  Thompson, UCB1)
 from flashspec_jax.drafters import NgramDrafter
 from flashspec_jax.engine import Arm
 from flashspec_jax.kernels import verify
@@ -120,15 +121,35 @@ def random_bandit_state(num_arms):
   return init
 
 
+def random_acceptance_state(num_arms):
+  """A chooser that has already seen a random number of drafts of every arm."""
+  def init(key):
+    keys = jax.random.split(key, 3)
+    tested = jax.random.randint(keys[0], (num_arms,), 1, 12).astype(jnp.float32)
+    counts = jnp.ones((num_arms,))
+    return AcceptanceState(accepted=tested * jax.random.uniform(keys[1], (num_arms,)),
+                           tested=tested, gains=jax.random.normal(keys[2], (num_arms,)),
+                           counts=counts, sums=counts / 2, pulls=jnp.int32(num_arms))
+  return init
+
+
 # One sampler kind per strategy: the grid covers the kinds, this test the choice of arm.
-@pytest.mark.parametrize("strategy, sampler_kind", [(UCB1(), "plain"), (Thompson(), "top_p")],
-                         ids=["ucb1-plain", "thompson-top_p"])
-def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, sampler_kind):
+# The acceptance choosers also learn from the n-gram arm scored for free at every step.
+CHOOSERS = [(UCB1(), "plain", random_bandit_state), (Thompson(), "top_p", random_bandit_state),
+            (AcceptanceThompson(), "top_k", random_acceptance_state),
+            (Hedge(), "plain", random_acceptance_state)]
+
+
+@pytest.mark.parametrize("strategy, sampler_kind, initial_state", CHOOSERS,
+                         ids=["ucb1-plain", "thompson-top_p", "acceptance_thompson-top_k",
+                              "hedge-plain"])
+def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, sampler_kind,
+                                                 initial_state):
   """Four arms (a small model, the target itself, n-gram lookup, plain AR), chosen at
-  every step from a bandit state that differs from run to run and learns from rewards."""
+  every step from a chooser state that differs from run to run and learns as it goes."""
   arms = (Arm(DRAFTERS["small"], 2), Arm(DRAFTERS["self"], 3),
           Arm(NgramDrafter(VOCAB, 2), 2), Arm())
   pvalues = program_pvalues(params, exact_probs, ("bandit", 3, sampler_kind, 1), arms=arms,
-                            strategy=strategy, initial_bandit=random_bandit_state(len(arms)))
+                            strategy=strategy, initial_bandit=initial_state(len(arms)))
   for point, p in pvalues.items():
     assert min(p.values()) > ALPHA / (2 * len(pvalues)), (point, p)  # Bonferroni, both tests

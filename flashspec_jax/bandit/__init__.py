@@ -1,8 +1,26 @@
-"""Bandits that choose a drafter at every step; see strategies.py."""
+"""Strategies that choose a drafter at every step: reward bandits (strategies.py), which
+the Bernoulli simulation also runs, and choosers that model acceptance (acceptance.py),
+which need the engine's per-draft feedback."""
 
+from flashspec_jax.bandit.acceptance import (AcceptanceKLUCB, AcceptanceState,
+                                             AcceptanceThompson, Hedge, expected_tokens)
 from flashspec_jax.bandit.strategies import (STRATEGIES, BanditState, DiscountedUCB,
-                                             EpsilonGreedy, Fixed, Oracle, Strategy, Thompson,
-                                             UCB1, initial_state, make_strategy)
+                                             EpsilonGreedy, Feedback, Fixed, Oracle, Strategy,
+                                             Thompson, UCB1, initial_state)
 
-__all__ = ["STRATEGIES", "BanditState", "DiscountedUCB", "EpsilonGreedy", "Fixed", "Oracle",
-           "Strategy", "Thompson", "UCB1", "initial_state", "make_strategy"]
+ACCEPTANCE_STRATEGIES = {"acceptance_thompson": AcceptanceThompson, "kl_ucb": AcceptanceKLUCB,
+                         "hedge": Hedge}
+# What bandit:<name> methods may use.
+ENGINE_STRATEGIES = {**STRATEGIES, **ACCEPTANCE_STRATEGIES}
+
+
+def make_strategy(name: str, **kwargs) -> Strategy:
+  if name not in ENGINE_STRATEGIES:
+    raise ValueError(f"unknown bandit strategy {name!r}; known: {sorted(ENGINE_STRATEGIES)}")
+  return ENGINE_STRATEGIES[name](**kwargs)
+
+
+__all__ = ["ACCEPTANCE_STRATEGIES", "ENGINE_STRATEGIES", "STRATEGIES", "AcceptanceKLUCB",
+           "AcceptanceState", "AcceptanceThompson", "BanditState", "DiscountedUCB",
+           "EpsilonGreedy", "Feedback", "Fixed", "Hedge", "Oracle", "Strategy", "Thompson",
+           "UCB1", "expected_tokens", "initial_state", "make_strategy"]

@@ -71,25 +71,58 @@ def _unpulled_first(state: BanditState, scores: jax.Array) -> jax.Array:
   return jnp.where(unpulled.any(), jnp.argmax(unpulled), jnp.argmax(scores)).astype(jnp.int32)
 
 
+@struct.dataclass(kw_only=True)
+class Feedback:
+  """What one engine step teaches a strategy.
+
+  Attributes:
+    reward: [] f32 in [0, 1], the step's reward for the arm that ran.
+    accepted: [K] f32, drafts accepted, summed over the step's live rows, for the arm
+      that ran and for arms the engine scored for free against the committed tokens
+      (see acceptance.py); 0 for the others.
+    tested: [K] f32, drafts tested likewise.
+    rows: [] f32, the step's live rows.
+  """
+
+  reward: jax.Array
+  accepted: jax.Array
+  tested: jax.Array
+  rows: jax.Array
+
+
 class Strategy(Protocol):
 
   def init(self, num_arms: int) -> BanditState: ...
 
   def select(self, state: BanditState, key: jax.Array) -> jax.Array: ...
 
-  def update(self, state: BanditState, arm, reward) -> BanditState: ...
+  def learn(self, state: BanditState, arm, feedback: Feedback) -> BanditState:
+    """The state after the engine's step with `arm`."""
+
+  def bind(self, arms) -> Strategy:
+    """The strategy for these engine arms (their gammas, costs and drafters)."""
 
 
 class _RunningMeans:
   """Shared plumbing: each arm's pulls and running mean reward, and select =
   choose(draw). Fixed and Oracle choose without the means but keep them for the
-  reports, which read pulls and means from every strategy's state."""
+  reports, which read pulls and means from every strategy's state. They learn
+  from the step's reward alone."""
+
+  uses_free_feedback = False
 
   def init(self, num_arms):
     return initial_state(num_arms)
 
+  def bind(self, arms):
+    del arms
+    return self
+
   def update(self, state, arm, reward):
     return _record(state, arm, reward)
+
+  def learn(self, state, arm, feedback):
+    return self.update(state, arm, feedback.reward)
 
   def draw(self, state, key):
     """The random numbers `choose` uses (none for deterministic strategies)."""
@@ -188,9 +221,3 @@ class Oracle(_RunningMeans):
 
 STRATEGIES = {"ucb1": UCB1, "thompson": Thompson, "discounted_ucb": DiscountedUCB,
               "epsilon_greedy": EpsilonGreedy, "fixed": Fixed}
-
-
-def make_strategy(name: str, **kwargs) -> Strategy:
-  if name not in STRATEGIES:
-    raise ValueError(f"unknown bandit strategy {name!r}; known: {sorted(STRATEGIES)}")
-  return STRATEGIES[name](**kwargs)

@@ -1,0 +1,43 @@
+"""Choosers against every fixed arm on a held-out stream of chat, code and edit prompts.
+
+  python run.py --config=experiments/choosers_smollm2.py
+  python run.py --config=experiments/choosers_smollm2.py --config.prompts.order=interleaved
+  python run.py --config=experiments/choosers_smollm2.py --config.sampling.temperature=1
+  python run.py --config=experiments/choosers_smollm2.py:tiny    # CI-sized
+
+SmolLM2-135M, batch 1, 128 new tokens, eight held-out prompts per set, in
+blocks of one set (or interleaved). Arms: n-gram lookup at gamma 2, 4 and 8
+(one drafter, so choosing among them is an adaptive gamma), the feature
+drafter eagle:smollm2, layer-skip at 26 layers and AR, each timed at start-up.
+Methods, side by side on the same stream: AR, each fixed drafter, the reward
+bandits (UCB1, Thompson) and the acceptance choosers (acceptance_thompson,
+kl_ucb, hedge). The results file gives each chooser's tok/s against the best
+fixed arm over the stream and per set, against the per-set oracle, its share
+of steps off each set's best arm and its steps to settle after a change of set
+(flashspec_jax/streams.py).
+Expected: not measured yet on the H200, where this experiment is judged (about
+15 minutes there, most of it compiling); on 2 CPU cores every speculative
+method is slower than AR (a verify pass costs several decode steps there), so
+a chooser that learns the costs should settle on AR.
+"""
+
+from flashspec_jax.config import base_config, is_tiny, make_tiny
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.experiment = "choosers_smollm2"
+  config.arms = "ngram:3@2,ngram:3@4,ngram:3@8,eagle:smollm2,layer_skip:26,ar"
+  config.methods = ("ar,ngram:3,eagle:smollm2,layer_skip:26,bandit:ucb1,bandit:thompson,"
+                    "bandit:acceptance_thompson,bandit:kl_ucb,bandit:hedge")
+  config.prompts.split = "heldout"
+  config.prompts.num_per_set = 8
+  config.prompts.bucket = 512  # one program per method
+  config.sampling.max_new_tokens = 128
+  config.print_text = False
+  if is_tiny(arg):
+    make_tiny(config, synthetic=False)
+    config.arms = "ngram:3@2,ngram:3@4,ar"
+    config.methods = "ar,ngram:3,bandit:acceptance_thompson,bandit:hedge"
+    config.bandit.costs = "1.0,1.1,1.0"
+  return config

@@ -1,0 +1,222 @@
+"""Choosers that model what is unknown about an arm: its per-draft acceptance.
+
+An arm's step cost c_a is calibrated and its gamma is fixed; what a step
+yields is unknown. If each draft is accepted with probability alpha (until the
+first rejection), a step emits on average
+
+  tau(gamma, alpha) = (1 - alpha^(gamma + 1)) / (1 - alpha)
+
+tokens, so the arm to run maximises tau(gamma_a, alpha_a) / c_a (the AR arm:
+1 / c_AR). These choosers keep, per drafter, the drafts tested and accepted,
+and learn alpha from every draft rather than from one [0, 1] reward per step:
+a step of gamma 4 is up to four Bernoulli trials, and the variance of a
+Beta posterior shrinks with trials, not with a Hoeffding width. Arms that
+share a drafter at different gammas share its statistics, so the choice among
+them is an adaptive gamma.
+
+Evidence comes from the arm that ran and, for free, from deterministic
+drafters the engine scores against the committed tokens
+(`engine.SpeculativeDecoder.free_feedback`). `discount` < 1 fades old
+evidence each step, to follow a stream that changes domain.
+
+| chooser             | rule                                                               |
+|---------------------|--------------------------------------------------------------------|
+| AcceptanceThompson  | alpha ~ Beta(1 + accepted, 1 + rejected) per drafter, sampled each |
+|                     | step; the arm with the largest tau / c                             |
+| AcceptanceKLUCB     | the largest alpha within the KL-UCB bound of Bernoulli trials      |
+|                     | (Garivier & Cappe 2011); the arm with the largest tau / c there     |
+| Hedge               | exponential weights on each arm's estimated tokens per cost; arms  |
+|                     | scored for free update every step (full information), the others   |
+|                     | only when run, importance-weighted (Exp3)                          |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from flashspec_jax.bandit.strategies import Feedback
+
+# Bisection steps of the KL-UCB bound: 2^-24 of the unit interval.
+_BISECTION_STEPS = 24
+
+
+@struct.dataclass(kw_only=True)
+class AcceptanceState:
+  """Attributes:
+    accepted: [K] f32, drafts accepted per arm (discounted).
+    tested: [K] f32, drafts tested per arm (discounted).
+    gains: [K] f32, Hedge's discounted estimated gains (unused by the others).
+    counts: [K] f32, steps each arm ran (for reports).
+    sums: [K] f32, rewards each arm received (for reports).
+    pulls: [] int32, steps so far.
+  """
+
+  accepted: jax.Array
+  tested: jax.Array
+  gains: jax.Array
+  counts: jax.Array
+  sums: jax.Array
+  pulls: jax.Array
+
+  @property
+  def num_arms(self) -> int:
+    return self.counts.shape[0]
+
+  @property
+  def means(self) -> jax.Array:
+    return self.sums / jnp.maximum(self.counts, 1e-9)
+
+
+def expected_tokens(gamma: jax.Array, alpha: jax.Array) -> jax.Array:
+  """tau: tokens per step with gamma drafts each accepted with probability alpha (1 for
+  gamma 0, gamma + 1 at alpha = 1)."""
+  alpha = jnp.clip(alpha, 0.0, 1.0 - 1e-6)
+  return (1.0 - alpha ** (gamma + 1.0)) / (1.0 - alpha)
+
+
+def bernoulli_kl(p: jax.Array, q: jax.Array) -> jax.Array:
+  eps = 1e-9
+  p, q = jnp.clip(p, eps, 1 - eps), jnp.clip(q, eps, 1 - eps)
+  return p * jnp.log(p / q) + (1 - p) * jnp.log((1 - p) / (1 - q))
+
+
+def kl_upper_bound(mean: jax.Array, trials: jax.Array, budget: jax.Array) -> jax.Array:
+  """The largest q >= mean with trials * kl(mean, q) <= budget, by bisection."""
+  def halve(_, bounds):
+    low, high = bounds
+    middle = (low + high) / 2
+    inside = trials * bernoulli_kl(mean, middle) <= budget
+    return jnp.where(inside, middle, low), jnp.where(inside, high, middle)
+  low, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (mean, jnp.ones_like(mean)))
+  return low
+
+
+@dataclasses.dataclass(frozen=True)
+class _AcceptanceModel:
+  """What the three choosers share: the arms' gammas and costs (bound by the engine),
+  drafter groups, and learning from drafts.
+
+  Attributes:
+    gammas, costs: per arm; set by `bind` from the engine's arms.
+    groups: per arm, the first arm with the same drafter (itself if none before).
+    free_arms: per arm, whether the engine scores it without running it (AR, and
+      drafters with `scored_free`).
+    discount: per step, on all evidence; 1 keeps everything.
+  """
+
+  gammas: tuple[int, ...] = ()
+  costs: tuple[float, ...] = ()
+  groups: tuple[int, ...] = ()
+  free_arms: tuple[bool, ...] = ()
+  discount: float = 1.0
+  uses_free_feedback = True
+
+  def __post_init__(self):
+    if not 0 < self.discount <= 1:
+      raise ValueError(f"discount must be in (0, 1], got {self.discount}")
+
+  def bind(self, arms) -> _AcceptanceModel:
+    drafters = [arm.drafter for arm in arms]
+    groups = tuple(drafters.index(d) if d is not None else i for i, d in enumerate(drafters))
+    return dataclasses.replace(
+        self, gammas=tuple(a.gamma for a in arms), costs=tuple(a.cost for a in arms),
+        groups=groups, free_arms=tuple(d is None or d.scored_free for d in drafters))
+
+  def init(self, num_arms: int) -> AcceptanceState:
+    zeros = jnp.zeros((num_arms,), jnp.float32)
+    return AcceptanceState(accepted=zeros, tested=zeros, gains=zeros, counts=zeros, sums=zeros,
+                           pulls=jnp.zeros((), jnp.int32))
+
+  def pooled(self, values: jax.Array) -> jax.Array:
+    """[K] each arm's drafter's total over the arms that share it."""
+    groups = jnp.asarray(self.groups)
+    return jnp.zeros_like(values).at[groups].add(values)[groups]
+
+  def learn(self, state: AcceptanceState, arm, feedback: Feedback) -> AcceptanceState:
+    chosen = jnp.arange(state.num_arms) == arm
+    d = self.discount
+    return dataclasses.replace(
+        state, accepted=d * state.accepted + feedback.accepted,
+        tested=d * state.tested + feedback.tested, counts=state.counts + chosen,
+        sums=state.sums + chosen * feedback.reward, pulls=state.pulls + 1)
+
+  def tokens_per_cost(self, alpha: jax.Array) -> jax.Array:
+    """[K] tau(gamma_a, alpha_a) / c_a."""
+    gammas = jnp.asarray(self.gammas, jnp.float32)
+    return expected_tokens(gammas, alpha) / jnp.asarray(self.costs, jnp.float32)
+
+  def select(self, state, key):
+    return self.choose(state, self.draw(state, key))
+
+  def draw(self, state, key):
+    del state, key
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceThompson(_AcceptanceModel):
+
+  def draw(self, state, key):
+    """[K] alpha sampled from each arm's drafter's Beta posterior (one draw per drafter)."""
+    accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)
+    alpha = jax.random.beta(key, 1 + accepted, 1 + tested - accepted)
+    return alpha[jnp.asarray(self.groups)]
+
+  def choose(self, state, draws):
+    del state
+    return jnp.argmax(self.tokens_per_cost(draws)).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceKLUCB(_AcceptanceModel):
+  """Optimism in the face of uncertainty about alpha, with KL-UCB's bound: log t
+  exploration budget per drafter (t = steps so far)."""
+
+  def choose(self, state, draws):
+    del draws
+    accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)
+    mean = (accepted + 0.5) / (tested + 1.0)  # untried drafters start at 1/2, bounded at 1
+    budget = jnp.log(jnp.maximum(state.pulls, 1).astype(jnp.float32) + 1.0)
+    alpha = kl_upper_bound(mean, tested + 1.0, budget)
+    return jnp.argmax(self.tokens_per_cost(alpha)).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hedge(_AcceptanceModel):
+  """Exponential weights over arms, on gains g_a = (1 + drafts accepted per row) / c_a,
+  normalised by the largest possible ((gamma + 1) / c). An arm scored this step (it ran,
+  or the engine scored it for free; the AR arm always yields one token) gains its
+  estimate; an arm neither ran nor scored gains nothing this step, except the arm that
+  ran gains its estimate divided by the probability it was chosen (Exp3) when it cannot
+  be scored for free. Cumulative gains are discounted by `discount`."""
+
+  learning_rate: float = 0.5
+  discount: float = 0.99
+
+  def weights(self, state: AcceptanceState) -> jax.Array:
+    return jax.nn.softmax(self.learning_rate * state.gains)
+
+  def draw(self, state, key):
+    return jax.random.uniform(key)
+
+  def choose(self, state, draws):
+    cumulative = jnp.cumsum(self.weights(state))
+    return jnp.minimum(jnp.sum(cumulative < draws), state.num_arms - 1).astype(jnp.int32)
+
+  def learn(self, state, arm, feedback):
+    gammas = jnp.asarray(self.gammas, jnp.float32)
+    costs = jnp.asarray(self.costs, jnp.float32)
+    gain = ((1.0 + feedback.accepted / jnp.maximum(feedback.rows, 1.0)) / costs
+            / jnp.max((gammas + 1) / costs))
+    chosen = jnp.arange(state.num_arms) == arm
+    # The AR arm always yields one token; a drafter is scored when it ran or was scored.
+    scored = (feedback.tested > 0) | (gammas == 0)
+    # An arm the engine never scores for free is seen only when chosen: Exp3's estimate.
+    seen_only_when_chosen = chosen & ~jnp.asarray(self.free_arms)
+    gain = jnp.where(seen_only_when_chosen, gain / self.weights(state)[arm], gain)
+    gains = self.discount * state.gains + jnp.where(scored, gain, 0.0)
+    return dataclasses.replace(super().learn(state, arm, feedback), gains=gains)

@@ -1,0 +1,83 @@
+"""How a chooser did on a stream of prompt sets, against the fixed arms run beside it.
+
+For each prompt set (chat, code, edit) the best fixed arm is the fixed method
+with the highest tok/s on that set's prompts; the per-set oracle runs that
+arm on each set. A chooser is compared with the best fixed arm over the whole
+stream, with the best fixed arm of each set, and with the oracle; its steps on
+arms other than the set's best, and the steps it took to settle on that arm
+after each change of set, come from its history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# A chooser has settled on an arm once it picks it this many times in a row.
+SETTLED_RUN = 5
+
+
+def seconds_and_tokens(records: Sequence[dict], method: str, kind: str) -> tuple[float, int]:
+  """Wall seconds and tokens of `method` on the prompts of one set; a row is charged
+  its share of its batch's time."""
+  rows = [r for r in records if r["method"] == method and r["kind"] == kind]
+  seconds = sum(r["batch_seconds"] / r["batch_rows"] for r in rows)
+  return seconds, sum(r["new_tokens"] for r in rows)
+
+
+def best_fixed_by_set(records: Sequence[dict], fixed: Sequence[str]) -> dict[str, str]:
+  """The fixed method with the highest tok/s on each prompt set."""
+  kinds = dict.fromkeys(r["kind"] for r in records)
+  def rate(method, kind):
+    seconds, tokens = seconds_and_tokens(records, method, kind)
+    return tokens / seconds
+  return {kind: max(fixed, key=lambda m: rate(m, kind)) for kind in kinds}
+
+
+def settle_steps(steps: Sequence[tuple[str, int]], best_arm: dict[str, int]) -> list[int | None]:
+  """For each change of prompt set in the history, the steps until the chooser starts a
+  run of SETTLED_RUN picks of that set's best arm (None if it never does)."""
+  segments = []  # (set, arms picked), in stream order
+  for kind, arm in steps:
+    if not segments or segments[-1][0] != kind:
+      segments.append((kind, []))
+    segments[-1][1].append(arm)
+  settled = []
+  for kind, picks in segments[1:]:
+    target = best_arm[kind]
+    settled.append(next((j for j in range(len(picks) - SETTLED_RUN + 1)
+                         if all(a == target for a in picks[j:j + SETTLED_RUN])), None))
+  return settled
+
+
+def compare(records: Sequence[dict], histories: dict[str, dict],
+            fixed_arms: dict[str, str]) -> dict[str, dict[str, Any]]:
+  """Per chooser: tok/s against the best fixed arm per set, the per-set oracle, its
+  share of steps off each set's best arm, and its steps to settle after a change.
+
+  fixed_arms maps each fixed method to the name of its arm as choosers' histories
+  name arms ("ngram:3" -> "ngram_3:g4", "ar" -> "ar").
+  """
+  best = best_fixed_by_set(records, list(fixed_arms))
+  kinds = list(best)
+  oracle = [seconds_and_tokens(records, best[kind], kind) for kind in kinds]
+  oracle_rate = sum(t for _, t in oracle) / sum(s for s, _ in oracle)
+  out = {}
+  for name, history in histories.items():
+    by_set, seconds, tokens = {}, 0.0, 0
+    for kind in kinds:
+      s, t = seconds_and_tokens(records, name, kind)
+      best_s, best_t = seconds_and_tokens(records, best[kind], kind)
+      by_set[kind] = dict(tokens_per_second=t / s, best_fixed=best[kind],
+                          vs_best_fixed=(t / s) / (best_t / best_s), seconds_lost=s - best_s)
+      seconds, tokens = seconds + s, tokens + t
+    arm_index = {kind: history["arms"].index(fixed_arms[best[kind]]) for kind in kinds
+                 if fixed_arms[best[kind]] in history["arms"]}
+    steps = history["steps"]
+    off_best = [arm != arm_index.get(kind) for kind, arm in steps]
+    out[name] = dict(by_set=by_set, vs_oracle=(tokens / seconds) / oracle_rate,
+                     oracle_tokens_per_second=oracle_rate,
+                     off_best_share=sum(off_best) / max(len(steps), 1),
+                     settle_steps=settle_steps(steps, arm_index) if len(arm_index) == len(kinds)
+                     else None)
+  return out

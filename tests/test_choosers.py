@@ -1,0 +1,185 @@
+"""Choosers that model acceptance (bandit/acceptance.py), the engine's free feedback, the
+stream comparison (streams.py) and a chooser's state carried from one run to the next."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import spread_params, tiny_config
+
+from flashspec_jax import engine, runner, streams
+from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
+                                  expected_tokens)
+from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.generate import Decoder, run_generate
+from flashspec_jax.models.llama import Llama
+from flashspec_jax.pipeline import Method
+from flashspec_jax.sampling import Greedy, Samplers, Temperature
+
+CONFIG = tiny_config(num_layers=4)
+TARGET = Llama(CONFIG, param_dtype=jnp.float32)
+NGRAM = NgramDrafter(CONFIG.vocab_size, 2)
+SELF = ModelDrafter(TARGET, unroll=False)  # drafts what the target samples greedily
+PROMPTS = [[5, 6, 7, 5, 6], list(range(8, 20)), [1, 2, 1, 2, 1], [3, 3, 3, 3], [9, 2],
+           list(range(30, 39)), [4] * 6, [60, 61, 62, 63, 0]]
+CHOOSERS = {"acceptance_thompson": AcceptanceThompson(), "kl_ucb": AcceptanceKLUCB(),
+            "hedge": Hedge()}
+
+
+@pytest.fixture(scope="module")
+def params():
+  return {"target": spread_params(CONFIG, seed=0), "drafters": {}}
+
+
+def test_expected_tokens_is_the_mean_accepted_chain_plus_one():
+  gamma, alpha = 4, 0.6
+  # P(accepted >= k) = alpha^k for k <= gamma; tau = 1 + sum_k P(accepted >= k).
+  assert expected_tokens(gamma, alpha) == pytest.approx(1 + sum(alpha**k for k in range(1, 5)))
+  assert expected_tokens(0, 0.9) == pytest.approx(1.0)
+  assert expected_tokens(4, 1.0) == pytest.approx(5.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("discount", [0.0, 1.5])
+def test_bad_discount_is_refused(discount):
+  with pytest.raises(ValueError, match="discount must be in"):
+    AcceptanceThompson(discount=discount)
+
+
+def test_free_scores_are_what_the_arm_would_have_accepted(params):
+  """Greedy, with the target drafting for itself (every draft accepted), the n-gram
+  arm scored for free counts exactly what its own step accepts and tests."""
+  arms = (engine.Arm(SELF, 4), engine.Arm(NGRAM, 3))
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=AcceptanceThompson())
+  tokens, lengths = decoder.ar_decoder.prepare(PROMPTS)
+  samplers = Samplers.same(Greedy())
+  state = decoder.init(params, tokens, lengths, jax.random.key(0), samplers.target)
+  for _ in range(3):
+    _, scored = decoder.arm_step(params, state, 0, samplers)
+    _, own = decoder.arm_step(params, state, 1, samplers)
+    assert scored["arm_tested"][1] == own["arm_tested"][1] > 0
+    assert scored["arm_accepted"][1] == own["arm_accepted"][1]
+    state, _ = decoder.arm_step(params, state, 0, samplers)
+
+
+def test_free_score_at_temperature_is_the_targets_probability_of_the_draft(params):
+  """After an AR step only the first draft position was verified: the n-gram arm's
+  score there is p(its first draft), its acceptance probability as a point mass."""
+  arms = (engine.Arm(), engine.Arm(NGRAM, 3))
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=Hedge())
+  tokens, lengths = decoder.ar_decoder.prepare(PROMPTS)
+  samplers = Samplers.same(Temperature(1.0))
+  state = decoder.init(params, tokens, lengths, jax.random.key(0), samplers.target)
+  _, stats = decoder.arm_step(params, state, 0, samplers)
+  _, drafts, _ = NGRAM.propose(params, (), state.seqs, 3, None, None)
+  logits, _ = TARGET.apply(params["target"], state.seqs.last_tokens[:, None], state.target_cache)
+  p = jax.nn.softmax(logits[:, 0])[jnp.arange(len(PROMPTS)), drafts[:, 0]]
+  np.testing.assert_allclose(stats["arm_accepted"][1], p.sum(), rtol=1e-5)
+  assert stats["arm_tested"][1] == len(PROMPTS)
+
+
+@pytest.mark.parametrize("name", sorted(CHOOSERS))
+def test_greedy_speculation_with_each_chooser_equals_greedy_ar(params, name):
+  arms = (engine.Arm(NGRAM, 2), engine.Arm(NGRAM, 4),
+          engine.Arm(ModelDrafter(Llama(CONFIG, num_layers=2, param_dtype=jnp.float32),
+                                  unroll=False), 3), engine.Arm())
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=CHOOSERS[name])
+  out = engine.run_speculative(params, decoder, PROMPTS, jax.random.key(0),
+                               Samplers.same(Greedy()))
+  ar = run_generate(params["target"], Decoder(TARGET, 16), PROMPTS, jax.random.key(0), Greedy())
+  np.testing.assert_array_equal(out.tokens, ar.tokens)
+  # Both n-gram arms choose with one drafter's evidence, whichever of them ran.
+  grouped = decoder.chooser.pooled(out.bandit.tested)
+  assert grouped[0] == grouped[1] == out.bandit.tested[:2].sum() > 0
+
+
+# Simulated arms: (gamma, cost per step, per-draft acceptance). tau / cost: a cheap drafter
+# that is rarely right (1.35), a good but dear one (0.58), AR (1.0), and a good cheap one
+# (1.62), the best; UCB1 on a [0, 1] goodput reward cannot tell them apart in tens of steps.
+SIMULATED = ((4, 1.05, 0.3), (4, 4.0, 0.6), (0, 1.0, 0.0), (4, 1.3, 0.55))
+
+
+class _Drafter:
+  scored_free = False
+
+
+class _Arm:
+  def __init__(self, gamma, cost):
+    self.gamma, self.cost, self.drafter = gamma, cost, (None if gamma == 0 else _Drafter())
+
+
+def simulated_steps(strategy, steps: int, seed: int) -> np.ndarray:
+  """The arms a chooser picks over `steps` steps of one row, each draft accepted
+  with its arm's probability until the first rejection."""
+  gammas = jnp.asarray([g for g, _, _ in SIMULATED])
+  alphas = jnp.asarray([a for _, _, a in SIMULATED])
+  costs = jnp.asarray([c for _, c, _ in SIMULATED])
+  chooser = strategy.bind([_Arm(g, c) for g, c, _ in SIMULATED])
+
+  def step(state, key):
+    select_key, accept_key = jax.random.split(key)
+    arm = chooser.select(state, select_key)
+    gamma = gammas[arm]
+    accepts = jax.random.uniform(accept_key, (4,)) < alphas[arm]
+    chain = jnp.cumprod(accepts)
+    accepted = jnp.sum(chain * (jnp.arange(4) < gamma))
+    tested = jnp.minimum(accepted + 1, gamma)
+    chosen = jnp.arange(len(SIMULATED)) == arm
+    best = jnp.max((gammas + 1) / costs)
+    feedback = Feedback(reward=(accepted + 1) / costs[arm] / best,
+                        accepted=chosen * accepted.astype(jnp.float32),
+                        tested=chosen * tested.astype(jnp.float32), rows=jnp.float32(1))
+    return chooser.learn(state, arm, feedback), arm
+
+  keys = jax.random.split(jax.random.key(seed), steps)
+  return np.asarray(jax.jit(lambda keys: jax.lax.scan(step, chooser.init(len(SIMULATED)),
+                                                      keys)[1])(keys))
+
+
+@pytest.mark.parametrize("name", ["acceptance_thompson", "kl_ucb"])
+def test_acceptance_choosers_find_the_best_arm_in_tens_of_steps(name):
+  """Over 20 runs of 60 steps (a 128-token reply), the acceptance choosers spend most of
+  the second half on the best arm, and more than UCB1 on a goodput reward does."""
+  def share(picks):
+    return np.mean(picks[:, 30:] == 3)
+
+  picks = np.stack([simulated_steps(CHOOSERS[name], 60, seed) for seed in range(20)])
+  ucb = np.stack([simulated_steps(UCB1(), 60, seed) for seed in range(20)])
+  assert share(picks) > 0.6 and share(picks) > share(ucb) + 0.2, (share(picks), share(ucb))
+
+
+def test_stream_comparison_against_fixed_arms_and_the_per_set_oracle():
+  """Two sets; AR is best on chat and n-gram on code. The chooser matches the best arm
+  on code, loses half its speed on chat, and settles on code's best arm after 2 steps."""
+  def record(method, kind, seconds, tokens):
+    return dict(method=method, kind=kind, batch_seconds=seconds, batch_rows=1, new_tokens=tokens)
+  records = [record("ar", "chat", 1.0, 10), record("ar", "code", 1.0, 10),
+             record("ngram:3", "chat", 2.0, 10), record("ngram:3", "code", 0.5, 10),
+             record("bandit:x", "chat", 2.0, 10), record("bandit:x", "code", 0.5, 10)]
+  steps = [("chat", 1)] * 4 + [("code", 0), ("code", 1)] + [("code", 1)] * 5
+  history = dict(arms=["ar", "ngram_3:g4"], steps=steps)
+  out = streams.compare(records, {"bandit:x": history}, {"ar": "ar", "ngram:3": "ngram_3:g4"})
+  result = out["bandit:x"]
+  assert result["by_set"]["chat"]["best_fixed"] == "ar"
+  assert result["by_set"]["chat"]["vs_best_fixed"] == pytest.approx(0.5)
+  assert result["by_set"]["code"]["vs_best_fixed"] == pytest.approx(1.0)
+  # The oracle: 20 tokens in 1.5 s; the chooser: 20 tokens in 2.5 s.
+  assert result["vs_oracle"] == pytest.approx(1.5 / 2.5)
+  assert result["off_best_share"] == pytest.approx(5 / 11)
+  assert result["settle_steps"] == [1]
+
+
+def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tmp_path):
+  arms = (engine.Arm(NGRAM, 2), engine.Arm())
+  method = Method("bandit:acceptance_thompson", arms, AcceptanceThompson())
+  state = AcceptanceThompson().init(2).replace(accepted=jnp.array([3.0, 0.0]),
+                                               tested=jnp.array([5.0, 0.0]),
+                                               pulls=jnp.int32(7))
+  saved = jax.tree.map(lambda x: np.asarray(x).tolist(), dataclasses.asdict(state))
+  path = tmp_path / "earlier.json"
+  path.write_text(json.dumps({"bandit_states": {method.name: saved}}))
+  loaded = runner.load_bandit_states(str(path), [Method("ar"), method])
+  jax.tree.map(np.testing.assert_array_equal, loaded[method.name], state)
+  assert loaded[method.name].pulls.dtype == jnp.int32
