@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.sampling.max_new_tokens = 128
   config.print_text = False
   if is_tiny(arg):
-    make_tiny(config, synthetic=False)
+    make_tiny(config, synthetic=True)
     config.arms = "ngram:3@2,ngram:3@4,ar"
     config.methods = "ar,ngram:3,bandit:acceptance_thompson,bandit:hedge"
     config.bandit.costs = "1.0,1.1,1.0"

@@ -82,9 +82,7 @@ def test_free_score_at_temperature_is_the_targets_probability_of_the_draft(param
 
 @pytest.mark.parametrize("name", sorted(CHOOSERS))
 def test_greedy_speculation_with_each_chooser_equals_greedy_ar(params, name):
-  arms = (engine.Arm(NGRAM, 2), engine.Arm(NGRAM, 4),
-          engine.Arm(ModelDrafter(Llama(CONFIG, num_layers=2, param_dtype=jnp.float32),
-                                  unroll=False), 3), engine.Arm())
+  arms = (engine.Arm(NGRAM, 2), engine.Arm(NGRAM, 4), engine.Arm())
   decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=CHOOSERS[name])
   out = engine.run_speculative(params, decoder, PROMPTS, jax.random.key(0),
                                Samplers.same(Greedy()))
@@ -110,9 +108,9 @@ class _Arm:
     self.gamma, self.cost, self.drafter = gamma, cost, (None if gamma == 0 else _Drafter())
 
 
-def simulated_steps(strategy, steps: int, seed: int) -> np.ndarray:
-  """The arms a chooser picks over `steps` steps of one row, each draft accepted
-  with its arm's probability until the first rejection."""
+def simulated_steps(strategy, steps: int, runs: int) -> np.ndarray:
+  """[runs, steps] the arms a chooser picks in independent runs of one row, each
+  draft accepted with its arm's probability until the first rejection."""
   gammas = jnp.asarray([g for g, _, _ in SIMULATED])
   alphas = jnp.asarray([a for _, _, a in SIMULATED])
   costs = jnp.asarray([c for _, c, _ in SIMULATED])
@@ -122,8 +120,7 @@ def simulated_steps(strategy, steps: int, seed: int) -> np.ndarray:
     select_key, accept_key = jax.random.split(key)
     arm = chooser.select(state, select_key)
     gamma = gammas[arm]
-    accepts = jax.random.uniform(accept_key, (4,)) < alphas[arm]
-    chain = jnp.cumprod(accepts)
+    chain = jnp.cumprod(jax.random.uniform(accept_key, (4,)) < alphas[arm])
     accepted = jnp.sum(chain * (jnp.arange(4) < gamma))
     tested = jnp.minimum(accepted + 1, gamma)
     chosen = jnp.arange(len(SIMULATED)) == arm
@@ -133,9 +130,10 @@ def simulated_steps(strategy, steps: int, seed: int) -> np.ndarray:
                         tested=chosen * tested.astype(jnp.float32), rows=jnp.float32(1))
     return chooser.learn(state, arm, feedback), arm
 
-  keys = jax.random.split(jax.random.key(seed), steps)
-  return np.asarray(jax.jit(lambda keys: jax.lax.scan(step, chooser.init(len(SIMULATED)),
-                                                      keys)[1])(keys))
+  def run(key):
+    return jax.lax.scan(step, chooser.init(len(SIMULATED)), jax.random.split(key, steps))[1]
+
+  return np.asarray(jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(0), runs)))
 
 
 @pytest.mark.parametrize("name", ["acceptance_thompson", "kl_ucb"])
@@ -145,8 +143,7 @@ def test_acceptance_choosers_find_the_best_arm_in_tens_of_steps(name):
   def share(picks):
     return np.mean(picks[:, 30:] == 3)
 
-  picks = np.stack([simulated_steps(CHOOSERS[name], 60, seed) for seed in range(20)])
-  ucb = np.stack([simulated_steps(UCB1(), 60, seed) for seed in range(20)])
+  picks, ucb = simulated_steps(CHOOSERS[name], 60, 20), simulated_steps(UCB1(), 60, 20)
   assert share(picks) > 0.6 and share(picks) > share(ucb) + 0.2, (share(picks), share(ucb))
 
 

@@ -38,37 +38,25 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from flashspec_jax.bandit.strategies import Feedback
+from flashspec_jax.bandit.strategies import BanditState, Feedback
 
 # Bisection steps of the KL-UCB bound: 2^-24 of the unit interval.
 _BISECTION_STEPS = 24
 
 
 @struct.dataclass(kw_only=True)
-class AcceptanceState:
-  """Attributes:
+class AcceptanceState(BanditState):
+  """BanditState (steps and rewards per arm, for reports) plus what the choosers learn.
+
+  Attributes:
     accepted: [K] f32, drafts accepted per arm (discounted).
     tested: [K] f32, drafts tested per arm (discounted).
     gains: [K] f32, Hedge's discounted estimated gains (unused by the others).
-    counts: [K] f32, steps each arm ran (for reports).
-    sums: [K] f32, rewards each arm received (for reports).
-    pulls: [] int32, steps so far.
   """
 
   accepted: jax.Array
   tested: jax.Array
   gains: jax.Array
-  counts: jax.Array
-  sums: jax.Array
-  pulls: jax.Array
-
-  @property
-  def num_arms(self) -> int:
-    return self.counts.shape[0]
-
-  @property
-  def means(self) -> jax.Array:
-    return self.sums / jnp.maximum(self.counts, 1e-9)
 
 
 def expected_tokens(gamma: jax.Array, alpha: jax.Array) -> jax.Array:
