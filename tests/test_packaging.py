@@ -31,6 +31,9 @@ for module in pkgutil.walk_packages(flashspec_jax.__path__, "flashspec_jax."):
     delattr(flags.FLAGS, name)
 from flashspec_jax.models.config import model_config
 assert model_config("tiny_llama").num_layers >= 1
+from flashspec_jax.loading.eagle import shipped_path
+weights = shipped_path("smollm2")  # the shipped feature drafter is package data
+assert weights.is_file() and weights.is_relative_to(target), weights
 """
 
 
