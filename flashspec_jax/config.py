@@ -300,6 +300,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("prompts.split", config.prompts.split in SPLITS, f"one of {SPLITS}"),
       ("prompts.order", config.prompts.order in ("blocks", "interleaved"),
        "blocks or interleaved"),
+      ("prompts.order", config.prompts.order == "blocks" or config.batch_size == 1,
+       "blocks when batch_size > 1 (a batch must hold one prompt set, so that each step is "
+       "credited to one set)"),
       ("prompts.synthetic_length", config.prompts.synthetic_length >= 1, ">= 1"),
       ("prompts.bucket", config.prompts.bucket >= 1, ">= 1"),
       ("sampling.temperature", config.sampling.temperature >= 0, ">= 0 (0 is greedy)"),

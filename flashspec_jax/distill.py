@@ -135,10 +135,12 @@ def target_outputs(target: Llama, params, tokens, lengths) -> tuple[jax.Array, j
 
 
 def prediction_mask(lengths, prompt_lens, width: int, step: int) -> jax.Array:
-  """[B, T] where draft step `step` at position j is a real draft of an answer token:
-  its chain starts at a position (j >= step) and it predicts t_{j+2}, an answer token."""
+  """[B, T] where draft step `step` at position j is a draft the engine would make: its
+  chain starts from the pair of a committed answer token (j - step >= P - 1; the
+  first answer token is the target's own, sampled at the prefill) and it predicts a
+  token of the sequence (j + 2 < length)."""
   j = jnp.arange(width)[None, :]
-  return (j >= step) & (j + 2 < lengths[:, None]) & (j + 2 >= prompt_lens[:, None])
+  return (j - step >= prompt_lens[:, None] - 1) & (j + 2 < lengths[:, None])
 
 
 def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array],
@@ -151,19 +153,21 @@ def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array],
   target_logp = jnp.pad(target_logp[:, 1:], ((0, 0), (0, 1), (0, 0)))
   target_top = jnp.argmax(target_logp, axis=-1)
   normed = drafter.rollout(params, features, tokens, steps)
-  losses, accepted = [], []
+  losses, accepted, counts = [], [], []
   chain = jnp.ones(tokens.shape, bool)
   for step in range(steps):
     logq = jax.nn.log_softmax(drafter.head(params, normed[step]))
     mask = prediction_mask(lengths, prompt_lens, tokens.shape[1], step)
     cross_entropy = -jnp.sum(jnp.exp(target_logp) * logq, axis=-1)
     losses.append(jnp.sum(cross_entropy * mask) / jnp.maximum(mask.sum(), 1))
+    counts.append(mask.sum())
     # The chain at j started at j - step: its drafts up to this one all match.
     chain = jnp.pad(chain[:, :-1], ((0, 0), (1, 0))) if step else chain
     chain = chain & (jnp.argmax(logq, axis=-1) == target_top)
     accepted.append(jnp.sum(chain * mask) / jnp.maximum(mask.sum(), 1))
   losses = jnp.stack(losses)
-  return losses.mean(), dict(step_loss=losses, step_acceptance=jnp.stack(accepted))
+  return losses.mean(), dict(step_loss=losses, step_acceptance=jnp.stack(accepted),
+                             step_predictions=jnp.stack(counts))
 
 
 def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -217,15 +221,14 @@ def batches(data: TrainingData, batch_size: int, seed: int, start_step: int):
 
 def evaluate(drafter: FeatureDrafter, params, data: TrainingData, batch_size: int,
              steps: int) -> dict[str, list[float]]:
-  """Loss and greedy chain acceptance per draft position on `data`, weighted by batch."""
+  """Loss and greedy chain acceptance per draft position on `data`: means over every
+  prediction, whatever batch it fell in."""
   evaluate_batch = jax.jit(lambda p, b: rollout_loss(drafter, p, b, steps)[1])
-  totals = []
-  for start in range(0, len(data.ids), batch_size):
-    rows = np.arange(start, min(start + batch_size, len(data.ids)))
-    stats = evaluate_batch(params, data.take(rows).batch())
-    totals.append((len(rows), jax.tree.map(np.asarray, stats)))
-  count = sum(n for n, _ in totals)
-  return {name: (sum(n * s[name] for n, s in totals) / count).tolist()
+  per_batch = [jax.tree.map(np.asarray, evaluate_batch(params, data.take(
+      np.arange(start, min(start + batch_size, len(data.ids)))).batch()))
+               for start in range(0, len(data.ids), batch_size)]
+  count = np.maximum(sum(b["step_predictions"] for b in per_batch), 1)
+  return {name: (sum(b["step_predictions"] * b[name] for b in per_batch) / count).tolist()
           for name in ("step_loss", "step_acceptance")}
 
 

@@ -59,7 +59,7 @@ class Arm:
   """One way to take a step: a drafter with its gamma, or plain AR (drafter None).
 
   Attributes:
-    drafter: a ModelDrafter or NgramDrafter, or None for an AR step.
+    drafter: a ModelDrafter, NgramDrafter or FeatureDrafter, or None for an AR step.
     gamma: draft tokens per step (0 for AR).
     cost: the step's cost in any unit (only ratios between arms matter); the
       goodput reward divides tokens by it.
@@ -143,8 +143,9 @@ class SpecState:
     seqs: the token buffer and per-row bookkeeping, as AR keeps them;
       L = P + max_new + max gamma + 1; nan_rows counts target and draft NaNs.
     target_cache: holds seq_lens - 1 tokens per row between steps.
-    drafter_states: one per arm (a KVCache, or () for stateless arms); a
-      drafter's cache holds at most seq_lens - 1 tokens per row between steps.
+    drafter_states: one per arm (a KVCache, a FeatureDrafterState, or () for
+      stateless arms); a drafter's cache holds at most seq_lens - 1 tokens (or
+      pairs) per row between steps.
     bandit: the bandit's state.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     step: [] int32, loop iterations.
@@ -422,8 +423,9 @@ class SpeculativeDecoder:
     target's probability of that token, the acceptance probability of a point-mass
     draft: exactly 0 or 1 when greedy. The chain reaches draft i as often as a run
     of the arm would (the committed tokens follow the target's distribution), so
-    the counts estimate the arm's acceptance without bias, though only as far as
-    the step that ran verified. An arm that shares its drafter with the arm that
+    at each depth the counts estimate the arm's acceptance without bias; which
+    depths are seen depends on how far the step that ran verified, so the pooled
+    estimate weights shallow depths more. An arm that shares its drafter with the arm that
     ran, or with an earlier arm, is left out, so no draft is counted twice.
     """
     groups = self.chooser.groups

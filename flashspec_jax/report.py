@@ -126,21 +126,29 @@ def by_prompt_set(data: dict) -> list[str]:
                                 "| method | set | tok/s | vs AR | alpha | tau |",
                                 "|---|---|---|---|---|---|"]
   batch_size = data["config"]["batch_size"]
-  base = {}
+
+  def rows_of(name, kind):
+    return [r for r in data["records"] if r["method"] == name and r["kind"] == kind]
+
+  def rate(rows):
+    # Each row's share of its batch's time (rows of full batches share it evenly).
+    seconds = sum(r["batch_seconds"] / r.get("batch_rows", batch_size) for r in rows)
+    return sum(r["new_tokens"] for r in rows) / seconds
+
+  kinds = list(dict.fromkeys(r["kind"] for r in data["records"]))
+  base = {kind: rate(rows_of("ar", kind)) for kind in kinds if rows_of("ar", kind)}
   for name in data["summaries"]:
-    for kind in dict.fromkeys(r["kind"] for r in data["records"]):
-      rows = [r for r in data["records"] if r["method"] == name and r["kind"] == kind]
-      # Each row's share of its batch's time (rows of full batches share it evenly).
-      seconds = sum(r["batch_seconds"] / r.get("batch_rows", batch_size) for r in rows)
-      rate = sum(r["new_tokens"] for r in rows) / seconds
-      base.setdefault(kind, rate if name == "ar" else None)
-      speedup = f"{rate / base[kind]:.2f}x" if base[kind] else "-"
+    for kind in kinds:
+      rows = rows_of(name, kind)
+      if not rows:
+        continue
+      speedup = f"{rate(rows) / base[kind]:.2f}x" if kind in base else "-"
       alpha = tau = "-"
       if "accepted" in rows[0]:
         totals = {k: sum(r[k] for r in rows) for k in ("steps", "tested", "accepted", "emitted")}
         alpha, tau = f"{totals['accepted'] / totals['tested']:.3f}", \
             f"{totals['emitted'] / totals['steps']:.2f}"
-      lines.append(f"| {name} | {kind} | {rate:.1f} | {speedup} | {alpha} | {tau} |")
+      lines.append(f"| {name} | {kind} | {rate(rows):.1f} | {speedup} | {alpha} | {tau} |")
   return lines
 
 

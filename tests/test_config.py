@@ -40,6 +40,9 @@ def no_loading(monkeypatch):
     (dict(methods="bandit:ucb1", arms="ngram:3,layer_skip:31"), "arm 'layer_skip:31' cannot"),
     (dict(**{"sampling.max_new_tokens": 8192}), "smollm2_135m has 8192 positions"),
     (dict(**{"prompts.file": "/nonexistent.jsonl"}), "cannot read the prompt file"),
+    (dict(batch_size=8, **{"prompts.order": "interleaved"}), "config.prompts.order = "
+                                                              "'interleaved' is invalid"),
+    (dict(**{"bandit.initial_state": "/nonexistent.json"}), "config.bandit.initial_state"),
 ])
 def test_bad_values_are_refused_before_weights_load(tmp_path, no_loading, overrides, message):
   with pytest.raises(ValueError, match=message):

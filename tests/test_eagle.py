@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from conftest import spread_params, tiny_config
+from flax import traverse_util
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import distill, engine
@@ -124,6 +126,13 @@ def test_weights_round_trip_and_bad_files_are_named(params, tmp_path):
     load_drafter(path, dataclasses.replace(CONFIG, name="other"), jnp.float32)
   with pytest.raises(CheckpointError, match="does not hold the drafter for tiny_eagle_target: block.attn.out"):
     load_drafter(path, dataclasses.replace(CONFIG, hidden_size=48), jnp.float32)
+  as_f32 = tmp_path / "f32.safetensors"
+  safetensors.numpy.save_file(
+      {name: np.asarray(value, np.float32) for name, value in
+       traverse_util.flatten_dict(params["drafters"]["eagle"]["params"], sep=".").items()},
+      as_f32, metadata={"target": CONFIG.name})
+  with pytest.raises(CheckpointError, match="f32.safetensors does not hold bf16"):
+    load_drafter(as_f32, CONFIG, jnp.float32)
   broken = tmp_path / "broken.safetensors"
   broken.write_bytes(path.read_bytes()[:100])
   with pytest.raises(CheckpointError, match="broken.safetensors is not a readable safetensors"):

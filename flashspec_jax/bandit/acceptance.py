@@ -16,7 +16,7 @@ them is an adaptive gamma.
 
 Evidence comes from the arm that ran and, for free, from deterministic
 drafters the engine scores against the committed tokens
-(`engine.SpeculativeDecoder.free_feedback`). `discount` < 1 fades old
+(`engine.SpeculativeDecoder._scored_for_free`). `discount` < 1 fades old
 evidence each step, to follow a stream that changes domain.
 
 | chooser             | rule                                                               |
@@ -25,9 +25,10 @@ evidence each step, to follow a stream that changes domain.
 |                     | step; the arm with the largest tau / c                             |
 | AcceptanceKLUCB     | the largest alpha within the KL-UCB bound of Bernoulli trials      |
 |                     | (Garivier & Cappe 2011); the arm with the largest tau / c there     |
-| Hedge               | exponential weights on each arm's estimated tokens per cost; arms  |
-|                     | scored for free update every step (full information), the others   |
-|                     | only when run, importance-weighted (Exp3)                          |
+| Hedge               | exponential weights on each arm's tokens per cost, tau at this     |
+|                     | step's acceptance estimate; drafters scored for free gain every    |
+|                     | step (full information), the others only when run, importance-     |
+|                     | weighted (Exp3)                                                    |
 """
 
 from __future__ import annotations
@@ -175,12 +176,13 @@ class AcceptanceKLUCB(_AcceptanceModel):
 
 @dataclasses.dataclass(frozen=True)
 class Hedge(_AcceptanceModel):
-  """Exponential weights over arms, on gains g_a = (1 + drafts accepted per row) / c_a,
-  normalised by the largest possible ((gamma + 1) / c). An arm scored this step (it ran,
-  or the engine scored it for free; the AR arm always yields one token) gains its
-  estimate; an arm neither ran nor scored gains nothing this step, except the arm that
-  ran gains its estimate divided by the probability it was chosen (Exp3) when it cannot
-  be scored for free. Cumulative gains are discounted by `discount`."""
+  """Exponential weights over arms, on gains g_a = tau(gamma_a, alpha) / c_a normalised by
+  the largest possible ((gamma + 1) / c), where alpha is the step's acceptance of the
+  arm's drafter over the drafts it was scored on. Arms whose drafter was seen this step
+  (it ran, or the engine scored it for free; the AR arm always yields one token) gain;
+  the others gain nothing, and an arm the engine cannot score for free gains its
+  estimate divided by the probability it was chosen (Exp3) when it ran. Cumulative
+  gains are discounted by `discount`."""
 
   learning_rate: float = 0.5
   discount: float = 0.99
@@ -198,13 +200,17 @@ class Hedge(_AcceptanceModel):
   def learn(self, state, arm, feedback):
     gammas = jnp.asarray(self.gammas, jnp.float32)
     costs = jnp.asarray(self.costs, jnp.float32)
-    gain = ((1.0 + feedback.accepted / jnp.maximum(feedback.rows, 1.0)) / costs
-            / jnp.max((gammas + 1) / costs))
-    chosen = jnp.arange(state.num_arms) == arm
-    # The AR arm always yields one token; a drafter is scored when it ran or was scored.
-    scored = (feedback.tested > 0) | (gammas == 0)
+    # This step's per-draft acceptance of each drafter, from every draft it was scored on,
+    # extrapolated to each arm's own gamma: a chain cut short by the depth the step
+    # verified would undercount arms of long gamma.
+    accepted, tested = self.pooled(feedback.accepted), self.pooled(feedback.tested)
+    alpha = accepted / jnp.maximum(tested, 1e-9)
+    gain = self.tokens_per_cost(alpha) / jnp.max((gammas + 1) / costs)
+    # The AR arm always yields one token; a drafter is seen when it ran or was scored.
+    seen = (tested > 0) | (gammas == 0)
     # An arm the engine never scores for free is seen only when chosen: Exp3's estimate.
+    chosen = jnp.arange(state.num_arms) == arm
     seen_only_when_chosen = chosen & ~jnp.asarray(self.free_arms)
     gain = jnp.where(seen_only_when_chosen, gain / self.weights(state)[arm], gain)
-    gains = self.discount * state.gains + jnp.where(scored, gain, 0.0)
+    gains = self.discount * state.gains + jnp.where(seen, gain, 0.0)
     return dataclasses.replace(super().learn(state, arm, feedback), gains=gains)

@@ -59,6 +59,10 @@ def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any) -> d
       tensors = {name: file.get_tensor(name) for name in file.keys()}
   except Exception as error:  # safetensors raises its own error types for broken files
     raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+  not_bf16 = sorted(name for name, value in tensors.items() if value.dtype != np.uint16)
+  if metadata.get("dtype") != "bfloat16" or not_bf16:
+    raise CheckpointError(f"{path} does not hold bf16 drafter tensors (as save_drafter writes "
+                          f"them): {not_bf16[:3] or metadata.get('dtype')}")
   if metadata.get("target") != config.name:
     raise CheckpointError(f"{path} holds a drafter for {metadata.get('target')!r}, not for the "
                           f"target {config.name!r}")
