@@ -9,6 +9,7 @@ import pytest
 from conftest import run_as_one_program, spread_params, tiny_config
 
 from flashspec_jax import generate as gen
+from flashspec_jax.bench import numerics
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Greedy, Temperature, TopP
 from flashspec_jax.sequences import PAD_ID, prepare_prompts
@@ -119,3 +120,13 @@ def test_budget_beyond_cache_is_rejected(params):
     run(params, max_new_tokens=250)
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
     run(params, max_new_tokens=0)
+
+
+def test_numerics_bench_finds_decode_and_verify_paths_equal_in_float32():
+  """bench.numerics compares decode steps and verify passes with the f32 model; run in
+  f32 itself, both paths agree with it: the bench measures precision, not its own error."""
+  result = numerics.bench("tiny_llama", False, jnp.float32, 3, (16, 8))
+  for path in ("decode", "verify", "decode_vs_verify"):
+    assert result[path]["max_abs_error"] < 1e-3 and result[path]["argmax_flips"] == 0, result
+  low = numerics.bench("tiny_llama", False, jnp.bfloat16, 3, (16, 8))
+  assert low["decode"]["max_abs_error"] > 0  # bf16 does differ: the comparison sees it
