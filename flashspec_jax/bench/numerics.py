@@ -17,6 +17,7 @@ decode and verify paths disagree with each other. Synthetic weights unless
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +30,6 @@ from flashspec_jax.loading import load_model
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Greedy
 
-_MODEL = flags.DEFINE_string("model", "smollm2_135m", "Model shape in configs/.")
-_WEIGHTS = flags.DEFINE_enum("weights", "synthetic", ["synthetic", "real"], "Weights to use.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "The paths' dtype.")
-_GAMMA = flags.DEFINE_integer("gamma", 4, "Drafts per verify pass (the pass is gamma + 1 wide).")
-_PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt tokens.")
-_POSITIONS = flags.DEFINE_integer("positions", 120, "Positions compared after the prompt.")
-_OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
 def logits_by_passes(model: Llama, params, tokens: jax.Array, prompt: int,
@@ -89,11 +83,25 @@ def bench(name: str, real: bool, dtype, gamma: int, lengths: tuple[int, int]) ->
               decode_vs_verify=compare(verify, decode))
 
 
-def main(argv):
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags; defined only when run as a program, so that tests can
+  import bench() beside other benchmarks that define flags of the same names."""
+  return dict(
+      model=flags.DEFINE_string("model", "smollm2_135m", "Model shape in configs/."),
+      weights=flags.DEFINE_enum("weights", "synthetic", ["synthetic", "real"], "Weights."),
+      dtype=flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "The paths' dtype."),
+      gamma=flags.DEFINE_integer("gamma", 4, "Drafts per verify pass (gamma + 1 wide)."),
+      prompt=flags.DEFINE_integer("prompt", 128, "Prompt tokens."),
+      positions=flags.DEFINE_integer("positions", 120, "Positions compared after the prompt."),
+      out=flags.DEFINE_string("out", "results", "Results directory."))
+
+
+def main(argv, options):
   del argv
-  result = bench(_MODEL.value, _WEIGHTS.value == "real", jnp.dtype(_DTYPE.value), _GAMMA.value,
-                 (_PROMPT.value, _POSITIONS.value))
-  path = results.write("numerics", result, directory=_OUT.value)
+  value = {name: holder.value for name, holder in options.items()}
+  result = bench(value["model"], value["weights"] == "real", jnp.dtype(value["dtype"]),
+                 value["gamma"], (value["prompt"], value["positions"]))
+  path = results.write("numerics", result, directory=value["out"])
   print(f"\n{result['model']} ({result['weights']} weights), {result['dtype']}, gamma "
         f"{result['gamma']}, {result['positions']} positions -> {path}")
   print(f"{'path':<18} {'max |error|':>12} {'median |error|':>15} {'argmax flips':>13}")
@@ -105,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(functools.partial(main, options=define_flags()))
