@@ -40,6 +40,16 @@ def spread_params(config: LlamaConfig, seed: int, scale: float = 4.0):
       lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * scale, params)
 
 
+def pytest_collection_modifyitems(items):
+  """The longest tests (experiments and notebooks, runs of the real SmolLM2) first:
+  pytest-xdist hands tests out in this order, so on two workers they overlap the many
+  short ones instead of trailing after them."""
+  def long_first(item):
+    return not (item.path.name == "test_experiments.py"
+                or "smollm2" in getattr(item, "fixturenames", ()))
+  items.sort(key=long_first)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """(config, f32 params, tokenizer) of the real SmolLM2-135M-Instruct GGUF."""
