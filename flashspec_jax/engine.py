@@ -299,9 +299,15 @@ class SpeculativeDecoder:
     starts = cache.lengths
     logits, cache, *features = self.target.apply(params["target"], tokens, cache,
                                                  return_features=bool(self.feature_arms))
-    for i in self.feature_arms:
-      drafter_states[i] = self.arms[i].drafter.observe(drafter_states[i], features[0], starts)
+    if features:
+      self._observe(drafter_states, features[0], starts)
     return logits, cache
+
+  def _observe(self, drafter_states: list, features, starts) -> None:
+    """Hands the target's features [B, T, D] at positions starts[b] + t to every drafter
+    that reads them (in drafter_states, in place)."""
+    for i in self.feature_arms:
+      drafter_states[i] = self.arms[i].drafter.observe(drafter_states[i], features, starts)
 
   def init(self, params, prompt_tokens, prompt_lens, rng, target_sampler: Sampler,
            bandit: BanditState | None = None) -> SpecState:
@@ -318,9 +324,8 @@ class SpeculativeDecoder:
         () if arm.drafter is None
         else arm.drafter.init(params, prompt_tokens, prompt_lens, capacity)
         for arm in self.arms]
-    for i in self.feature_arms:
-      drafter_states[i] = self.arms[i].drafter.observe(drafter_states[i], features,
-                                                       jnp.zeros_like(prompt_lens))
+    if self.feature_arms:
+      self._observe(drafter_states, features, jnp.zeros_like(prompt_lens))
     return SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
@@ -386,18 +391,18 @@ class SpeculativeDecoder:
 
     m = state.metrics
     count = live.astype(jnp.int32)
+    tested = count * jnp.minimum(num_accepted + 1, gamma)
     accepted_slot = jnp.arange(m.accept_hist.shape[1])[None, :] == num_accepted[:, None]
     metrics = SpecMetrics(
         steps=m.steps + count,
         proposed=m.proposed + count * gamma,
-        tested=m.tested + count * jnp.minimum(num_accepted + 1, gamma),
+        tested=m.tested + tested,
         accepted=m.accepted + count * num_accepted,
         emitted=m.emitted + emitted,
         accept_hist=m.accept_hist + (count * (gamma > 0))[:, None] * accepted_slot,
     )
     stats = dict(emitted=emitted, accepted=num_accepted * count, live=live)
     if self.chooser.uses_free_feedback:
-      tested = count * jnp.minimum(num_accepted + 1, gamma)
       outcome = dict(logp=target_logp, accepted=num_accepted, tokens=new_tokens,
                      emitted=emitted, live=live)
       arm_accepted, arm_tested = self._scored_for_free(params, state, arm_index, outcome)
