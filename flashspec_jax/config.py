@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Compiled programs persist here across runs: "auto" is a per-user cache
   # directory (see environment.user_cache_dir), "" turns it off.
   config.compilation_cache_dir = "auto"
+  # Programs XLA compiles side by side before a run's first batch; 0 is half the
+  # CPU cores (one program's compile keeps few cores busy on a GPU host).
+  config.compile_threads = 0
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.sets = "chat,code,edit"  # comma-separated, from PROMPT_SETS
@@ -293,6 +296,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "optional @<gamma>"),
       ("dtype", config.dtype in DTYPES, f"one of {DTYPES}"),
       ("batch_size", config.batch_size >= 1, ">= 1"),
+      ("compile_threads", config.compile_threads >= 0, ">= 0 (0 is half the CPU cores)"),
       ("prompts.sets", bool(prompt_sets(config))
        and set(prompt_sets(config)) <= set(PROMPT_SETS), f"a comma-separated subset of "
        f"{PROMPT_SETS}"),

@@ -5,11 +5,13 @@ api.py, the experiment runner and the compile-time benchmark go through it:
 bandit) and the params dict the engine takes, `make_setup` gathers what every
 batch needs, and `compile_and_run` pads a batch to its prompt bucket, checks
 its budget, runs the method's decoder and reports NaN rows. Each decoder's
-program is compiled once per batch shape and kept in the Setup.
+program is compiled once per batch shape and kept in the Setup; `compile_ahead`
+compiles a run's programs side by side before its first batch.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import pathlib
 import time
@@ -229,18 +231,15 @@ class BatchRun:
   compile_seconds: float
 
 
-def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
-                    bandit=None) -> BatchRun:
-  """Runs one batch, compiling its program first unless the Setup holds it; times each."""
+def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=None):
+  """The decoder a batch runs on, its inputs, and the Setup's key for its program."""
   max_new = setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
   reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
   padded = _bucketed(tokens, setup.bucket)
   capacity = required_capacity(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
                                padded_width=padded.shape[1])
-  tokens = padded
-  args = jax.device_put((tokens, lengths, key, setup.sampler))
-  start = time.perf_counter()
+  args = jax.device_put((padded, lengths, key, setup.sampler))
   if not method.arms:
     decoder = Decoder(setup.target, max_new, setup.eos_ids, capacity)
     inputs = (setup.params["target"], *args)
@@ -250,7 +249,34 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
     if bandit is None:
       bandit = method.strategy.init(len(method.arms))
     inputs = (setup.params, *args[:3], Samplers.same(args[3]), bandit)
-  program = (decoder, tokens.shape)
+  return decoder, inputs, (decoder, padded.shape)
+
+
+def compile_ahead(jobs: list[tuple[Method, list[Request]]], setup: Setup, threads: int) -> float:
+  """Compiles the programs these (method, batch) pairs need and the Setup lacks; returns
+  the seconds it took.
+
+  Tracing and lowering hold Python's lock, so programs are lowered in turn; XLA
+  compiles outside it, `threads` programs side by side, which pays on a GPU host,
+  where one program's compile keeps few of its cores busy.
+  """
+  start = time.perf_counter()
+  lowered = {}
+  for method, batch in jobs:
+    decoder, inputs, program = _program(method, setup, batch, jax.random.key(0))
+    if program not in setup.programs and program not in lowered:
+      lowered[program] = decoder.lower(*inputs)
+  compile_one = lambda program: lowered[program].compile(setup.compiler_options)
+  with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+    setup.programs.update(zip(lowered, pool.map(compile_one, lowered)))
+  return time.perf_counter() - start
+
+
+def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
+                    bandit=None) -> BatchRun:
+  """Runs one batch, compiling its program first unless the Setup holds it; times each."""
+  decoder, inputs, program = _program(method, setup, batch, key, bandit)
+  start = time.perf_counter()
   if program in setup.programs:
     lowered_at = compiled_at = start
   else:

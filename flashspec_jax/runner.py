@@ -1,9 +1,9 @@
 """What `run.py` hands off to: load, build prompts, run each method, time, report, save.
 
 Every method of a run sees the same prompts in the same batches and order, so
-their speeds are measured side by side. Each batch runs through the pipeline
-(pipeline.py), which compiles a program ahead of its first batch of a shape and
-times the run apart from the compile. A bandit method carries its bandit's
+their speeds are measured side by side. Every program of the run is compiled
+first, several side by side (pipeline.compile_ahead), so each batch's time is
+its run alone. A bandit method carries its bandit's
 state from one batch to the next, so it adapts over the prompt stream.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import pathlib
 from collections import Counter
 from typing import Any
@@ -28,8 +29,8 @@ from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.pipeline import (Request, build_methods, check_checkpoints, compile_and_run,
-                                    make_setup, param_dtype, with_arm_costs)
+from flashspec_jax.pipeline import (Request, build_methods, check_checkpoints, compile_ahead,
+                                    compile_and_run, make_setup, param_dtype, with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file
 
 
@@ -126,6 +127,11 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   if bandit_arms:
     print("arm costs (s/step): " + ", ".join(f"{a.name} {a.cost:.4f}" for a in bandit_arms))
 
+  threads = config.compile_threads or max(1, (os.cpu_count() or 2) // 2)
+  compile_seconds = compile_ahead([(m, b) for m in methods for b in batches], setup, threads)
+  print(f"compiled {len(setup.programs)} programs in {compile_seconds:.1f} s "
+        f"({threads} at a time)")
+
   records, summaries, histories, final_states = [], {}, {}, {}
   saved_states = load_bandit_states(config.bandit.initial_state, methods)
   for method in tqdm.tqdm(methods, desc="methods", unit="method", disable=len(methods) < 2):
@@ -146,16 +152,12 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
         record = dict(method=method.name, id=request.id, kind=request.kind,
                       prompt_tokens=len(request.token_ids), new_tokens=len(ids),
                       batch_seconds=seconds, batch_rows=len(batch),
-                      lower_seconds=run.lower_seconds, compile_seconds=run.compile_seconds,
                       loop_steps=int(out.steps),
                       text=None if model.tokenizer is None else model.tokenizer.decode(ids))
         if method.arms:
           record |= {name: int(getattr(out.metrics, name)[row])
                      for name in ("steps", "proposed", "tested", "accepted", "emitted")}
         method_records.append(record)
-    # Each method's programs are compiled for it alone; let them go before the next.
-    setup.programs.clear()
-    jax.clear_caches()
     summaries[method.name] = summarize_method(method_records, batch_seconds, step_seconds)
     if method.is_bandit:
       names = [arm.name for arm in method.arms]
@@ -182,7 +184,9 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   print_table(summaries, model.synthetic)
   payload = dict(config=config.to_dict(), synthetic_weights=model.synthetic,
                  weights=model.source, summaries=summaries, bandit_histories=histories,
-                 bandit_states=final_states, arm_costs={a.name: a.cost for a in bandit_arms})
+                 bandit_states=final_states, arm_costs={a.name: a.cost for a in bandit_arms},
+                 compile=dict(seconds=compile_seconds, threads=threads,
+                              programs=len(setup.programs)))
   return payload, records
 
 

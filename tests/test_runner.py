@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import with_fields, write_tiny_llama
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import runner
-from flashspec_jax.loading import CheckpointError
+from flashspec_jax import pipeline, runner
+from flashspec_jax.loading import CheckpointError, load_model
 from flashspec_jax.loading.gguf import smollm2_path
 from flashspec_jax.loading.tokenizer import load_tokenizer
 
@@ -177,3 +180,19 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_smollm2_dir):
 def test_readme_results_section_is_generated_from_results():
   from flashspec_jax import report
   assert report.main(["--check"]) == 0, "run python -m flashspec_jax.report"
+
+
+def test_programs_compiled_ahead_side_by_side_run_as_compiled_alone(tmp_path):
+  config = small_config(tmp_path, target="tiny_llama", synthetic_weights=True,
+                        methods="ar,ngram:2,layer_skip:2")
+  model = load_model(config.target, synthetic=True, dtype=jnp.float32, seed=config.seed)
+  methods, params = pipeline.build_methods(config, model, jnp.float32)
+  batch = runner.build_requests(config, model)
+  ahead, alone = (pipeline.make_setup(config, model, params, jnp.float32) for _ in range(2))
+  pipeline.compile_ahead([(method, batch) for method in methods], ahead, threads=2)
+  assert len(ahead.programs) == len(methods)
+  for method in methods:
+    held = pipeline.compile_and_run(method, ahead, batch, jax.random.key(0))
+    compiled = pipeline.compile_and_run(method, alone, batch, jax.random.key(0))
+    assert held.lower_seconds == held.compile_seconds == 0
+    np.testing.assert_array_equal(held.output.tokens, compiled.output.tokens)

@@ -36,9 +36,13 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per call.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _CACHE = flags.DEFINE_string("cache_dir", "", "Internal: the cache a second process reads.")
 _VARIANT = flags.DEFINE_string("variant", "default", "Internal: the second process's variant.")
+_VARIANTS = flags.DEFINE_list("variants", "default,no_autotune,parallel_llvm",
+                              "Compiler options to compare on a GPU (CPU runs default only).")
 
-# Compiler options to compare, by name.
-VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0}}
+# Compiler options to compare, by name. XLA compiles a GPU program's kernels as one
+# LLVM module unless told to split it across threads.
+VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0},
+            "parallel_llvm": {"xla_gpu_enable_llvm_module_compilation_parallelism": True}}
 
 
 def run_config(target: str, arms: str, prompt_length: int, max_new_tokens: int):
@@ -84,12 +88,13 @@ def time_programs(config, variant: str) -> list[dict]:
   return rows
 
 
-def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int) -> dict:
+def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
+          variants: list[str]) -> dict:
   config = run_config(target, arms, prompt_length, max_new_tokens)
   cold, warm = [], []
   with tempfile.TemporaryDirectory() as cache:
     environment.enable_compilation_cache(cache)
-    for variant in VARIANTS if environment.on_gpu() else ["default"]:
+    for variant in variants if environment.on_gpu() else ["default"]:
       cold += time_programs(config, variant)
       child = subprocess.run(
           [sys.executable, "-m", "flashspec_jax.bench.compile_time", f"--target={target}",
@@ -120,7 +125,10 @@ def main(argv):
     print(json.dumps(time_programs(run_config(_TARGET.value, _ARMS.value, _PROMPT.value,
                                               _NEW.value), _VARIANT.value)))
     return
-  result = bench(_TARGET.value, _ARMS.value, _PROMPT.value, _NEW.value)
+  unknown = set(_VARIANTS.value) - set(VARIANTS)
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
+  result = bench(_TARGET.value, _ARMS.value, _PROMPT.value, _NEW.value, _VARIANTS.value)
   path = results.write("compile_time", result, directory=_OUT.value)
   print(f"\ncompile time, {result['target']} shape ({result['dtype']}, synthetic weights), "
         f"{result['prompt_length']}-token prompt, {result['max_new_tokens']} new tokens -> {path}")
