@@ -76,7 +76,9 @@ class FlashSpecConfig:
   one drafter means plain speculative decoding, several a bandit over them, none
   plain AR. device: "cpu" or "gpu" (None: JAX's default). draft_checkpoint_dir: the
   weights of draft_model:<shape> drafters. compilation_cache_dir: as in run.py's
-  config ("auto": the per-user cache; "": off)."""
+  config ("auto": the per-user cache; "": off). deterministic: greedy output of
+  every engine of one pass width (the largest gamma + 1, sampling.gamma's for AR)
+  is the same, bit for bit (run.py's config.deterministic)."""
 
   target: str = "smollm2_135m"
   drafters: tuple[str, ...] = ("layer_skip:26",)
@@ -90,6 +92,7 @@ class FlashSpecConfig:
   verify_impl: str = "auto"
   seed: int = 0
   compilation_cache_dir: str = "auto"
+  deterministic: bool = False
 
   def to_config_dict(self):
     """The equivalent run.py config, validated."""
@@ -99,6 +102,7 @@ class FlashSpecConfig:
     config.compilation_cache_dir = self.compilation_cache_dir
     config.synthetic_weights, config.verify_impl, config.seed = (
         self.synthetic_weights, self.verify_impl, self.seed)
+    config.deterministic = self.deterministic
     if len(self.drafters) > 1:
       config.arms = ",".join(self.drafters)
       config.methods = f"bandit:{self.bandit.strategy}"

@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling.gamma = 4  # draft tokens per speculative step
   # auto: the Pallas kernel on a GPU, the jnp reference elsewhere.
   config.verify_impl = "auto"
+  # Greedy speculative output equal to greedy AR's bit for bit, in any dtype: every
+  # target pass after the prefill, AR steps too, is `pass_width(config)` tokens wide,
+  # and XLA picks kernels without autotuning (docs/exactness.md).
+  config.deterministic = False
 
   config.bandit = ml_collections.ConfigDict()
   config.bandit.reward = "goodput"  # or "acceptance"
@@ -265,6 +269,16 @@ def _arm_fits(spec: ArmSpec, target) -> bool:
   if spec.kind == "draft_model":
     return spec.arg in known_shapes() and model_config(spec.arg).vocab_size == target.vocab_size
   return True
+
+
+def pass_width(config: ml_collections.ConfigDict) -> int | None:
+  """Deterministic mode's width of every target pass: the largest gamma of the run
+  (sampling.gamma or an arm's @gamma) + 1, so that AR and every arm of one config
+  share it; None when the mode is off."""
+  if not config.deterministic:
+    return None
+  gammas = [ArmSpec.parse(name).gamma or 0 for name in used_arms(config)]
+  return max([config.sampling.gamma, *gammas]) + 1
 
 
 def used_arms(config: ml_collections.ConfigDict) -> list[str]:

@@ -24,7 +24,6 @@ returned never overshoots max_new_tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +34,7 @@ from flax import struct
 
 from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
 from flashspec_jax.drafters import Drafter
-from flashspec_jax.generate import Decoder, GenerationOutput
+from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
                                      is_stop_token, loop_until_done, raise_on_nan)
 from flashspec_jax.kernels.verify import get_verify_fn
@@ -241,6 +240,11 @@ class SpeculativeDecoder:
       is just enough for the prompts' width P.
     verify_fn: see kernels/verify.py; None is the Pallas kernel on a GPU and
       the jnp reference elsewhere.
+    pass_width: deterministic mode: every target pass after the prefill (AR
+      steps and verify passes alike) is this many tokens wide, at least max
+      gamma + 1 (see generate.model_pass); greedy output then equals that of
+      a `Decoder` with the same pass_width, bit for bit. None: each pass is as
+      wide as its tokens.
   """
 
   target: Llama
@@ -251,10 +255,14 @@ class SpeculativeDecoder:
   reward: Reward = Goodput()
   capacity: int | None = None
   verify_fn: VerifyFn | None = None
+  pass_width: int | None = None
 
   def __post_init__(self):
     if not self.arms:
       raise ValueError("no arms given")
+    if self.pass_width is not None and self.pass_width < self.max_gamma + 1:
+      raise ValueError(f"pass_width {self.pass_width} is narrower than a verify pass of the "
+                       f"arms' largest gamma + 1 = {self.max_gamma + 1} tokens")
     for arm in self.arms:
       if arm.drafter is not None and arm.drafter.vocab_size != self.target.config.vocab_size:
         raise ValueError(f"drafter vocabulary ({arm.drafter.vocab_size}) differs from the "
@@ -267,7 +275,7 @@ class SpeculativeDecoder:
     """The AR decoder of the target that prefills, with room for a step's gamma + 1
     tokens past the budget."""
     return Decoder(self.target, self.max_new_tokens, self.eos_ids, self.capacity,
-                   reserve=self.max_gamma + 1)
+                   reserve=self.max_gamma + 1, pass_width=self.pass_width)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -297,8 +305,9 @@ class SpeculativeDecoder:
     """The target's logits [B, T, V] for tokens [B, T] at each row's cache length; the
     drafters that read features observe the target's (in drafter_states, in place)."""
     starts = cache.lengths
-    logits, cache, *features = self.target.apply(params["target"], tokens, cache,
-                                                 return_features=bool(self.feature_arms))
+    logits, cache, *features = model_pass(self.target, params["target"], tokens, cache,
+                                          self.pass_width,
+                                          return_features=bool(self.feature_arms))
     if features:
       self._observe(drafter_states, features[0], starts)
     return logits, cache
@@ -516,11 +525,15 @@ class SpeculativeDecoder:
       samplers: pytrees; the target's defines the output distribution.
       bandit: the bandit's state to start from; None starts fresh.
     """
-    return _generate(self, params, prompt_tokens, prompt_lens, rng, samplers, bandit)
+    return self._program(self, params, prompt_tokens, prompt_lens, rng, samplers, bandit)
 
   def lower(self, *args) -> jax.stages.Lowered:
     """`generate`'s program for these arguments, lowered and ready to compile."""
-    return _generate.lower(self, *args)
+    return self._program.lower(self, *args)
+
+  @property
+  def _program(self):
+    return _generate if self.pass_width is None else _generate_fixed_kernels
 
   def checked(self, out: SpecOutput) -> SpecOutput:
     """`out`, once the host has seen no NaN rows in it.
@@ -532,9 +545,8 @@ class SpeculativeDecoder:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _generate(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, rng,
-              samplers: Samplers, bandit: BanditState | None) -> SpecOutput:
+def _generate_body(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, rng,
+                   samplers: Samplers, bandit: BanditState | None) -> SpecOutput:
   state = decoder.init(params, prompt_tokens, prompt_lens, rng, samplers.target, bandit)
   state = loop_until_done(state, lambda state: decoder.step(params, state, samplers),
                           decoder.max_new_tokens)
@@ -542,6 +554,11 @@ def _generate(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, r
                     num_tokens=state.seqs.num_generated, nan_rows=state.seqs.nan_rows,
                     nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics,
                     bandit=state.bandit, history=state.history)
+
+
+_generate = jax.jit(_generate_body, static_argnums=0)
+_generate_fixed_kernels = jax.jit(_generate_body, static_argnums=0,
+                                  compiler_options=FIXED_KERNELS)
 
 
 def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Sequence[int]], rng,

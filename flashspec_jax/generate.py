@@ -5,12 +5,18 @@ and is jitted with itself static. `generate` compiles the prefill (`init`) and
 a `lax.while_loop` over `step` into one executable with no host round trip per
 token; `stream` drives the same `init` and `step` from Python, one token per
 call. The speculative engine prefills through the same `init`.
+
+Deterministic mode (`pass_width`) makes a row's logits independent of how many
+tokens share its pass, so that greedy speculative decoding reproduces greedy AR
+bit for bit: every pass after the prefill is `pass_width` tokens wide (a decode
+step pads its one token), and the program is compiled with XLA's autotuning off
+(`FIXED_KERNELS`), so that every program runs a product of a given shape with the
+same kernel. docs/exactness.md gives the argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -23,6 +29,34 @@ from flashspec_jax.sampling import Sampler
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
                                      is_stop_token, loop_until_done, prepare_prompts,
                                      raise_on_nan, required_capacity)
+
+
+# XLA options of deterministic mode: without autotuning, XLA picks each product's
+# kernel by fixed rules rather than by timing it, so two programs (or two
+# compiles) that run a product of one shape run the same kernel.
+FIXED_KERNELS = {"xla_gpu_autotune_level": 0}
+
+
+def model_pass(model: Llama, params, tokens: jax.Array, cache: KVCache,
+               pass_width: int | None = None, **kwargs):
+  """model.apply on tokens [B, T], padded to pass_width tokens when given; returns T rows.
+
+  The pad tokens' keys and values land past every row's length, where nothing
+  reads them before a later pass overwrites them (like rejected drafts'), and the
+  cache's lengths grow by T. The logits pass an optimization barrier before the
+  pad rows are cut, so that XLA cannot narrow the head's product to the rows
+  kept: every row of every pass goes through the same kernels.
+  """
+  width = tokens.shape[1]
+  if pass_width is None:
+    return model.apply(params, tokens, cache, **kwargs)
+  if pass_width < width:
+    raise ValueError(f"a pass of {width} tokens does not fit the pass width {pass_width}")
+  kwargs.setdefault("num_valid", jnp.full(tokens.shape[:1], width, jnp.int32))
+  logits, cache, *features = model.apply(
+      params, jnp.pad(tokens, ((0, 0), (0, pass_width - width))), cache, **kwargs)
+  logits = jax.lax.optimization_barrier(logits)[:, :width]
+  return (logits, cache, *(f[:, :width] for f in features))
 
 
 @struct.dataclass(kw_only=True)
@@ -72,6 +106,9 @@ class Decoder:
       just enough for the prompts' width P.
     reserve: token and cache slots past the budget, for a speculative step
       that writes up to gamma + 1 tokens beyond it.
+    pass_width: deterministic mode: every decode step is a pass this many
+      tokens wide (see `model_pass`), as wide as the speculative decoder's
+      verify passes it is compared with; None runs one-token steps.
   """
 
   model: Llama
@@ -79,9 +116,12 @@ class Decoder:
   eos_ids: tuple[int, ...] | None = None
   capacity: int | None = None
   reserve: int = 0
+  pass_width: int | None = None
 
   def __post_init__(self):
     check_max_new_tokens(self.max_new_tokens)
+    if self.pass_width is not None and self.pass_width < 1:
+      raise ValueError(f"pass_width must be >= 1, got {self.pass_width}")
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -121,8 +161,8 @@ class Decoder:
     """Feeds each row's last token and appends one sampled token to rows not yet done."""
     seqs = state.seqs
     active = ~seqs.done
-    logits, cache = self.model.apply(params, seqs.last_tokens[:, None], state.cache,
-                                     num_valid=active.astype(jnp.int32))
+    logits, cache = model_pass(self.model, params, seqs.last_tokens[:, None], state.cache,
+                               self.pass_width, num_valid=active.astype(jnp.int32))
     logits = logits[:, 0]
     rng, key = jax.random.split(seqs.rng)
     nan_rows = active & jnp.isnan(logits).any(axis=-1)
@@ -147,11 +187,15 @@ class Decoder:
       rng: PRNG key.
       sampler: a pytree.
     """
-    return _generate(self, params, prompt_tokens, prompt_lens, rng, sampler)
+    return self._program(self, params, prompt_tokens, prompt_lens, rng, sampler)
 
   def lower(self, *args) -> jax.stages.Lowered:
     """`generate`'s program for these arguments, lowered and ready to compile."""
-    return _generate.lower(self, *args)
+    return self._program.lower(self, *args)
+
+  @property
+  def _program(self):
+    return _generate if self.pass_width is None else _generate_fixed_kernels
 
   def checked(self, out: GenerationOutput) -> GenerationOutput:
     """`out`, once the host has seen no NaN rows in it.
@@ -171,15 +215,19 @@ class Decoder:
     return jnp.asarray(tokens), jnp.asarray(lengths)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _generate(decoder: Decoder, params, prompt_tokens, prompt_lens, rng,
-              sampler: Sampler) -> GenerationOutput:
+def _generate_body(decoder: Decoder, params, prompt_tokens, prompt_lens, rng,
+                   sampler: Sampler) -> GenerationOutput:
   state = decoder.init(params, prompt_tokens, prompt_lens, rng, sampler)
   state = loop_until_done(state, lambda state: decoder.step(params, state, sampler),
                           decoder.max_new_tokens)
   return GenerationOutput(tokens=state.seqs.generated(decoder.max_new_tokens),
                           num_tokens=state.seqs.num_generated, nan_rows=state.seqs.nan_rows,
                           steps=state.step)
+
+
+_generate = jax.jit(_generate_body, static_argnums=0)
+_generate_fixed_kernels = jax.jit(_generate_body, static_argnums=0,
+                                  compiler_options=FIXED_KERNELS)
 
 
 def run_generate(params, decoder: Decoder, prompts: Sequence[Sequence[int]], rng,

@@ -73,6 +73,7 @@ class Setup:
   reward: Reward
   verify_fn: Any
   bucket: int
+  pass_width: int | None = None  # deterministic mode (config_lib.pass_width)
   # XLA options for compiling each batch's program (bench.compile_time varies them).
   compiler_options: dict[str, Any] | None = None
   # Compiled programs by (decoder, prompt shape): a later batch of the same shape
@@ -179,7 +180,7 @@ def make_setup(config, model: LoadedModel, params: dict[str, Any], dtype) -> Set
                eos_ids=() if model.synthetic else model.config.eos_token_ids,
                reward=reward_named(config.bandit.reward),
                verify_fn=get_verify_fn(config.verify_impl),
-               bucket=config.prompts.bucket)
+               bucket=config.prompts.bucket, pass_width=config_lib.pass_width(config))
 
 
 def with_arm_costs(methods: list[Method], config, setup: Setup,
@@ -241,11 +242,13 @@ def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=Non
                                padded_width=padded.shape[1])
   args = jax.device_put((padded, lengths, key, setup.sampler))
   if not method.arms:
-    decoder = Decoder(setup.target, max_new, setup.eos_ids, capacity)
+    decoder = Decoder(setup.target, max_new, setup.eos_ids, capacity,
+                      pass_width=setup.pass_width)
     inputs = (setup.params["target"], *args)
   else:
     decoder = SpeculativeDecoder(setup.target, method.arms, max_new, setup.eos_ids,
-                                 method.strategy, setup.reward, capacity, setup.verify_fn)
+                                 method.strategy, setup.reward, capacity, setup.verify_fn,
+                                 setup.pass_width)
     if bandit is None:
       bandit = method.strategy.init(len(method.arms))
     inputs = (setup.params, *args[:3], Samplers.same(args[3]), bandit)

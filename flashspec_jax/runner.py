@@ -92,17 +92,29 @@ def arm_shares(arm_names: list[str], steps: list[tuple[str, int]]) -> dict[str, 
   return shares
 
 
+def replies_equal_to_ar(records: list[dict]) -> dict[str, float]:
+  """Per method, the share of its replies whose text is AR's for the same prompt: all
+  of them, greedy, if the target's logits do not depend on the pass (docs/exactness.md)."""
+  reference = {r["id"]: r["text"] for r in records if r["method"] == "ar"}
+  by_method: dict[str, list[bool]] = {}
+  for r in records:
+    by_method.setdefault(r["method"], []).append(r["text"] == reference[r["id"]])
+  return {name: sum(same) / len(same) for name, same in by_method.items()}
+
+
 def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
   baseline = summaries.get("ar", {}).get("tokens_per_second")
   width = max(map(len, summaries)) + 2
+  same = any("same_as_ar" in s for s in summaries.values())
   print(f"\n{'method':<{width}} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'step p50 ms':>12} "
-        f"{'step p99 ms':>12} {'vs AR':>6}")
+        f"{'step p99 ms':>12} {'vs AR':>6}" + (f" {'= AR':>5}" if same else ""))
   for name, s in summaries.items():
     speedup = f"{s['tokens_per_second'] / baseline:.2f}x" if baseline else "-"
     alpha = f"{s['alpha']:.3f}" if "alpha" in s else "-"
     tau = f"{s['tau']:.2f}" if "tau" in s else "-"
     print(f"{name:<{width}} {s['tokens_per_second']:>9.1f} {alpha:>6} {tau:>5} "
-          f"{s['step_ms_p50']:>12.2f} {s['step_ms_p99']:>12.2f} {speedup:>6}")
+          f"{s['step_ms_p50']:>12.2f} {s['step_ms_p99']:>12.2f} {speedup:>6}"
+          + (f" {s.get('same_as_ar', float('nan')):>5.0%}" if same else ""))
   if synthetic:
     print("(synthetic weights: speeds only; acceptance of random drafters means nothing)")
 
@@ -166,6 +178,10 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
       final_states[method.name] = jax.tree.map(lambda x: np.asarray(x).tolist(),
                                                dataclasses.asdict(bandit))
     records += method_records
+
+  if "ar" in summaries and config.sampling.temperature == 0 and not model.synthetic:
+    for name, share in replies_equal_to_ar(records).items():
+      summaries[name]["same_as_ar"] = share
 
   fixed = {name: s["tokens_per_second"] for name, s in summaries.items()
            if name in config_lib.method_names(config) and not name.startswith("bandit:")}

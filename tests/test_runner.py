@@ -196,3 +196,9 @@ def test_programs_compiled_ahead_side_by_side_run_as_compiled_alone(tmp_path):
     compiled = pipeline.compile_and_run(method, alone, batch, jax.random.key(0))
     assert held.lower_seconds == held.compile_seconds == 0
     np.testing.assert_array_equal(held.output.tokens, compiled.output.tokens)
+
+
+def test_replies_equal_to_ar_are_counted_per_method():
+  records = [dict(method=m, id=i, text=t) for m, i, t in [
+      ("ar", "a", "x"), ("ar", "b", "y"), ("ngram:3", "a", "x"), ("ngram:3", "b", "z")]]
+  assert runner.replies_equal_to_ar(records) == {"ar": 1.0, "ngram:3": 0.5}

@@ -235,15 +235,14 @@ class Llama(nn.Module):
       num_valid = jnp.full_like(starts, tokens.shape[1])
     cache = KVCache(layers=tuple(layers), lengths=starts + num_valid)
 
-    # The norm is per position: without features, only the scored position is normalised.
+    # The norm is per position, so only the scored positions are normalised for the
+    # head, and the same way whether or not features are asked for: logits never
+    # depend on it (deterministic mode compares programs that differ in this).
     final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")
     features = final_norm(x) if return_features else None
-    if return_features:
-      x = features
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
-    if not return_features:
-      x = final_norm(x)
+    x = final_norm(x)
     if c.tie_word_embeddings:
       unembedding = embedding
     else:
