@@ -175,6 +175,21 @@ def choosers(data: dict) -> list[str]:
   return lines
 
 
+def numerics(data: dict) -> list[str]:
+  weights = "SmolLM2's real" if data["weights"] == "real" else "synthetic"
+  lines = [f"{data['model']} shape, {weights} weights in {data['dtype']}: the logits of "
+           f"{data['positions']} positions after a {data['prompt']}-token prompt, computed by "
+           f"one-token decode steps and by verify passes of {data['gamma'] + 1} tokens, each "
+           f"against the model in f32, and against each other.", "",
+           "| path | largest abs error | median abs error | argmax flips |", "|---|---|---|---|"]
+  for name, label in (("decode", "decode steps vs f32"), ("verify", "verify passes vs f32"),
+                      ("decode_vs_verify", "decode steps vs verify passes")):
+    e = data[name]
+    lines.append(f"| {label} | {e['max_abs_error']:.3f} | {e['median_abs_error']:.3f} | "
+                 f"{e['argmax_flips']:.1%} |")
+  return lines
+
+
 def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
   lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
@@ -299,6 +314,25 @@ def sweep(data: dict) -> list[str]:
   return lines
 
 
+def deterministic(data: dict) -> list[str]:
+  """Each method with the mode off and on: tok/s, their ratio, replies equal to AR's."""
+  off, on = (next(p["summaries"] for p in data["points"] if p["value"] is v)
+             for v in (False, True))
+  c = data["config"]
+  lines = [f"{c['target']}, batch {c['batch_size']}, greedy, gamma {c['sampling']['gamma']}, "
+           f"{c['sampling']['max_new_tokens']} new tokens, {c['prompts']['num_per_set']} held-out "
+           f"prompts per set ({c['prompts']['sets']}), the mode off and on in one run. "
+           "= AR: the share of replies whose text is AR's.", "",
+           "| method | tok/s off | tok/s on | on / off | = AR off | = AR on |",
+           "|---|---|---|---|---|---|"]
+  for name in off:
+    a, b = off[name], on[name]
+    lines.append(f"| {name} | {a['tokens_per_second']:.1f} | {b['tokens_per_second']:.1f} | "
+                 f"{b['tokens_per_second'] / a['tokens_per_second']:.2f} | "
+                 f"{a.get('same_as_ar', float('nan')):.0%} | {b.get('same_as_ar', float('nan')):.0%} |")
+  return lines
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
   """A README section: the newest file of `experiment` run on `device` (a prefix) that
@@ -323,6 +357,15 @@ def _with_drafter(name: str) -> Callable[[dict], bool]:
   return lambda data: data["drafter"] == name
 
 
+def _stream(temperature: float, order: str) -> Callable[[dict], bool]:
+  return lambda data: (data["config"]["sampling"]["temperature"] == temperature
+                       and data["config"]["prompts"]["order"] == order)
+
+
+def _model(name: str) -> Callable[[dict], bool]:
+  return lambda data: data["model"] == name
+
+
 SECTIONS = [
     Section("ar_decode", "gpu", "AR decode step against the bandwidth floor (H200)", ar_decode),
     Section("spec_step", "gpu", "Speculative step against the sum of its parts (H200)", spec_step,
@@ -345,7 +388,14 @@ SECTIONS = [
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set, _plain_run),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream (H200)", choosers),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+            "greedy (H200)", choosers, _stream(0, "blocks")),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, greedy "
+            "(H200)", choosers, _stream(0, "interleaved")),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+            "temperature 1 (H200)", choosers, _stream(1, "blocks")),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
+            "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream (CPU)", choosers),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
     Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),
@@ -355,6 +405,14 @@ SECTIONS = [
     Section("idle_arms", "gpu", "Step time with idle model arms", idle_arms),
     Section("bandit_call", "gpu", "Whole calls of the bandit program held on one arm (H200)",
             bandit_call),
+    Section("numerics", "gpu", "Verify-pass and decode-step logits against f32, SmolLM2 (H200)",
+            numerics, _model("smollm2_135m")),
+    Section("numerics", "gpu", "Verify-pass and decode-step logits against f32, Llama-3-8B "
+            "shape (H200)", numerics, _model("llama3_8b")),
+    Section("deterministic_smollm2", "gpu", "Deterministic mode off and on (H200)",
+            deterministic),
+    Section("deterministic_smollm2", "cpu", "Deterministic mode off and on (CPU)",
+            deterministic),
     Section("compile_time", "gpu", "Compile time and the disk cache (H200)", compile_time),
     Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time),
     Section("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),
