@@ -1,7 +1,7 @@
 """How far a verify pass's logits are from a decode step's, in the model's dtype.
 
   python -m flashspec_jax.bench.numerics --model=smollm2_135m --dtype=bfloat16
-  python -m flashspec_jax.bench.numerics --model=llama3_8b --positions=32
+  python -m flashspec_jax.bench.numerics --model=llama3_8b --positions=30
 
 Greedy speculative decoding equals greedy AR only if the target's logits at a
 position do not depend on how many tokens share its forward pass. For one token
@@ -86,14 +86,21 @@ def bench(name: str, real: bool, dtype, gamma: int, lengths: tuple[int, int]) ->
 def define_flags() -> dict[str, flags.FlagHolder]:
   """The command line's flags; defined only when run as a program, so that tests can
   import bench() beside other benchmarks that define flags of the same names."""
-  return dict(
+  options = dict(
       model=flags.DEFINE_string("model", "smollm2_135m", "Model shape in configs/."),
       weights=flags.DEFINE_enum("weights", "synthetic", ["synthetic", "real"], "Weights."),
       dtype=flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "The paths' dtype."),
       gamma=flags.DEFINE_integer("gamma", 4, "Drafts per verify pass (gamma + 1 wide)."),
       prompt=flags.DEFINE_integer("prompt", 128, "Prompt tokens."),
-      positions=flags.DEFINE_integer("positions", 120, "Positions compared after the prompt."),
+      positions=flags.DEFINE_integer("positions", 120, "Positions compared after the prompt, "
+                                     "a multiple of gamma + 1."),
       out=flags.DEFINE_string("out", "results", "Results directory."))
+  # Fails in one line before any weights load, not after the f32 reference ran.
+  flags.register_multi_flags_validator(
+      [options["positions"], options["gamma"]],
+      lambda v: v["positions"] > 0 and v["positions"] % (v["gamma"] + 1) == 0,
+      "--positions must be a positive multiple of --gamma + 1 (whole verify passes)")
+  return options
 
 
 def main(argv, options):
