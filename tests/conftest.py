@@ -17,6 +17,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
                       f"{0.9 / int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')):.3f}")
 
+# Eight CPU devices for the tensor-parallel tests (tests/test_tensor_parallel.py); every
+# other test runs on the first, as it would alone.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+
 import jax  # noqa: E402 (after the variables above are set)
 import jax.numpy as jnp
 import pytest
@@ -56,6 +61,24 @@ def smollm2():
   from flashspec_jax.loading import load_model
   model = load_model("smollm2_135m", dtype=jnp.float32)
   return model.config, model.params, model.tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_heldout(smollm2):
+  """Five held-out prompts (three chat, two code) as token ids, and SmolLM2's greedy f32
+  answers of 128 tokens [5, 128]: the AR reference the exactness tests on real text
+  share, computed once per worker."""
+  from flashspec_jax.generate import Decoder, run_generate
+  from flashspec_jax.loading.tokenizer import encode_chat
+  from flashspec_jax.models.llama import Llama
+  from flashspec_jax.prompts import load_prompts
+  from flashspec_jax.sampling import Greedy
+  config, params, tokenizer = smollm2
+  ids = encode_chat(tokenizer, [p.conversation for kind in ("chat", "code")
+                                for p in load_prompts(kind, 3, "heldout")][:5])
+  ar = run_generate(params, Decoder(Llama(config, param_dtype=jnp.float32), 128, eos_ids=()),
+                    ids, jax.random.key(0), Greedy())
+  return ids, ar.tokens
 
 
 def run_as_one_program(caplog, fn, *args, **kwargs):

@@ -18,7 +18,6 @@ from flashspec_jax.drafters import FeatureDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import CheckpointError
 from flashspec_jax.loading.eagle import load_drafter, save_drafter, shipped_path
-from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.prompts import load_prompts, split_size
@@ -162,21 +161,18 @@ def test_training_prompts_are_never_held_out(smollm2):
 
 
 @pytest.mark.skipif(not shipped_path("smollm2").exists(), reason="eagle:smollm2 is not trained yet")
-def test_shipped_drafter_speculates_exactly_on_smollm2(smollm2):
+def test_shipped_drafter_speculates_exactly_on_smollm2(smollm2, smollm2_heldout):
   """Greedy speculation with eagle:smollm2 in f32 is greedy AR, token for token, on five
   real prompts of 128 new tokens, and each number of accepted drafts, 0 to gamma, occurs."""
-  config, target_params, tokenizer = smollm2
+  config, target_params, _ = smollm2
+  ids, ar_tokens = smollm2_heldout
   target = Llama(config, param_dtype=jnp.float32)
   params = {"target": target_params,
             "drafters": {"smollm2": load_drafter(shipped_path("smollm2"), config, jnp.float32)}}
-  prompts = [p.conversation for kind in ("chat", "code") for p in load_prompts(kind, 3, "heldout")]
-  ids = encode_chat(tokenizer, prompts[:5])
   gamma = 4
-  ar = run_generate(target_params, Decoder(target, 128, eos_ids=()), ids, jax.random.key(0),
-                    Greedy())
   decoder = engine.SpeculativeDecoder(
       target, (engine.Arm(FeatureDrafter(target, "smollm2", unroll=False), gamma),), 128,
       eos_ids=())
   out = engine.run_speculative(params, decoder, ids, jax.random.key(0), Samplers.same(Greedy()))
-  np.testing.assert_array_equal(out.tokens, ar.tokens)
+  np.testing.assert_array_equal(out.tokens, ar_tokens)
   assert all(np.asarray(out.metrics.accept_hist).sum(axis=0) > 0), out.metrics.accept_hist
