@@ -40,11 +40,11 @@ import numpy as np
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, results
 from flashspec_jax.engine import summarize
-from flashspec_jax.loading import LoadedModel, load_model
+from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.prompts import Prompt
-from flashspec_jax.pipeline import (Request, build_methods, calibrate_costs, check_checkpoints,
-                                    compile_and_run, make_setup, param_dtype, with_arm_costs)
+from flashspec_jax.pipeline import (Request, build_methods, calibrate_costs, compile_and_run,
+                                    load_target, make_setup, param_dtype, with_arm_costs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,8 @@ class FlashSpecConfig:
   weights of draft_model:<shape> drafters. compilation_cache_dir: as in run.py's
   config ("auto": the per-user cache; "": off). deterministic: greedy output of
   every engine of one pass width (the largest gamma + 1, sampling.gamma's for AR)
-  is the same, bit for bit (run.py's config.deterministic)."""
+  is the same, bit for bit (run.py's config.deterministic). mesh: "tp:<n>" splits the
+  target over n devices (run.py's config.mesh; "" is one device)."""
 
   target: str = "smollm2_135m"
   drafters: tuple[str, ...] = ("layer_skip:26",)
@@ -93,6 +94,7 @@ class FlashSpecConfig:
   seed: int = 0
   compilation_cache_dir: str = "auto"
   deterministic: bool = False
+  mesh: str = ""
 
   def to_config_dict(self):
     """The equivalent run.py config, validated."""
@@ -102,7 +104,7 @@ class FlashSpecConfig:
     config.compilation_cache_dir = self.compilation_cache_dir
     config.synthetic_weights, config.verify_impl, config.seed = (
         self.synthetic_weights, self.verify_impl, self.seed)
-    config.deterministic = self.deterministic
+    config.deterministic, config.mesh = self.deterministic, self.mesh
     if len(self.drafters) > 1:
       config.arms = ",".join(self.drafters)
       config.methods = f"bandit:{self.bandit.strategy}"
@@ -137,10 +139,8 @@ class FlashSpec:
     with self._on_device():
       dtype = jnp.dtype(param_dtype(self.run_config))
       if model is None:
-        check_checkpoints(self.run_config, "FlashSpecConfig.checkpoint_dir",
-                          "FlashSpecConfig.draft_checkpoint_dir")
-        model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights,
-                           dtype, config.seed)
+        model = load_target(self.run_config, dtype, "FlashSpecConfig.checkpoint_dir",
+                            "FlashSpecConfig.draft_checkpoint_dir")
       elif model.config.name != config.target or model.dtype != dtype:
         raise ValueError(f"the model passed in is {model.config.name} in {model.dtype}, but "
                          f"this config runs {config.target} in {dtype}")

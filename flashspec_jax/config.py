@@ -12,6 +12,7 @@ import pathlib
 
 import ml_collections
 
+from flashspec_jax import sharding
 from flashspec_jax.bandit import ENGINE_STRATEGIES, STRATEGIES
 from flashspec_jax.engine import MAX_GAMMA, REWARDS
 from flashspec_jax.kernels.verify import VERIFY_IMPLS, get_verify_fn
@@ -70,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.dtype = "auto"  # bfloat16 on GPU, float32 on CPU
   config.seed = 0  # sampling and synthetic weights; prompts.seed picks the prompts
   config.batch_size = 1
+  # Tensor parallelism over this many devices ("tp:<n>"; "" is one device): the target
+  # is split Megatron-style with JAX's sharding, the rest replicated (sharding.py).
+  config.mesh = ""
   config.results_dir = "results"
   config.print_text = True
   # Compiled programs persist here across runs: "auto" is a per-user cache
@@ -311,6 +315,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("dtype", config.dtype in DTYPES, f"one of {DTYPES}"),
       ("batch_size", config.batch_size >= 1, ">= 1"),
       ("compile_threads", config.compile_threads >= 0, ">= 0 (0 is half the CPU cores)"),
+      ("mesh", _parses(sharding.parse_mesh, config.mesh), "'' (one device) or 'tp:<n>'"),
       ("prompts.sets", bool(prompt_sets(config))
        and set(prompt_sets(config)) <= set(PROMPT_SETS), f"a comma-separated subset of "
        f"{PROMPT_SETS}"),
@@ -387,6 +392,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"({target.num_layers} layers, vocabulary {target.vocab_size}): "
                      f"layer_skip:<k> needs k < {target.num_layers}, draft_model:<shape> a known "
                      f"shape with the target's vocabulary")
+  try:
+    sharding.sharded_config(model_config(config.target), sharding.parse_mesh(config.mesh))
+  except ValueError as error:
+    raise ValueError(f"config.mesh = {config.mesh!r} is invalid: {error}") from None
   max_positions = model_config(config.target).max_position_embeddings
   if config.sampling.max_new_tokens >= max_positions:
     raise ValueError(f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens} is "

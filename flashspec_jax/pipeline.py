@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, timing
+from flashspec_jax import environment, sharding, timing
 from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
@@ -34,6 +34,7 @@ from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, ch
                                    load_model)
 from flashspec_jax.loading.eagle import load_drafter, shipped_path
 from flashspec_jax.models import eagle
+from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.sampling import Samplers, make_sampler
 from flashspec_jax.sequences import prepare_prompts, required_capacity
@@ -74,11 +75,30 @@ class Setup:
   verify_fn: Any
   bucket: int
   pass_width: int | None = None  # deterministic mode (config_lib.pass_width)
+  mesh: Any = None  # the target's tensor-parallel mesh; None is one device
   # XLA options for compiling each batch's program (bench.compile_time varies them).
   compiler_options: dict[str, Any] | None = None
   # Compiled programs by (decoder, prompt shape): a later batch of the same shape
   # neither traces nor compiles again.
   programs: dict[tuple, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_target(config: ml_collections.ConfigDict, dtype, target_flag: str = TARGET_FLAG,
+                draft_flag: str = DRAFT_FLAG) -> LoadedModel:
+  """The target, after every check that needs no weights: checkpoints present and of its
+  shape, and its weights fitting config.mesh's devices; in its shards with a mesh."""
+  tp, shape, itemsize = sharding.parse_mesh(config.mesh), model_config(config.target), \
+      jnp.dtype(dtype).itemsize
+  sharding.check_fits(shape, tp, itemsize, sharding.device_memory())
+  if tp > len(jax.devices()):
+    total = sharding.weight_bytes(shape, itemsize)
+    raise ValueError(f"{config.target}: config.mesh = {config.mesh!r} needs {tp} devices, and "
+                     f"{len(jax.devices())} {jax.default_backend()} device(s) are visible (its "
+                     f"weights take {total / 1e9:.0f} GB, {total / tp / 1e9:.0f} GB per device "
+                     f"at tp:{tp})")
+  check_checkpoints(config, target_flag, draft_flag)
+  return load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
+                    config.seed, mesh=sharding.make_mesh(tp) if tp > 1 else None)
 
 
 def param_dtype(config: ml_collections.ConfigDict):
@@ -173,14 +193,19 @@ def build_methods(config, target: LoadedModel, dtype) -> tuple[list[Method], dic
 
 
 def make_setup(config, model: LoadedModel, params: dict[str, Any], dtype) -> Setup:
+  """With the target on a tensor-parallel mesh, the drafters' own weights are replicated
+  over it (sharding.py)."""
   sampling = config.sampling
+  mesh = sharding.mesh_of(params["target"])
+  params = dict(params, drafters=sharding.replicated(params["drafters"], mesh))
   return Setup(params=params, target=Llama(model.config, param_dtype=dtype),
                sampler=make_sampler(sampling.temperature, sampling.top_k, sampling.top_p),
                max_new_tokens=sampling.max_new_tokens,
                eos_ids=() if model.synthetic else model.config.eos_token_ids,
                reward=reward_named(config.bandit.reward),
                verify_fn=get_verify_fn(config.verify_impl),
-               bucket=config.prompts.bucket, pass_width=config_lib.pass_width(config))
+               bucket=config.prompts.bucket, pass_width=config_lib.pass_width(config),
+               mesh=mesh)
 
 
 def with_arm_costs(methods: list[Method], config, setup: Setup,
@@ -240,7 +265,7 @@ def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=Non
   padded = _bucketed(tokens, setup.bucket)
   capacity = required_capacity(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
                                padded_width=padded.shape[1])
-  args = jax.device_put((padded, lengths, key, setup.sampler))
+  args = sharding.replicated((padded, lengths, key, setup.sampler), setup.mesh)
   if not method.arms:
     decoder = Decoder(setup.target, max_new, setup.eos_ids, capacity,
                       pass_width=setup.pass_width)

@@ -27,10 +27,10 @@ from flashspec_jax import config as config_lib
 from flashspec_jax import distill, environment, plots, results, streams
 from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
-from flashspec_jax.loading import LoadedModel, load_model
+from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.pipeline import (Request, build_methods, check_checkpoints, compile_ahead,
-                                    compile_and_run, make_setup, param_dtype, with_arm_costs)
+from flashspec_jax.pipeline import (Request, build_methods, compile_ahead, compile_and_run,
+                                    load_target, make_setup, param_dtype, with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file
 
 
@@ -122,12 +122,12 @@ def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
 def run_generation(config: ml_collections.ConfigDict, env: dict
                    ) -> tuple[dict[str, Any], list[dict]]:
   """Runs every method on the prompts; returns (payload, per-prompt records)."""
-  check_checkpoints(config)
   dtype = param_dtype(config)
-  model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
-                     config.seed)
+  model = load_target(config, dtype)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
-  print(f"target: {config.target} [{label}] on {env['device']}, {jnp.dtype(dtype).name}")
+  devices = f" x {model.config.tp_shards} (tensor parallel)" if model.config.tp_shards > 1 else ""
+  print(f"target: {config.target} [{label}] on {env['device']}{devices}, "
+        f"{jnp.dtype(dtype).name}")
   methods, params = build_methods(config, model, dtype)
   setup = make_setup(config, model, params, dtype)
   requests = build_requests(config, model)

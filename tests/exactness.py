@@ -164,14 +164,14 @@ def point_key(point) -> jax.Array:
 
 
 def draw(params, arms, samplers, batch, keys, *, strategy=Fixed(0), draft_sampler=None,
-         verify_fn=verify_reference, initial_bandit=None):
+         verify_fn=verify_reference, initial_bandit=None, target=TARGET):
   """[S, runs, B, K] samples for S stacked samplers: NUM_SAMPLES sequences per sampler.
 
   initial_bandit(key) -> BanditState, if given, starts each run's bandit from
   its own state instead of a fresh one.
   """
   tokens, lengths = prepare_prompts(PROMPTS[batch], VOCAB)
-  decoder = SpeculativeDecoder(TARGET, arms, NUM_TOKENS, strategy=strategy, verify_fn=verify_fn)
+  decoder = SpeculativeDecoder(target, arms, NUM_TOKENS, strategy=strategy, verify_fn=verify_fn)
 
   def one_run(sampler, key):
     bandit = None if initial_bandit is None else initial_bandit(jax.random.fold_in(key, 1))

@@ -25,7 +25,7 @@ def no_loading(monkeypatch):
   """Fails the test if the runner gets as far as loading weights."""
   def load_model(*args, **kwargs):
     raise AssertionError("weights were loaded before the config was checked")
-  monkeypatch.setattr(runner, "load_model", load_model)
+  monkeypatch.setattr(pipeline, "load_model", load_model)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -43,6 +43,10 @@ def no_loading(monkeypatch):
     (dict(batch_size=8, **{"prompts.order": "interleaved"}), "config.prompts.order = "
                                                               "'interleaved' is invalid"),
     (dict(**{"bandit.initial_state": "/nonexistent.json"}), "config.bandit.initial_state"),
+    (dict(mesh="dp:2"), "config.mesh = 'dp:2' is invalid: expected '' \\(one device\\) or "
+                        "'tp:<n>'"),
+    (dict(target="llama3_8b", mesh="tp:3"), "config.mesh = 'tp:3' is invalid: llama3_8b: "
+                                            "num_kv_heads=8 does not split over 3"),
 ])
 def test_bad_values_are_refused_before_weights_load(tmp_path, no_loading, overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -10,7 +10,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from flashspec_jax import sharding
 from flashspec_jax.environment import REPO
 from flashspec_jax.loading.gguf import config_from_gguf, load_gguf_checkpoint, smollm2_path
 from flashspec_jax.loading.hf import load_hf_checkpoint, load_hf_config
@@ -76,20 +78,23 @@ def check_checkpoint(name: str, checkpoint: str = "", flag: str = TARGET_FLAG) -
 
 
 def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
-               dtype: Any = jnp.bfloat16, seed: int = 0, flag: str = TARGET_FLAG) -> LoadedModel:
+               dtype: Any = jnp.bfloat16, seed: int = 0, flag: str = TARGET_FLAG,
+               mesh: Mesh | None = None) -> LoadedModel:
   """Loads the model `name` (a shape in configs/) from `checkpoint` or its default place,
   after `check_checkpoint(name, checkpoint, flag)`.
 
-  With `synthetic`, the weights are random (for speed measurements only).
+  With `synthetic`, the weights are random (for speed measurements only). With a
+  tensor-parallel mesh, the weights land in their shards (sharding.py).
   """
+  tp = 1 if mesh is None else mesh.shape[sharding.AXIS]
   if synthetic:
-    config = model_config(name)
-    params = init_params(config, jax.random.key(seed), dtype)
+    config = dataclasses.replace(model_config(name), tp_shards=tp)
+    params = init_params(config, jax.random.key(seed), dtype, mesh)
     return LoadedModel(config, params, None, True, f"synthetic random weights, {name} shape")
   path = check_checkpoint(name, checkpoint, flag)
   logging.info("loading %s from %s", name, path)
   load = load_gguf_checkpoint if path.suffix == ".gguf" else load_hf_checkpoint
-  config, params = load(path, dtype)
+  config, params = load(path, dtype, tp, mesh)
   tokenizer = load_tokenizer(path)
   return LoadedModel(dataclasses.replace(config, name=name), params, tokenizer, False, str(path))
 

@@ -7,6 +7,7 @@ layout, which the model uses.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import pathlib
@@ -143,11 +144,12 @@ def _parse_gguf(path: pathlib.Path, mtime_ns: int, size: int) -> gguf.GGUFReader
                           f"{type(error).__name__}: {error}") from error
 
 
-def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16
-                         ) -> tuple[LlamaConfig, dict[str, Any]]:
-  """Loads (config, params) from a Llama GGUF file, dequantising every tensor."""
+def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16, tp: int = 1,
+                         mesh=None) -> tuple[LlamaConfig, dict[str, Any]]:
+  """Loads (config, params) from a Llama GGUF file, dequantising every tensor; with a
+  mesh, into tensor-parallel shards for tp devices (loading.params.params_from_hf)."""
   path = pathlib.Path(path)
-  config = config_from_gguf(path)
+  config = dataclasses.replace(config_from_gguf(path), tp_shards=tp)
   tensors = {}
   for t in read_gguf(path).tensors:
     if t.tensor_type not in SUPPORTED_TYPES:
@@ -169,4 +171,4 @@ def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16
       return unpermute_rope_rows(weight, config.num_kv_heads)
     return weight
 
-  return config, params_from_hf(config, get, dtype, where=str(path))
+  return config, params_from_hf(config, get, dtype, where=str(path), mesh=mesh)

@@ -6,6 +6,7 @@ read with safetensors' numpy API, so loading needs no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import json
 import pathlib
@@ -71,18 +72,19 @@ def load_hf_config(directory: str | pathlib.Path) -> LlamaConfig:
     raise CheckpointError(f"{config_file}: {error}") from error
 
 
-def load_hf_checkpoint(directory: str | pathlib.Path,
-                       dtype: Any = jnp.bfloat16) -> tuple[LlamaConfig, dict[str, Any]]:
-  """Loads (config, params) from an HF Llama checkpoint directory."""
+def load_hf_checkpoint(directory: str | pathlib.Path, dtype: Any = jnp.bfloat16, tp: int = 1,
+                       mesh=None) -> tuple[LlamaConfig, dict[str, Any]]:
+  """Loads (config, params) from an HF Llama checkpoint directory; with a mesh, into
+  tensor-parallel shards for tp devices (loading.params.params_from_hf)."""
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise CheckpointError(f"checkpoint directory {directory} does not exist")
-  config = load_hf_config(directory)
+  config = dataclasses.replace(load_hf_config(directory), tp_shards=tp)
   files = tensor_files(directory)
   check_tensor_names(config, files, where=str(directory))
   with contextlib.ExitStack() as stack:
     handles = {path: stack.enter_context(open_safetensors(path))
                for path in set(files.values())}
     params = params_from_hf(config, lambda name: handles[files[name]].get_tensor(name), dtype,
-                            where=str(directory))
+                            where=str(directory), mesh=mesh)
   return config, params

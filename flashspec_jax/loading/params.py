@@ -13,7 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from flashspec_jax import sharding
 from flashspec_jax.models.config import LlamaConfig
 
 
@@ -57,9 +59,16 @@ def params_from_hf(
     get: Callable[[str], np.ndarray],
     dtype: Any = jnp.bfloat16,
     where: str = "checkpoint",
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
-  """Builds {'params': ...} for `Llama` from HF-layout tensors returned by `get(name)`."""
+  """Builds {'params': ...} for `Llama` from HF-layout tensors returned by `get(name)`.
+
+  With a tensor-parallel mesh, each tensor goes from the host straight into its shards
+  (sharding.py; the fused ones laid out for config.tp_shards devices): no device ever
+  holds a whole model, and the host one tensor at a time.
+  """
   expected = expected_hf_shapes(config)
+  fused = sharding.fused_parts(config)
 
   def tensor(name: str) -> np.ndarray:
     array = get(name)
@@ -68,8 +77,13 @@ def params_from_hf(
           f"{where}: tensor {name} has shape {tuple(array.shape)}, config expects {expected[name]}")
     return np.asarray(array)
 
-  def put(array: np.ndarray) -> jax.Array:
-    return jnp.asarray(array, dtype=dtype)
+  def put(array: np.ndarray, name: str = "") -> jax.Array:
+    if mesh is None:
+      return jnp.asarray(array, dtype=dtype)
+    if name in fused:
+      array = sharding.shard_major_columns(array, fused[name], config.tp_shards)
+    return jax.device_put(np.asarray(array).astype(dtype),
+                          NamedSharding(mesh, sharding.param_spec(name)))
 
   params: dict[str, Any] = {
       "embedding": put(tensor("model.embed_tokens.weight")),
@@ -84,8 +98,10 @@ def params_from_hf(
                              axis=0)
     params[f"layer_{i}"] = {
         "attn_norm": {"scale": put(tensor(p + "input_layernorm.weight"))},
-        "attn": {"qkv": put(qkv.T), "out": put(tensor(p + "self_attn.o_proj.weight").T)},
+        "attn": {"qkv": put(qkv.T, "qkv"),
+                 "out": put(tensor(p + "self_attn.o_proj.weight").T, "out")},
         "mlp_norm": {"scale": put(tensor(p + "post_attention_layernorm.weight"))},
-        "mlp": {"gate_up": put(gate_up.T), "down": put(tensor(p + "mlp.down_proj.weight").T)},
+        "mlp": {"gate_up": put(gate_up.T, "gate_up"),
+                "down": put(tensor(p + "mlp.down_proj.weight").T, "down")},
     }
   return {"params": params}

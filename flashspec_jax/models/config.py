@@ -54,6 +54,10 @@ class LlamaConfig:
   max_position_embeddings: int = 8192
   eos_token_ids: tuple[int, ...] = ()
   name: str = "llama"
+  # The fused qkv and gate_up weights are laid out as this many shard-major blocks
+  # (flashspec_jax/sharding.py), so that a tensor-parallel mesh of this size gives
+  # each device whole heads and whole MLP columns; 1 is the checkpoint's layout.
+  tp_shards: int = 1
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -65,6 +69,11 @@ class LlamaConfig:
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    for field in ("num_kv_heads", "intermediate_size"):
+      if getattr(self, field) % self.tp_shards:
+        raise ValueError(f"{self.name}: {field}={getattr(self, field)} does not split over "
+                         f"{self.tp_shards} tensor-parallel devices; choose a degree that "
+                         f"divides it")
 
   @property
   def num_groups(self) -> int:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from flashspec_jax import sharding
 from flashspec_jax.models.config import LlamaConfig
 
 
@@ -120,6 +122,21 @@ def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
   return cache.at[jnp.arange(batch)[:, None], :, slots].set(new, mode="drop")
 
 
+def split_fused(fused: jax.Array, sizes: tuple[int, ...], shards: int) -> list[jax.Array]:
+  """The parts of a fused product's last axis, each in its own order.
+
+  With shards > 1 the axis holds `shards` blocks, each with its share of every
+  part in turn (sharding.shard_major), so that a device holding one block holds
+  whole heads of q, k and v, or matching columns of gate and up.
+  """
+  if shards == 1:
+    return jnp.split(fused, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+  *lead, _ = fused.shape
+  blocks = fused.reshape(*lead, shards, sum(sizes) // shards)
+  parts = jnp.split(blocks, np.cumsum([size // shards for size in sizes])[:-1].tolist(), axis=-1)
+  return [part.reshape(*lead, -1) for part in parts]
+
+
 class Attention(nn.Module):
   config: LlamaConfig
   param_dtype: jnp.dtype
@@ -136,8 +153,8 @@ class Attention(nn.Module):
 
     batch, num_new, _ = x.shape
     qkv = jnp.einsum("BTD,DE->BTE", x, qkv_w)
-    q, k, v = jnp.split(qkv, [c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim],
-                        axis=-1)
+    q, k, v = split_fused(qkv, (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                                c.num_kv_heads * c.head_dim), c.tp_shards)
     q = apply_rope(q.reshape(batch, num_new, c.num_heads, c.head_dim), positions, inv_freq)
     k = apply_rope(k.reshape(batch, num_new, c.num_kv_heads, c.head_dim), positions, inv_freq)
     v = v.reshape(batch, num_new, c.num_kv_heads, c.head_dim)
@@ -169,7 +186,8 @@ class MLP(nn.Module):
     gate_up_w = self.param("gate_up", init, (c.hidden_size, 2 * c.intermediate_size),
                            self.param_dtype)
     down_w = self.param("down", init, (c.intermediate_size, c.hidden_size), self.param_dtype)
-    gate, up = jnp.split(jnp.einsum("BTD,DF->BTF", x, gate_up_w), 2, axis=-1)
+    gate, up = split_fused(jnp.einsum("BTD,DF->BTF", x, gate_up_w),
+                           (c.intermediate_size, c.intermediate_size), c.tp_shards)
     return jnp.einsum("BTF,FD->BTD", nn.silu(gate) * up, down_w)
 
 
@@ -252,9 +270,14 @@ class Llama(nn.Module):
     return (logits, cache) if features is None else (logits, cache, features)
 
 
-def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16) -> dict:
-  """Random parameters, created on device in one jitted call (synthetic weights)."""
+def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16,
+                mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Random parameters, created on device in one jitted call (synthetic weights); with a
+  mesh, created in their tensor-parallel shards (sharding.py), never whole on one device."""
   model = Llama(config, param_dtype=param_dtype)
   cache = jax.eval_shape(lambda: KVCache.init(config, 1, 1, dtype=param_dtype))
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return jax.jit(model.init)(rng, tokens, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache))
+  args = (rng, jnp.zeros((1, 1), jnp.int32),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache))
+  shardings = None if mesh is None else sharding.param_shardings(
+      jax.eval_shape(model.init, *args), mesh)
+  return jax.jit(model.init, out_shardings=shardings)(*args)

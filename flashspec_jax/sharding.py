@@ -1,0 +1,133 @@
+"""Tensor parallelism with JAX's own sharding: a `tp` mesh axis, Megatron's layout.
+
+Attention heads and the MLP's intermediate columns are split over the devices
+of the `tp` axis: the fused qkv and gate_up weights by columns, the output and
+down projections by rows, so each layer needs one all-reduce after attention
+and one after the MLP, which XLA's partitioner inserts from the weights'
+shardings alone. The KV cache is split by KV heads. The embedding, the head,
+the norms, the drafters' own weights and everything the loop carries besides
+the caches are replicated, so the verify step, the bandit and the sequence
+state run whole on every device.
+
+A device's block of the fused weights must hold whole heads of q, k and v (or
+matching columns of gate and up), so those weights are laid out shard-major
+first (`shard_major`) and the model, told by `LlamaConfig.tp_shards`, splits
+them back per block (models/llama.py's `split_fused`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flashspec_jax.models.config import LlamaConfig
+
+AXIS = "tp"
+
+
+def parse_mesh(text: str) -> int:
+  """The tensor-parallel degree of a mesh spec: "" is 1, "tp:<n>" is n."""
+  if not text:
+    return 1
+  axis, _, size = text.partition(":")
+  if axis != AXIS or not size.isdigit() or int(size) < 1:
+    raise ValueError(f"mesh {text!r}: expected '' or 'tp:<n>' with n >= 1")
+  return int(size)
+
+
+def sharded_config(config: LlamaConfig, tp: int) -> LlamaConfig:
+  """config with its fused weights laid out for tp devices; raises, naming the field, if
+  its heads or columns do not split that way."""
+  return dataclasses.replace(config, tp_shards=tp)
+
+
+def weight_bytes(config: LlamaConfig, itemsize: int) -> int:
+  """Bytes of the model's weights at itemsize bytes per value."""
+  c = config
+  attention = c.hidden_size * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+  layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+  embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+  return itemsize * (embeddings + c.num_layers * layer + c.hidden_size)
+
+
+def device_memory() -> int | None:
+  """Bytes one device may hold, or None where the runtime does not say (the CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("bytes_limit") if stats else None
+
+
+def check_fits(config: LlamaConfig, tp: int, itemsize: int, limit: int | None) -> None:
+  """Raises before anything loads if a device's share of the weights exceeds its memory
+  (limit bytes; None skips the check), naming the degree that would fit."""
+  total = weight_bytes(config, itemsize)
+  if limit is None or total / tp <= limit:
+    return
+  fits = next((n for n in range(tp + 1, config.num_kv_heads + 1)
+               if config.num_kv_heads % n == 0 and config.intermediate_size % n == 0
+               and total / n <= 0.9 * limit), None)
+  advice = (f"use --config.mesh=tp:{fits} (or more devices)" if fits
+            else "no tensor-parallel degree up to its KV heads fits")
+  raise ValueError(f"{config.name}: its weights take {total / 1e9:.0f} GB at {itemsize} bytes "
+                   f"per value, {total / tp / 1e9:.0f} GB per device at tp:{tp}, and a device "
+                   f"holds {limit / 1e9:.0f} GB: {advice}")
+
+
+def make_mesh(tp: int, devices: list | None = None) -> Mesh:
+  """A `tp` axis over the first tp of devices (None: the default backend's)."""
+  devices = devices or jax.devices()
+  if len(devices) < tp:
+    raise ValueError(f"a tp:{tp} mesh needs {tp} devices; {len(devices)} "
+                     f"{devices[0].platform} device(s) are visible")
+  return Mesh(np.asarray(devices[:tp]), (AXIS,))
+
+
+def fused_parts(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The parts of each fused weight's columns, by parameter name."""
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  return {"qkv": (q, kv, kv), "gate_up": (config.intermediate_size,) * 2}
+
+
+def shard_major_columns(weight, sizes: tuple[int, ...], tp: int):
+  """weight [..., sum(sizes)] with its columns reordered into tp blocks, block s holding
+  shard s of each part in turn: [q_s k_s v_s] or [gate_s up_s]."""
+  pieces = np.split(np.arange(weight.shape[-1]), np.cumsum(sizes)[:-1])
+  order = np.concatenate([np.split(piece, tp)[s] for s in range(tp) for piece in pieces])
+  return weight[..., order]
+
+
+def shard_major(params: dict[str, Any], config: LlamaConfig, tp: int) -> dict[str, Any]:
+  """params in the checkpoint's layout, with every fused weight laid out for tp devices."""
+  parts = fused_parts(config)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, w: shard_major_columns(w, parts[path[-1].key], tp)
+      if path[-1].key in parts else w, params)
+
+
+def param_spec(name: str) -> P:
+  """Megatron's split of the target parameter called name; the rest is replicated."""
+  if name in ("qkv", "gate_up"):
+    return P(None, AXIS)
+  if name in ("out", "down"):
+    return P(AXIS, None)
+  return P()
+
+
+def param_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, param_spec(path[-1].key)), params)
+
+
+def mesh_of(tree) -> Mesh | None:
+  """The mesh tree's arrays are sharded over, or None for arrays on one device."""
+  found = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
+           if isinstance(getattr(leaf, "sharding", None), NamedSharding)}
+  return found.pop() if found else None
+
+
+def replicated(tree, mesh: Mesh | None):
+  """tree on every device of the mesh (on the default device without one)."""
+  return jax.device_put(tree, None if mesh is None else NamedSharding(mesh, P()))
