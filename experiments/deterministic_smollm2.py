@@ -11,8 +11,8 @@ layer-skip run with config.deterministic off and on, in one run (a sweep), so
 their tok/s compare side by side; the table's "= AR" column is the share of
 replies whose text is AR's (docs/exactness.md).
 Expected: on the CPU (f32) every reply equals AR's either way. In bf16 on the
-H200, with the mode off some replies part from AR's (issue 16 saw 6 of 10), and
-with it on none does; the cost is the AR step's, a 1-token step made a 5-token
+H200, with the mode off some replies part from AR's (issue 16's report), and
+with it on none should; the cost is the AR step's, a 1-token step made a 5-token
 pass. Not yet measured on the H200.
 """
 

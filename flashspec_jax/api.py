@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, results
+from flashspec_jax import environment, results, sharding
 from flashspec_jax.engine import summarize
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
@@ -141,9 +141,11 @@ class FlashSpec:
       if model is None:
         model = load_target(self.run_config, dtype, "FlashSpecConfig.checkpoint_dir",
                             "FlashSpecConfig.draft_checkpoint_dir")
-      elif model.config.name != config.target or model.dtype != dtype:
-        raise ValueError(f"the model passed in is {model.config.name} in {model.dtype}, but "
-                         f"this config runs {config.target} in {dtype}")
+      elif (model.config.name, model.dtype, model.config.tp_shards) != (
+          config.target, dtype, sharding.parse_mesh(config.mesh)):
+        raise ValueError(f"the model passed in is {model.config.name} in {model.dtype} over "
+                         f"{model.config.tp_shards} device(s), but this config runs "
+                         f"{config.target} in {dtype} over {sharding.parse_mesh(config.mesh)}")
       self.model = model
       methods, params = build_methods(self.run_config, self.model, dtype)
       # On this engine's device: the verify kernel, dtype and unrolling follow it.

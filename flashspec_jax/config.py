@@ -316,6 +316,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("batch_size", config.batch_size >= 1, ">= 1"),
       ("compile_threads", config.compile_threads >= 0, ">= 0 (0 is half the CPU cores)"),
       ("mesh", _parses(sharding.parse_mesh, config.mesh), "'' (one device) or 'tp:<n>'"),
+      ("mesh", not config.mesh or config.kind != "train_drafter",
+       "'' when training a drafter, which runs on one device"),
       ("prompts.sets", bool(prompt_sets(config))
        and set(prompt_sets(config)) <= set(PROMPT_SETS), f"a comma-separated subset of "
        f"{PROMPT_SETS}"),

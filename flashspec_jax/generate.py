@@ -128,7 +128,13 @@ class Decoder:
     return self.model.config.eos_token_ids if self.eos_ids is None else self.eos_ids
 
   def cache_capacity(self, prompt_width: int) -> int:
-    return self.capacity or prompt_width + self.max_new_tokens + self.reserve
+    return self.capacity or prompt_width + self.max_new_tokens + self.slots_past_budget
+
+  @property
+  def slots_past_budget(self) -> int:
+    """reserve, or in deterministic mode pass_width, which every decoder of one run
+    shares: attention then spans one cache width in every program."""
+    return self.reserve if self.pass_width is None else max(self.reserve, self.pass_width)
 
   def init(self, params, prompt_tokens, prompt_lens, rng, sampler: Sampler) -> DecodeState:
     """Runs the prompts through the model and samples each row's first token."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import pathlib
+import statistics
 import time
 from typing import Any
 
@@ -91,11 +92,11 @@ def load_target(config: ml_collections.ConfigDict, dtype, target_flag: str = TAR
       jnp.dtype(dtype).itemsize
   sharding.check_fits(shape, tp, itemsize, sharding.device_memory())
   if tp > len(jax.devices()):
-    total = sharding.weight_bytes(shape, itemsize)
     raise ValueError(f"{config.target}: config.mesh = {config.mesh!r} needs {tp} devices, and "
                      f"{len(jax.devices())} {jax.default_backend()} device(s) are visible (its "
-                     f"weights take {total / 1e9:.0f} GB, {total / tp / 1e9:.0f} GB per device "
-                     f"at tp:{tp})")
+                     f"weights take {sharding.weight_bytes(shape, itemsize) / 1e9:.0f} GB, "
+                     f"{sharding.weight_bytes(shape, itemsize, tp) / 1e9:.0f} GB per device at "
+                     f"tp:{tp})")
   check_checkpoints(config, target_flag, draft_flag)
   return load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
                     config.seed, mesh=sharding.make_mesh(tp) if tp > 1 else None)
@@ -197,7 +198,8 @@ def make_setup(config, model: LoadedModel, params: dict[str, Any], dtype) -> Set
   over it (sharding.py)."""
   sampling = config.sampling
   mesh = sharding.mesh_of(params["target"])
-  params = dict(params, drafters=sharding.replicated(params["drafters"], mesh))
+  if mesh is not None:
+    params = dict(params, drafters=sharding.replicated(params["drafters"], mesh))
   return Setup(params=params, target=Llama(model.config, param_dtype=dtype),
                sampler=make_sampler(sampling.temperature, sampling.top_k, sampling.top_p),
                max_new_tokens=sampling.max_new_tokens,
@@ -261,7 +263,7 @@ def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=Non
   """The decoder a batch runs on, its inputs, and the Setup's key for its program."""
   max_new = setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
-  reserve = max((arm.gamma for arm in method.arms), default=-1) + 1
+  reserve = setup.pass_width or max((arm.gamma for arm in method.arms), default=-1) + 1
   padded = _bucketed(tokens, setup.bucket)
   capacity = required_capacity(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
                                padded_width=padded.shape[1])
@@ -330,9 +332,12 @@ def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],
   calibrated = []
   for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
     decoder = SpeculativeDecoder(setup.target, (arm,), 1, reward=setup.reward,
-                                 verify_fn=setup.verify_fn)
+                                 verify_fn=setup.verify_fn, pass_width=setup.pass_width)
     measured, _ = timing.held_step_seconds(decoder, setup.params, (tokens, lengths),
                                            setup.sampler, (2, 2 + steps), repeats=3)
-    calibrated.append(dataclasses.replace(arm, cost=max(measured["seconds"], 1e-6)))
+    seconds = measured["seconds"]
+    if seconds <= 0:  # noise swamped the difference; the long loop's time per step bounds it
+      seconds = statistics.median(measured["long_times"]) / measured["long"]
+    calibrated.append(dataclasses.replace(arm, cost=seconds))
   jax.clear_caches()
   return tuple(calibrated)

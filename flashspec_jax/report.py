@@ -314,6 +314,10 @@ def sweep(data: dict) -> list[str]:
   return lines
 
 
+def _share(summary: dict, key: str) -> str:
+  return f"{summary[key]:.0%}" if key in summary else "-"
+
+
 def deterministic(data: dict) -> list[str]:
   """Each method with the mode off and on: tok/s, their ratio, replies equal to AR's."""
   off, on = (next(p["summaries"] for p in data["points"] if p["value"] is v)
@@ -329,7 +333,7 @@ def deterministic(data: dict) -> list[str]:
     a, b = off[name], on[name]
     lines.append(f"| {name} | {a['tokens_per_second']:.1f} | {b['tokens_per_second']:.1f} | "
                  f"{b['tokens_per_second'] / a['tokens_per_second']:.2f} | "
-                 f"{a.get('same_as_ar', float('nan')):.0%} | {b.get('same_as_ar', float('nan')):.0%} |")
+                 f"{_share(a, 'same_as_ar')} | {_share(b, 'same_as_ar')} |")
   return lines
 
 

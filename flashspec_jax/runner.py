@@ -114,7 +114,7 @@ def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
     tau = f"{s['tau']:.2f}" if "tau" in s else "-"
     print(f"{name:<{width}} {s['tokens_per_second']:>9.1f} {alpha:>6} {tau:>5} "
           f"{s['step_ms_p50']:>12.2f} {s['step_ms_p99']:>12.2f} {speedup:>6}"
-          + (f" {s.get('same_as_ar', float('nan')):>5.0%}" if same else ""))
+          + (f" {s['same_as_ar']:>5.0%}" if "same_as_ar" in s else f" {'-':>5}" if same else ""))
   if synthetic:
     print("(synthetic weights: speeds only; acceptance of random drafters means nothing)")
 
@@ -179,7 +179,8 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
                                                dataclasses.asdict(bandit))
     records += method_records
 
-  if "ar" in summaries and config.sampling.temperature == 0 and not model.synthetic:
+  if ("ar" in summaries and len(summaries) > 1 and config.sampling.temperature == 0
+      and not model.synthetic):
     for name, share in replies_equal_to_ar(records).items():
       summaries[name]["same_as_ar"] = share
 

@@ -39,19 +39,26 @@ def parse_mesh(text: str) -> int:
   return int(size)
 
 
+def degree(mesh: Mesh | None) -> int:
+  """The tensor-parallel degree of a mesh; 1 without one."""
+  return 1 if mesh is None else mesh.shape[AXIS]
+
+
 def sharded_config(config: LlamaConfig, tp: int) -> LlamaConfig:
   """config with its fused weights laid out for tp devices; raises, naming the field, if
   its heads or columns do not split that way."""
   return dataclasses.replace(config, tp_shards=tp)
 
 
-def weight_bytes(config: LlamaConfig, itemsize: int) -> int:
-  """Bytes of the model's weights at itemsize bytes per value."""
+def weight_bytes(config: LlamaConfig, itemsize: int, tp: int = 1) -> int:
+  """Bytes of the model's weights on each of tp devices: the layers' matrices split,
+  the embeddings and norms whole on every device."""
   c = config
   attention = c.hidden_size * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-  layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+  split = c.num_layers * (attention + 3 * c.hidden_size * c.intermediate_size)
   embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-  return itemsize * (embeddings + c.num_layers * layer + c.hidden_size)
+  whole = embeddings + (2 * c.num_layers + 1) * c.hidden_size
+  return itemsize * (split // tp + whole)
 
 
 def device_memory() -> int | None:
@@ -62,26 +69,25 @@ def device_memory() -> int | None:
 
 def check_fits(config: LlamaConfig, tp: int, itemsize: int, limit: int | None) -> None:
   """Raises before anything loads if a device's share of the weights exceeds its memory
-  (limit bytes; None skips the check), naming the degree that would fit."""
-  total = weight_bytes(config, itemsize)
-  if limit is None or total / tp <= limit:
+  (limit bytes; None skips the check), naming the degree that would fit with a tenth
+  of the device left for the KV cache and activations."""
+  share = weight_bytes(config, itemsize, tp)
+  if limit is None or share <= limit:
     return
   fits = next((n for n in range(tp + 1, config.num_kv_heads + 1)
                if config.num_kv_heads % n == 0 and config.intermediate_size % n == 0
-               and total / n <= 0.9 * limit), None)
+               and weight_bytes(config, itemsize, n) <= 0.9 * limit), None)
   advice = (f"use --config.mesh=tp:{fits} (or more devices)" if fits
             else "no tensor-parallel degree up to its KV heads fits")
-  raise ValueError(f"{config.name}: its weights take {total / 1e9:.0f} GB at {itemsize} bytes "
-                   f"per value, {total / tp / 1e9:.0f} GB per device at tp:{tp}, and a device "
-                   f"holds {limit / 1e9:.0f} GB: {advice}")
+  raise ValueError(f"{config.name}: its weights take {weight_bytes(config, itemsize) / 1e9:.0f} "
+                   f"GB at {itemsize} bytes per value, {share / 1e9:.0f} GB per device at "
+                   f"tp:{tp}, and a device holds {limit / 1e9:.0f} GB: {advice}")
 
 
 def make_mesh(tp: int, devices: list | None = None) -> Mesh:
-  """A `tp` axis over the first tp of devices (None: the default backend's)."""
+  """A `tp` axis over the first tp of devices (None: the default backend's); the caller
+  has checked that there are that many (pipeline.load_target)."""
   devices = devices or jax.devices()
-  if len(devices) < tp:
-    raise ValueError(f"a tp:{tp} mesh needs {tp} devices; {len(devices)} "
-                     f"{devices[0].platform} device(s) are visible")
   return Mesh(np.asarray(devices[:tp]), (AXIS,))
 
 

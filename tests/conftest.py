@@ -5,8 +5,8 @@ import os
 import pathlib
 
 # Tests, both xdist workers and the processes tests start (run.py, notebook
-# kernels) compile many identical programs, since the runner clears JAX's
-# in-memory caches after each method; a shared on-disk cache compiles each once.
+# kernels), compile many identical programs, each in its own process; a shared
+# on-disk cache compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 # On a GPU every xdist worker (and every process a test starts) would otherwise take 75%

@@ -5,11 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashspec_jax import FlashSpec, FlashSpecConfig, SamplingConfig, api
+from flashspec_jax import FlashSpec, FlashSpecConfig, SamplingConfig, api, sharding
 from flashspec_jax.loading import load_model
 
 GREEDY = SamplingConfig(gamma=3, temperature=0.0)
@@ -29,14 +30,17 @@ def test_engines_can_share_one_loaded_model():
   assert speculative.generate(PROMPTS).token_ids == ar.generate(PROMPTS).token_ids
 
 
-@pytest.mark.parametrize("name, dtype, message", [
-    ("tiny_llama_draft", jnp.float32, "is tiny_llama_draft in float32, but this config runs "
-                                      "tiny_llama in float32"),
-    ("tiny_llama", jnp.bfloat16, "is tiny_llama in bfloat16, but this config runs tiny_llama "
-                                 "in float32"),
+@pytest.mark.parametrize("name, dtype, tp, message", [
+    ("tiny_llama_draft", jnp.float32, 1, "is tiny_llama_draft in float32 over 1 device\\(s\\), "
+                                         "but this config runs tiny_llama in float32 over 1"),
+    ("tiny_llama", jnp.bfloat16, 1, "is tiny_llama in bfloat16 over 1 device\\(s\\), but this "
+                                    "config runs tiny_llama in float32 over 1"),
+    ("tiny_llama", jnp.float32, 2, "is tiny_llama in float32 over 2 device\\(s\\), but this "
+                                   "config runs tiny_llama in float32 over 1"),
 ])
-def test_a_model_of_another_shape_or_dtype_is_refused(name, dtype, message):
-  model = load_model(name, synthetic=True, dtype=dtype)
+def test_a_model_of_another_shape_dtype_or_mesh_is_refused(name, dtype, tp, message):
+  mesh = sharding.make_mesh(tp, jax.devices("cpu")) if tp > 1 else None
+  model = load_model(name, synthetic=True, dtype=dtype, mesh=mesh)
   with pytest.raises(ValueError, match=message):
     tiny_engine(("ngram:2",), model=model)
 

@@ -17,10 +17,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from flashspec_jax import config as config_lib
 from flashspec_jax import engine, runner, sharding
 from flashspec_jax.bandit import make_strategy
-from flashspec_jax.drafters import ModelDrafter, NgramDrafter
+from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder
 from flashspec_jax.loading import load_model
 from flashspec_jax.loading.hf import load_hf_checkpoint
+from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Greedy, Samplers
 from flashspec_jax.sequences import prepare_prompts
@@ -89,6 +90,29 @@ def test_sharded_greedy_speculation_is_unsharded_and_one_program():
   assert not any(n for op, n in counts.items() if op != "all-reduce"), counts
 
 
+def test_a_feature_drafter_drafts_the_same_over_a_sharded_target():
+  """Its own block stays in the checkpoint's layout, replicated: the same tokens and the
+  same accepted drafts as over the unsharded target."""
+  params = spread_params(CONFIG, seed=0)
+  drafter_params = eagle.init_params(CONFIG, jax.random.key(3), jnp.float32)
+  tokens, lengths = prepare_prompts([[3, 5, 7, 9, 11], [2, 4, 6]], CONFIG.vocab_size)
+
+  def speculate(config, params, mesh=None):
+    target = Llama(config, param_dtype=jnp.float32)
+    decoder = engine.SpeculativeDecoder(
+        target, (engine.Arm(FeatureDrafter(target, "eagle", unroll=False), 3),), 12, eos_ids=())
+    return decoder.generate(
+        {"target": params, "drafters": sharding.replicated({"eagle": drafter_params}, mesh)},
+        *sharding.replicated((tokens, lengths, jax.random.key(0), Samplers.same(Greedy())),
+                             mesh))
+
+  expected = speculate(CONFIG, params)
+  config, sharded = shard(params, CONFIG, 2)
+  out = speculate(config, sharded, sharding.mesh_of(sharded))
+  np.testing.assert_array_equal(out.tokens, expected.tokens)
+  np.testing.assert_array_equal(out.metrics.accepted, expected.metrics.accepted)
+
+
 def test_sharded_speculation_samples_the_target_exactly():
   """One setting of the exactness grid at tp 2 (layer-skip drafting, gamma 2, batch 1,
   plain temperature sampling at three temperatures), against the exact distribution of
@@ -116,7 +140,7 @@ def test_a_checkpoint_loads_into_its_shards(tmp_path):
                    tie_word_embeddings=False)
   whole_config, whole = load_hf_checkpoint(tmp_path, jnp.float32)
   mesh = sharding.make_mesh(2, CPUS)
-  split_config, split = load_hf_checkpoint(tmp_path, jnp.float32, tp=2, mesh=mesh)
+  split_config, split = load_hf_checkpoint(tmp_path, jnp.float32, mesh=mesh)
   layer = split["params"]["layer_0"]
   assert layer["attn"]["qkv"].sharding == NamedSharding(mesh, P(None, "tp"))
   assert layer["mlp"]["down"].sharding == NamedSharding(mesh, P("tp", None))

@@ -8,7 +8,10 @@ where UCB1 chose the n-gram arm at every step, against 1.4 ms for the fixed
 n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a bandit
 (greedy unless `--strategy` says otherwise) is held on the n-gram arm at run
 time (`timing.held_on_first_arm`), so every program does the same work per step
-and differs only in the arms it holds. Each program runs at two lengths, which
+and differs only in the arms it holds: AR; layer-skip arms and AR; an untrained
+feature drafter, to which every target pass hands its features; and the six
+arms of experiments/choosers_smollm2.py, whose bandit programs cost 0.8 ms more
+per step than their arms alone on the H200 (docs/bandits.md). Each program runs at two lengths, which
 split its time into a part per loop step and a part per call; each also records
 the cache buffers its compiled loop copies (`bench.hlo.buffer_copies`).
 Synthetic weights; every program takes the same steps on the same inputs
@@ -17,6 +20,7 @@ Synthetic weights; every program takes the same steps on the same inputs
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -73,22 +77,36 @@ def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list
   """prompts: (tokens [B, P], lengths [B]); each program runs at both new_tokens lengths."""
   gamma, config = programs.gamma, target.config
   params, (prompt, lengths) = target.params, prompts
-  ngram = Arm(NgramDrafter(config.vocab_size, 3), gamma)
+  drafter = NgramDrafter(config.vocab_size, 3)
+  ngram = Arm(drafter, gamma)
   layer_skip = tuple(target.layer_skip_arm(d, gamma, programs.unroll) for d in programs.depths)
+  eagle = target.feature_drafter_arm(gamma, programs.unroll)
   arm_sets = {"fixed n-gram": (ngram,), "held: n-gram, ar": (ngram, Arm()),
-              "held: n-gram, layer-skip, ar": (ngram, *layer_skip, Arm())}
+              "held: n-gram, layer-skip, ar": (ngram, *layer_skip, Arm()),
+              # Every target pass hands its features over while the feature drafter is held.
+              "held: n-gram, eagle": (ngram, eagle),
+              # experiments/choosers_smollm2.py's arms: n-gram at three gammas, eagle,
+              # the deepest layer-skip, AR.
+              "held: six arms": (ngram, Arm(drafter, 2), Arm(drafter, 8), eagle, layer_skip[-1],
+                                 Arm())}
   key = jax.random.key(2)
   sampler = Greedy() if programs.sampler == "greedy" else Temperature(1.0)
-  rows = []
+  samplers = Samplers.same(sampler)
+  calls = []
   for (name, arms), tokens in itertools.product(arm_sets.items(), new_tokens):
     held, bandit = ((Fixed(0), None) if len(arms) == 1
                     else (STRATEGIES[programs.strategy], timing.held_on_first_arm(len(arms))))
     decoder = SpeculativeDecoder(target.model, arms, tokens, eos_ids=(), strategy=held,
                                  verify_fn=get_verify_fn("auto"))
-    samplers = Samplers.same(sampler)
-    start = time.perf_counter()
-    compiled = decoder.lower(params, prompt, lengths, key, samplers, bandit).compile()
-    compile_seconds = time.perf_counter() - start
+    calls.append((name, arms, tokens, decoder, bandit,
+                  decoder.lower(params, prompt, lengths, key, samplers, bandit)))
+  # XLA compiles outside Python's lock: the programs compile side by side.
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+    executables = list(pool.map(lambda call: call[-1].compile(), calls))
+  compile_seconds = time.perf_counter() - start
+  rows = []
+  for (name, arms, tokens, decoder, bandit, _), compiled in zip(calls, executables):
     hlo = compiled.as_text()
     if hlo_dir:
       pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
@@ -101,7 +119,7 @@ def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list
     call_ms = statistics.median(times) * 1e3
     rows.append(dict(program=name, arms=[a.name for a in arms], new_tokens=tokens,
                      arm_pulls=[int((out.history.arm == i).sum()) for i in range(len(arms))],
-                     compile_seconds=compile_seconds, steps=steps, call_ms=call_ms,
+                     steps=steps, call_ms=call_ms,
                      cache_copies_in_loop=len(buffer_copies(hlo, cache_shapes(state))),
                      times=times))
   programs_summary = []
@@ -117,7 +135,8 @@ def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list
   return dict(target=config.name, dtype=target.model.param_dtype.name, synthetic_weights=True,
               batch=batch, gamma=gamma, context=context, new_tokens=new_tokens,
               unrolled_drafts=programs.unroll, strategy=programs.strategy,
-              sampler=programs.sampler, programs=programs_summary, rows=rows)
+              sampler=programs.sampler, compile_seconds=compile_seconds,
+              programs=programs_summary, rows=rows)
 
 
 def main(argv):
@@ -133,6 +152,8 @@ def main(argv):
   path = results.write("bandit_call", result, directory=_OUT.value)
   print(f"\nwhole calls held on the n-gram arm, {result['target']} shape, synthetic weights "
         f"-> {path}")
+  print(f"{len(result['rows'])} programs compiled side by side in "
+        f"{result['compile_seconds']:.1f} s")
   print(f"{'program':>30} {'new tokens':>10} {'steps':>6} {'call ms':>9}")
   for row in result["rows"]:
     print(f"{row['program']:>30} {row['new_tokens']:>10} {row['steps']:>6} "

@@ -67,8 +67,8 @@ class SyntheticTarget:
                                                  self.model.param_dtype)
     return Arm(ModelDrafter(Llama(config, param_dtype=self.model.param_dtype), shape), gamma)
 
-  def feature_drafter_arm(self, gamma: int) -> Arm:
+  def feature_drafter_arm(self, gamma: int, unroll: bool = True) -> Arm:
     """An untrained feature drafter (eagle) as wide as the target, its params added here."""
     self.params["drafters"]["eagle"] = eagle.init_params(self.config, jax.random.key(2),
                                                          self.model.param_dtype)
-    return Arm(FeatureDrafter(self.model, "eagle"), gamma)
+    return Arm(FeatureDrafter(self.model, "eagle", unroll=unroll), gamma)

@@ -86,15 +86,14 @@ def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
   With `synthetic`, the weights are random (for speed measurements only). With a
   tensor-parallel mesh, the weights land in their shards (sharding.py).
   """
-  tp = 1 if mesh is None else mesh.shape[sharding.AXIS]
   if synthetic:
-    config = dataclasses.replace(model_config(name), tp_shards=tp)
+    config = sharding.sharded_config(model_config(name), sharding.degree(mesh))
     params = init_params(config, jax.random.key(seed), dtype, mesh)
     return LoadedModel(config, params, None, True, f"synthetic random weights, {name} shape")
   path = check_checkpoint(name, checkpoint, flag)
   logging.info("loading %s from %s", name, path)
   load = load_gguf_checkpoint if path.suffix == ".gguf" else load_hf_checkpoint
-  config, params = load(path, dtype, tp, mesh)
+  config, params = load(path, dtype, mesh)
   tokenizer = load_tokenizer(path)
   return LoadedModel(dataclasses.replace(config, name=name), params, tokenizer, False, str(path))
 

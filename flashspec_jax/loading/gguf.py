@@ -7,7 +7,6 @@ layout, which the model uses.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import pathlib
@@ -17,6 +16,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
+from flashspec_jax import sharding
 from flashspec_jax.loading.params import CheckpointError, check_tensor_names, params_from_hf
 from flashspec_jax.models.config import LlamaConfig
 
@@ -144,12 +144,12 @@ def _parse_gguf(path: pathlib.Path, mtime_ns: int, size: int) -> gguf.GGUFReader
                           f"{type(error).__name__}: {error}") from error
 
 
-def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16, tp: int = 1,
+def load_gguf_checkpoint(path: str | pathlib.Path, dtype: Any = jnp.bfloat16,
                          mesh=None) -> tuple[LlamaConfig, dict[str, Any]]:
   """Loads (config, params) from a Llama GGUF file, dequantising every tensor; with a
-  mesh, into tensor-parallel shards for tp devices (loading.params.params_from_hf)."""
+  mesh, into tensor-parallel shards over its tp axis (loading.params.params_from_hf)."""
   path = pathlib.Path(path)
-  config = dataclasses.replace(config_from_gguf(path), tp_shards=tp)
+  config = sharding.sharded_config(config_from_gguf(path), sharding.degree(mesh))
   tensors = {}
   for t in read_gguf(path).tensors:
     if t.tensor_type not in SUPPORTED_TYPES:

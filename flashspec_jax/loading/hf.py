@@ -6,7 +6,6 @@ read with safetensors' numpy API, so loading needs no torch.
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
 import json
 import pathlib
@@ -15,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 
+from flashspec_jax import sharding
 from flashspec_jax.loading.params import CheckpointError, check_tensor_names, params_from_hf
 from flashspec_jax.models.config import LlamaConfig
 
@@ -72,14 +72,14 @@ def load_hf_config(directory: str | pathlib.Path) -> LlamaConfig:
     raise CheckpointError(f"{config_file}: {error}") from error
 
 
-def load_hf_checkpoint(directory: str | pathlib.Path, dtype: Any = jnp.bfloat16, tp: int = 1,
+def load_hf_checkpoint(directory: str | pathlib.Path, dtype: Any = jnp.bfloat16,
                        mesh=None) -> tuple[LlamaConfig, dict[str, Any]]:
   """Loads (config, params) from an HF Llama checkpoint directory; with a mesh, into
-  tensor-parallel shards for tp devices (loading.params.params_from_hf)."""
+  tensor-parallel shards over its tp axis (loading.params.params_from_hf)."""
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise CheckpointError(f"checkpoint directory {directory} does not exist")
-  config = dataclasses.replace(load_hf_config(directory), tp_shards=tp)
+  config = sharding.sharded_config(load_hf_config(directory), sharding.degree(mesh))
   files = tensor_files(directory)
   check_tensor_names(config, files, where=str(directory))
   with contextlib.ExitStack() as stack:

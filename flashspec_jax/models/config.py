@@ -61,7 +61,7 @@ class LlamaConfig:
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                  "num_heads", "num_kv_heads", "head_dim"):
+                  "num_heads", "num_kv_heads", "head_dim", "tp_shards"):
       if getattr(self, field) < 1:
         raise ValueError(f"LlamaConfig.{field} must be >= 1, got {getattr(self, field)}")
     if self.num_heads % self.num_kv_heads:

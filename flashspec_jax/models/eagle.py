@@ -21,6 +21,7 @@ Axis letters used in this module:
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -55,7 +56,10 @@ class FeatureDrafterNet(nn.Module):
                             RMSNorm(eps, self.param_dtype, name="token_norm")(token_embeds)],
                            axis=-1)
     x = jnp.einsum("BTE,ED->BTD", pair.astype(self.param_dtype), fuse)
-    hidden, layer_cache = Block(c, self.param_dtype, name="block")(
+    # The drafter's own weights are replicated in the checkpoint's layout, whatever the
+    # target's tensor-parallel layout (sharding.py).
+    hidden, layer_cache = Block(dataclasses.replace(c, tp_shards=1), self.param_dtype,
+                                name="block")(
         x, positions, layer_cache, starts, rope_inverse_frequencies(c), visible)
     return hidden, RMSNorm(eps, self.param_dtype, name="final_norm")(hidden), layer_cache
 

@@ -118,8 +118,10 @@ def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
   """
   batch, num_new = new.shape[:2]
   slots = starts[:, None] + jnp.arange(num_new)[None, :]  # [B, T]
-  # Advanced indices split by a slice index the view as [B, T, K, H], new's layout.
-  return cache.at[jnp.arange(batch)[:, None], :, slots].set(new, mode="drop")
+  # Advanced indices split by a slice index the view as [B, T, K, H], new's layout. The
+  # cast is explicit: training runs an f32 feature drafter over the bf16 target's cache.
+  return cache.at[jnp.arange(batch)[:, None], :, slots].set(new.astype(cache.dtype),
+                                                            mode="drop")
 
 
 def split_fused(fused: jax.Array, sizes: tuple[int, ...], shards: int) -> list[jax.Array]:
