@@ -323,7 +323,8 @@ def deterministic(data: dict) -> list[str]:
   off, on = (next(p["summaries"] for p in data["points"] if p["value"] is v)
              for v in (False, True))
   c = data["config"]
-  lines = [f"{c['target']}, batch {c['batch_size']}, greedy, gamma {c['sampling']['gamma']}, "
+  lines = [f"{c['target']} in {c['dtype']}, batch {c['batch_size']}, greedy, gamma "
+           f"{c['sampling']['gamma']}, "
            f"{c['sampling']['max_new_tokens']} new tokens, {c['prompts']['num_per_set']} held-out "
            f"prompts per set ({c['prompts']['sets']}), the mode off and on in one run. "
            "= AR: the share of replies whose text is AR's.", "",
