@@ -358,10 +358,6 @@ def _plain_run(data: dict) -> bool:
           and config["sampling"]["temperature"] == 0)
 
 
-def _with_drafter(name: str) -> Callable[[dict], bool]:
-  return lambda data: data["drafter"] == name
-
-
 def _stream(temperature: float, order: str) -> Callable[[dict], bool]:
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
                        and data["config"]["prompts"]["order"] == order)
@@ -372,11 +368,16 @@ def _model(name: str) -> Callable[[dict], bool]:
 
 
 SECTIONS = [
-    Section("ar_decode", "gpu", "AR decode step against the bandwidth floor (H200)", ar_decode),
+    Section("ar_decode", "gpu", "AR decode step against the bandwidth floor (H200)", ar_decode,
+            lambda data: data.get("tp", 1) == 1),
+    Section("ar_decode", "gpu", "AR decode step split over GPUs, against each GPU's floor "
+            "(H200 x2)", ar_decode, lambda data: data.get("tp", 1) > 1),
     Section("spec_step", "gpu", "Speculative step against the sum of its parts (H200)", spec_step,
-            lambda data: data["drafter"] != "eagle"),
+            lambda data: data["drafter"] != "eagle" and data.get("tp", 1) == 1),
     Section("spec_step", "gpu", "An untrained feature drafter at the Llama-3-8B shape (H200)",
-            spec_step, _with_drafter("eagle")),
+            spec_step, lambda data: data["drafter"] == "eagle" and data.get("tp", 1) == 1),
+    Section("spec_step", "gpu", "Speculative step with the target split over GPUs (H200 x2)",
+            spec_step, lambda data: data.get("tp", 1) > 1),
     Section("verify_kernel", "gpu", "Pallas verify kernel against the jnp reference (H200)",
             verify_kernel),
     Section("layer_skip_smollm2", "cpu", "SmolLM2-135M with layer-skip drafters against AR (CPU)",

@@ -198,3 +198,17 @@ def test_a_run_split_over_two_devices_is_the_run_on_one(tmp_path):
   records = [[{k: r.get(k) for k in fields} for r in runner.run(
       with_fields(config, mesh=mesh))["records"]] for mesh in ("", "tp:2")]
   assert records[0] == records[1]
+
+
+def test_the_ar_decode_bench_counts_what_each_device_reads():
+  """bench.ar_decode at tp 2: the floor's bytes are one device's share (its shards, the
+  replicated weights whole), at most the unsharded bytes and at least half of them."""
+  from flashspec_jax.bench import ar_decode
+  from flashspec_jax.bench.synthetic import SyntheticTarget
+  args = ([1], 32, (2, 4), 1, 1 << 20)
+  whole, split = (ar_decode.bench(SyntheticTarget.create("tiny_llama", jnp.float32, mesh), *args)
+                  for mesh in (None, sharding.make_mesh(2, CPUS)))
+  assert split["tp"] == 2 and whole["tp"] == 1
+  (w,), (s,) = whole["rows"], split["rows"]
+  assert w["weight_bytes"] / 2 < s["weight_bytes"] < w["weight_bytes"]
+  assert s["kv_bytes"] * 2 == w["kv_bytes"]

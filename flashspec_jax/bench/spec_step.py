@@ -12,6 +12,8 @@ For each batch size, timed in the same process:
 overhead = step / (target forward + gamma x drafter step) - 1, and
 step_vs_target_forward = step / target forward: what a drafter's tau has to beat.
 --drafter=eagle is an untrained feature drafter as wide as the target.
+--mesh=tp:<n> splits the target over n devices and replicates the drafter
+(sharding.py).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from flashspec_jax import results
-from flashspec_jax import timing
+from flashspec_jax import results, sharding, timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
@@ -40,6 +41,7 @@ _CONTEXT = flags.DEFINE_integer("context", 1024, "Prompt tokens before stepping.
 _STEPS = flags.DEFINE_list("steps", ["8", "40"], "Loop lengths whose time difference is used.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per loop length.")
 _IMPLS = flags.DEFINE_list("verify", ["reference", "pallas"], "Verify implementations to time.")
+_MESH = flags.DEFINE_string("mesh", "", "'' (one device) or tp:<n> (sharding.py).")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
@@ -109,20 +111,23 @@ def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> 
       row[f"step_vs_target_forward_{impl}"] = row[f"step_ms_{impl}"] / row["target_forward_ms"]
     rows.append(row)
   return dict(target=target.config.name, drafter=drafter.params_key,
-              dtype=target.model.param_dtype.name, synthetic_weights=True, rows=rows)
+              dtype=target.model.param_dtype.name, synthetic_weights=True,
+              tp=target.config.tp_shards, rows=rows)
 
 
 def main(argv):
   del argv
   impls = [i for i in _IMPLS.value if i != "pallas" or PALLAS_GPU_AVAILABLE]
-  target = SyntheticTarget.create(_TARGET.value, jnp.bfloat16)
+  tp = sharding.parse_mesh(_MESH.value)
+  target = SyntheticTarget.create(_TARGET.value, jnp.bfloat16,
+                                  sharding.make_mesh(tp) if tp > 1 else None)
   arm = (target.feature_drafter_arm(_GAMMA.value) if _DRAFTER.value == "eagle"
          else target.draft_model_arm(_DRAFTER.value, _GAMMA.value))
   result = bench(target, arm, [int(b) for b in _BATCH.value], _CONTEXT.value,
                  (tuple(int(s) for s in _STEPS.value), _REPEATS.value), impls)
   path = results.write("spec_step", result, directory=_OUT.value)
-  print(f"\nspeculative step, {result['target']} target, {result['drafter']} drafter, "
-        f"synthetic bf16 weights -> {path}")
+  print(f"\nspeculative step, {result['target']} target over {result['tp']} device(s), "
+        f"{result['drafter']} drafter, synthetic bf16 weights -> {path}")
   header = f"{'batch':>5} {'target fwd ms':>13} {'draft step ms':>13} {'parts ms':>9}"
   for impl in impls:
     header += f" {'step ms ' + impl:>18} {'overhead':>9} {'vs target fwd':>13}"

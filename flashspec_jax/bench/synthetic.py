@@ -12,7 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from flashspec_jax import sharding
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter
 from flashspec_jax.engine import Arm
 from flashspec_jax.environment import on_gpu
@@ -39,16 +41,22 @@ class SyntheticTarget:
   params: dict[str, Any]
 
   @classmethod
-  def create(cls, shape: str, dtype: Any = None) -> SyntheticTarget:
-    """The shape named in configs/, in `dtype` (default_dtype() if None)."""
+  def create(cls, shape: str, dtype: Any = None, mesh: Mesh | None = None) -> SyntheticTarget:
+    """The shape named in configs/, in `dtype` (default_dtype() if None); with a
+    tensor-parallel mesh, created in its shards (sharding.py)."""
     dtype = jnp.dtype(dtype or default_dtype())
-    config = model_config(shape)
+    config = sharding.sharded_config(model_config(shape), sharding.degree(mesh))
     return cls(Llama(config, param_dtype=dtype),
-               {"target": init_params(config, jax.random.key(0), dtype), "drafters": {}})
+               {"target": init_params(config, jax.random.key(0), dtype, mesh), "drafters": {}})
 
   @property
   def config(self) -> LlamaConfig:
     return self.model.config
+
+  @property
+  def mesh(self) -> Mesh | None:
+    """The tensor-parallel mesh the target is split over; drafters are replicated on it."""
+    return sharding.mesh_of(self.params["target"])
 
   def prompts(self, batch: int, context: int) -> tuple[jax.Array, jax.Array]:
     """([B, context] random tokens, [B] lengths): every row a full `context` tokens."""
@@ -63,12 +71,12 @@ class SyntheticTarget:
   def draft_model_arm(self, shape: str, gamma: int) -> Arm:
     """A separate draft model of `shape` with random weights, its params added here."""
     config = model_config(shape)
-    self.params["drafters"][shape] = init_params(config, jax.random.key(1),
-                                                 self.model.param_dtype)
+    self.params["drafters"][shape] = sharding.replicated(
+        init_params(config, jax.random.key(1), self.model.param_dtype), self.mesh)
     return Arm(ModelDrafter(Llama(config, param_dtype=self.model.param_dtype), shape), gamma)
 
   def feature_drafter_arm(self, gamma: int, unroll: bool = True) -> Arm:
     """An untrained feature drafter (eagle) as wide as the target, its params added here."""
-    self.params["drafters"]["eagle"] = eagle.init_params(self.config, jax.random.key(2),
-                                                         self.model.param_dtype)
+    self.params["drafters"]["eagle"] = sharding.replicated(
+        eagle.init_params(self.config, jax.random.key(2), self.model.param_dtype), self.mesh)
     return Arm(FeatureDrafter(self.model, "eagle", unroll=unroll), gamma)
