@@ -130,8 +130,9 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
     return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=unroll),
                gamma)
   if spec.arg not in drafter_configs:
+    # load_target has checked the checkpoint, naming the draft flag (check_checkpoints).
     drafter = load_model(spec.arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,
-                         config.seed + 1, flag=DRAFT_FLAG)
+                         config.seed + 1)
     params["drafters"][spec.arg] = drafter.params
     drafter_configs[spec.arg] = drafter.config
   return Arm(ModelDrafter(Llama(drafter_configs[spec.arg], param_dtype=dtype), spec.arg,

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CASES, save_tiny_llama
+from helpers import CASES, save_tiny_llama, write_tiny_llama
 
+from flashspec_jax import config as config_lib
+from flashspec_jax import pipeline
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import check_checkpoint, load_model
 from flashspec_jax.loading.gguf import (config_from_gguf, load_gguf_checkpoint, read_gguf,
@@ -314,10 +316,18 @@ def test_hf_checkpoint_of_another_shape_is_refused(hf_dir):
     check_checkpoint("tiny_llama", str(hf_dir))
 
 
-def test_missing_draft_checkpoint_names_the_draft_flag(tmp_path):
+def test_missing_draft_checkpoint_names_the_draft_flag_before_the_target_loads(tmp_path):
+  config = config_lib.base_config()
+  config.target, config.synthetic_weights = "tiny_llama", False
+  config.checkpoint_dir = str(tmp_path / "target")
+  config.methods, config.draft_checkpoint_dir = "draft_model:tiny_llama_draft", str(
+      tmp_path / "nowhere")
+  write_tiny_llama(tmp_path / "target", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, vocab_size=1024, max_position_embeddings=4096,
+                  tie_word_embeddings=False)
   with pytest.raises(CheckpointError, match="--config.draft_checkpoint_dir=/path/to/it") as error:
-    load_model("tiny_llama_draft", str(tmp_path / "nowhere"),
-               flag="--config.draft_checkpoint_dir")
+    pipeline.load_target(config, jnp.float32)
   assert "--config.checkpoint_dir" not in str(error.value)
 
 

@@ -78,10 +78,11 @@ def check_checkpoint(name: str, checkpoint: str = "", flag: str = TARGET_FLAG) -
 
 
 def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
-               dtype: Any = jnp.bfloat16, seed: int = 0, flag: str = TARGET_FLAG,
-               mesh: Mesh | None = None) -> LoadedModel:
+               dtype: Any = jnp.bfloat16, seed: int = 0, mesh: Mesh | None = None
+               ) -> LoadedModel:
   """Loads the model `name` (a shape in configs/) from `checkpoint` or its default place,
-  after `check_checkpoint(name, checkpoint, flag)`.
+  after `check_checkpoint(name, checkpoint)`; front ends that name their own flag in
+  its errors check first (pipeline.check_checkpoints).
 
   With `synthetic`, the weights are random (for speed measurements only). With a
   tensor-parallel mesh, the weights land in their shards (sharding.py).
@@ -90,7 +91,7 @@ def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
     config = sharding.sharded_config(model_config(name), sharding.degree(mesh))
     params = init_params(config, jax.random.key(seed), dtype, mesh)
     return LoadedModel(config, params, None, True, f"synthetic random weights, {name} shape")
-  path = check_checkpoint(name, checkpoint, flag)
+  path = check_checkpoint(name, checkpoint)
   logging.info("loading %s from %s", name, path)
   load = load_gguf_checkpoint if path.suffix == ".gguf" else load_hf_checkpoint
   config, params = load(path, dtype, mesh)
