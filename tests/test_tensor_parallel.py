@@ -20,6 +20,7 @@ from flashspec_jax.bandit import make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder
 from flashspec_jax.loading import load_model
+from flashspec_jax.loading import hf
 from flashspec_jax.loading.hf import load_hf_checkpoint
 from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import KVCache, Llama
@@ -152,6 +153,26 @@ def test_a_checkpoint_loads_into_its_shards(tmp_path):
   forward = jax.jit(logits_of, static_argnums=0)
   np.testing.assert_allclose(forward(split_config, split, tokens),
                              forward(whole_config, whole, tokens), atol=1e-5, rtol=0)
+
+
+def test_each_device_reads_only_its_block_of_a_split_weight(tmp_path, monkeypatch):
+  write_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+  reads = []
+
+  class Recorded(hf.StoredTensor):
+    def __getitem__(self, index):
+      reads.append((self.name, index))
+      return super().__getitem__(index)
+
+  monkeypatch.setattr(hf, "StoredTensor", Recorded)
+  config, _ = hf.load_hf_checkpoint(tmp_path, jnp.float32, mesh=sharding.make_mesh(2, CPUS))
+  q_rows = config.num_heads * config.head_dim
+  q_reads = [i for name, i in reads if name == "model.layers.0.self_attn.q_proj.weight"]
+  assert sorted((i.start, i.stop) for i in q_reads) == [(0, q_rows // 2), (q_rows // 2, q_rows)]
+  out_reads = [i for name, i in reads if name == "model.layers.0.self_attn.o_proj.weight"]
+  assert sorted((i[1].start, i[1].stop) for i in out_reads) == [(0, q_rows // 2),
+                                                                  (q_rows // 2, q_rows)]
+  assert [i for name, i in reads if name == "model.embed_tokens.weight"] == [slice(None)]
 
 
 def test_synthetic_weights_are_created_in_their_shards():

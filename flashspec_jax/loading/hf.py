@@ -7,11 +7,13 @@ read with safetensors' numpy API, so loading needs no torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from flashspec_jax import sharding
@@ -36,6 +38,21 @@ def open_safetensors(path: pathlib.Path) -> safe_open:
     return safe_open(path, framework="np")
   except SafetensorError as error:
     raise CheckpointError(f"{path} is truncated or corrupt: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+  """A tensor in an open safetensors file, read on indexing: only the block asked for."""
+
+  handle: Any
+  name: str
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.handle.get_slice(self.name).get_shape())
+
+  def __getitem__(self, index) -> np.ndarray:
+    return self.handle.get_slice(self.name)[index]
 
 
 def tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -85,6 +102,6 @@ def load_hf_checkpoint(directory: str | pathlib.Path, dtype: Any = jnp.bfloat16,
   with contextlib.ExitStack() as stack:
     handles = {path: stack.enter_context(open_safetensors(path))
                for path in set(files.values())}
-    params = params_from_hf(config, lambda name: handles[files[name]].get_tensor(name), dtype,
+    params = params_from_hf(config, lambda name: StoredTensor(handles[files[name]], name), dtype,
                             where=str(directory), mesh=mesh)
   return config, params

@@ -56,52 +56,77 @@ def check_tensor_names(config: LlamaConfig, names: Collection[str], where: str) 
 
 def params_from_hf(
     config: LlamaConfig,
-    get: Callable[[str], np.ndarray],
+    get: Callable[[str], Any],
     dtype: Any = jnp.bfloat16,
     where: str = "checkpoint",
     mesh: Mesh | None = None,
 ) -> dict[str, Any]:
-  """Builds {'params': ...} for `Llama` from HF-layout tensors returned by `get(name)`.
+  """Builds {'params': ...} for `Llama` from HF-layout tensors returned by `get(name)`:
+  arrays, or lazy tensors with a shape that read what they are indexed with.
 
-  With a tensor-parallel mesh, each tensor goes from the host straight into its shards
-  (sharding.py; the fused ones laid out for config.tp_shards devices): no device ever
-  holds a whole model, and the host one tensor at a time.
+  With a tensor-parallel mesh (config.tp_shards devices), each device's block of a
+  split weight is read on its own (its heads' rows of q, k and v, its columns of the
+  output projection, ...), so neither the host nor any device holds a whole split
+  weight; the weights every device holds whole are read once.
   """
   expected = expected_hf_shapes(config)
-  fused = sharding.fused_parts(config)
+  tp = config.tp_shards
 
-  def tensor(name: str) -> np.ndarray:
+  def tensor(name: str):
     array = get(name)
     if tuple(array.shape) != expected[name]:
       raise CheckpointError(
           f"{where}: tensor {name} has shape {tuple(array.shape)}, config expects {expected[name]}")
-    return np.asarray(array)
+    return array
 
-  def put(array: np.ndarray, name: str = "") -> jax.Array:
+  def on_host(array) -> np.ndarray:
+    return np.asarray(array).astype(dtype)
+
+  def whole(name: str) -> jax.Array:
+    value = on_host(tensor(name)[:])
+    return jnp.asarray(value) if mesh is None else jax.device_put(
+        value, NamedSharding(mesh, sharding.param_spec("")))
+
+  def stacked(names: list[str], param: str) -> jax.Array:
+    """[D, sum of rows]: the tensors [rows, D] stacked and transposed; device s of tp reads
+    the s-th tp-th of each one's rows (whole heads, or matching gate and up columns)."""
+    parts = [tensor(name) for name in names]
     if mesh is None:
-      return jnp.asarray(array, dtype=dtype)
-    if name in fused:
-      array = sharding.shard_major_columns(array, fused[name], config.tp_shards)
-    return jax.device_put(np.asarray(array).astype(dtype),
-                          NamedSharding(mesh, sharding.param_spec(name)))
+      return jnp.asarray(on_host(np.concatenate([part[:] for part in parts]).T))
+
+    def block(index) -> np.ndarray:
+      s = (index[1].start or 0) * tp // shape[1]
+      return on_host(np.concatenate([part[s * part.shape[0] // tp:(s + 1) * part.shape[0] // tp]
+                                     for part in parts]).T)
+
+    shape = (parts[0].shape[1], sum(part.shape[0] for part in parts))
+    return jax.make_array_from_callback(
+        shape, NamedSharding(mesh, sharding.param_spec(param)), block)
+
+  def transposed(name: str, param: str) -> jax.Array:
+    """tensor [D, E] as [E, D]; device s reads its columns (its rows of the result)."""
+    part = tensor(name)
+    if mesh is None:
+      return jnp.asarray(on_host(part[:].T))
+    return jax.make_array_from_callback(
+        part.shape[::-1], NamedSharding(mesh, sharding.param_spec(param)),
+        lambda index: on_host(part[:, index[0]].T))
 
   params: dict[str, Any] = {
-      "embedding": put(tensor("model.embed_tokens.weight")),
-      "final_norm": {"scale": put(tensor("model.norm.weight"))},
+      "embedding": whole("model.embed_tokens.weight"),
+      "final_norm": {"scale": whole("model.norm.weight")},
   }
   if not config.tie_word_embeddings:
-    params["unembedding"] = put(tensor("lm_head.weight"))
+    params["unembedding"] = whole("lm_head.weight")
   for i in range(config.num_layers):
     p = f"model.layers.{i}."
-    qkv = np.concatenate([tensor(p + f"self_attn.{x}_proj.weight") for x in "qkv"], axis=0)
-    gate_up = np.concatenate([tensor(p + "mlp.gate_proj.weight"), tensor(p + "mlp.up_proj.weight")],
-                             axis=0)
     params[f"layer_{i}"] = {
-        "attn_norm": {"scale": put(tensor(p + "input_layernorm.weight"))},
-        "attn": {"qkv": put(qkv.T, "qkv"),
-                 "out": put(tensor(p + "self_attn.o_proj.weight").T, "out")},
-        "mlp_norm": {"scale": put(tensor(p + "post_attention_layernorm.weight"))},
-        "mlp": {"gate_up": put(gate_up.T, "gate_up"),
-                "down": put(tensor(p + "mlp.down_proj.weight").T, "down")},
+        "attn_norm": {"scale": whole(p + "input_layernorm.weight")},
+        "attn": {"qkv": stacked([p + f"self_attn.{x}_proj.weight" for x in "qkv"], "qkv"),
+                 "out": transposed(p + "self_attn.o_proj.weight", "out")},
+        "mlp_norm": {"scale": whole(p + "post_attention_layernorm.weight")},
+        "mlp": {"gate_up": stacked([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                                   "gate_up"),
+                "down": transposed(p + "mlp.down_proj.weight", "down")},
     }
   return {"params": params}
