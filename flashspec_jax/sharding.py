@@ -10,9 +10,11 @@ the caches are replicated, so the verify step, the bandit and the sequence
 state run whole on every device.
 
 A device's block of the fused weights must hold whole heads of q, k and v (or
-matching columns of gate and up), so those weights are laid out shard-major
-first (`shard_major`) and the model, told by `LlamaConfig.tp_shards`, splits
-them back per block (models/llama.py's `split_fused`).
+matching columns of gate and up), so those weights are laid out shard-major:
+the loaders read each device's block in that order (loading/params.py),
+`shard_major` re-lays a tree already in memory, and the model, told by
+`LlamaConfig.tp_shards`, splits them back per block (models/llama.py's
+`split_fused`).
 """
 
 from __future__ import annotations
@@ -91,26 +93,21 @@ def make_mesh(tp: int, devices: list | None = None) -> Mesh:
   return Mesh(np.asarray(devices[:tp]), (AXIS,))
 
 
-def fused_parts(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-  """The parts of each fused weight's columns, by parameter name."""
-  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-  return {"qkv": (q, kv, kv), "gate_up": (config.intermediate_size,) * 2}
-
-
-def shard_major_columns(weight, sizes: tuple[int, ...], tp: int):
-  """weight [..., sum(sizes)] with its columns reordered into tp blocks, block s holding
-  shard s of each part in turn: [q_s k_s v_s] or [gate_s up_s]."""
-  pieces = np.split(np.arange(weight.shape[-1]), np.cumsum(sizes)[:-1])
-  order = np.concatenate([np.split(piece, tp)[s] for s in range(tp) for piece in pieces])
-  return weight[..., order]
-
-
 def shard_major(params: dict[str, Any], config: LlamaConfig, tp: int) -> dict[str, Any]:
-  """params in the checkpoint's layout, with every fused weight laid out for tp devices."""
-  parts = fused_parts(config)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, w: shard_major_columns(w, parts[path[-1].key], tp)
-      if path[-1].key in parts else w, params)
+  """An in-memory params tree in the checkpoint's layout, with each fused weight's columns
+  reordered into tp blocks, block s holding shard s of each part in turn: [q_s k_s v_s]
+  or [gate_s up_s]. (The loaders read each device's block in this order directly.)"""
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  parts = {"qkv": (q, kv, kv), "gate_up": (config.intermediate_size,) * 2}
+
+  def reorder(path, weight):
+    if path[-1].key not in parts:
+      return weight
+    pieces = np.split(np.arange(weight.shape[-1]), np.cumsum(parts[path[-1].key])[:-1])
+    return weight[..., np.concatenate([np.split(piece, tp)[s] for s in range(tp)
+                                       for piece in pieces])]
+
+  return jax.tree_util.tree_map_with_path(reorder, params)
 
 
 def param_spec(name: str) -> P:
