@@ -59,6 +59,13 @@ def model_pass(model: Llama, params, tokens: jax.Array, cache: KVCache,
   return (logits, cache, *(f[:, :width] for f in features))
 
 
+def slots_past_budget(reserve: int, pass_width: int | None) -> int:
+  """Token and cache slots past the budget: reserve, or in deterministic mode at least
+  pass_width, which every decoder of one run shares, so that attention spans one cache
+  width in every program."""
+  return reserve if pass_width is None else max(reserve, pass_width)
+
+
 @struct.dataclass(kw_only=True)
 class DecodeState:
   """Everything the decode loop carries.
@@ -132,9 +139,7 @@ class Decoder:
 
   @property
   def slots_past_budget(self) -> int:
-    """reserve, or in deterministic mode pass_width, which every decoder of one run
-    shares: attention then spans one cache width in every program."""
-    return self.reserve if self.pass_width is None else max(self.reserve, self.pass_width)
+    return slots_past_budget(self.reserve, self.pass_width)
 
   def init(self, params, prompt_tokens, prompt_lens, rng, sampler: Sampler) -> DecodeState:
     """Runs the prompts through the model and samples each row's first token."""

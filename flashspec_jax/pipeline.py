@@ -29,7 +29,7 @@ from flashspec_jax import environment, sharding, timing
 from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
-from flashspec_jax.generate import Decoder
+from flashspec_jax.generate import Decoder, slots_past_budget
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, check_checkpoint,
                                    load_model)
@@ -99,7 +99,7 @@ def load_target(config: ml_collections.ConfigDict, dtype, target_flag: str = TAR
                      f"tp:{tp})")
   check_checkpoints(config, target_flag, draft_flag)
   return load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
-                    config.seed, mesh=sharding.make_mesh(tp) if tp > 1 else None)
+                    config.seed, mesh=sharding.mesh_for(config.mesh))
 
 
 def param_dtype(config: ml_collections.ConfigDict):
@@ -264,7 +264,8 @@ def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=Non
   """The decoder a batch runs on, its inputs, and the Setup's key for its program."""
   max_new = setup.max_new_tokens
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
-  reserve = setup.pass_width or max((arm.gamma for arm in method.arms), default=-1) + 1
+  reserve = slots_past_budget(max((arm.gamma for arm in method.arms), default=-1) + 1,
+                              setup.pass_width)
   padded = _bucketed(tokens, setup.bucket)
   capacity = required_capacity(setup.target.config, tokens.shape[1], max_new, reserve=reserve,
                                padded_width=padded.shape[1])

@@ -86,6 +86,12 @@ def check_fits(config: LlamaConfig, tp: int, itemsize: int, limit: int | None) -
                    f"tp:{tp}, and a device holds {limit / 1e9:.0f} GB: {advice}")
 
 
+def mesh_for(spec: str) -> Mesh | None:
+  """The mesh a spec asks for over the default backend's devices; None for one device."""
+  tp = parse_mesh(spec)
+  return make_mesh(tp) if tp > 1 else None
+
+
 def make_mesh(tp: int, devices: list | None = None) -> Mesh:
   """A `tp` axis over the first tp of devices (None: the default backend's); the caller
   has checked that there are that many (pipeline.load_target)."""

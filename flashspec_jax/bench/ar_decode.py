@@ -62,9 +62,7 @@ def bench(target: SyntheticTarget, batches: list[int], context: int, steps: tupl
 
 def main(argv):
   del argv
-  tp = sharding.parse_mesh(_MESH.value)
-  mesh = sharding.make_mesh(tp) if tp > 1 else None
-  result = bench(SyntheticTarget.create(_MODEL.value, jnp.bfloat16, mesh),
+  result = bench(SyntheticTarget.create(_MODEL.value, jnp.bfloat16, sharding.mesh_for(_MESH.value)),
                  [int(b) for b in _BATCH.value], _CONTEXT.value,
                  tuple(int(s) for s in _STEPS.value), _REPEATS.value, int(_COPY_GIB.value * 2**30))
   path = results.write("ar_decode", result, directory=_OUT.value)

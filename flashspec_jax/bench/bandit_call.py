@@ -10,10 +10,11 @@ n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a bandit
 time (`timing.held_on_first_arm`), so every program does the same work per step
 and differs only in the arms it holds: AR; layer-skip arms and AR; an untrained
 feature drafter, to which every target pass hands its features; and the six
-arms of experiments/choosers_smollm2.py, whose bandit programs cost 0.8 ms more
-per step than their arms alone on the H200 (docs/bandits.md). Each program runs at two lengths, which
-split its time into a part per loop step and a part per call; each also records
-the cache buffers its compiled loop copies (`bench.hlo.buffer_copies`).
+arms of experiments/choosers_smollm2.py, whose bandit programs cost 0.35-0.75 ms
+more per step than their arms alone on the H200 (docs/bandits.md). Each program
+runs at two lengths, which split its time into a part per loop step and a part
+per call; each also records the cache buffers its compiled loop copies
+(`bench.hlo.buffer_copies`).
 Synthetic weights; every program takes the same steps on the same inputs
 (recorded).
 """

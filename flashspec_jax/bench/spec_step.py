@@ -118,9 +118,7 @@ def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> 
 def main(argv):
   del argv
   impls = [i for i in _IMPLS.value if i != "pallas" or PALLAS_GPU_AVAILABLE]
-  tp = sharding.parse_mesh(_MESH.value)
-  target = SyntheticTarget.create(_TARGET.value, jnp.bfloat16,
-                                  sharding.make_mesh(tp) if tp > 1 else None)
+  target = SyntheticTarget.create(_TARGET.value, jnp.bfloat16, sharding.mesh_for(_MESH.value))
   arm = (target.feature_drafter_arm(_GAMMA.value) if _DRAFTER.value == "eagle"
          else target.draft_model_arm(_DRAFTER.value, _GAMMA.value))
   result = bench(target, arm, [int(b) for b in _BATCH.value], _CONTEXT.value,

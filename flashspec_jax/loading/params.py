@@ -83,9 +83,7 @@ def params_from_hf(
     return np.asarray(array).astype(dtype)
 
   def whole(name: str) -> jax.Array:
-    value = on_host(tensor(name)[:])
-    return jnp.asarray(value) if mesh is None else jax.device_put(
-        value, NamedSharding(mesh, sharding.param_spec("")))
+    return sharding.replicated(on_host(tensor(name)[:]), mesh)
 
   def stacked(names: list[str], param: str) -> jax.Array:
     """[D, sum of rows]: the tensors [rows, D] stacked and transposed; device s of tp reads
