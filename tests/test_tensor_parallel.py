@@ -19,12 +19,13 @@ from flashspec_jax import engine, runner, sharding
 from flashspec_jax.bandit import make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder
+from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import load_model
 from flashspec_jax.loading import hf
 from flashspec_jax.loading.hf import load_hf_checkpoint
 from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import KVCache, Llama
-from flashspec_jax.sampling import Greedy, Samplers
+from flashspec_jax.sampling import Greedy, Samplers, Temperature
 from flashspec_jax.sequences import prepare_prompts
 
 CPUS = jax.devices("cpu")
@@ -134,6 +135,44 @@ def test_sharded_speculation_samples_the_target_exactly():
   for i, t in enumerate(temperatures):
     p = fit_pvalues(samples[i], sequence_probs(logits, SAMPLERS["plain"](temperature=t)), VOCAB)
     assert min(p.values()) > 0.01 / len(temperatures), (t, p)
+
+
+GPUS = [d for d in jax.devices() if d.platform == "gpu"]
+
+
+@pytest.mark.parametrize("impl, devices", [
+    ("pallas_interpret", CPUS),
+    pytest.param("pallas", GPUS, marks=pytest.mark.skipif(
+        len(GPUS) < 2, reason="needs two GPUs for the Triton kernel under a mesh"))])
+def test_the_pallas_verify_kernel_runs_whole_on_every_device_of_a_mesh(impl, devices):
+  """Temperature sampling at tp 2 with the Pallas kernel verifying: the tokens the jnp
+  reference gives from the same sharded logits and seeds, and no collective beyond the
+  layers' all-reduces (the kernel's inputs are replicated, so nothing is gathered)."""
+  params = spread_params(CONFIG, seed=0)
+  tokens, lengths = prepare_prompts([[3, 5, 7, 9, 11], [2, 4, 6]], CONFIG.vocab_size)
+  mesh = sharding.make_mesh(2, devices)
+  config = sharding.sharded_config(CONFIG, 2)
+  sharded = jax.device_put(sharding.shard_major(params, CONFIG, 2),
+                           sharding.param_shardings(params, mesh))
+
+  def decoder(verify_impl):
+    arms = (engine.Arm(ModelDrafter(Llama(config, num_layers=1, param_dtype=jnp.float32),
+                                    unroll=False), 3),)
+    return engine.SpeculativeDecoder(Llama(config, param_dtype=jnp.float32), arms, 12,
+                                     eos_ids=(), verify_fn=get_verify_fn(verify_impl))
+
+  kernel = decoder(impl)
+  args = ({"target": sharded}, *sharding.replicated(
+      (tokens, lengths, jax.random.key(0), Samplers.same(Temperature(1.0)),
+       kernel.chooser.init(1)), mesh))
+  with jax.transfer_guard("disallow"):
+    out = kernel.generate(*args)
+  expected = decoder("reference").generate(*args)
+  np.testing.assert_array_equal(out.tokens, expected.tokens)
+  np.testing.assert_array_equal(out.metrics.accepted, expected.metrics.accepted)
+  assert 0 < np.asarray(out.metrics.accepted).sum() < np.asarray(out.metrics.proposed).sum()
+  counts = collectives(kernel.lower(*args).compile().as_text())
+  assert not any(n for op, n in counts.items() if op != "all-reduce"), counts
 
 
 def test_a_checkpoint_loads_into_its_shards(tmp_path):
