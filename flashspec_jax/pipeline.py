@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, sharding, timing
+from flashspec_jax import environment, executables, sharding, timing
 from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
@@ -248,10 +248,10 @@ class BatchRun:
   Attributes:
     output: the program's GenerationOutput or SpecOutput.
     seconds: the compiled call alone.
-    lower_seconds: tracing the program and lowering it to StableHLO, which no
-      cache saves in a new process (0 when the Setup held the program).
-    compile_seconds: XLA's compile, or loading the result from the persistent
-      cache (0 when the Setup held the program).
+    lower_seconds: tracing the program and lowering it to StableHLO (0 when the
+      Setup held the program or the program store had it: see executables.py).
+    compile_seconds: XLA's compile, or loading the program from the store (0 when
+      the Setup held it).
   """
 
   output: Any
@@ -285,41 +285,50 @@ def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=Non
 
 
 def compile_ahead(jobs: list[tuple[Method, list[Request]]], setup: Setup, threads: int) -> float:
-  """Compiles the programs these (method, batch) pairs need and the Setup lacks; returns
-  the seconds it took.
+  """Loads or compiles the programs these (method, batch) pairs need and the Setup lacks;
+  returns the seconds it took.
 
   Tracing and lowering hold Python's lock, so programs are lowered in turn; XLA
   compiles outside it, `threads` programs side by side, which pays on a GPU host,
   where one program's compile keeps few of its cores busy.
   """
   start = time.perf_counter()
-  lowered = {}
+  pending = {}
   for method, batch in jobs:
     decoder, inputs, program = _program(method, setup, batch, jax.random.key(0))
-    if program not in setup.programs and program not in lowered:
-      lowered[program] = decoder.lower(*inputs)
-  compile_one = lambda program: lowered[program].compile(setup.compiler_options)
+    if program in setup.programs or program in pending:
+      continue
+    key = executables.program_key(decoder, inputs, setup.compiler_options)
+    stored = executables.load(key, inputs)
+    if stored is not None:
+      setup.programs[program] = stored
+    else:
+      pending[program] = key, decoder.lower(*inputs)
+
+  def compile_one(program):
+    key, lowered = pending[program]
+    compiled = lowered.compile(setup.compiler_options)
+    executables.save(key, compiled)
+    return compiled
+
   with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
-    setup.programs.update(zip(lowered, pool.map(compile_one, lowered)))
+    setup.programs.update(zip(pending, pool.map(compile_one, pending)))
   return time.perf_counter() - start
 
 
 def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
                     bandit=None) -> BatchRun:
-  """Runs one batch, compiling its program first unless the Setup holds it; times each."""
+  """Runs one batch, loading or compiling its program first unless the Setup holds it;
+  times each."""
   decoder, inputs, program = _program(method, setup, batch, key, bandit)
+  lower_seconds = compile_seconds = 0.0
+  if program not in setup.programs:
+    setup.programs[program], lower_seconds, compile_seconds = executables.load_or_compile(
+        decoder, inputs, setup.compiler_options)
   start = time.perf_counter()
-  if program in setup.programs:
-    lowered_at = compiled_at = start
-  else:
-    lowered = decoder.lower(*inputs)
-    lowered_at = time.perf_counter()
-    setup.programs[program] = lowered.compile(setup.compiler_options)
-    compiled_at = time.perf_counter()
-  compiled = setup.programs[program]
-  out = jax.block_until_ready(compiled(*inputs))
-  seconds = time.perf_counter() - compiled_at
-  return BatchRun(decoder.checked(out), seconds, lowered_at - start, compiled_at - lowered_at)
+  out = jax.block_until_ready(setup.programs[program](*inputs))
+  return BatchRun(decoder.checked(out), time.perf_counter() - start, lower_seconds,
+                  compile_seconds)
 
 
 def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],

@@ -288,14 +288,17 @@ def compile_time(data: dict) -> list[str]:
            f"a {data['prompt_length']}-token prompt (bucket {data['prompt_bucket']}), "
            f"{data['max_new_tokens']} new tokens, drafts unrolled: {data['unrolled_drafts']}. "
            f"Cold: compiled in a fresh persistent cache. Cached: a second process sharing the "
-           f"cache, its whole first call (tracing, loading the program, generating).", "",
+           f"cache, its whole first call (tracing unless the program store held the program, "
+           f"loading it, generating).", "",
            "| program | XLA options | cold compile (s) | cached: load (s) | cached: first call (s) "
-           "| of which generating (s) | compiled again |", "|---|---|---|---|---|---|---|"]
+           "| of which generating (s) | compiled again | untraced |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in data["rows"]:
     lowering = f" ({r['cold_lower_seconds']:.2f} lowering)" if "cold_lower_seconds" in r else ""
+    untraced = {True: "yes", False: "no"}.get(r.get("cached_untraced"), "(not recorded)")
     lines.append(f"| {r['method']} | {r['variant']} | {r['cold_compile_seconds']:.2f}{lowering} | "
                  f"{r['cached_load_seconds']:.2f} | {r['cached_call_seconds']:.2f} | "
-                 f"{r['cached_run_seconds']:.3f} | {r['compiles_with_warm_cache']} |")
+                 f"{r['cached_run_seconds']:.3f} | {r['compiles_with_warm_cache']} | {untraced} |")
   return lines
 
 

@@ -6,8 +6,9 @@ Builds the programs as run.py does (synthetic weights of the target's shape,
 bf16 on a GPU, unrolled drafts there): plain AR, one arm (n-gram), and a bandit
 over three arms (n-gram, layer-skip, AR). Each is compiled cold in a fresh
 persistent cache, then a second process that shares the cache times its whole
-first call: loading the program from disk plus generating. What that process
-compiled anyway is counted too (should be nothing). On a GPU each program is
+first call: loading the program from disk (whole from the program store,
+executables.py, so untraced) plus generating. What that process compiled anyway
+is counted too (should be nothing). On a GPU each program is
 also compiled without XLA's autotuning of matrix products, which takes much of
 a GPU compile, to weigh what it buys in run time.
 """
@@ -83,7 +84,8 @@ def time_programs(config, variant: str) -> list[dict]:
                      run_seconds=run.seconds,
                      call_seconds=time.perf_counter() - start,
                      cache_misses=events.count("/jax/compilation_cache/cache_misses"),
-                     cache_hits=events.count("/jax/compilation_cache/cache_hits")))
+                     cache_hits=events.count("/jax/compilation_cache/cache_hits"),
+                     store_loads=events.count("/flashspec/executables/hits")))
     jax.clear_caches()
   return rows
 
@@ -110,6 +112,7 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
                cached_load_seconds=w["lower_seconds"] + w["compile_seconds"],
                cached_lower_seconds=w["lower_seconds"], cached_call_seconds=w["call_seconds"],
                cached_run_seconds=w["run_seconds"], compiles_with_warm_cache=w["cache_misses"],
+               cached_untraced=w["store_loads"] > 0,
                raw=dict(cold=c, warm=w))
           for c, w in zip(cold, warm)]
   return dict(target=target, dtype=jax.numpy.dtype(pipeline.param_dtype(config)).name,
@@ -133,12 +136,14 @@ def main(argv):
   print(f"\ncompile time, {result['target']} shape ({result['dtype']}, synthetic weights), "
         f"{result['prompt_length']}-token prompt, {result['max_new_tokens']} new tokens -> {path}")
   print(f"{'method':<14} {'variant':<12} {'cold compile s':>14} {'lowering s':>10} "
-        f"{'cached load s':>13} {'cached call s':>13} {'run s':>7} {'recompiled':>10}")
+        f"{'cached load s':>13} {'cached call s':>13} {'run s':>7} {'recompiled':>10} "
+        f"{'untraced':>8}")
   for row in result["rows"]:
     print(f"{row['method']:<14} {row['variant']:<12} {row['cold_compile_seconds']:>14.2f} "
           f"{row['cold_lower_seconds']:>10.2f} "
           f"{row['cached_load_seconds']:>13.2f} {row['cached_call_seconds']:>13.2f} "
-          f"{row['cached_run_seconds']:>7.3f} {row['compiles_with_warm_cache']:>10}")
+          f"{row['cached_run_seconds']:>7.3f} {row['compiles_with_warm_cache']:>10} "
+          f"{str(row['cached_untraced']):>8}")
 
 
 if __name__ == "__main__":
