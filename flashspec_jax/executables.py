@@ -6,8 +6,8 @@ still traces and lowers every program before it can look, which is seconds for a
 bandit over 30-layer models (results/compile_time/). This store keys a compiled
 executable by what fixes it before tracing: the decoder (a frozen dataclass whose
 repr spells out its configs), the inputs' tree, shapes, dtypes and shardings, the
-compiler options, JAX's version and devices, XLA_FLAGS, and a digest of this
-package's source, so an edited engine never loads a stale program. It lives in a
+compiler options, JAX's version, settings and devices, XLA_FLAGS, and a digest
+of this package's source, so an edited engine never loads a stale program. It lives in a
 folder of JAX's cache directory and is on exactly when that cache is.
 
 Loading runs code from the file, like JAX's own cache: only this user's cache
@@ -56,12 +56,14 @@ def program_key(decoder, inputs, compiler_options: dict[str, Any] | None) -> str
   """What fixes the executable `decoder.lower(*inputs).compile(compiler_options)` builds."""
   leaves, tree = jax.tree.flatten(inputs)
   devices = sorted({str(d.device_kind) for d in jax.devices()})
-  parts = [_ADDRESS.sub("", repr(decoder)), str(tree), *map(_describe, leaves),
+  # Every JAX setting, since some change what a trace computes (x64, the PRNG's
+  # partitionable mode, default matmul precision); the rest only split the store.
+  parts = [repr(decoder), str(tree), *map(_describe, leaves),
            repr(sorted((compiler_options or {}).items())), jax.__version__,
            jax.default_backend(), repr(devices), str(jax.device_count()),
-           os.environ.get("XLA_FLAGS", ""), str(jax.config.jax_enable_x64),
-           str(jax.config.jax_default_matmul_precision), _source_digest()]
-  return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+           os.environ.get("XLA_FLAGS", ""), repr(sorted(jax.config.values.items(), key=str)),
+           _source_digest()]
+  return hashlib.sha256(_ADDRESS.sub("", "\n".join(parts)).encode()).hexdigest()
 
 
 def _path(key: str) -> pathlib.Path | None:

@@ -74,6 +74,12 @@ def test_the_key_is_the_program(store):
              key(method=dataclasses.replace(method, arms=method.arms[:1])),
              key(setup=dataclasses.replace(new_setup(), max_new_tokens=7)),
              key(setup=dataclasses.replace(new_setup(), pass_width=5))]
+  partitionable = jax.config.jax_threefry_partitionable
+  jax.config.update("jax_threefry_partitionable", not partitionable)  # other random bits
+  try:
+    changed.append(key())
+  finally:
+    jax.config.update("jax_threefry_partitionable", partitionable)
   assert same not in changed and len(set(changed)) == len(changed)
 
 
