@@ -326,7 +326,10 @@ def deterministic(data: dict) -> list[str]:
   off, on = (next(p["summaries"] for p in data["points"] if p["value"] is v)
              for v in (False, True))
   c = data["config"]
-  lines = [f"{c['target']} in {c['dtype']}, batch {c['batch_size']}, greedy, gamma "
+  # "auto" is bf16 on a GPU and f32 elsewhere (pipeline.param_dtype).
+  dtype = c["dtype"] if c["dtype"] != "auto" else (
+      "bfloat16" if data["environment"]["device"].startswith("gpu") else "float32")
+  lines = [f"{c['target']} in {dtype}, batch {c['batch_size']}, greedy, gamma "
            f"{c['sampling']['gamma']}, "
            f"{c['sampling']['max_new_tokens']} new tokens, {c['prompts']['num_per_set']} held-out "
            f"prompts per set ({c['prompts']['sets']}), the mode off and on in one run. "
@@ -418,8 +421,10 @@ SECTIONS = [
             numerics, _model("smollm2_135m")),
     Section("numerics", "gpu", "Verify-pass and decode-step logits against f32, Llama-3-8B "
             "shape (H200)", numerics, _model("llama3_8b")),
-    Section("deterministic_smollm2", "gpu", "Deterministic mode off and on (H200)",
-            deterministic),
+    Section("deterministic_smollm2", "gpu", "Deterministic mode off and on, batch 1 (H200)",
+            deterministic, lambda data: data["config"]["batch_size"] == 1),
+    Section("deterministic_smollm2", "gpu", "Deterministic mode off and on, batch 8 (H200)",
+            deterministic, lambda data: data["config"]["batch_size"] == 8),
     Section("deterministic_smollm2", "cpu", "Deterministic mode off and on (CPU)",
             deterministic),
     Section("compile_time", "gpu", "Compile time and the disk cache (H200)", compile_time),
