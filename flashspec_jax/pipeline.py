@@ -316,6 +316,23 @@ def compile_ahead(jobs: list[tuple[Method, list[Request]]], setup: Setup, thread
   return time.perf_counter() - start
 
 
+def warm_up(jobs: list[tuple[Method, list[Request]]], setup: Setup) -> float:
+  """Runs each program these jobs need once, untimed; returns the seconds it took.
+
+  On a GPU an executable loads its kernels when it first runs: in the H200 choosers
+  runs each bandit program's first call took about 3 ms more per step than its later
+  ones, which a stream of 24 short calls would count against the bandit.
+  """
+  start = time.perf_counter()
+  warmed = set()
+  for method, batch in jobs:
+    _, inputs, program = _program(method, setup, batch, jax.random.key(0))
+    if program not in warmed:
+      warmed.add(program)
+      jax.block_until_ready(setup.programs[program](*inputs))
+  return time.perf_counter() - start
+
+
 def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
                     bandit=None) -> BatchRun:
   """Runs one batch, loading or compiling its program first unless the Setup holds it;

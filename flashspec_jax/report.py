@@ -344,6 +344,28 @@ def deterministic(data: dict) -> list[str]:
   return lines
 
 
+def chooser_steps(data: dict) -> list[str]:
+  """Per recorded stream run: first calls against later ones, and steps against the
+  calibrated cost of the arms they ran."""
+  lines = ["Read from recorded stream runs. Later calls leave out each method's first call; "
+           "mix: a step of the chooser's later arm shares at the run's calibrated arm costs; "
+           "at mix: its speed against the best fixed arm had each step cost that mix plus "
+           "the per-call share the fixed arm pays beyond its calibrated cost.", "",
+           "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
+           "vs best fixed | at mix |", "|---|---|---|---|---|---|---|---|"]
+  for run in data["runs"]:
+    name = f"T={run['temperature']:g}, {run['order']}"
+    lines.append(f"| {name} | {run['best_fixed']} (best fixed) | "
+                 f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
+                 f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
+                 f"{run['best_fixed_tau']:.2f} | 1.00 | |")
+    for c in run["choosers"]:
+      lines.append(f"| {name} | {c['method']} | {c['first_call_ms_per_step']:.2f} | "
+                   f"{c['ms_per_step']:.3f} | {c['calibrated_mix_ms']:.3f} | {c['tau']:.2f} | "
+                   f"{c['vs_best_fixed']:.2f} | {c['estimated_vs_best_fixed']:.2f} |")
+  return lines
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
   """A README section: the newest file of `experiment` run on `device` (a prefix) that
@@ -409,6 +431,8 @@ SECTIONS = [
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
             "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream (CPU)", choosers),
+    Section("chooser_steps", "", "Where the choosers' time went in the H200 streams",
+            chooser_steps),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
     Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),
     Section("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a "

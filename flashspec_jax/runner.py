@@ -2,8 +2,8 @@
 
 Every method of a run sees the same prompts in the same batches and order, so
 their speeds are measured side by side. Every program of the run is compiled
-first, several side by side (pipeline.compile_ahead), so each batch's time is
-its run alone. A bandit method carries its bandit's
+first, several side by side (pipeline.compile_ahead), and on a GPU run once
+untimed (pipeline.warm_up), so each batch's time is its run alone. A bandit method carries its bandit's
 state from one batch to the next, so it adapts over the prompt stream.
 """
 
@@ -30,7 +30,8 @@ from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.pipeline import (Request, build_methods, compile_ahead, compile_and_run,
-                                    load_target, make_setup, param_dtype, with_arm_costs)
+                                    load_target, make_setup, param_dtype, warm_up,
+                                    with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file
 
 
@@ -140,9 +141,11 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
     print("arm costs (s/step): " + ", ".join(f"{a.name} {a.cost:.4f}" for a in bandit_arms))
 
   threads = config.compile_threads or max(1, (os.cpu_count() or 2) // 2)
-  compile_seconds = compile_ahead([(m, b) for m in methods for b in batches], setup, threads)
+  jobs = [(m, b) for m in methods for b in batches]
+  compile_seconds = compile_ahead(jobs, setup, threads)
+  warm_up_seconds = warm_up(jobs, setup) if environment.on_gpu() else 0.0
   print(f"compiled {len(setup.programs)} programs in {compile_seconds:.1f} s "
-        f"({threads} at a time)")
+        f"({threads} at a time), first runs {warm_up_seconds:.1f} s")
 
   records, summaries, histories, final_states = [], {}, {}, {}
   saved_states = load_bandit_states(config.bandit.initial_state, methods)
@@ -203,7 +206,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
                  weights=model.source, summaries=summaries, bandit_histories=histories,
                  bandit_states=final_states, arm_costs={a.name: a.cost for a in bandit_arms},
                  compile=dict(seconds=compile_seconds, threads=threads,
-                              programs=len(setup.programs)))
+                              programs=len(setup.programs), warm_up_seconds=warm_up_seconds))
   return payload, records
 
 

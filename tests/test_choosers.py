@@ -180,3 +180,32 @@ def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tm
   loaded = runner.load_bandit_states(str(path), [Method("ar"), method])
   jax.tree.map(np.testing.assert_array_equal, loaded[method.name], state)
   assert loaded[method.name].pulls.dtype == jnp.int32
+
+
+def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
+  """bench.chooser_steps on a made-up stream: a fixed arm and a bandit whose later steps
+  cost twice what its arms cost alone."""
+  from flashspec_jax.bench import chooser_steps
+
+  def call(method, seconds, steps):
+    return dict(method=method, new_tokens=2 * steps, loop_steps=steps, batch_seconds=seconds)
+  run = dict(
+      _path="run.json", environment=dict(device="gpu:test"),
+      config=dict(sampling=dict(gamma=4, temperature=0.0), prompts=dict(order="blocks")),
+      arm_costs={"ngram_3:g4": 0.001, "ar": 0.002},
+      records=[call("ngram:3", 0.03, 10), call("ngram:3", 0.011, 10), call("ngram:3", 0.011, 10),
+               call("bandit:hedge", 0.05, 10), call("bandit:hedge", 0.03, 10),
+               call("bandit:hedge", 0.03, 10)],
+      bandit_histories={"bandit:hedge": dict(arms=["ngram_3:g4", "ar"],
+                                             steps=[["chat", i % 2] for i in range(30)])})
+  out = chooser_steps.analyse(run)
+  assert out["best_fixed"] == "ngram:3"
+  assert out["best_fixed_first_call_ms_per_step"] == pytest.approx(3.0)
+  assert out["best_fixed_ms_per_step"] == pytest.approx(1.1)
+  (hedge,) = out["choosers"]
+  assert hedge["first_call_ms_per_step"] == pytest.approx(5.0)
+  assert hedge["ms_per_step"] == pytest.approx(3.0)
+  assert hedge["calibrated_mix_ms"] == pytest.approx(1.5)
+  assert hedge["vs_best_fixed"] == pytest.approx(1.1 / 3.0)
+  # At its arms' costs plus the fixed arm's 0.1 ms per-call share: 1.6 ms per step.
+  assert hedge["estimated_vs_best_fixed"] == pytest.approx(1.1 / 1.6)

@@ -1,5 +1,6 @@
 """run.py and the experiment runner: defaults, errors before work, results files."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -189,8 +190,15 @@ def test_programs_compiled_ahead_side_by_side_run_as_compiled_alone(tmp_path):
   methods, params = pipeline.build_methods(config, model, jnp.float32)
   batch = runner.build_requests(config, model)
   ahead, alone = (pipeline.make_setup(config, model, params, jnp.float32) for _ in range(2))
-  pipeline.compile_ahead([(method, batch) for method in methods], ahead, threads=2)
+  jobs = [(method, batch) for method in methods] * 2  # a program twice, warmed once
+  pipeline.compile_ahead(jobs, ahead, threads=2)
   assert len(ahead.programs) == len(methods)
+  runs = []
+  counted = {program: (lambda *args, compiled=compiled, program=program:
+                       runs.append(program) or compiled(*args))
+             for program, compiled in ahead.programs.items()}
+  pipeline.warm_up(jobs, dataclasses.replace(ahead, programs=counted))
+  assert sorted(map(str, runs)) == sorted(map(str, ahead.programs))  # each once
   for method in methods:
     held = pipeline.compile_and_run(method, ahead, batch, jax.random.key(0))
     compiled = pipeline.compile_and_run(method, alone, batch, jax.random.key(0))
