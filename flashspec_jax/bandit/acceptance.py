@@ -82,7 +82,7 @@ def kl_upper_bound(mean: jax.Array, trials: jax.Array, budget: jax.Array) -> jax
     return jnp.where(inside, middle, low), jnp.where(inside, high, middle)
   # Unrolled: on a GPU each turn of a loop inside the decode step waits for the host to
   # test its condition. With the loop, KL-UCB's steps in the H200 choosers runs cost
-  # 0.15-0.37 ms more than Hedge's beyond their arms' calibrated costs (docs/bandits.md).
+  # 0.27-0.37 ms more than Hedge's beyond their arms' calibrated costs (docs/bandits.md).
   low, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (mean, jnp.ones_like(mean)),
                              unroll=True)
   return low

@@ -10,8 +10,9 @@ n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a bandit
 time (`timing.held_on_first_arm`), so every program does the same work per step
 and differs only in the arms it holds: AR; layer-skip arms and AR; an untrained
 feature drafter, to which every target pass hands its features; and the six
-arms of experiments/choosers_smollm2.py, whose bandit programs cost 0.35-0.75 ms
-more per step than their arms alone on the H200 (docs/bandits.md). Each program
+arms of experiments/choosers_smollm2.py, whose Hedge steps cost 0.35-0.68 ms more
+than their arms alone in the H200 streams (bench/chooser_steps.py); held on one
+arm here, that program cost 1.04x the fixed one (docs/bandits.md). Each program
 runs at two lengths, which split its time into a part per loop step and a part
 per call; each also records the cache buffers its compiled loop copies
 (`bench.hlo.buffer_copies`).
