@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashspec_jax.bandit import (DiscountedUCB, EpsilonGreedy, Fixed, Oracle, Thompson, UCB1,
-                                  make_strategy)
+from flashspec_jax.bandit import (Cycle, DiscountedUCB, EpsilonGreedy, Fixed, Oracle, Thompson,
+                                  UCB1, initial_state, make_strategy)
 from flashspec_jax.simulation import BernoulliArms, recovery_steps, simulate, ucb1_regret_bound
 
 
@@ -161,3 +161,12 @@ def test_recovery_steps_counts_from_the_switch():
   recovered = recovery_steps(arms, best_after=1, switch_at=500, window=100, share=0.9)
   assert recovered[0] == 50 + 91 and recovered[1] == -1  # 91 of the last 100 pulls
   assert recovery_steps(arms, best_after=1, switch_at=500, window=100)[0] == 50 + 51
+
+
+def test_cycle_pulls_the_arms_in_turn_whatever_they_earn():
+  strategy, state, chosen = Cycle(every=2), initial_state(3), []
+  for reward in (1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0):
+    arm = strategy.select(state, jax.random.key(0))
+    chosen.append(int(arm))
+    state = strategy.update(state, arm, reward)
+  assert chosen == [0, 0, 1, 1, 2, 2, 0]

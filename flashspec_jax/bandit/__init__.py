@@ -4,7 +4,7 @@ which need the engine's per-draft feedback."""
 
 from flashspec_jax.bandit.acceptance import (AcceptanceKLUCB, AcceptanceState,
                                              AcceptanceThompson, Hedge, expected_tokens)
-from flashspec_jax.bandit.strategies import (STRATEGIES, BanditState, DiscountedUCB,
+from flashspec_jax.bandit.strategies import (STRATEGIES, BanditState, Cycle, DiscountedUCB,
                                              EpsilonGreedy, Feedback, Fixed, Oracle, Strategy,
                                              Thompson, UCB1, initial_state)
 
@@ -21,6 +21,6 @@ def make_strategy(name: str, **kwargs) -> Strategy:
 
 
 __all__ = ["ACCEPTANCE_STRATEGIES", "ENGINE_STRATEGIES", "STRATEGIES", "AcceptanceKLUCB",
-           "AcceptanceState", "AcceptanceThompson", "BanditState", "DiscountedUCB",
+           "AcceptanceState", "AcceptanceThompson", "BanditState", "Cycle", "DiscountedUCB",
            "EpsilonGreedy", "Feedback", "Fixed", "Hedge", "Oracle", "Strategy", "Thompson",
            "UCB1", "expected_tokens", "initial_state", "make_strategy"]

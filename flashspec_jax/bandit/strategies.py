@@ -204,6 +204,18 @@ class Fixed(_RunningMeans):
 
 
 @dataclasses.dataclass(frozen=True)
+class Cycle(_RunningMeans):
+  """Pulls the arms in turn, `every` steps each, whatever they earn: a fixed schedule
+  of switches, to time what moving between arms costs (bench/bandit_call.py)."""
+
+  every: int = 1
+
+  def choose(self, state, draws):
+    del draws
+    return (state.pulls // self.every % state.num_arms).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
 class Oracle(_RunningMeans):
   """Knows the true mean of each arm; after `switch_at` pulls, `means_after` apply."""
 

@@ -12,7 +12,10 @@ and differs only in the arms it holds: AR; layer-skip arms and AR; an untrained
 feature drafter, to which every target pass hands its features; and the six
 arms of experiments/choosers_smollm2.py, whose Hedge steps cost 0.35-0.68 ms more
 than their arms alone in the H200 streams (bench/chooser_steps.py); held on one
-arm here, that program cost 1.04x the fixed one (docs/bandits.md). Each program
+arm here, that program cost 1.04x the fixed one (docs/bandits.md). Two programs
+move between n-gram and the feature drafter on a fixed schedule (`Cycle`), every
+step and every 8 steps, to time what switching costs against the two arms' own
+programs (fixed n-gram and fixed eagle) at half the steps each. Each program
 runs at two lengths, which split its time into a part per loop step and a part
 per call; each also records the cache buffers its compiled loop copies
 (`bench.hlo.buffer_copies`).
@@ -34,7 +37,7 @@ import jax
 from absl import app, flags
 
 from flashspec_jax import results
-from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
+from flashspec_jax.bandit import UCB1, Cycle, EpsilonGreedy, Fixed, Thompson, initial_state
 from flashspec_jax import timing
 from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
 from flashspec_jax.bench.synthetic import SyntheticTarget
@@ -59,6 +62,9 @@ _STRATEGY = flags.DEFINE_enum("strategy", "greedy", sorted(STRATEGIES),
                               "The bandit strategy that is held on the n-gram arm.")
 _SAMPLER = flags.DEFINE_enum("sampler", "temperature", ["temperature", "greedy"],
                              "Target and draft sampling: temperature 1 or greedy.")
+_PROGRAMS = flags.DEFINE_multi_string(
+    "program", [], "Only this program (a name as in the table; repeat the flag for more; none: "
+    "all). The fixed programs it is compared with run too.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", "", "If set, write each optimized program here.")
 
@@ -72,6 +78,7 @@ class Programs:
   unroll: bool
   strategy: str = "greedy"
   sampler: str = "temperature"
+  only: tuple[str, ...] = ()  # program names; empty: all
 
 
 def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list[int],
@@ -90,14 +97,33 @@ def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list
               # experiments/choosers_smollm2.py's arms: n-gram at three gammas, eagle,
               # the deepest layer-skip, AR.
               "held: six arms": (ngram, Arm(drafter, 2), Arm(drafter, 8), eagle, layer_skip[-1],
-                                 Arm())}
+                                 Arm()),
+              "fixed eagle": (eagle,),
+              # Moving between arms, which a held bandit never does: the feature
+              # drafter catches up on the tokens n-gram's steps committed.
+              "cycle n-gram/eagle, every step": (ngram, eagle),
+              "cycle n-gram/eagle, every 8 steps": (ngram, eagle)}
+  schedules = {"cycle n-gram/eagle, every step": Cycle(1),
+               "cycle n-gram/eagle, every 8 steps": Cycle(8)}
+  if programs.only:
+    unknown = set(programs.only) - set(arm_sets)
+    if unknown:
+      raise ValueError(f"--program: unknown {sorted(unknown)}; known: {list(arm_sets)}")
+    references = {"fixed n-gram"} | ({"fixed eagle"} if set(programs.only) & set(schedules)
+                                     else set())
+    arm_sets = {name: arms for name, arms in arm_sets.items()
+                if name in set(programs.only) | references}
   key = jax.random.key(2)
   sampler = Greedy() if programs.sampler == "greedy" else Temperature(1.0)
   samplers = Samplers.same(sampler)
   calls = []
   for (name, arms), tokens in itertools.product(arm_sets.items(), new_tokens):
-    held, bandit = ((Fixed(0), None) if len(arms) == 1
-                    else (STRATEGIES[programs.strategy], timing.held_on_first_arm(len(arms))))
+    if name in schedules:
+      held, bandit = schedules[name], initial_state(len(arms))
+    elif len(arms) == 1:
+      held, bandit = Fixed(0), None
+    else:
+      held, bandit = STRATEGIES[programs.strategy], timing.held_on_first_arm(len(arms))
     decoder = SpeculativeDecoder(target.model, arms, tokens, eos_ids=(), strategy=held,
                                  verify_fn=get_verify_fn("auto"))
     calls.append((name, arms, tokens, decoder, bandit,
@@ -131,8 +157,12 @@ def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list
     programs_summary.append(dict(program=name, ms_per_step=per_step,
                                  ms_per_call=short["call_ms"] - per_step * short["steps"],
                                  cache_copies_in_loop=long["cache_copies_in_loop"]))
+  by_name = {summary["program"]: summary for summary in programs_summary}
   for summary in programs_summary:
     summary["step_vs_fixed"] = summary["ms_per_step"] / programs_summary[0]["ms_per_step"]
+    if summary["program"] in schedules:  # against its two arms' own programs, half each
+      summary["step_vs_arms_alone"] = summary["ms_per_step"] / statistics.mean(
+          by_name[f"fixed {arm}"]["ms_per_step"] for arm in ("n-gram", "eagle"))
   batch, context = prompt.shape
   return dict(target=config.name, dtype=target.model.param_dtype.name, synthetic_weights=True,
               batch=batch, gamma=gamma, context=context, new_tokens=new_tokens,
@@ -148,7 +178,7 @@ def main(argv):
   unroll = on_gpu() if _UNROLL.value is None else _UNROLL.value
   target = SyntheticTarget.create(_TARGET.value)
   programs = Programs(_GAMMA.value, tuple(int(d) for d in _DEPTHS.value), unroll,
-                      _STRATEGY.value, _SAMPLER.value)
+                      _STRATEGY.value, _SAMPLER.value, tuple(_PROGRAMS.value))
   result = bench(target, target.prompts(_BATCH.value, _CONTEXT.value), programs,
                  [int(n) for n in _NEW_TOKENS.value], _REPEATS.value, _HLO_DIR.value)
   path = results.write("bandit_call", result, directory=_OUT.value)
@@ -156,15 +186,16 @@ def main(argv):
         f"-> {path}")
   print(f"{len(result['rows'])} programs compiled side by side in "
         f"{result['compile_seconds']:.1f} s")
-  print(f"{'program':>30} {'new tokens':>10} {'steps':>6} {'call ms':>9}")
+  print(f"{'program':>36} {'new tokens':>10} {'steps':>6} {'call ms':>9}")
   for row in result["rows"]:
-    print(f"{row['program']:>30} {row['new_tokens']:>10} {row['steps']:>6} "
+    print(f"{row['program']:>36} {row['new_tokens']:>10} {row['steps']:>6} "
           f"{row['call_ms']:>9.2f}")
-  print(f"\n{'program':>30} {'ms/step':>8} {'vs fixed':>9} {'ms/call':>8} "
+  print(f"\n{'program':>36} {'ms/step':>8} {'vs fixed':>9} {'vs arms':>8} {'ms/call':>8} "
         f"{'cache copies in loop':>21}")
   for p in result["programs"]:
-    print(f"{p['program']:>30} {p['ms_per_step']:>8.3f} {p['step_vs_fixed']:>9.3f} "
-          f"{p['ms_per_call']:>8.2f} {p['cache_copies_in_loop']:>21}")
+    alone = f"{p['step_vs_arms_alone']:.3f}" if "step_vs_arms_alone" in p else "-"
+    print(f"{p['program']:>36} {p['ms_per_step']:>8.3f} {p['step_vs_fixed']:>9.3f} "
+          f"{alone:>8} {p['ms_per_call']:>8.2f} {p['cache_copies_in_loop']:>21}")
 
 if __name__ == "__main__":
   app.run(main)
