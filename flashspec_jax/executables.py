@@ -10,8 +10,10 @@ compiler options, JAX's version, settings and devices, XLA_FLAGS, and a digest
 of this package's source, so an edited engine never loads a stale program. It lives in a
 folder of JAX's cache directory and is on exactly when that cache is.
 
-Loading runs code from the file, like JAX's own cache: only this user's cache
-directory is read.
+Only programs this process compiled are stored: one that JAX loaded from its own
+cache serializes (on the CPU at least) without the code of its fused kernels, and
+fails when run after loading ("Function ... not found"). Loading runs code from the
+file, like JAX's own cache: only this user's cache directory is read.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import pathlib
 import pickle
 import re
+import threading
 import time
 from typing import Any
 
@@ -33,6 +36,18 @@ from flashspec_jax import results
 
 _FOLDER = "flashspec_programs"
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+# JAX's cache hits, per thread: XLA compiles side by side (pipeline.compile_ahead), and
+# JAX records each hit in the thread that compiles.
+_jax_cache_hits = threading.local()
+
+
+def _count_jax_cache_hit(event: str, **kwargs) -> None:
+  del kwargs
+  if event == "/jax/compilation_cache/cache_hits":
+    _jax_cache_hits.count = getattr(_jax_cache_hits, "count", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_jax_cache_hit)
 
 
 @functools.cache
@@ -87,27 +102,32 @@ def load(key: str, inputs) -> jax.stages.Compiled | None:
         payload, in_tree, out_tree, backend=client,
         execution_devices=[by_id[i] for i in device_ids])
   except Exception as error:  # pylint: disable=broad-except
-    # A file from an older JAX, or cut short by a full disk: compile again over it.
+    # A file from an older JAX, or cut short by a full disk: compile again.
     logging.warning("compiled program %s did not load (%s); compiling it again", path, error)
+    path.unlink(missing_ok=True)
     return None
   jax.monitoring.record_event("/flashspec/executables/hits")
   return compiled
 
 
-def save(key: str, compiled: jax.stages.Compiled) -> None:
-  """Stores compiled under key; a program that cannot be serialized is left unstored."""
+def compile_and_store(key: str, lowered: jax.stages.Lowered,
+                      compiler_options: dict[str, Any] | None = None) -> jax.stages.Compiled:
+  """lowered, compiled; stored under key unless JAX took it from its own cache."""
+  hits = getattr(_jax_cache_hits, "count", 0)
+  compiled = lowered.compile(compiler_options)
   path = _path(key)
-  if path is None:
-    return
+  if path is None or getattr(_jax_cache_hits, "count", 0) != hits:
+    return compiled
   try:
     stored = (*serialize_executable.serialize(compiled),
               [device.id for device in compiled.runtime_executable().local_devices()])
   except (ValueError, NotImplementedError) as error:
     logging.info("compiled program not stored: %s", error)
-    return
+    return compiled
   path.parent.mkdir(parents=True, exist_ok=True)
   with results.open_atomic(path, "wb") as file:
     pickle.dump(stored, file)
+  return compiled
 
 
 def load_or_compile(decoder, inputs, compiler_options=None) -> tuple[Any, float, float]:
@@ -120,7 +140,5 @@ def load_or_compile(decoder, inputs, compiler_options=None) -> tuple[Any, float,
     return compiled, 0.0, time.perf_counter() - start
   lowered = decoder.lower(*inputs)
   lowered_at = time.perf_counter()
-  compiled = lowered.compile(compiler_options)
-  compiled_at = time.perf_counter()
-  save(key, compiled)
-  return compiled, lowered_at - start, compiled_at - lowered_at
+  compiled = compile_and_store(key, lowered, compiler_options)
+  return compiled, lowered_at - start, time.perf_counter() - lowered_at

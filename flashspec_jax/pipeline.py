@@ -306,10 +306,7 @@ def compile_ahead(jobs: list[tuple[Method, list[Request]]], setup: Setup, thread
       pending[program] = key, decoder.lower(*inputs)
 
   def compile_one(program):
-    key, lowered = pending[program]
-    compiled = lowered.compile(setup.compiler_options)
-    executables.save(key, compiled)
-    return compiled
+    return executables.compile_and_store(*pending[program], setup.compiler_options)
 
   with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
     setup.programs.update(zip(pending, pool.map(compile_one, pending)))

@@ -271,8 +271,12 @@ def idle_arms(data: dict) -> list[str]:
 def bandit_call(data: dict) -> list[str]:
   lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, batch {data['batch']}, "
            f"gamma {data['gamma']}, prompt {data['context']} tokens, "
-           f"{data.get('sampler', 'temperature')} sampling; a {data.get('strategy', 'greedy')} "
-           f"bandit holds the n-gram arm, chosen at run time. Calls of "
+           f"{data.get('sampler', 'temperature')} sampling. "
+           + ("Cycle programs pull their two arms in turn (bandit.Cycle); vs its arms alone: "
+              "against the mean step of the two arms' fixed programs. " if _has_cycle(data) else
+              f"A {data.get('strategy', 'greedy')} bandit holds the n-gram arm, chosen at run "
+              "time. ")
+           + f"Calls of "
            f"{' and '.join(map(str, data['new_tokens']))} new tokens split the time into a part "
            f"per loop step and a part per call.", "",
            "| program | per step (ms) | vs fixed | vs its arms alone | per call (ms) | "
@@ -392,6 +396,10 @@ def _stream(temperature: float, order: str) -> Callable[[dict], bool]:
                        and data["config"]["prompts"]["order"] == order)
 
 
+def _has_cycle(data: dict) -> bool:
+  return any(p["program"].startswith("cycle") for p in data["programs"])
+
+
 def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
@@ -441,7 +449,9 @@ SECTIONS = [
     Section("bandit_smollm2", "gpu", "The same stream on the H200", bandit_run),
     Section("idle_arms", "gpu", "Step time with idle model arms", idle_arms),
     Section("bandit_call", "gpu", "Whole calls of the bandit program held on one arm (H200)",
-            bandit_call),
+            bandit_call, lambda data: not _has_cycle(data)),
+    Section("bandit_call", "gpu", "Moving between arms on a fixed schedule (H200)", bandit_call,
+            _has_cycle),
     Section("numerics", "gpu", "Verify-pass and decode-step logits against f32, SmolLM2 (H200)",
             numerics, _model("smollm2_135m")),
     Section("numerics", "gpu", "Verify-pass and decode-step logits against f32, Llama-3-8B "

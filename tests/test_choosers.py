@@ -183,9 +183,8 @@ def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tm
 
 
 def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
-  """bench.chooser_steps on a made-up stream: a fixed arm and a bandit whose later steps
+  """streams.step_costs (bench/chooser_steps.py) on a made-up stream: a fixed arm and a bandit whose later steps
   cost twice what its arms cost alone."""
-  from flashspec_jax.bench import chooser_steps
 
   def call(method, seconds, steps):
     return dict(method=method, new_tokens=2 * steps, loop_steps=steps, batch_seconds=seconds)
@@ -198,7 +197,7 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
                call("bandit:hedge", 0.03, 10)],
       bandit_histories={"bandit:hedge": dict(arms=["ngram_3:g4", "ar"],
                                              steps=[["chat", i % 2] for i in range(30)])})
-  out = chooser_steps.analyse(run)
+  out = streams.step_costs(run)
   assert out["best_fixed"] == "ngram:3"
   assert out["best_fixed_first_call_ms_per_step"] == pytest.approx(3.0)
   assert out["best_fixed_ms_per_step"] == pytest.approx(1.1)

@@ -2,16 +2,18 @@
 its key tells apart everything that changes the program."""
 
 import dataclasses
-import logging
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from helpers import with_fields
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import engine, executables, pipeline, runner, sharding
+from flashspec_jax import executables, pipeline, runner, sharding
 from flashspec_jax.loading import load_model
 
 
@@ -27,6 +29,7 @@ def store(tmp_path):
 
 
 def tiny(methods="ngram:2,layer_skip:2", **overrides):
+  """A bandit method's pieces on the tiny shape: (method, a Setup maker, the requests)."""
   config = with_fields(config_lib.base_config(), target="tiny_llama", synthetic_weights=True,
                        methods="bandit:ucb1", arms=methods, **overrides)
   config.bandit.costs = ",".join("1" for _ in config_lib.split_list(methods))
@@ -38,25 +41,63 @@ def tiny(methods="ngram:2,layer_skip:2", **overrides):
       runner.build_requests(config, model)
 
 
-def never_traced(*args):
-  raise AssertionError("a stored program was traced again")
+# A process that builds the tiny programs (one device, and tp 2), runs them through the
+# pipeline and prints what it saw; "untraced" makes tracing fail.
+PROBE = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flashspec_jax import config as config_lib, engine, pipeline, runner, sharding
+from flashspec_jax.loading import load_model
+if sys.argv[1] == "untraced":
+  def never_traced(*args):
+    raise AssertionError("a stored program was traced again")
+  engine.SpeculativeDecoder.lower = never_traced
+out = {}
+for mesh in ("", "tp:2"):
+  config = config_lib.base_config()
+  config.target, config.synthetic_weights, config.mesh = "tiny_llama", True, mesh
+  config.methods, config.arms, config.bandit.costs = "bandit:ucb1", "ngram:2,layer_skip:2", "1,1"
+  config.sampling.max_new_tokens = 6
+  model = load_model(config.target, synthetic=True, dtype=jnp.float32, seed=0,
+                     mesh=sharding.mesh_for(mesh))
+  (method,), params = pipeline.build_methods(config, model, jnp.float32)
+  run = pipeline.compile_and_run(method, pipeline.make_setup(config, model, params, jnp.float32),
+                                 runner.build_requests(config, model), jax.random.key(0))
+  out[mesh] = dict(lower_seconds=run.lower_seconds, tokens=np.asarray(run.output.tokens).tolist())
+print(json.dumps(out))
+"""
 
 
-@pytest.mark.parametrize("mesh", ["", "tp:2"])
-def test_a_stored_program_runs_as_compiled_without_tracing(store, monkeypatch, mesh):
-  method, new_setup, batch = tiny(mesh=mesh)
-  compiled = pipeline.compile_and_run(method, new_setup(), batch, jax.random.key(0))
-  assert compiled.lower_seconds > 0 and len(list(store.iterdir())) == 1
-  monkeypatch.setattr(engine.SpeculativeDecoder, "lower", never_traced)
-  loaded = pipeline.compile_and_run(method, new_setup(), batch, jax.random.key(0))
-  assert loaded.lower_seconds == 0
-  np.testing.assert_array_equal(loaded.output.tokens, compiled.output.tokens)
-  np.testing.assert_array_equal(loaded.output.metrics.accepted,
-                                compiled.output.metrics.accepted)
-  # compile_ahead reads the store too.
-  ahead = new_setup()
-  pipeline.compile_ahead([(method, batch)], ahead, threads=1)
-  assert len(ahead.programs) == 1
+def probe(cache_dir, mode="run"):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.loads(run.stdout.splitlines()[-1]), run.stderr
+
+
+def test_a_stored_program_loads_untraced_in_a_new_process_and_runs_as_compiled(tmp_path):
+  """Each process has a fresh JAX: a program compiled in the first is stored; the second
+  loads it without tracing; the third finds the files damaged, says so and compiles
+  again, and stores nothing, since JAX now gives it the programs from its own cache,
+  whose executables would not run once serialized again."""
+  store = tmp_path / "flashspec_programs"
+  compiled, _ = probe(tmp_path)
+  assert all(run["lower_seconds"] > 0 for run in compiled.values())
+  assert len(list(store.iterdir())) == 2
+
+  loaded, _ = probe(tmp_path, "untraced")
+  for mesh in compiled:
+    assert loaded[mesh]["lower_seconds"] == 0
+    assert loaded[mesh]["tokens"] == compiled[mesh]["tokens"]
+
+  for path in store.iterdir():
+    path.write_bytes(b"not a program")
+  again, log = probe(tmp_path)
+  assert log.count("did not load") == 2 and not list(store.iterdir())
+  for mesh in compiled:
+    assert again[mesh]["lower_seconds"] > 0
+    assert again[mesh]["tokens"] == compiled[mesh]["tokens"]
 
 
 def test_the_key_is_the_program(store):
@@ -70,7 +111,8 @@ def test_the_key_is_the_program(store):
   same = key()
   assert key() == same  # new objects at new addresses, one program
   longer = dataclasses.replace(batch[0], token_ids=batch[0].token_ids * 4)
-  changed = [key(batch=[longer]), key(batch=batch * 2), key(options={"xla_backend_optimization_level": 1}),
+  changed = [key(batch=[longer]), key(batch=batch * 2),
+             key(options={"xla_backend_optimization_level": 1}),
              key(method=dataclasses.replace(method, arms=method.arms[:1])),
              key(setup=dataclasses.replace(new_setup(), max_new_tokens=7)),
              key(setup=dataclasses.replace(new_setup(), pass_width=5))]
@@ -81,19 +123,6 @@ def test_the_key_is_the_program(store):
   finally:
     jax.config.update("jax_threefry_partitionable", partitionable)
   assert same not in changed and len(set(changed)) == len(changed)
-
-
-def test_a_damaged_file_is_compiled_again(store, caplog):
-  method, new_setup, batch = tiny()
-  first = pipeline.compile_and_run(method, new_setup(), batch, jax.random.key(0))
-  (path,) = store.iterdir()
-  path.write_bytes(b"not a program")
-  with caplog.at_level(logging.WARNING):
-    again = pipeline.compile_and_run(method, new_setup(), batch, jax.random.key(0))
-  assert again.lower_seconds > 0 and "did not load" in caplog.text
-  np.testing.assert_array_equal(again.output.tokens, first.output.tokens)
-  assert pipeline.compile_and_run(method, new_setup(), batch,
-                                  jax.random.key(0)).lower_seconds == 0
 
 
 def test_nothing_is_stored_with_the_cache_off(store):

@@ -19,66 +19,12 @@ import glob
 import json
 import pathlib
 
-import numpy as np
 from absl import app, flags
 
-from flashspec_jax import results
+from flashspec_jax import results, streams
 
 _RUNS = flags.DEFINE_string("runs", "results/choosers_smollm2/*.json", "Runs to read (a glob).")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
-
-
-def _calls(run: dict, method: str) -> list[dict]:
-  return [r for r in run["records"] if r["method"] == method]
-
-
-def _rate(calls: list[dict]) -> tuple[float, float, float]:
-  """(tokens per second, tokens per step, seconds per step) over the calls."""
-  tokens = sum(r["new_tokens"] for r in calls)
-  steps = sum(r["loop_steps"] for r in calls)
-  seconds = sum(r["batch_seconds"] for r in calls)
-  return tokens / seconds, tokens / steps, seconds / steps
-
-
-def _arm_steps(run: dict, method: str) -> list[list[int]]:
-  """Each call's arm per loop step, split from the method's stream history."""
-  arms = [arm for _, arm in run["bandit_histories"][method]["steps"]]
-  out, start = [], 0
-  for call in _calls(run, method):
-    out.append(arms[start:start + call["loop_steps"]])
-    start += call["loop_steps"]
-  return out
-
-
-def analyse(run: dict) -> dict:
-  costs = run["arm_costs"]
-  fixed = sorted({r["method"] for r in run["records"] if not r["method"].startswith("bandit")})
-  best = max(fixed, key=lambda m: _rate(_calls(run, m))[0])
-  best_rate, best_tau, best_step = _rate(_calls(run, best)[1:])
-  best_arm = (f"{best.replace(':', '_')}:g{run['config']['sampling']['gamma']}" if best != "ar"
-              else "ar")
-  # The best fixed arm's steps beyond its calibrated cost: prefill and per-call work.
-  per_call_share = best_step - costs[best_arm]
-  choosers = []
-  for method, history in run["bandit_histories"].items():
-    calls = _calls(run, method)
-    first = calls[0]["batch_seconds"] / calls[0]["loop_steps"]
-    rate, tau, step = _rate(calls[1:])
-    later = [a for steps in _arm_steps(run, method)[1:] for a in steps]
-    shares = np.bincount(later, minlength=len(history["arms"])) / len(later)
-    mix = float(sum(share * costs[arm] for share, arm in zip(shares, history["arms"])))
-    choosers.append(dict(
-        method=method, first_call_ms_per_step=1e3 * first, ms_per_step=1e3 * step, tau=tau,
-        vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
-        estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
-        shares=dict(zip(history["arms"], shares.tolist()))))
-  return dict(run=run["_path"], device=run["environment"]["device"],
-              temperature=run["config"]["sampling"]["temperature"],
-              order=run["config"]["prompts"]["order"], best_fixed=best,
-              best_fixed_first_call_ms_per_step=1e3 * _calls(run, best)[0]["batch_seconds"]
-              / _calls(run, best)[0]["loop_steps"],
-              best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
-              best_fixed_calibrated_ms=1e3 * costs[best_arm], choosers=choosers)
 
 
 def main(argv):
@@ -90,7 +36,7 @@ def main(argv):
   for path in paths:
     run = json.loads(pathlib.Path(path).read_text())
     if run.get("bandit_histories"):
-      runs.append(analyse(run | {"_path": path}))
+      runs.append(streams.step_costs(run | {"_path": path}))
   path = results.write("chooser_steps", dict(runs=runs), directory=_OUT.value)
   print(f"\nchooser steps -> {path}")
   print(f"{'run':<34} {'method':<28} {'1st ms/step':>11} {'ms/step':>8} {'mix ms':>7} "
