@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from flashspec_jax.bandit import (Cycle, DiscountedUCB, EpsilonGreedy, Fixed, Oracle, Thompson,
-                                  UCB1, initial_state, make_strategy)
+                                  UCB1, initial_state, make_strategy, sample_beta)
 from flashspec_jax.simulation import BernoulliArms, recovery_steps, simulate, ucb1_regret_bound
 
 
@@ -170,3 +171,36 @@ def test_cycle_pulls_the_arms_in_turn_whatever_they_earn():
     chosen.append(int(arm))
     state = strategy.update(state, arm, reward)
   assert chosen == [0, 0, 1, 1, 2, 2, 0]
+
+
+def beta_draws(sampler, a, b, n=20_000):
+  keys = jax.random.split(jax.random.key(7), n)
+  return np.asarray(jax.vmap(lambda k: sampler(k, jnp.float32(a), jnp.float32(b)))(keys))
+
+
+@pytest.mark.parametrize("a, b", [(1.0, 1.0), (0.3, 2.0), (5.0, 40.0), (300.0, 20.0)])
+def test_loop_free_beta_draws_follow_the_beta_distribution(a, b):
+  """Kolmogorov-Smirnov against scipy's Beta; lowered for a GPU, the sampler holds no loop
+  (on the CPU JAX lowers threefry's rounds to one, on a GPU it unrolls them)."""
+  assert stats.kstest(beta_draws(sample_beta, a, b), stats.beta(a, b).cdf).pvalue > 1e-3
+
+  def lowered_for_a_gpu(sampler):
+    return jax.jit(sampler).trace(jax.random.key(0), jnp.ones(3), jnp.ones(3)).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert "while" not in lowered_for_a_gpu(sample_beta)
+  assert "while" in lowered_for_a_gpu(jax.random.beta)  # what it replaces
+
+
+@pytest.mark.parametrize("a, b", [(1.0, 1.0), (1.0, 3.0)])
+def test_the_beta_test_rejects_proposals_taken_unchecked(a, b):
+  """The test above, on Marsaglia and Tsang's proposals without their acceptance test."""
+  def gamma(key, shape):
+    proposal_key, boost_key = jax.random.split(key)
+    d = shape + (shape < 1) - 1 / 3
+    draw = d * jnp.maximum(1 + jax.random.normal(proposal_key) / jnp.sqrt(9 * d), 1e-3) ** 3
+    return jnp.where(shape < 1, draw * jax.random.uniform(boost_key) ** (1 / shape), draw)
+
+  def unchecked(key, a, b):
+    x, y = gamma(jax.random.fold_in(key, 0), a), gamma(jax.random.fold_in(key, 1), b)
+    return x / (x + y)
+  assert stats.kstest(beta_draws(unchecked, a, b), stats.beta(a, b).cdf).pvalue < 1e-6

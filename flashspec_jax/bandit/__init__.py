@@ -6,7 +6,7 @@ from flashspec_jax.bandit.acceptance import (AcceptanceKLUCB, AcceptanceState,
                                              AcceptanceThompson, Hedge, expected_tokens)
 from flashspec_jax.bandit.strategies import (STRATEGIES, BanditState, Cycle, DiscountedUCB,
                                              EpsilonGreedy, Feedback, Fixed, Oracle, Strategy,
-                                             Thompson, UCB1, initial_state)
+                                             Thompson, UCB1, initial_state, sample_beta)
 
 ACCEPTANCE_STRATEGIES = {"acceptance_thompson": AcceptanceThompson, "kl_ucb": AcceptanceKLUCB,
                          "hedge": Hedge}
@@ -23,4 +23,4 @@ def make_strategy(name: str, **kwargs) -> Strategy:
 __all__ = ["ACCEPTANCE_STRATEGIES", "ENGINE_STRATEGIES", "STRATEGIES", "AcceptanceKLUCB",
            "AcceptanceState", "AcceptanceThompson", "BanditState", "Cycle", "DiscountedUCB",
            "EpsilonGreedy", "Feedback", "Fixed", "Hedge", "Oracle", "Strategy", "Thompson",
-           "UCB1", "expected_tokens", "initial_state", "make_strategy"]
+           "UCB1", "expected_tokens", "initial_state", "make_strategy", "sample_beta"]

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from flashspec_jax.bandit.strategies import BanditState, Feedback
+from flashspec_jax.bandit.strategies import BanditState, Feedback, sample_beta
 
 # Bisection steps of the KL-UCB bound: 2^-24 of the unit interval.
 _BISECTION_STEPS = 24
@@ -156,7 +156,7 @@ class AcceptanceThompson(_AcceptanceModel):
   def draw(self, state, key):
     """[K] alpha sampled from each arm's drafter's Beta posterior (one draw per drafter)."""
     accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)
-    alpha = jax.random.beta(key, 1 + accepted, 1 + tested - accepted)
+    alpha = sample_beta(key, 1 + accepted, 1 + tested - accepted)
     return alpha[jnp.asarray(self.groups)]
 
   def choose(self, state, draws):

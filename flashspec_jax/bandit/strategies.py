@@ -65,6 +65,43 @@ def _record(state: BanditState, arm, reward, discount: float = 1.0) -> BanditSta
       pulls=state.pulls + 1)
 
 
+# Proposals per Gamma draw in `sample_beta`: Marsaglia and Tsang's test accepts each
+# with probability above 0.95 at shape >= 1, so all eight fail about once in 4e10 draws.
+_GAMMA_PROPOSALS = 8
+
+
+def _gamma(key: jax.Array, shape: jax.Array) -> jax.Array:
+  """Gamma(shape) draws, shape > 0, by Marsaglia and Tsang's method with a fixed number
+  of proposals; Gamma(a) = Gamma(a + 1) U^(1/a) for a < 1. If every proposal fails,
+  the draw is the proposal's centre d."""
+  normal_key, test_key, boost_key = jax.random.split(key, 3)
+  d = shape + (shape < 1) - 1 / 3
+  c = 1 / jnp.sqrt(9 * d)
+  x = jax.random.normal(normal_key, (_GAMMA_PROPOSALS, *shape.shape))
+  v = (1 + c * x) ** 3
+  u = jax.random.uniform(test_key, x.shape, minval=jnp.finfo(jnp.float32).tiny)
+  accepted = (v > 0) & (jnp.log(u) < x**2 / 2 + d - d * v + d * jnp.log(jnp.maximum(v, 1e-30)))
+  first = jnp.argmax(accepted, axis=0)
+  draw = jnp.where(accepted.any(axis=0),
+                   d * jnp.take_along_axis(v, first[None], axis=0)[0], d)
+  boost = jax.random.uniform(boost_key, shape.shape, minval=jnp.finfo(jnp.float32).tiny)
+  return jnp.where(shape < 1, draw * boost ** (1 / shape), draw)
+
+
+def sample_beta(key: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """Beta(a, b) draws as X / (X + Y), X ~ Gamma(a), Y ~ Gamma(b), without loops.
+
+  jax.random.beta draws its Gammas in rejection loops, and on a GPU each turn of a
+  loop inside the decode step waits for the host to test its condition. In the H200
+  streams acceptance Thompson's steps cost 0.67-0.87 ms beyond its arm mix, against
+  0.35-0.68 ms for Hedge, which chose much the same arms without a loop
+  (streams.step_costs).
+  """
+  a_key, b_key = jax.random.split(key)
+  x, y = _gamma(a_key, jnp.asarray(a, jnp.float32)), _gamma(b_key, jnp.asarray(b, jnp.float32))
+  return x / (x + y)
+
+
 def _unpulled_first(state: BanditState, scores: jax.Array) -> jax.Array:
   """argmax of scores, except that an arm never pulled wins (the lowest such index)."""
   unpulled = state.counts == 0
@@ -149,7 +186,7 @@ class Thompson(_RunningMeans):
 
   def draw(self, state, key):
     """[K] samples from each arm's Beta posterior."""
-    return jax.random.beta(key, 1 + state.sums, 1 + state.counts - state.sums)
+    return sample_beta(key, 1 + state.sums, 1 + state.counts - state.sums)
 
   def choose(self, state, draws):
     return _unpulled_first(state, draws)
