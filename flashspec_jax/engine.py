@@ -33,7 +33,7 @@ import numpy as np
 from flax import struct
 
 from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
-from flashspec_jax.drafters import Drafter
+from flashspec_jax.drafters import Drafter, gather_window
 from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
                                      is_stop_token, loop_until_done, raise_on_nan)
@@ -51,6 +51,10 @@ VerifyFn = Callable[..., tuple[jax.Array, jax.Array]]
 # linearly with gamma (gamma = 1000 ran at 6.4 s per step). A larger gamma only
 # costs time, so it is refused.
 MAX_GAMMA = 32
+
+# Positions at the end of each prompt where the free-scored drafters are scored before
+# the first step (SpeculativeDecoder._scored_on_prompt): a few steps' worth of drafts.
+PROMPT_POSITIONS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,12 +339,17 @@ class SpeculativeDecoder:
         for arm in self.arms]
     if self.feature_arms:
       self._observe(drafter_states, features, jnp.zeros_like(prompt_lens))
-    return SpecState(
+    state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
+    if self.chooser.uses_free_feedback:
+      # The first arm is chosen knowing how much this prompt repeats itself.
+      state = state.replace(bandit=self.chooser.observe(
+          state.bandit, *self._scored_on_prompt(params, state)))
+    return state
 
   def arm_step(self, params, state: SpecState, arm_index: int,
                samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:
@@ -466,6 +475,40 @@ class SpeculativeDecoder:
       accepted.append(jnp.sum(jnp.where(trials, p, 0.0)))
       tested.append(jnp.sum(trials).astype(jnp.float32))
     return jnp.stack(accepted), jnp.stack(tested)
+
+  def _scored_on_prompt(self, params, state: SpecState) -> tuple[jax.Array, jax.Array]:
+    """[K] drafts matched and tested, summed over rows, had each free-scored drafter
+    (`scored_free`, once per drafter, as in `_scored_for_free`) drafted at each of the
+    last PROMPT_POSITIONS positions of the committed tokens (the prompt and the first
+    token), against the tokens that followed there.
+
+    The prompt is no sample of the target, so this is a prior, not an estimate: how
+    much the text repeats itself, which is what a prompt-lookup drafter lives on.
+    Draft i is tested when the drafts before it matched.
+    """
+    seqs, groups = state.seqs, self.chooser.groups
+    matched, tested = [], []
+    for j, arm in enumerate(self.arms):
+      if arm.drafter is None or not arm.drafter.scored_free or groups[j] != j:
+        matched.append(jnp.float32(0))
+        tested.append(jnp.float32(0))
+        continue
+
+      def score(back, arm=arm, j=j):
+        ends = seqs.seq_lens - back  # draft as if only the tokens before `ends` were known
+        _, drafts, _ = arm.drafter.propose(params, state.drafter_states[j],
+                                           seqs.replace(seq_lens=jnp.maximum(ends, 1)),
+                                           arm.gamma, None, None)
+        matches = drafts == gather_window(seqs.tokens, jnp.maximum(ends, 0), arm.gamma)
+        reached = jnp.cumprod(jnp.pad(matches, ((0, 0), (1, 0)), constant_values=True)
+                              [:, :arm.gamma], axis=1).astype(bool)
+        trials = reached & (jnp.arange(arm.gamma)[None, :] < back) & (ends >= 1)[:, None]
+        return jnp.sum(trials & matches), jnp.sum(trials)
+
+      row_matched, row_tested = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
+      matched.append(row_matched.sum().astype(jnp.float32))
+      tested.append(row_tested.sum().astype(jnp.float32))
+    return jnp.stack(matched), jnp.stack(tested)
 
   def dispatch(self, params, state: SpecState, arm: jax.Array,
                samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:

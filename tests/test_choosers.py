@@ -208,3 +208,26 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   assert hedge["vs_best_fixed"] == pytest.approx(1.1 / 3.0)
   # At its arms' costs plus the fixed arm's 0.1 ms per-call share: 1.6 ms per step.
   assert hedge["estimated_vs_best_fixed"] == pytest.approx(1.1 / 1.6)
+
+
+def test_the_first_arm_follows_how_much_the_prompt_repeats_itself(params):
+  """KL-UCB over n-gram and a model drafter, both untried. With no evidence the tie goes
+  to the first arm, n-gram; scored on its prompt before the first step, n-gram still
+  goes first on a prompt that repeats itself and the model drafter on one that never
+  does."""
+  arms = (engine.Arm(NGRAM, 4), engine.Arm(SELF, 4))
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 8, eos_ids=(), strategy=AcceptanceKLUCB())
+  chooser, samplers = decoder.chooser, Samplers.same(Greedy())
+  assert int(chooser.select(chooser.init(2), jax.random.key(0))) == 0
+  first, scores = {}, {}
+  for name, prompt in {"repeats": [5, 6, 7, 8] * 6, "never": list(range(10, 34))}.items():
+    tokens, lengths = decoder.ar_decoder.prepare([prompt])
+    state = decoder.init(params, tokens, lengths, jax.random.key(0), samplers.target)
+    scores[name] = np.asarray(state.bandit.accepted), np.asarray(state.bandit.tested)
+    first[name] = int(decoder.generate(params, tokens, lengths, jax.random.key(0),
+                                       samplers).history.arm[0])
+  (matched, tested), (never_matched, never_tested) = scores["repeats"], scores["never"]
+  assert tested[0] >= engine.PROMPT_POSITIONS and matched[0] / tested[0] > 0.8
+  assert never_tested[0] >= engine.PROMPT_POSITIONS and never_matched[0] == 0
+  assert tested[1] == never_tested[1] == 0  # a model drafter is not scored for free
+  assert first == {"repeats": 0, "never": 1}

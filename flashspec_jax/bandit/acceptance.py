@@ -137,6 +137,14 @@ class _AcceptanceModel:
         tested=d * state.tested + feedback.tested, counts=state.counts + chosen,
         sums=state.sums + chosen * feedback.reward, pulls=state.pulls + 1)
 
+  def observe(self, state: AcceptanceState, accepted: jax.Array,
+              tested: jax.Array) -> AcceptanceState:
+    """Evidence no step produced, [K] drafts accepted and tested per arm (the prompt,
+    scored before the first step): added to the drafters' counts, with no pull. Hedge
+    chooses by its gains, which only steps move."""
+    return dataclasses.replace(state, accepted=state.accepted + accepted,
+                               tested=state.tested + tested)
+
   def tokens_per_cost(self, alpha: jax.Array) -> jax.Array:
     """[K] tau(gamma_a, alpha_a) / c_a."""
     gammas = jnp.asarray(self.gammas, jnp.float32)
