@@ -5,21 +5,27 @@ new process XLA's compile, but it is keyed by the lowered program: the process
 still traces and lowers every program before it can look, which is seconds for a
 bandit over 30-layer models (results/compile_time/). This store keys a compiled
 executable by what fixes it before tracing: the decoder (a frozen dataclass whose
-repr spells out its configs), the inputs' tree, shapes, dtypes and shardings, the
-compiler options, JAX's version, settings and devices, XLA_FLAGS, and a digest
-of this package's source, so an edited engine never loads a stale program. It lives in a
-folder of JAX's cache directory and is on exactly when that cache is.
+repr spells out its configs), the inputs' tree, shapes, dtypes, shardings and
+devices, the compiler options, the versions of JAX, jaxlib, Flax and the device
+platform, JAX's settings, XLA_FLAGS, and a digest of this package's source as it
+was imported, so an edited engine never loads a stale program. Functions in the
+decoder (a custom verify_fn) enter the key by name, so two must not share one. It
+lives in a folder of JAX's cache directory and is on exactly when that cache is.
 
-Only programs this process compiled are stored: one that JAX loaded from its own
-cache serializes (on the CPU at least) without the code of its fused kernels, and
-fails when run after loading ("Function ... not found"). Loading runs code from the
-file, like JAX's own cache: only this user's cache directory is read.
+A program is stored only when XLA compiled it in this process, that is when JAX's
+cache missed it: one that JAX loaded from its cache, or handed back from memory
+after such a load, serializes (on the CPU at least) without the code of its fused
+kernels and fails when run after loading ("Function ... not found"). So after an
+edit to the package, whose programs JAX's cache still holds, the store fills again
+only as JAX's entries are compiled anew. Loading a file runs code from it, as
+loading JAX's own cache entries does: the store trusts the directory JAX's cache
+was given.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import importlib.metadata
 import logging
 import os
 import pathlib
@@ -36,23 +42,22 @@ from flashspec_jax import results
 
 _FOLDER = "flashspec_programs"
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
-# JAX's cache hits, per thread: XLA compiles side by side (pipeline.compile_ahead), and
-# JAX records each hit in the thread that compiles.
-_jax_cache_hits = threading.local()
+# JAX's cache misses, per thread: XLA compiles side by side (pipeline.compile_ahead),
+# and JAX records each miss in the thread that compiles.
+_jax_cache_misses = threading.local()
 
 
-def _count_jax_cache_hit(event: str, **kwargs) -> None:
+def _count_jax_cache_miss(event: str, **kwargs) -> None:
   del kwargs
-  if event == "/jax/compilation_cache/cache_hits":
-    _jax_cache_hits.count = getattr(_jax_cache_hits, "count", 0) + 1
+  if event == "/jax/compilation_cache/cache_misses":
+    _jax_cache_misses.count = getattr(_jax_cache_misses, "count", 0) + 1
 
 
-jax.monitoring.register_event_listener(_count_jax_cache_hit)
+jax.monitoring.register_event_listener(_count_jax_cache_miss)
 
 
-@functools.cache
 def _source_digest() -> str:
-  """The package's Python source, hashed: the kernels are a subpackage on disk elsewhere."""
+  """The package's Python source, hashed (the kernels are a subpackage kept elsewhere)."""
   from flashspec_jax import kernels  # pylint: disable=import-outside-toplevel
   roots = {pathlib.Path(__file__).parent, pathlib.Path(kernels.__file__).parent}
   digest = hashlib.sha256()
@@ -62,29 +67,39 @@ def _source_digest() -> str:
   return digest.hexdigest()
 
 
+# At import: a process whose files are edited afterwards still runs the code it imported.
+_SOURCE_DIGEST = _source_digest()
+
+
 def _describe(leaf) -> str:
   sharding = getattr(leaf, "sharding", None)
-  return f"{jax.typeof(leaf)!r}@{sharding}"
+  devices = ([] if sharding is None else sharding.mesh.device_ids.tolist()
+             if isinstance(sharding, jax.sharding.NamedSharding)
+             else sorted(d.id for d in sharding.device_set))
+  return f"{jax.typeof(leaf)!r}@{sharding}@{devices}"
 
 
 def program_key(decoder, inputs, compiler_options: dict[str, Any] | None) -> str:
   """What fixes the executable `decoder.lower(*inputs).compile(compiler_options)` builds."""
   leaves, tree = jax.tree.flatten(inputs)
   devices = sorted({str(d.device_kind) for d in jax.devices()})
+  versions = [importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax")]
   # Every JAX setting, since some change what a trace computes (x64, the PRNG's
   # partitionable mode, default matmul precision); the rest only split the store.
   parts = [repr(decoder), str(tree), *map(_describe, leaves),
-           repr(sorted((compiler_options or {}).items())), jax.__version__,
-           jax.default_backend(), repr(devices), str(jax.device_count()),
-           os.environ.get("XLA_FLAGS", ""), repr(sorted(jax.config.values.items(), key=str)),
-           _source_digest()]
+           repr(sorted((compiler_options or {}).items())), repr(versions),
+           jax.default_backend(), jax.devices()[0].client.platform_version, repr(devices),
+           str(jax.device_count()), os.environ.get("XLA_FLAGS", ""),
+           repr(sorted(jax.config.values.items(), key=str)), _SOURCE_DIGEST]
   return hashlib.sha256(_ADDRESS.sub("", "\n".join(parts)).encode()).hexdigest()
 
 
 def _path(key: str) -> pathlib.Path | None:
-  if not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir:
+  directory = jax.config.jax_compilation_cache_dir
+  # A remote cache (gs://...) is JAX's to read; the store keeps to local folders.
+  if not jax.config.jax_enable_compilation_cache or not directory or "://" in directory:
     return None
-  return pathlib.Path(jax.config.jax_compilation_cache_dir) / _FOLDER / f"{key}.pkl"
+  return pathlib.Path(directory) / _FOLDER / f"{key}.pkl"
 
 
 def load(key: str, inputs) -> jax.stages.Compiled | None:
@@ -93,18 +108,24 @@ def load(key: str, inputs) -> jax.stages.Compiled | None:
   if path is None or not path.exists():
     return None
   # The inputs' client: an engine may run on the CPU beside a GPU.
-  client = next(iter(jax.tree.leaves(inputs)[0].sharding.device_set)).client
+  placed = next(leaf for leaf in jax.tree.leaves(inputs) if isinstance(leaf, jax.Array))
+  client = next(iter(placed.sharding.device_set)).client
   try:
     with open(path, "rb") as file:
       payload, in_tree, out_tree, device_ids = pickle.load(file)
+  except Exception as error:  # pylint: disable=broad-except
+    # A damaged file: removed, so that the program can be stored again.
+    logging.warning("stored program %s is unreadable (%s); compiling it again", path, error)
+    path.unlink(missing_ok=True)
+    return None
+  try:
     by_id = {device.id: device for device in client.devices()}
     compiled = serialize_executable.deserialize_and_load(
         payload, in_tree, out_tree, backend=client,
         execution_devices=[by_id[i] for i in device_ids])
   except Exception as error:  # pylint: disable=broad-except
-    # A file from an older JAX, or cut short by a full disk: compile again.
-    logging.warning("compiled program %s did not load (%s); compiling it again", path, error)
-    path.unlink(missing_ok=True)
+    # Out of device memory, say: the file stays for a later process.
+    logging.warning("stored program %s did not load (%s); compiling it again", path, error)
     return None
   jax.monitoring.record_event("/flashspec/executables/hits")
   return compiled
@@ -112,21 +133,23 @@ def load(key: str, inputs) -> jax.stages.Compiled | None:
 
 def compile_and_store(key: str, lowered: jax.stages.Lowered,
                       compiler_options: dict[str, Any] | None = None) -> jax.stages.Compiled:
-  """lowered, compiled; stored under key unless JAX took it from its own cache."""
-  hits = getattr(_jax_cache_hits, "count", 0)
+  """lowered, compiled; stored under key when XLA compiled it here (JAX's cache missed).
+
+  A program that cannot be stored (a full or read-only disk) is still returned.
+  """
+  misses = getattr(_jax_cache_misses, "count", 0)
   compiled = lowered.compile(compiler_options)
   path = _path(key)
-  if path is None or getattr(_jax_cache_hits, "count", 0) != hits:
+  if path is None or getattr(_jax_cache_misses, "count", 0) == misses:
     return compiled
   try:
     stored = (*serialize_executable.serialize(compiled),
               [device.id for device in compiled.runtime_executable().local_devices()])
-  except (ValueError, NotImplementedError) as error:
-    logging.info("compiled program not stored: %s", error)
-    return compiled
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with results.open_atomic(path, "wb") as file:
-    pickle.dump(stored, file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with results.open_atomic(path, "wb") as file:
+      pickle.dump(stored, file)
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning("compiled program not stored in %s: %s", path, error)
   return compiled
 
 

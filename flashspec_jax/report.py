@@ -359,7 +359,7 @@ def chooser_steps(data: dict) -> list[str]:
            "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
            "vs best fixed | at mix |", "|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
-    name = f"T={run['temperature']:g}, {run['order']}"
+    name = f"{run['device']}, T={run['temperature']:g}, {run['order']}"
     lines.append(f"| {name} | {run['best_fixed']} (best fixed) | "
                  f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
                  f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
@@ -440,7 +440,7 @@ SECTIONS = [
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
             "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream (CPU)", choosers),
-    Section("chooser_steps", "", "Where the choosers' time went in the H200 streams",
+    Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
     Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),

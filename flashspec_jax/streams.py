@@ -108,16 +108,31 @@ def _arm_steps(run: dict, method: str) -> list[list[int]]:
   return out
 
 
+def _arm_name(method: str, gamma: int) -> str:
+  """The bandit arm a fixed method runs: "ngram:3" at gamma 4 is "ngram_3:g4"."""
+  spec, _, own_gamma = method.partition("@")
+  return "ar" if spec == "ar" else f"{spec.replace(':', '_')}:g{own_gamma or gamma}"
+
+
 def step_costs(run: dict) -> dict:
   """What bench/chooser_steps.py reports of one stream run (a results file's dict plus
-  its \"_path\"): first calls against later ones, and each chooser's later steps against
-  its arm mix at the run's calibrated costs."""
+  its "_path"): first calls against later ones, and each chooser's later steps against
+  its arm mix at the run's calibrated costs.
+
+  Raises:
+    ValueError: for a run at batch > 1 (its records are rows, not calls), or whose
+      best fixed arm is none of the bandit's arms (no calibrated cost).
+  """
+  if any(r["batch_rows"] != 1 for r in run["records"]):
+    raise ValueError(f"{run['_path']}: batch > 1; step costs need one call per record")
   costs = run["arm_costs"]
   fixed = sorted({r["method"] for r in run["records"] if not r["method"].startswith("bandit")})
-  best = max(fixed, key=lambda m: _rate(_calls(run, m))[0])
+  best = max(fixed, key=lambda m: _rate(_calls(run, m)[1:])[0])
   best_rate, best_tau, best_step = _rate(_calls(run, best)[1:])
-  best_arm = (f"{best.replace(':', '_')}:g{run['config']['sampling']['gamma']}" if best != "ar"
-              else "ar")
+  best_arm = _arm_name(best, run["config"]["sampling"]["gamma"])
+  if best_arm not in costs:
+    raise ValueError(f"{run['_path']}: the best fixed arm {best} is not among the bandit's "
+                     f"arms {sorted(costs)}, so its calibrated cost is unknown")
   # The best fixed arm's steps beyond its calibrated cost: prefill and per-call work.
   per_call_share = best_step - costs[best_arm]
   choosers = []
@@ -133,10 +148,11 @@ def step_costs(run: dict) -> dict:
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
         estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
         shares=dict(zip(history["arms"], shares.tolist()))))
+  first_call = _calls(run, best)[0]
   return dict(run=run["_path"], device=run["environment"]["device"],
               temperature=run["config"]["sampling"]["temperature"],
               order=run["config"]["prompts"]["order"], best_fixed=best,
-              best_fixed_first_call_ms_per_step=1e3 * _calls(run, best)[0]["batch_seconds"]
-              / _calls(run, best)[0]["loop_steps"],
+              best_fixed_first_call_ms_per_step=1e3 * first_call["batch_seconds"]
+              / first_call["loop_steps"],
               best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
               best_fixed_calibrated_ms=1e3 * costs[best_arm], choosers=choosers)

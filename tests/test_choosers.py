@@ -186,15 +186,16 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   """streams.step_costs (bench/chooser_steps.py) on a made-up stream: a fixed arm and a bandit whose later steps
   cost twice what its arms cost alone."""
 
-  def call(method, seconds, steps):
-    return dict(method=method, new_tokens=2 * steps, loop_steps=steps, batch_seconds=seconds)
+  def call(method, seconds, steps, tau):
+    return dict(method=method, new_tokens=tau * steps, loop_steps=steps, batch_seconds=seconds,
+                batch_rows=1)
   run = dict(
       _path="run.json", environment=dict(device="gpu:test"),
       config=dict(sampling=dict(gamma=4, temperature=0.0), prompts=dict(order="blocks")),
       arm_costs={"ngram_3:g4": 0.001, "ar": 0.002},
-      records=[call("ngram:3", 0.03, 10), call("ngram:3", 0.011, 10), call("ngram:3", 0.011, 10),
-               call("bandit:hedge", 0.05, 10), call("bandit:hedge", 0.03, 10),
-               call("bandit:hedge", 0.03, 10)],
+      records=[call("ngram:3", 0.03, 10, 2), call("ngram:3", 0.011, 10, 2),
+               call("ngram:3", 0.011, 10, 2), call("bandit:hedge", 0.05, 10, 3),
+               call("bandit:hedge", 0.03, 10, 3), call("bandit:hedge", 0.03, 10, 3)],
       bandit_histories={"bandit:hedge": dict(arms=["ngram_3:g4", "ar"],
                                              steps=[["chat", i % 2] for i in range(30)])})
   out = streams.step_costs(run)
@@ -205,9 +206,12 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   assert hedge["first_call_ms_per_step"] == pytest.approx(5.0)
   assert hedge["ms_per_step"] == pytest.approx(3.0)
   assert hedge["calibrated_mix_ms"] == pytest.approx(1.5)
-  assert hedge["vs_best_fixed"] == pytest.approx(1.1 / 3.0)
+  assert hedge["tau"] == 3 and out["best_fixed_tau"] == 2
+  assert hedge["vs_best_fixed"] == pytest.approx((3 / 3.0) / (2 / 1.1))
   # At its arms' costs plus the fixed arm's 0.1 ms per-call share: 1.6 ms per step.
-  assert hedge["estimated_vs_best_fixed"] == pytest.approx(1.1 / 1.6)
+  assert hedge["estimated_vs_best_fixed"] == pytest.approx((3 / 1.6) / (2 / 1.1))
+  with pytest.raises(ValueError, match="batch > 1"):
+    streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
 
 
 def test_the_first_arm_follows_how_much_the_prompt_repeats_itself(params):

@@ -10,9 +10,9 @@ n-gram program (results/bandit_smollm2/2026-11-29_021c0fc4.json). Here a bandit
 time (`timing.held_on_first_arm`), so every program does the same work per step
 and differs only in the arms it holds: AR; layer-skip arms and AR; an untrained
 feature drafter, to which every target pass hands its features; and the six
-arms of experiments/choosers_smollm2.py, whose Hedge steps cost 0.35-0.68 ms more
-than their arms alone in the H200 streams (bench/chooser_steps.py); held on one
-arm here, that program cost 1.04x the fixed one (docs/bandits.md). Two programs
+arms of experiments/choosers_smollm2.py, whose Hedge steps in the H200 streams cost
+0.35-0.68 ms more than its arm mix at calibrated costs (bench/chooser_steps.py); held
+on one arm here, that program cost 1.04x the fixed one (docs/bandits.md). Two programs
 move between n-gram and the feature drafter on a fixed schedule (`Cycle`), every
 step and every 8 steps, to time what switching costs against the two arms' own
 programs (fixed n-gram and fixed eagle) at half the steps each. Each program
@@ -159,10 +159,16 @@ def bench(target: SyntheticTarget, prompts, programs: Programs, new_tokens: list
                                  cache_copies_in_loop=long["cache_copies_in_loop"]))
   by_name = {summary["program"]: summary for summary in programs_summary}
   for summary in programs_summary:
+    name = summary["program"]
     summary["step_vs_fixed"] = summary["ms_per_step"] / programs_summary[0]["ms_per_step"]
-    if summary["program"] in schedules:  # against its two arms' own programs, half each
-      summary["step_vs_arms_alone"] = summary["ms_per_step"] / statistics.mean(
-          by_name[f"fixed {arm}"]["ms_per_step"] for arm in ("n-gram", "eagle"))
+    if name in schedules:
+      # Against the arms' own programs, weighted by the steps each arm took between the
+      # short call and the long one, which the per-step time comes from.
+      short, long = (r for r in rows if r["program"] == name)
+      pulls = [b - a for a, b in zip(short["arm_pulls"], long["arm_pulls"])]
+      alone = [by_name[f"fixed {arm}"]["ms_per_step"] for arm in ("n-gram", "eagle")]
+      summary["step_vs_arms_alone"] = summary["ms_per_step"] * sum(pulls) / sum(
+          n * ms for n, ms in zip(pulls, alone))
   batch, context = prompt.shape
   return dict(target=config.name, dtype=target.model.param_dtype.name, synthetic_weights=True,
               batch=batch, gamma=gamma, context=context, new_tokens=new_tokens,
