@@ -145,7 +145,8 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   compile_seconds = compile_ahead(jobs, setup, threads)
   warm_up_seconds = warm_up(jobs, setup) if environment.on_gpu() else 0.0
   print(f"compiled {len(setup.programs)} programs in {compile_seconds:.1f} s "
-        f"({threads} at a time), first runs {warm_up_seconds:.1f} s")
+        f"({threads} at a time)"
+        + (f", ran each once in {warm_up_seconds:.1f} s" if warm_up_seconds else ""))
 
   records, summaries, histories, final_states = [], {}, {}, {}
   saved_states = load_bandit_states(config.bandit.initial_state, methods)
