@@ -3,8 +3,9 @@
 Every method of a run sees the same prompts in the same batches and order, so
 their speeds are measured side by side. Every program of the run is compiled
 first, several side by side (pipeline.compile_ahead), and on a GPU run once
-untimed (pipeline.warm_up), so each batch's time is its run alone. A bandit method carries its bandit's
-state from one batch to the next, so it adapts over the prompt stream.
+untimed (pipeline.warm_up), so each batch's time is its run alone. A bandit
+method carries its bandit's state from one batch to the next, so it adapts over
+the prompt stream.
 """
 
 from __future__ import annotations

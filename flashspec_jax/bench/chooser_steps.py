@@ -44,7 +44,8 @@ def main(argv):
   for run in runs:
     name = pathlib.Path(run["run"]).name
     print(f"{name:<34} {run['best_fixed'] + ' (best fixed)':<28} "
-          f"{run['best_fixed_first_call_ms_per_step']:>11.2f} {run['best_fixed_ms_per_step']:>8.3f} "
+          f"{run['best_fixed_first_call_ms_per_step']:>11.2f} "
+          f"{run['best_fixed_ms_per_step']:>8.3f} "
           f"{run['best_fixed_calibrated_ms']:>7.3f} {run['best_fixed_tau']:>5.2f}")
     for c in run["choosers"]:
       print(f"{'':<34} {c['method']:<28} {c['first_call_ms_per_step']:>11.2f} "
