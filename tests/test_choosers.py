@@ -184,8 +184,7 @@ def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tm
 
 def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   """streams.step_costs (bench/chooser_steps.py) on a made-up stream: a fixed arm and a
-  bandit whose later steps
-  cost twice what its arms cost alone."""
+  bandit whose later steps cost twice what its arms cost alone."""
 
   def call(method, seconds, steps, tau):
     return dict(method=method, new_tokens=tau * steps, loop_steps=steps, batch_seconds=seconds,
