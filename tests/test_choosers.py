@@ -224,10 +224,12 @@ def test_the_first_arm_follows_how_much_the_prompt_repeats_itself(params):
   chooser, samplers = decoder.chooser, Samplers.same(Greedy())
   assert int(chooser.select(chooser.init(2), jax.random.key(0))) == 0
   first, scores = {}, {}
+  prior = jax.jit(lambda tokens, lengths: decoder.init(params, tokens, lengths, jax.random.key(0),
+                                                       samplers.target).bandit)
   for name, prompt in {"repeats": [5, 6, 7, 8] * 6, "never": list(range(10, 34))}.items():
     tokens, lengths = decoder.ar_decoder.prepare([prompt])
-    state = decoder.init(params, tokens, lengths, jax.random.key(0), samplers.target)
-    scores[name] = np.asarray(state.bandit.accepted), np.asarray(state.bandit.tested)
+    bandit = prior(tokens, lengths)
+    scores[name] = np.asarray(bandit.accepted), np.asarray(bandit.tested)
     first[name] = int(decoder.generate(params, tokens, lengths, jax.random.key(0),
                                        samplers).history.arm[0])
   (matched, tested), (never_matched, never_tested) = scores["repeats"], scores["never"]
