@@ -316,9 +316,11 @@ def compile_ahead(jobs: list[tuple[Method, list[Request]]], setup: Setup, thread
 def warm_up(jobs: list[tuple[Method, list[Request]]], setup: Setup) -> float:
   """Runs each program these jobs need once, untimed; returns the seconds it took.
 
-  On a GPU an executable loads its kernels when it first runs: in the H200 choosers
-  runs each bandit program's first call took about 3 ms more per step than its later
-  ones, which a stream of 24 short calls would count against the bandit.
+  A program's first run is slower than its later ones: on a GPU an executable loads
+  its kernels when it first runs, and in the H200 choosers runs each bandit program's
+  first call took 1.8-3.1x the time per step of its later ones, and on the CPU up to
+  1.7x (bench/chooser_steps.py), which a stream of short calls would count against
+  the bandit.
   """
   start = time.perf_counter()
   warmed = set()

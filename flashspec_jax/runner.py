@@ -2,8 +2,8 @@
 
 Every method of a run sees the same prompts in the same batches and order, so
 their speeds are measured side by side. Every program of the run is compiled
-first, several side by side (pipeline.compile_ahead), and on a GPU run once
-untimed (pipeline.warm_up), so each batch's time is its run alone. A bandit
+first, several side by side (pipeline.compile_ahead), and run once untimed
+(pipeline.warm_up), so each batch's time is its run alone. A bandit
 method carries its bandit's state from one batch to the next, so it adapts over
 the prompt stream.
 """
@@ -144,10 +144,9 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   threads = config.compile_threads or max(1, (os.cpu_count() or 2) // 2)
   jobs = [(m, b) for m in methods for b in batches]
   compile_seconds = compile_ahead(jobs, setup, threads)
-  warm_up_seconds = warm_up(jobs, setup) if environment.on_gpu() else 0.0
+  warm_up_seconds = warm_up(jobs, setup)
   print(f"compiled {len(setup.programs)} programs in {compile_seconds:.1f} s "
-        f"({threads} at a time)"
-        + (f", ran each once in {warm_up_seconds:.1f} s" if warm_up_seconds else ""))
+        f"({threads} at a time), ran each once in {warm_up_seconds:.1f} s")
 
   records, summaries, histories, final_states = [], {}, {}, {}
   saved_states = load_bandit_states(config.bandit.initial_state, methods)
