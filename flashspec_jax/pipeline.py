@@ -289,27 +289,27 @@ def compile_ahead(jobs: list[tuple[Method, list[Request]]], setup: Setup, thread
   returns the seconds it took.
 
   Tracing and lowering hold Python's lock, so programs are lowered in turn; XLA
-  compiles outside it, `threads` programs side by side, which pays on a GPU host,
-  where one program's compile keeps few of its cores busy.
+  loads stored programs and compiles outside it, `threads` programs side by side,
+  which pays on a GPU host, where one program's compile keeps few of its cores busy
+  (and a stored bandit program took 6.9 s to load on the H200).
   """
   start = time.perf_counter()
-  pending = {}
+  needed = {}
   for method, batch in jobs:
     decoder, inputs, program = _program(method, setup, batch, jax.random.key(0))
-    if program in setup.programs or program in pending:
-      continue
-    key = executables.program_key(decoder, inputs, setup.compiler_options)
-    stored = executables.load(key, inputs)
-    if stored is not None:
-      setup.programs[program] = stored
-    else:
-      pending[program] = key, decoder.lower(*inputs)
-
-  def compile_one(program):
-    return executables.compile_and_store(*pending[program], setup.compiler_options)
-
+    if program not in setup.programs:
+      needed.setdefault(program, (decoder, inputs))
+  keys = {program: executables.program_key(decoder, inputs, setup.compiler_options)
+          for program, (decoder, inputs) in needed.items()}
   with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
-    setup.programs.update(zip(pending, pool.map(compile_one, pending)))
+    stored = dict(zip(needed, pool.map(
+        lambda program: executables.load(keys[program], needed[program][1]), needed)))
+    lowered = {program: decoder.lower(*inputs) for program, (decoder, inputs) in needed.items()
+               if stored[program] is None}
+    compiled = pool.map(lambda program: executables.compile_and_store(
+        keys[program], lowered[program], setup.compiler_options), lowered)
+    setup.programs.update({p: c for p, c in stored.items() if c is not None})
+    setup.programs.update(zip(lowered, compiled))
   return time.perf_counter() - start
 
 

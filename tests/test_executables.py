@@ -42,14 +42,14 @@ def tiny(methods="ngram:2,layer_skip:2", **overrides):
 
 
 # A process that builds the tiny programs (one device, and tp 2), runs them through the
-# pipeline and prints what it saw; "untraced" makes tracing fail, "twice" runs each
-# program from two fresh Setups.
+# pipeline and prints what it saw; "untraced" makes tracing fail, "ahead" too and loads
+# through compile_ahead first, "twice" runs each program from two fresh Setups.
 PROBE = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flashspec_jax import config as config_lib, engine, pipeline, runner, sharding
 from flashspec_jax.loading import load_model
-if sys.argv[1] == "untraced":
+if sys.argv[1] in ("untraced", "ahead"):
   def never_traced(*args):
     raise AssertionError("a stored program was traced again")
   engine.SpeculativeDecoder.lower = never_traced
@@ -62,10 +62,12 @@ for mesh in ("", "tp:2"):
   model = load_model(config.target, synthetic=True, dtype=jnp.float32, seed=0,
                      mesh=sharding.mesh_for(mesh))
   (method,), params = pipeline.build_methods(config, model, jnp.float32)
+  requests = runner.build_requests(config, model)
   for _ in range(2 if sys.argv[1] == "twice" else 1):  # the second: JAX's copy in memory
-    run = pipeline.compile_and_run(method,
-                                   pipeline.make_setup(config, model, params, jnp.float32),
-                                   runner.build_requests(config, model), jax.random.key(0))
+    setup = pipeline.make_setup(config, model, params, jnp.float32)
+    if sys.argv[1] == "ahead":
+      pipeline.compile_ahead([(method, requests)], setup, threads=2)
+    run = pipeline.compile_and_run(method, setup, requests, jax.random.key(0))
   out[mesh] = dict(lower_seconds=run.lower_seconds, tokens=np.asarray(run.output.tokens).tolist())
 print(json.dumps(out))
 """
@@ -82,20 +84,21 @@ def probe(cache_dir, mode="run"):
 
 
 def test_a_stored_program_loads_untraced_in_a_new_process_and_runs_as_compiled(tmp_path):
-  """Each process has a fresh JAX: a program compiled in the first is stored; the second
-  loads it without tracing; the third finds the files damaged, says so, removes them
-  and compiles again, twice, and stores nothing: JAX now gives it the programs from its
-  own cache, and the second time from memory, whose executables would not run once
-  serialized again."""
+  """Each process has a fresh JAX: a program compiled in the first is stored; the next
+  two load it without tracing (through compile_and_run, then compile_ahead); the last
+  finds the files damaged, says so, removes them and compiles again, twice, and stores
+  nothing: JAX now gives it the programs from its own cache, and the second time from
+  memory, whose executables would not run once serialized again."""
   store = tmp_path / "flashspec_programs"
   compiled, _ = probe(tmp_path)
   assert all(run["lower_seconds"] > 0 for run in compiled.values())
   assert len(list(store.iterdir())) == 2
 
-  loaded, _ = probe(tmp_path, "untraced")
-  for mesh in compiled:
-    assert loaded[mesh]["lower_seconds"] == 0
-    assert loaded[mesh]["tokens"] == compiled[mesh]["tokens"]
+  for mode in ("untraced", "ahead"):
+    loaded, _ = probe(tmp_path, mode)
+    for mesh in compiled:
+      assert loaded[mesh]["lower_seconds"] == 0
+      assert loaded[mesh]["tokens"] == compiled[mesh]["tokens"]
 
   for path in store.iterdir():
     path.write_bytes(b"not a program")
