@@ -57,6 +57,13 @@ MAX_GAMMA = 32
 PROMPT_POSITIONS = 16
 
 
+def _reached(matches: jax.Array) -> jax.Array:
+  """[B, W] bool: whether each draft of a chain is tested, that is whether every draft
+  before it matched (matches [B, W])."""
+  return jnp.cumprod(jnp.pad(matches, ((0, 0), (1, 0)), constant_values=True)[:, :-1],
+                     axis=1).astype(bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One way to take a step: a drafter with its gamma, or plain AR (drafter None).
@@ -466,9 +473,7 @@ class SpeculativeDecoder:
       drafts = proposal[:, :width]
       position = jnp.arange(width)[None, :]
       matches = drafts == outcome["tokens"][:, :width]
-      reached = jnp.cumprod(jnp.pad(matches, ((0, 0), (1, 0)), constant_values=True)[:, :width],
-                            axis=1).astype(bool)
-      trials = (reached & (position <= outcome["accepted"][:, None])
+      trials = (_reached(matches) & (position <= outcome["accepted"][:, None])
                 & (position < outcome["emitted"][:, None]) & outcome["live"][:, None])
       p = jnp.exp(jnp.take_along_axis(outcome["logp"][:, :width], drafts[..., None],
                                       axis=-1)[..., 0])
@@ -500,9 +505,7 @@ class SpeculativeDecoder:
                                            seqs.replace(seq_lens=jnp.maximum(ends, 1)),
                                            arm.gamma, None, None)
         matches = drafts == gather_window(seqs.tokens, jnp.maximum(ends, 0), arm.gamma)
-        reached = jnp.cumprod(jnp.pad(matches, ((0, 0), (1, 0)), constant_values=True)
-                              [:, :arm.gamma], axis=1).astype(bool)
-        trials = reached & (jnp.arange(arm.gamma)[None, :] < back) & (ends >= 1)[:, None]
+        trials = _reached(matches) & (jnp.arange(arm.gamma)[None, :] < back) & (ends >= 1)[:, None]
         return jnp.sum(trials & matches), jnp.sum(trials)
 
       row_matched, row_tested = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))

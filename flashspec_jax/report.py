@@ -273,7 +273,8 @@ def bandit_call(data: dict) -> list[str]:
            f"gamma {data['gamma']}, prompt {data['context']} tokens, "
            f"{data.get('sampler', 'temperature')} sampling. "
            + ("Cycle programs pull their two arms in turn (bandit.Cycle); vs its arms alone: "
-              "against the mean step of the two arms' fixed programs. " if _has_cycle(data) else
+              "against the two arms' fixed programs' steps, weighted by the steps each arm "
+              "took. " if _has_cycle(data) else
               f"A {data.get('strategy', 'greedy')} bandit holds the n-gram arm, chosen at run "
               "time. ")
            + f"Calls of "

@@ -138,7 +138,7 @@ def step_costs(run: dict) -> dict:
   choosers = []
   for method, history in run["bandit_histories"].items():
     calls = _calls(run, method)
-    first = calls[0]["batch_seconds"] / calls[0]["loop_steps"]
+    first = _rate(calls[:1])[2]
     rate, tau, step = _rate(calls[1:])
     later = [a for steps in _arm_steps(run, method)[1:] for a in steps]
     shares = np.bincount(later, minlength=len(history["arms"])) / len(later)
@@ -148,11 +148,9 @@ def step_costs(run: dict) -> dict:
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
         estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
         shares=dict(zip(history["arms"], shares.tolist()))))
-  first_call = _calls(run, best)[0]
   return dict(run=run["_path"], device=run["environment"]["device"],
               temperature=run["config"]["sampling"]["temperature"],
               order=run["config"]["prompts"]["order"], best_fixed=best,
-              best_fixed_first_call_ms_per_step=1e3 * first_call["batch_seconds"]
-              / first_call["loop_steps"],
+              best_fixed_first_call_ms_per_step=1e3 * _rate(_calls(run, best)[:1])[2],
               best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
               best_fixed_calibrated_ms=1e3 * costs[best_arm], choosers=choosers)

@@ -15,9 +15,9 @@ arms of experiments/choosers_smollm2.py, whose Hedge steps in the H200 streams c
 on one arm here, that program cost 1.04x the fixed one (docs/bandits.md). Two programs
 move between n-gram and the feature drafter on a fixed schedule (`Cycle`), every
 step and every 8 steps, to time what switching costs against the two arms' own
-programs (fixed n-gram and fixed eagle) at half the steps each. Each program
-runs at two lengths, which split its time into a part per loop step and a part
-per call; each also records the cache buffers its compiled loop copies
+programs (fixed n-gram and fixed eagle), weighted by the steps each arm took. Each
+program runs at two lengths, which split its time into a part per loop step and a
+part per call; each also records the cache buffers its compiled loop copies
 (`bench.hlo.buffer_copies`).
 Synthetic weights; every program takes the same steps on the same inputs
 (recorded).
