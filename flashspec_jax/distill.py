@@ -13,8 +13,10 @@
 3. A validation split of the generated sequences gives, per draft position,
    the greedy acceptance of a chain (all earlier drafts of the chain accepted).
 
-It saves a checkpoint every `train.checkpoint_every` steps and resumes from it;
-given the same command and seed it draws the same data order. Writes the
+With `train.workdir` set it keeps the generated sequences there, and a
+checkpoint every `train.checkpoint_every` steps; a run started again with the
+same command resumes from the checkpoint on the same sequences, in the same
+data order, without answering the prompts again. Writes the
 drafter (bf16 safetensors) to `train.output`, and a results file with the loss
 curve and per-position acceptance (JSON and PNG).
 """
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.serialization
@@ -73,6 +76,36 @@ class TrainingData:
 
   def batch(self) -> dict[str, np.ndarray]:
     return dict(tokens=self.tokens, lengths=self.lengths, prompt_lens=self.prompt_lens)
+
+  def save(self, path: pathlib.Path, made_from: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with results.open_atomic(path, "wb") as file:
+      np.savez(file, **self.batch(), ids=np.array(self.ids), kinds=np.array(self.kinds),
+               made_from=np.array(made_from))
+
+  @classmethod
+  def load(cls, path: pathlib.Path) -> tuple[TrainingData, str]:
+    """The sequences in `path` and the settings they were generated from."""
+    with np.load(path) as saved:
+      return cls(saved["tokens"], saved["lengths"], saved["prompt_lens"],
+                 tuple(saved["ids"].tolist()), tuple(saved["kinds"].tolist())), str(
+                     saved["made_from"])
+
+
+def kept_sequences(path: pathlib.Path | None, made_from: str,
+                   generate: Callable[[], TrainingData]) -> TrainingData:
+  """The sequences kept at `path` if they were generated from `made_from`, else
+  `generate()`'s, kept there for a resumed run."""
+  if path and path.exists():
+    data, stored = TrainingData.load(path)
+    if stored == made_from:
+      print(f"training on the {len(data.ids)} sequences kept in {path}")
+      return data
+    print(f"{path} holds sequences generated from other settings; answering again")
+  data = generate()
+  if path:
+    data.save(path, made_from)
+  return data
 
 
 def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Request]:
@@ -243,22 +276,30 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   dtype = param_dtype(config)
   model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
                      config.seed)
+  workdir = pathlib.Path(t.workdir) if t.workdir else None
+  # What fixes the answers; generate_batch only groups the prompts.
+  made_from = json.dumps(dict(
+      target=config.target, weights=model.source, dtype=str(dtype), seed=config.seed,
+      prompt_sets=config.prompts.sets, prompt_seed=config.prompts.seed,
+      **{name: t[name] for name in ("prompts_per_set", "max_prompt_tokens", "answer_tokens",
+                                    "answer_temperature")}), sort_keys=True)
   started = time.perf_counter()
-  data = generate_sequences(config, model)
+  data = kept_sequences(workdir / "sequences.npz" if workdir else None, made_from,
+                        lambda: generate_sequences(config, model))
   generate_seconds = time.perf_counter() - started
   width = min(data.tokens.shape[1], t.max_tokens)
   data = dataclasses.replace(data, tokens=data.tokens[:, :width],
                              lengths=np.minimum(data.lengths, width))
   train_data, validation = split_validation(data, t.validation_fraction, config.seed)
   print(f"{len(train_data.ids)} training and {len(validation.ids)} validation sequences of "
-        f"at most {width} tokens, answered in {generate_seconds:.0f} s")
+        f"at most {width} tokens, ready in {generate_seconds:.0f} s")
 
   target = Llama(model.config, param_dtype=dtype)
   drafter = FeatureDrafter(target, DRAFTER_KEY)
   tx = optimizer(t)
   drafter_params = init_params(model.config, jax.random.key(config.seed), jnp.float32)
   state = Checkpoint(0, drafter_params, tx.init(drafter_params), [])
-  checkpoint_path = pathlib.Path(t.workdir) / "checkpoint.msgpack" if t.workdir else None
+  checkpoint_path = workdir / "checkpoint.msgpack" if workdir else None
   if checkpoint_path:
     state = Checkpoint.restore(checkpoint_path, state) or state
   if state.step:
@@ -285,6 +326,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
     if t.max_seconds and time.perf_counter() - train_started > t.max_seconds:
       print(f"stopping at step {step} of {t.steps}: train.max_seconds ({t.max_seconds}) reached")
       stopped_early = True
+      if checkpoint_path:  # a later run with more time goes on from here
+        Checkpoint(step, drafter_params, opt_state, curve).save(checkpoint_path)
       break
     drafter_params, opt_state, loss, stats = train_step(drafter_params, opt_state, model.params,
                                                         batch)

@@ -2,6 +2,7 @@
 rollouts, its weights file, its training data, and the shipped eagle:smollm2."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,46 @@ def test_weights_round_trip_and_bad_files_are_named(params, tmp_path):
     load_drafter(broken, CONFIG, jnp.float32)
   with pytest.raises(CheckpointError, match="no feature-drafter weights at .*missing"):
     load_drafter(tmp_path / "missing.safetensors", CONFIG, jnp.float32)
+
+
+def test_a_resumed_training_run_sees_what_an_uninterrupted_one_would(params, tmp_path):
+  """Kept sequences serve only the settings they were generated from; from a
+  checkpoint's step on, the batches are the uninterrupted run's; a checkpoint
+  restores the step, drafter, optimizer state and curve it saved."""
+  rows = 6
+  data = distill.TrainingData(np.arange(rows * 10, dtype=np.int32).reshape(rows, 10),
+                              np.full(rows, 10, np.int32), np.full(rows, 3, np.int32),
+                              tuple(f"chat-{i}" for i in range(rows)), ("chat",) * rows)
+  generated = []
+  def generate():
+    generated.append(True)
+    return data
+  kept = tmp_path / "sequences.npz"
+  distill.kept_sequences(kept, "settings a", generate)
+  again = distill.kept_sequences(kept, "settings a", generate)
+  assert len(generated) == 1 and again.ids == data.ids and again.kinds == data.kinds
+  np.testing.assert_array_equal(again.tokens, data.tokens)
+  distill.kept_sequences(kept, "settings b", generate)
+  assert len(generated) == 2
+
+  whole = list(itertools.islice(distill.batches(data, 4, seed=1, start_step=0), 7))
+  resumed = list(itertools.islice(distill.batches(data, 4, seed=1, start_step=3), 4))
+  for a, b in zip(whole[3:], resumed, strict=True):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert any((a["tokens"] != b["tokens"]).any() for a, b in zip(whole, whole[1:]))
+
+  drafter_params = params["drafters"]["eagle"]
+  tx = distill.optimizer(config_lib.base_config().train)
+  _, opt_state = tx.update(drafter_params, tx.init(drafter_params), drafter_params)
+  path = tmp_path / "checkpoint.msgpack"
+  distill.Checkpoint(5, drafter_params, opt_state, [dict(step=5, loss=2.0)]).save(path)
+  template = distill.Checkpoint(0, jax.tree.map(jnp.zeros_like, drafter_params),
+                                tx.init(drafter_params), [])
+  restored = distill.Checkpoint.restore(path, template)
+  assert restored.step == 5 and restored.curve == [dict(step=5, loss=2.0)]
+  jax.tree.map(np.testing.assert_array_equal, (restored.params, restored.opt_state),
+               (drafter_params, opt_state))
+  assert distill.Checkpoint.restore(tmp_path / "none.msgpack", template) is None
 
 
 def test_a_missing_drafter_is_refused_before_any_weights_load(tmp_path):
