@@ -356,20 +356,28 @@ def chooser_steps(data: dict) -> list[str]:
   lines = ["Read from recorded stream runs. Later calls leave out each method's first call; "
            "mix: a step of the chooser's later arm shares at the run's calibrated arm costs; "
            "at mix: its speed against the best fixed arm had each step cost that mix plus "
-           "the per-call share the fixed arm pays beyond its calibrated cost.", "",
-           "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
-           "vs best fixed | at mix |", "|---|---|---|---|---|---|---|---|"]
+           "the per-call share the fixed arm pays beyond its calibrated cost. Call excess: "
+           "each later call's time beyond the calibrated cost of the steps it ran, median / "
+           "90th percentile / max.",
+           "", "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
+           "vs best fixed | at mix | call excess ms |", "|---|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
     name = f"{run['device']}, T={run['temperature']:g}, {run['order']}"
     lines.append(f"| {name} | {run['best_fixed']} (best fixed) | "
                  f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
                  f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
-                 f"{run['best_fixed_tau']:.2f} | 1.00 | |")
+                 f"{run['best_fixed_tau']:.2f} | 1.00 | | "
+                 f"{_excess(run['best_fixed_call_excess_ms'])} |")
     for c in run["choosers"]:
       lines.append(f"| {name} | {c['method']} | {c['first_call_ms_per_step']:.2f} | "
                    f"{c['ms_per_step']:.3f} | {c['calibrated_mix_ms']:.3f} | {c['tau']:.2f} | "
-                   f"{c['vs_best_fixed']:.2f} | {c['estimated_vs_best_fixed']:.2f} |")
+                   f"{c['vs_best_fixed']:.2f} | {c['estimated_vs_best_fixed']:.2f} | "
+                   f"{_excess(c['call_excess_ms'])} |")
   return lines
+
+
+def _excess(excess: dict) -> str:
+  return f"{excess['median']:.0f} / {excess['p90']:.0f} / {excess['max']:.0f}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,8 +116,10 @@ def _arm_name(method: str, gamma: int) -> str:
 
 def step_costs(run: dict) -> dict:
   """What bench/chooser_steps.py reports of one stream run (a results file's dict plus
-  its "_path"): first calls against later ones, and each chooser's later steps against
-  its arm mix at the run's calibrated costs.
+  its "_path"): first calls against later ones, each chooser's later steps against
+  its arm mix at the run's calibrated costs, and each later call's excess: its time
+  beyond the calibrated cost of the steps it ran (prefill, call overhead and stalls),
+  for the best fixed arm and each chooser.
 
   Raises:
     ValueError: for a run at batch > 1 (its records are rows, not calls), or whose
@@ -135,11 +137,14 @@ def step_costs(run: dict) -> dict:
                      f"arms {sorted(costs)}, so its calibrated cost is unknown")
   # The best fixed arm's steps beyond its calibrated cost: prefill and per-call work.
   per_call_share = best_step - costs[best_arm]
+  best_excess = _excess_ms(_calls(run, best)[1:],
+                           [[best_arm] * r["loop_steps"] for r in _calls(run, best)[1:]], costs)
   choosers = []
   for method, history in run["bandit_histories"].items():
     calls = _calls(run, method)
     first = _rate(calls[:1])[2]
     rate, tau, step = _rate(calls[1:])
+    later_calls = [[history["arms"][a] for a in steps] for steps in _arm_steps(run, method)[1:]]
     later = [a for steps in _arm_steps(run, method)[1:] for a in steps]
     shares = np.bincount(later, minlength=len(history["arms"])) / len(later)
     mix = float(sum(share * costs[arm] for share, arm in zip(shares, history["arms"])))
@@ -147,10 +152,21 @@ def step_costs(run: dict) -> dict:
         method=method, first_call_ms_per_step=1e3 * first, ms_per_step=1e3 * step, tau=tau,
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
         estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
-        shares=dict(zip(history["arms"], shares.tolist()))))
+        shares=dict(zip(history["arms"], shares.tolist())),
+        call_excess_ms=_excess_ms(calls[1:], later_calls, costs)))
   return dict(run=run["_path"], device=run["environment"]["device"],
               temperature=run["config"]["sampling"]["temperature"],
               order=run["config"]["prompts"]["order"], best_fixed=best,
               best_fixed_first_call_ms_per_step=1e3 * _rate(_calls(run, best)[:1])[2],
               best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
-              best_fixed_calibrated_ms=1e3 * costs[best_arm], choosers=choosers)
+              best_fixed_calibrated_ms=1e3 * costs[best_arm], best_fixed_call_excess_ms=best_excess,
+              choosers=choosers)
+
+
+def _excess_ms(calls: list[dict], arms_per_call: list[list[str]], costs: dict) -> dict:
+  """Each call's milliseconds beyond the calibrated cost of its steps' arms, and their
+  median, 90th percentile and maximum."""
+  excess = [1e3 * (call["batch_seconds"] - sum(costs[arm] for arm in arms))
+            for call, arms in zip(calls, arms_per_call, strict=True)]
+  return dict(calls=excess, median=float(np.median(excess)),
+              p90=float(np.percentile(excess, 90)), max=float(max(excess)))

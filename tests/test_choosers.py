@@ -210,6 +210,10 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   assert hedge["vs_best_fixed"] == pytest.approx((3 / 3.0) / (2 / 1.1))
   # At its arms' costs plus the fixed arm's 0.1 ms per-call share: 1.6 ms per step.
   assert hedge["estimated_vs_best_fixed"] == pytest.approx((3 / 1.6) / (2 / 1.1))
+  # Later calls beyond their steps' calibrated costs: 11 - 10 ms; 30 - 5 x (1 + 2) ms.
+  assert out["best_fixed_call_excess_ms"]["calls"] == pytest.approx([1.0, 1.0])
+  assert hedge["call_excess_ms"]["calls"] == pytest.approx([15.0, 15.0])
+  assert hedge["call_excess_ms"]["max"] == pytest.approx(15.0)
   with pytest.raises(ValueError, match="batch > 1"):
     streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
 

@@ -10,7 +10,10 @@ call and on the rest; tokens per step; the rest's speed against the best fixed a
 run's calibrated arm costs, plus the per-call share the best fixed arm pays beyond
 its own calibrated cost (prefill, call overhead). From that it estimates the
 chooser's speed had each of its steps cost what its arm costs alone: how much of
-its shortfall is its choices and how much the program's steps.
+its shortfall is its choices and how much the program's steps. Last, each later
+call's excess: its time beyond the calibrated cost of the steps it ran (median,
+90th percentile and maximum), which tells a cost paid by every step from one paid
+by some calls only.
 """
 
 from __future__ import annotations
@@ -40,17 +43,23 @@ def main(argv):
   path = results.write("chooser_steps", dict(runs=runs), directory=_OUT.value)
   print(f"\nchooser steps -> {path}")
   print(f"{'run':<34} {'method':<28} {'1st ms/step':>11} {'ms/step':>8} {'mix ms':>7} "
-        f"{'tau':>5} {'vs best':>7} {'at mix':>7}")
+        f"{'tau':>5} {'vs best':>7} {'at mix':>7} {'call excess ms: median p90 max':>31}")
   for run in runs:
     name = pathlib.Path(run["run"]).name
     print(f"{name:<34} {run['best_fixed'] + ' (best fixed)':<28} "
           f"{run['best_fixed_first_call_ms_per_step']:>11.2f} "
           f"{run['best_fixed_ms_per_step']:>8.3f} "
-          f"{run['best_fixed_calibrated_ms']:>7.3f} {run['best_fixed_tau']:>5.2f}")
+          f"{run['best_fixed_calibrated_ms']:>7.3f} {run['best_fixed_tau']:>5.2f} {'':>15}"
+          f"{_excess(run['best_fixed_call_excess_ms'])}")
     for c in run["choosers"]:
       print(f"{'':<34} {c['method']:<28} {c['first_call_ms_per_step']:>11.2f} "
             f"{c['ms_per_step']:>8.3f} {c['calibrated_mix_ms']:>7.3f} {c['tau']:>5.2f} "
-            f"{c['vs_best_fixed']:>7.2f} {c['estimated_vs_best_fixed']:>7.2f}")
+            f"{c['vs_best_fixed']:>7.2f} {c['estimated_vs_best_fixed']:>7.2f}"
+            f"{_excess(c['call_excess_ms'])}")
+
+
+def _excess(excess: dict) -> str:
+  return f"{excess['median']:>11.1f} {excess['p90']:>9.1f} {excess['max']:>9.1f}"
 
 
 if __name__ == "__main__":
