@@ -15,14 +15,17 @@ kl_ucb, hedge). The results file gives each chooser's tok/s against the best
 fixed arm over the stream and per set, against the per-set oracle, its share
 of steps off each set's best arm and its steps to settle after a change of set
 (flashspec_jax/streams.py).
-Expected: on the H200 (about 5 minutes a run, 2 of them compiling;
-results/choosers_smollm2/, at e83523d, before pipeline.warm_up, the loop-free
-Thompson draws and the prompt prior) Hedge was the best chooser in all four runs
-at 0.72-0.76x the best fixed arm (n-gram, gamma 4), and every chooser missed
-issue 14's goals; docs/bandits.md and bench/chooser_steps.py say where the time
-went. On 2 CPU cores (--config.sampling.max_new_tokens=64, about 17 minutes, at
-4f03075) AR was the best fixed arm (n-gram 0.98x) and acceptance Thompson ran at
-1.04x it, Hedge at 1.00x, KL-UCB at 0.99x.
+Expected: on the H200 (about 6 minutes a run, 2 of them compiling), greedy in
+blocks with the retrained eagle:smollm2 (results/choosers_smollm2/, at
+17facda), n-gram is the best fixed arm over the stream and KL-UCB the best
+chooser at 0.80x it (Hedge 0.73x); their choices would give 1.2x at their arms'
+calibrated costs, and bench/chooser_steps.py and docs/bandits.md show the
+time their calls spend beyond that. The three other H200 runs, at e83523d,
+predate warm-up, the loop-free Thompson draws, the prompt prior and the
+retrained drafter (Hedge best at 0.72-0.76x). On 2 CPU cores
+(--config.sampling.max_new_tokens=64, about 17 minutes, at 4f03075) AR was the
+best fixed arm (n-gram 0.98x) and acceptance Thompson ran at 1.04x it, Hedge at
+1.00x, KL-UCB at 0.99x.
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny
