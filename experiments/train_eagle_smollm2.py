@@ -15,6 +15,9 @@ validation split). Expected on one H200: about 2 minutes answering 7,132
 prompts, then about 6 steps a second (the shipped weights stopped at step
 1,949 of 2,000 with --config.train.max_seconds=330; validation greedy tau
 2.91 on chat); the model card beside the weights says what they give.
+--config.train.later_chat_turns=N adds up to N later user turns of the same
+tune-split chats, each alone as a prompt (the split holds 18,926): more data,
+not yet used for the shipped weights.
 The :tiny variant answers a few short chat prompts with 16 tokens and trains
 for 12 steps on CPU (about a minute); its loss falls.
 """

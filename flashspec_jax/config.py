@@ -148,6 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   # on the target's answers to tune-split prompts of config.prompts.sets.
   config.train = ml_collections.ConfigDict()
   config.train.prompts_per_set = 1000  # at most; fewer where the tune split holds fewer
+  config.train.later_chat_turns = 0  # at most this many later user turns of tune-split chats
   config.train.max_prompt_tokens = 384  # longer prompts are left out
   config.train.answer_tokens = 256
   config.train.answer_temperature = 0.0  # how the target answers (0 is greedy)
@@ -376,6 +377,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "prompts_per_set", "max_prompt_tokens", "answer_tokens", "generate_batch",
           "max_tokens", "rollout_steps", "steps", "batch_size", "log_every",
           "checkpoint_every")],
+      ("train.later_chat_turns", config.train.later_chat_turns >= 0, ">= 0"),
       ("train.answer_temperature", config.train.answer_temperature >= 0, ">= 0 (0 is greedy)"),
       ("train.validation_fraction", 0 < config.train.validation_fraction < 1, "in (0, 1)"),
       ("train.learning_rate", config.train.learning_rate > 0, "> 0"),

@@ -47,7 +47,7 @@ from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.eagle import init_params
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.pipeline import Method, Request, compile_and_run, make_setup, param_dtype
-from flashspec_jax.prompts import load_prompts, split_of, split_size
+from flashspec_jax.prompts import load_later_chat_turns, load_prompts, split_of, split_size
 
 DRAFTER_KEY = "training"
 
@@ -109,13 +109,16 @@ def kept_sequences(path: pathlib.Path | None, made_from: str,
 
 
 def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Request]:
-  """Tune-split prompts of config.prompts.sets, at most train.prompts_per_set each and no
-  longer than train.max_prompt_tokens; sorted by length so batches pad little."""
+  """Tune-split prompts of config.prompts.sets, at most train.prompts_per_set each (plus
+  up to train.later_chat_turns later turns of the chats), no longer than
+  train.max_prompt_tokens; sorted by length so batches pad little."""
   t = config.train
   requests = []
   for kind in config_lib.prompt_sets(config):
     prompts = load_prompts(kind, min(t.prompts_per_set, split_size(kind, "tune")), "tune",
                            config.prompts.seed)
+    if kind == "chat" and t.later_chat_turns:
+      prompts += load_later_chat_turns(t.later_chat_turns, "tune", config.prompts.seed)
     ids = encode_chat(tokenizer, [p.conversation for p in prompts])
     requests += [Request(p.id, kind, row) for p, row in zip(prompts, ids)
                  if len(row) <= t.max_prompt_tokens]
@@ -281,8 +284,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   made_from = json.dumps(dict(
       target=config.target, weights=model.source, dtype=str(dtype), seed=config.seed,
       prompt_sets=config.prompts.sets, prompt_seed=config.prompts.seed,
-      **{name: t[name] for name in ("prompts_per_set", "max_prompt_tokens", "answer_tokens",
-                                    "answer_temperature")}), sort_keys=True)
+      **{name: t[name] for name in ("prompts_per_set", "later_chat_turns", "max_prompt_tokens",
+                                    "answer_tokens", "answer_temperature")}), sort_keys=True)
   started = time.perf_counter()
   data = kept_sequences(workdir / "sequences.npz" if workdir else None, made_from,
                         lambda: generate_sequences(config, model))

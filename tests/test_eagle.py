@@ -194,11 +194,15 @@ def test_training_prompts_are_never_held_out(smollm2):
   _, _, tokenizer = smollm2
   config = config_lib.base_config()
   config.train.prompts_per_set = 40
+  config.train.later_chat_turns = 40
   requests = distill.training_requests(config, tokenizer)
   held_out = {p.id for kind in ("chat", "code", "edit")
               for p in load_prompts(kind, split_size(kind, "heldout"), "heldout")}
-  assert len(requests) > 60 and not {r.id for r in requests} & held_out
+  # A later turn ("<chat id>#<turn>") belongs to its chat, which must not be held out.
+  chats = {r.id.partition("#")[0] for r in requests}
+  assert len(requests) > 100 and not chats & held_out
   assert {r.kind for r in requests} == {"chat", "code", "edit"}
+  assert sum("#" in r.id for r in requests) > 20
 
 
 @pytest.mark.skipif(not shipped_path("smollm2").exists(), reason="eagle:smollm2 is not trained yet")
