@@ -358,21 +358,26 @@ def chooser_steps(data: dict) -> list[str]:
            "at mix: its speed against the best fixed arm had each step cost that mix plus "
            "the per-call share the fixed arm pays beyond its calibrated cost. Call excess: "
            "each later call's time beyond the calibrated cost of the steps it ran, median / "
-           "90th percentile / max.",
+           "90th percentile / max. At mix by set: against each set's best fixed arm, had "
+           "each call cost its steps' calibrated costs plus the best fixed arm's median call "
+           "excess.",
            "", "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
-           "vs best fixed | at mix | call excess ms |", "|---|---|---|---|---|---|---|---|---|"]
+           "vs best fixed | at mix | call excess ms | at mix by set |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
     name = f"{run['device']}, T={run['temperature']:g}, {run['order']}"
     lines.append(f"| {name} | {run['best_fixed']} (best fixed) | "
                  f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
                  f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
                  f"{run['best_fixed_tau']:.2f} | 1.00 | | "
-                 f"{_excess(run['best_fixed_call_excess_ms'])} |")
+                 f"{_excess(run['best_fixed_call_excess_ms'])} | |")
     for c in run["choosers"]:
       lines.append(f"| {name} | {c['method']} | {c['first_call_ms_per_step']:.2f} | "
                    f"{c['ms_per_step']:.3f} | {c['calibrated_mix_ms']:.3f} | {c['tau']:.2f} | "
                    f"{c['vs_best_fixed']:.2f} | {c['estimated_vs_best_fixed']:.2f} | "
-                   f"{_excess(c['call_excess_ms'])} |")
+                   f"{_excess(c['call_excess_ms'])} | "
+                   + ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in c["at_mix_by_set"].items())
+                   + " |")
   return lines
 
 

@@ -139,6 +139,9 @@ def step_costs(run: dict) -> dict:
   per_call_share = best_step - costs[best_arm]
   best_excess = _excess_ms(_calls(run, best)[1:],
                            [[best_arm] * r["loop_steps"] for r in _calls(run, best)[1:]], costs)
+  kinds = sorted({r["kind"] for r in run["records"]})
+  best_by_set = {kind: max(_rate([c for c in _calls(run, m)[1:] if c["kind"] == kind])[0]
+                           for m in fixed) for kind in kinds}
   choosers = []
   for method, history in run["bandit_histories"].items():
     calls = _calls(run, method)
@@ -153,7 +156,13 @@ def step_costs(run: dict) -> dict:
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
         estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
         shares=dict(zip(history["arms"], shares.tolist())),
-        call_excess_ms=_excess_ms(calls[1:], later_calls, costs)))
+        call_excess_ms=_excess_ms(calls[1:], later_calls, costs),
+        # Per set: had each call cost its steps' calibrated costs plus the best fixed
+        # arm's median call excess, against the set's best fixed arm.
+        at_mix_by_set={kind: sum(c["new_tokens"] for c in calls[1:] if c["kind"] == kind) / sum(
+            sum(costs[arm] for arm in arms) + best_excess["median"] / 1e3
+            for c, arms in zip(calls[1:], later_calls) if c["kind"] == kind) / best_by_set[kind]
+                       for kind in kinds}))
   return dict(run=run["_path"], device=run["environment"]["device"],
               temperature=run["config"]["sampling"]["temperature"],
               order=run["config"]["prompts"]["order"], best_fixed=best,

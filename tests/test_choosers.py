@@ -187,8 +187,8 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   bandit whose later steps cost twice what its arms cost alone."""
 
   def call(method, seconds, steps, tau):
-    return dict(method=method, new_tokens=tau * steps, loop_steps=steps, batch_seconds=seconds,
-                batch_rows=1)
+    return dict(method=method, kind="chat", new_tokens=tau * steps, loop_steps=steps,
+                batch_seconds=seconds, batch_rows=1)
   run = dict(
       _path="run.json", environment=dict(device="gpu:test"),
       config=dict(sampling=dict(gamma=4, temperature=0.0), prompts=dict(order="blocks")),
@@ -214,6 +214,9 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   assert out["best_fixed_call_excess_ms"]["calls"] == pytest.approx([1.0, 1.0])
   assert hedge["call_excess_ms"]["calls"] == pytest.approx([15.0, 15.0])
   assert hedge["call_excess_ms"]["max"] == pytest.approx(15.0)
+  # One set: 30 tokens per call in 15 ms of steps + n-gram's 1 ms median excess, against
+  # n-gram's 20 tokens in 11 ms.
+  assert hedge["at_mix_by_set"] == pytest.approx({"chat": (30 / 16) / (20 / 11)})
   with pytest.raises(ValueError, match="batch > 1"):
     streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
 

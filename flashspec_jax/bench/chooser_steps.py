@@ -13,7 +13,9 @@ chooser's speed had each of its steps cost what its arm costs alone: how much of
 its shortfall is its choices and how much the program's steps. Last, each later
 call's excess: its time beyond the calibrated cost of the steps it ran (median,
 90th percentile and maximum), which tells a cost paid by every step from one paid
-by some calls only.
+by some calls only. And per prompt set, the chooser's speed against the set's best
+fixed arm had each call cost its steps' calibrated costs plus the best fixed arm's
+median call excess.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def main(argv):
       print(f"{'':<34} {c['method']:<28} {c['first_call_ms_per_step']:>11.2f} "
             f"{c['ms_per_step']:>8.3f} {c['calibrated_mix_ms']:>7.3f} {c['tau']:>5.2f} "
             f"{c['vs_best_fixed']:>7.2f} {c['estimated_vs_best_fixed']:>7.2f}"
-            f"{_excess(c['call_excess_ms'])}")
+            f"{_excess(c['call_excess_ms'])}  at mix by set: "
+            + ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in c["at_mix_by_set"].items()))
 
 
 def _excess(excess: dict) -> str:
