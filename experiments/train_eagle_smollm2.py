@@ -15,9 +15,10 @@ validation split). Expected on one H200: about 2 minutes answering 7,132
 prompts, then about 6 steps a second (the shipped weights stopped at step
 1,949 of 2,000 with --config.train.max_seconds=330; validation greedy tau
 2.91 on chat); the model card beside the weights says what they give.
---config.train.later_chat_turns=N adds up to N later user turns of the same
-tune-split chats, each alone as a prompt (the split holds 18,926): more data,
-not yet used for the shipped weights.
+--config.train.later_chat_turns=N adds up to N later user turns of tune-split
+chats, each alone as a prompt (none from a conversation any part of which is
+held out): more data, not yet used for the shipped weights. Training never
+sees a prompt twice, nor one that repeats a held-out prompt word for word.
 The :tiny variant answers a few short chat prompts with 16 tokens and trains
 for 12 steps on CPU (about a minute); its loss falls.
 """
@@ -31,7 +32,7 @@ def get_config(arg=None):
   config.kind = "train_drafter"
   config.target = "smollm2_135m"
   config.prompts.sets = "chat,code,edit"
-  config.train.prompts_per_set = 7074  # the whole tune split of each set
+  config.train.prompts_per_set = 100_000  # the whole tune split of each set
   config.train.generate_batch = 256
   config.train.batch_size = 32
   config.train.steps = 2000

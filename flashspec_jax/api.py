@@ -173,11 +173,10 @@ class FlashSpec:
         self.method = dataclasses.replace(self.method, arms=self._arm_costs(batch))
         self._costs_pending = False
       run = compile_and_run(self.method, self.setup, batch, key, self.bandit)
-    seconds = run.seconds
+    out, seconds = run.output, run.seconds
     if self.method.is_bandit:
-      self.bandit = run.output.bandit  # stays on the device for the next call
-    out = jax.device_get(run.output)  # one transfer, not one per row
-    token_ids = [out.tokens[i, :out.num_tokens[i]].tolist() for i in range(len(batch))]
+      self.bandit = out.bandit
+    token_ids = out.token_lists()
     texts = [None if self.model.tokenizer is None else self.model.tokenizer.decode(t)
              for t in token_ids]
     metrics = dict(seconds=seconds, tokens_per_second=sum(map(len, token_ids)) / seconds)

@@ -165,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.grad_clip = 1.0
   config.train.log_every = 20
   config.train.checkpoint_every = 500
-  config.train.workdir = ""  # where checkpoints go, to resume from; "" keeps none
+  config.train.workdir = ""  # keeps the sequences and checkpoints to resume from; "" none
   config.train.output = ""  # the drafter's .safetensors; "" puts it beside the results file
   return config
 

@@ -14,9 +14,11 @@
    the greedy acceptance of a chain (all earlier drafts of the chain accepted).
 
 With `train.workdir` set it keeps the generated sequences there, and a
-checkpoint every `train.checkpoint_every` steps; a run started again with the
-same command resumes from the checkpoint on the same sequences, in the same
-data order, without answering the prompts again. Writes the
+checkpoint every `train.checkpoint_every` steps and when `train.max_seconds`
+stops it; a run started again with the same settings resumes from the
+checkpoint on the same sequences, in the same data order, without answering
+the prompts again (other settings start afresh). A finished run removes its
+checkpoint. Writes the
 drafter (bf16 safetensors) to `train.output`, and a results file with the loss
 curve and per-position acceptance (JSON and PNG).
 """
@@ -93,34 +95,43 @@ class TrainingData:
 
 
 def kept_sequences(path: pathlib.Path | None, made_from: str,
-                   generate: Callable[[], TrainingData]) -> TrainingData:
-  """The sequences kept at `path` if they were generated from `made_from`, else
-  `generate()`'s, kept there for a resumed run."""
+                   generate: Callable[[], TrainingData]) -> tuple[TrainingData, bool]:
+  """(the sequences kept at `path` if they were generated from `made_from`, True), else
+  (`generate()`'s, kept there for a resumed run, False)."""
   if path and path.exists():
     data, stored = TrainingData.load(path)
     if stored == made_from:
       print(f"training on the {len(data.ids)} sequences kept in {path}")
-      return data
+      return data, True
     print(f"{path} holds sequences generated from other settings; answering again")
   data = generate()
   if path:
     data.save(path, made_from)
-  return data
+  return data, False
 
 
 def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Request]:
   """Tune-split prompts of config.prompts.sets, at most train.prompts_per_set each (plus
   up to train.later_chat_turns later turns of the chats), no longer than
-  train.max_prompt_tokens; sorted by length so batches pad little."""
+  train.max_prompt_tokens, each text once and none a held-out prompt's; sorted by
+  length so batches pad little."""
   t = config.train
+  # ShareGPT repeats some prompts word for word under other ids, held out or not.
+  seen = {p.text for kind in config_lib.prompt_sets(config)
+          for p in load_prompts(kind, split_size(kind, "heldout"), "heldout")}
   requests = []
   for kind in config_lib.prompt_sets(config):
     prompts = load_prompts(kind, min(t.prompts_per_set, split_size(kind, "tune")), "tune",
                            config.prompts.seed)
     if kind == "chat" and t.later_chat_turns:
-      prompts += load_later_chat_turns(t.later_chat_turns, "tune", config.prompts.seed)
-    ids = encode_chat(tokenizer, [p.conversation for p in prompts])
-    requests += [Request(p.id, kind, row) for p, row in zip(prompts, ids)
+      prompts += load_later_chat_turns(t.later_chat_turns, config.prompts.seed)
+    unseen = []
+    for prompt in prompts:
+      if prompt.text not in seen:
+        seen.add(prompt.text)
+        unseen.append(prompt)
+    ids = encode_chat(tokenizer, [p.conversation for p in unseen])
+    requests += [Request(p.id, kind, row) for p, row in zip(unseen, ids)
                  if len(row) <= t.max_prompt_tokens]
   held_out = [r.id for r in requests if split_of(r.id) != "tune"]
   if held_out:  # load_prompts draws from the tune split; this guards the guarantee
@@ -142,9 +153,8 @@ def generate_sequences(config: ml_collections.ConfigDict, model: LoadedModel) ->
                            unit="batch"):
     batch = requests[start:start + t.generate_batch]
     rng, key = jax.random.split(rng)
-    out = compile_and_run(Method("ar"), setup, batch, key).output
-    for i, request in enumerate(batch):
-      rows.append((request, np.asarray(out.tokens[i, :out.num_tokens[i]]).tolist()))
+    answers = compile_and_run(Method("ar"), setup, batch, key).output.token_lists()
+    rows += list(zip(batch, answers))
   width = max(len(request.token_ids) + len(answer) for request, answer in rows)
   tokens = np.zeros((len(rows), width), np.int32)
   for i, (request, answer) in enumerate(rows):
@@ -216,13 +226,15 @@ def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 @dataclasses.dataclass
 class Checkpoint:
-  """What resuming needs: the step reached, the drafter's params, the optimizer state
-  and the loss curve so far."""
+  """What resuming needs: the step reached, the drafter's params, the optimizer state,
+  the loss curve and training seconds so far, and the settings it was trained with."""
 
   step: int
   params: Any
   opt_state: Any
   curve: list
+  seconds: float
+  trained_from: str
 
   def save(self, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,17 +242,28 @@ class Checkpoint:
                                             opt_state=self.opt_state))
     with results.open_atomic(path, "wb") as file:
       file.write(blob)
-    with results.open_atomic(path.with_suffix(".curve.json")) as file:
-      file.write(json.dumps(self.curve))
+    with results.open_atomic(path.with_suffix(".json")) as file:
+      file.write(json.dumps(dict(curve=self.curve, seconds=self.seconds,
+                                 trained_from=self.trained_from)))
 
   @classmethod
   def restore(cls, path: pathlib.Path, template: Checkpoint) -> Checkpoint | None:
+    """The checkpoint at `path` if it was trained with the template's settings."""
     if not path.exists():
+      return None
+    saved = json.loads(path.with_suffix(".json").read_text())
+    if saved["trained_from"] != template.trained_from:
+      print(f"{path} was trained with other settings; starting afresh")
       return None
     state = flax.serialization.from_bytes(
         dict(step=0, params=template.params, opt_state=template.opt_state), path.read_bytes())
-    curve = json.loads(path.with_suffix(".curve.json").read_text())
-    return cls(int(state["step"]), state["params"], state["opt_state"], curve)
+    return cls(int(state["step"]), state["params"], state["opt_state"], saved["curve"],
+               saved["seconds"], saved["trained_from"])
+
+  @staticmethod
+  def remove(path: pathlib.Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
 
 
 def batches(data: TrainingData, batch_size: int, seed: int, start_step: int):
@@ -280,28 +303,33 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   model = load_model(config.target, config.checkpoint_dir, config.synthetic_weights, dtype,
                      config.seed)
   workdir = pathlib.Path(t.workdir) if t.workdir else None
-  # What fixes the answers; generate_batch only groups the prompts.
+  # What fixes the answers (the batches do too: each draws its own key).
   made_from = json.dumps(dict(
       target=config.target, weights=model.source, dtype=str(dtype), seed=config.seed,
       prompt_sets=config.prompts.sets, prompt_seed=config.prompts.seed,
       **{name: t[name] for name in ("prompts_per_set", "later_chat_turns", "max_prompt_tokens",
-                                    "answer_tokens", "answer_temperature")}), sort_keys=True)
+                                    "answer_tokens", "answer_temperature", "generate_batch")}),
+      sort_keys=True)
   started = time.perf_counter()
-  data = kept_sequences(workdir / "sequences.npz" if workdir else None, made_from,
-                        lambda: generate_sequences(config, model))
+  data, sequences_kept = kept_sequences(workdir / "sequences.npz" if workdir else None,
+                                        made_from, lambda: generate_sequences(config, model))
   generate_seconds = time.perf_counter() - started
   width = min(data.tokens.shape[1], t.max_tokens)
   data = dataclasses.replace(data, tokens=data.tokens[:, :width],
                              lengths=np.minimum(data.lengths, width))
   train_data, validation = split_validation(data, t.validation_fraction, config.seed)
   print(f"{len(train_data.ids)} training and {len(validation.ids)} validation sequences of "
-        f"at most {width} tokens, ready in {generate_seconds:.0f} s")
+        f"at most {width} tokens, " + ("kept from an earlier run" if sequences_kept
+                                       else f"answered in {generate_seconds:.0f} s"))
 
   target = Llama(model.config, param_dtype=dtype)
   drafter = FeatureDrafter(target, DRAFTER_KEY)
   tx = optimizer(t)
   drafter_params = init_params(model.config, jax.random.key(config.seed), jnp.float32)
-  state = Checkpoint(0, drafter_params, tx.init(drafter_params), [])
+  trained_from = json.dumps(dict(data=made_from, **{name: t[name] for name in (
+      "max_tokens", "validation_fraction", "rollout_steps", "steps", "batch_size",
+      "learning_rate", "warmup_steps", "weight_decay", "grad_clip")}), sort_keys=True)
+  state = Checkpoint(0, drafter_params, tx.init(drafter_params), [], 0.0, trained_from)
   checkpoint_path = workdir / "checkpoint.msgpack" if workdir else None
   if checkpoint_path:
     state = Checkpoint.restore(checkpoint_path, state) or state
@@ -324,13 +352,15 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   progress = tqdm.trange(state.step, t.steps, desc="training", unit="step", initial=state.step,
                          total=t.steps)
   train_started = time.perf_counter()
+  seconds_so_far = lambda: state.seconds + time.perf_counter() - train_started
   stopped_early, steps_done = False, state.step
   for step, batch in zip(progress, batches(train_data, t.batch_size, config.seed, state.step)):
     if t.max_seconds and time.perf_counter() - train_started > t.max_seconds:
       print(f"stopping at step {step} of {t.steps}: train.max_seconds ({t.max_seconds}) reached")
       stopped_early = True
       if checkpoint_path:  # a later run with more time goes on from here
-        Checkpoint(step, drafter_params, opt_state, curve).save(checkpoint_path)
+        Checkpoint(step, drafter_params, opt_state, curve, seconds_so_far(),
+                   trained_from).save(checkpoint_path)
       break
     drafter_params, opt_state, loss, stats = train_step(drafter_params, opt_state, model.params,
                                                         batch)
@@ -341,8 +371,11 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
       curve.append(point)
       progress.set_postfix(loss=f"{point['loss']:.3f}")
     if checkpoint_path and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-      Checkpoint(step + 1, drafter_params, opt_state, curve).save(checkpoint_path)
-  train_seconds = time.perf_counter() - train_started
+      Checkpoint(step + 1, drafter_params, opt_state, curve, seconds_so_far(),
+                 trained_from).save(checkpoint_path)
+  train_seconds = seconds_so_far()
+  if checkpoint_path and not stopped_early:  # finished: the drafter file is what is left
+    Checkpoint.remove(checkpoint_path)
 
   params = {"target": model.params, "drafters": {DRAFTER_KEY: drafter_params}}
   by_kind = {}
@@ -358,7 +391,7 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
                  drafter=t.output or "beside this file, as <its name>.safetensors",
                  sequences=dict(train=len(train_data.ids), validation=len(validation.ids),
                                 max_tokens=width),
-                 steps=steps_done, stopped_early=stopped_early,
+                 sequences_kept=sequences_kept, steps=steps_done, stopped_early=stopped_early,
                  seconds=dict(generate=generate_seconds, train=train_seconds),
                  curve=curve, validation=by_kind)
   path = results.write(config.experiment, payload, directory=config.results_dir, env=env)

@@ -96,6 +96,12 @@ class GenerationOutput:
   nan_rows: jax.Array
   steps: jax.Array
 
+  def token_lists(self) -> list[list[int]]:
+    """Each row's generated tokens, fetched in one transfer: indexing device arrays
+    row by row dispatches an op per row, and compiles a slice per new length."""
+    tokens, num_tokens = jax.device_get((self.tokens, self.num_tokens))
+    return [row[:count].tolist() for row, count in zip(tokens, num_tokens)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:

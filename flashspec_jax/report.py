@@ -194,8 +194,10 @@ def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
   lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
            f"tune-split prompts ({data['config']['prompts']['sets']}, up to "
-           f"{t['answer_tokens']} tokens, temperature {t['answer_temperature']}) in "
-           f"{data['seconds']['generate']:.0f} s; {data['steps']} steps of batch "
+           f"{t['answer_tokens']} tokens, temperature {t['answer_temperature']}) "
+           + ("in an earlier run" if data.get("sequences_kept")
+              else f"in {data['seconds']['generate']:.0f} s")
+           + f"; {data['steps']} steps of batch "
            f"{t['batch_size']} with {t['rollout_steps']}-step rollouts in "
            f"{data['seconds']['train']:.0f} s"
            + (" (stopped by train.max_seconds)" if data["stopped_early"] else "")

@@ -10,6 +10,7 @@ the prompt stream.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -122,6 +123,20 @@ def print_table(summaries: dict[str, dict], synthetic: bool) -> None:
     print("(synthetic weights: speeds only; acceptance of random drafters means nothing)")
 
 
+@contextlib.contextmanager
+def frozen_heap():
+  """Keeps what exists now (prompt sets, tokenizer, host copies of weights, programs)
+  out of the garbage collector's full collections while the block runs: over all of
+  that, one full collection in a CPU stream run took long enough to show inside a
+  timed call."""
+  gc.collect()
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
+
+
 def run_generation(config: ml_collections.ConfigDict, env: dict
                    ) -> tuple[dict[str, Any], list[dict]]:
   """Runs every method on the prompts; returns (payload, per-prompt records)."""
@@ -146,51 +161,49 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   jobs = [(m, b) for m in methods for b in batches]
   compile_seconds = compile_ahead(jobs, setup, threads)
   warm_up_seconds = warm_up(jobs, setup)
-  # What is loaded by now (prompt sets, tokenizer, weights' host copies, programs) lives
-  # to the end. Frozen, a full collection skips it; unfrozen, one took 70-150 ms in a
-  # CPU stream run and fell inside a timed call.
-  gc.freeze()
   print(f"compiled {len(setup.programs)} programs in {compile_seconds:.1f} s "
         f"({threads} at a time), ran each once in {warm_up_seconds:.1f} s")
 
   records, summaries, histories, final_states = [], {}, {}, {}
   saved_states = load_bandit_states(config.bandit.initial_state, methods)
-  for method in tqdm.tqdm(methods, desc="methods", unit="method", disable=len(methods) < 2):
-    rng = jax.random.key(config.seed)  # the same randomness for every method
-    bandit, steps_by_kind = saved_states.get(method.name), []
-    method_records, batch_seconds, step_seconds = [], [], []
-    for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
-      rng, key = jax.random.split(rng)
-      run = compile_and_run(method, setup, batch, key, bandit)
-      seconds = run.seconds
+  with frozen_heap():
+    for method in tqdm.tqdm(methods, desc="methods", unit="method", disable=len(methods) < 2):
+      rng = jax.random.key(config.seed)  # the same randomness for every method
+      bandit, steps_by_kind = saved_states.get(method.name), []
+      method_records, batch_seconds, step_seconds = [], [], []
+      for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
+        rng, key = jax.random.split(rng)
+        run = compile_and_run(method, setup, batch, key, bandit)
+        seconds = run.seconds
+        if method.is_bandit:
+          bandit = run.output.bandit  # stays on the device for the next call
+        # One transfer: indexing device arrays element by element would dispatch an op
+        # (and compile a slice for each new length) per element.
+        out = jax.device_get(run.output)
+        token_lists = out.token_lists()
+        batch_seconds.append(seconds)
+        step_seconds.append(seconds / max(int(out.steps), 1))
+        if method.is_bandit:
+          steps_by_kind += [(batch[0].kind, arm) for arm in out.history.arm[:out.steps].tolist()]
+        for row, request in enumerate(batch):
+          ids = token_lists[row]
+          record = dict(method=method.name, id=request.id, kind=request.kind,
+                        prompt_tokens=len(request.token_ids), new_tokens=len(ids),
+                        batch_seconds=seconds, batch_rows=len(batch),
+                        loop_steps=int(out.steps),
+                        text=None if model.tokenizer is None else model.tokenizer.decode(ids))
+          if method.arms:
+            record |= {name: int(getattr(out.metrics, name)[row])
+                       for name in ("steps", "proposed", "tested", "accepted", "emitted")}
+          method_records.append(record)
+      summaries[method.name] = summarize_method(method_records, batch_seconds, step_seconds)
       if method.is_bandit:
-        bandit = run.output.bandit  # stays on the device for the next call
-      # One transfer: indexing device arrays element by element would dispatch an op
-      # (and compile a slice for each new length) per element.
-      out = jax.device_get(run.output)
-      batch_seconds.append(seconds)
-      step_seconds.append(seconds / max(int(out.steps), 1))
-      if method.is_bandit:
-        steps_by_kind += [(batch[0].kind, arm) for arm in out.history.arm[:out.steps].tolist()]
-      for row, request in enumerate(batch):
-        ids = out.tokens[row, :out.num_tokens[row]].tolist()
-        record = dict(method=method.name, id=request.id, kind=request.kind,
-                      prompt_tokens=len(request.token_ids), new_tokens=len(ids),
-                      batch_seconds=seconds, batch_rows=len(batch),
-                      loop_steps=int(out.steps),
-                      text=None if model.tokenizer is None else model.tokenizer.decode(ids))
-        if method.arms:
-          record |= {name: int(getattr(out.metrics, name)[row])
-                     for name in ("steps", "proposed", "tested", "accepted", "emitted")}
-        method_records.append(record)
-    summaries[method.name] = summarize_method(method_records, batch_seconds, step_seconds)
-    if method.is_bandit:
-      names = [arm.name for arm in method.arms]
-      summaries[method.name]["arm_shares"] = arm_shares(names, steps_by_kind)
-      histories[method.name] = dict(arms=names, steps=steps_by_kind)
-      final_states[method.name] = jax.tree.map(lambda x: np.asarray(x).tolist(),
-                                               dataclasses.asdict(bandit))
-    records += method_records
+        names = [arm.name for arm in method.arms]
+        summaries[method.name]["arm_shares"] = arm_shares(names, steps_by_kind)
+        histories[method.name] = dict(arms=names, steps=steps_by_kind)
+        final_states[method.name] = jax.tree.map(lambda x: np.asarray(x).tolist(),
+                                                 dataclasses.asdict(bandit))
+      records += method_records
 
   if ("ar" in summaries and len(summaries) > 1 and config.sampling.temperature == 0
       and not model.synthetic):

@@ -2,6 +2,7 @@
 rollouts, its weights file, its training data, and the shipped eagle:smollm2."""
 
 import dataclasses
+import hashlib
 import itertools
 
 import jax
@@ -13,12 +14,13 @@ from conftest import spread_params, tiny_config
 from flax import traverse_util
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import distill, engine
+from flashspec_jax import distill, engine, prompts
 from flashspec_jax.bandit import UCB1
 from flashspec_jax.drafters import FeatureDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import CheckpointError
 from flashspec_jax.loading.eagle import load_drafter, save_drafter, shipped_path
+from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.prompts import load_prompts, split_size
@@ -143,42 +145,49 @@ def test_weights_round_trip_and_bad_files_are_named(params, tmp_path):
 
 def test_a_resumed_training_run_sees_what_an_uninterrupted_one_would(params, tmp_path):
   """Kept sequences serve only the settings they were generated from; from a
-  checkpoint's step on, the batches are the uninterrupted run's; a checkpoint
-  restores the step, drafter, optimizer state and curve it saved."""
-  rows = 6
+  checkpoint's step on, mid-epoch, the batches are the uninterrupted run's; a
+  checkpoint restores what it saved, and only for the settings it was trained with."""
+  rows = 12
   data = distill.TrainingData(np.arange(rows * 10, dtype=np.int32).reshape(rows, 10),
-                              np.full(rows, 10, np.int32), np.full(rows, 3, np.int32),
+                              np.arange(rows, dtype=np.int32) + 5, np.full(rows, 3, np.int32),
                               tuple(f"chat-{i}" for i in range(rows)), ("chat",) * rows)
   generated = []
   def generate():
     generated.append(True)
     return data
   kept = tmp_path / "sequences.npz"
-  distill.kept_sequences(kept, "settings a", generate)
-  again = distill.kept_sequences(kept, "settings a", generate)
-  assert len(generated) == 1 and again.ids == data.ids and again.kinds == data.kinds
-  np.testing.assert_array_equal(again.tokens, data.tokens)
-  distill.kept_sequences(kept, "settings b", generate)
-  assert len(generated) == 2
+  assert not distill.kept_sequences(kept, "settings a", generate)[1]
+  again, reused = distill.kept_sequences(kept, "settings a", generate)
+  assert reused and len(generated) == 1 and again.ids == data.ids and again.kinds == data.kinds
+  for name in ("tokens", "lengths", "prompt_lens"):
+    np.testing.assert_array_equal(getattr(again, name), getattr(data, name))
+  assert not distill.kept_sequences(kept, "settings b", generate)[1] and len(generated) == 2
+  assert distill.TrainingData.load(kept)[1] == "settings b"
 
-  whole = list(itertools.islice(distill.batches(data, 4, seed=1, start_step=0), 7))
-  resumed = list(itertools.islice(distill.batches(data, 4, seed=1, start_step=3), 4))
-  for a, b in zip(whole[3:], resumed, strict=True):
+  # 3 batches an epoch: step 4 is the second batch of the second epoch.
+  whole = list(itertools.islice(distill.batches(data, 4, seed=1, start_step=0), 8))
+  resumed = list(itertools.islice(distill.batches(data, 4, seed=1, start_step=4), 4))
+  for a, b in zip(whole[4:], resumed, strict=True):
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
-  assert any((a["tokens"] != b["tokens"]).any() for a, b in zip(whole, whole[1:]))
+  assert not np.array_equal(whole[0]["tokens"], whole[3]["tokens"])  # epochs reshuffle
 
   drafter_params = params["drafters"]["eagle"]
   tx = distill.optimizer(config_lib.base_config().train)
   _, opt_state = tx.update(drafter_params, tx.init(drafter_params), drafter_params)
   path = tmp_path / "checkpoint.msgpack"
-  distill.Checkpoint(5, drafter_params, opt_state, [dict(step=5, loss=2.0)]).save(path)
+  distill.Checkpoint(5, drafter_params, opt_state, [dict(step=5, loss=2.0)], 12.5,
+                     "training a").save(path)
   template = distill.Checkpoint(0, jax.tree.map(jnp.zeros_like, drafter_params),
-                                tx.init(drafter_params), [])
+                                tx.init(drafter_params), [], 0.0, "training a")
   restored = distill.Checkpoint.restore(path, template)
   assert restored.step == 5 and restored.curve == [dict(step=5, loss=2.0)]
+  assert restored.seconds == 12.5
   jax.tree.map(np.testing.assert_array_equal, (restored.params, restored.opt_state),
                (drafter_params, opt_state))
-  assert distill.Checkpoint.restore(tmp_path / "none.msgpack", template) is None
+  assert distill.Checkpoint.restore(path, dataclasses.replace(template,
+                                                              trained_from="training b")) is None
+  distill.Checkpoint.remove(path)
+  assert distill.Checkpoint.restore(path, template) is None and not list(tmp_path.glob("check*"))
 
 
 def test_a_missing_drafter_is_refused_before_any_weights_load(tmp_path):
@@ -190,19 +199,27 @@ def test_a_missing_drafter_is_refused_before_any_weights_load(tmp_path):
 
 
 def test_training_prompts_are_never_held_out(smollm2):
-  """Every training prompt is in the tune split, none is one the experiments hold out."""
+  """No training prompt is held out, repeats a held-out prompt word for word, or is a
+  later turn of a conversation any part of which is held out."""
   _, _, tokenizer = smollm2
   config = config_lib.base_config()
-  config.train.prompts_per_set = 40
+  config.train.prompts_per_set = 300  # enough chat prompts to meet ShareGPT's repeats
   config.train.later_chat_turns = 40
   requests = distill.training_requests(config, tokenizer)
-  held_out = {p.id for kind in ("chat", "code", "edit")
-              for p in load_prompts(kind, split_size(kind, "heldout"), "heldout")}
-  # A later turn ("<chat id>#<turn>") belongs to its chat, which must not be held out.
-  chats = {r.id.partition("#")[0] for r in requests}
-  assert len(requests) > 100 and not chats & held_out
-  assert {r.kind for r in requests} == {"chat", "code", "edit"}
-  assert sum("#" in r.id for r in requests) > 20
+  held_out = [p for kind in ("chat", "code", "edit")
+              for p in load_prompts(kind, split_size(kind, "heldout"), "heldout")]
+  held_out_tokens = {tuple(row) for row in encode_chat(tokenizer,
+                                                       [p.conversation for p in held_out])}
+  assert not {tuple(r.token_ids) for r in requests} & held_out_tokens
+  assert not {r.id for r in requests} & {p.id for p in held_out}
+  # ShareGPT records are parts "<conversation>_<n>"; the split hashes the record id.
+  conversation = lambda record: record.rpartition("_")[0]
+  held_out_conversations = {
+      conversation(record) for record in prompts._sharegpt()[2]
+      if hashlib.sha256(f"sharegpt/{record}".encode()).digest()[0] % 5 == 0}
+  later = [r.id.removeprefix("sharegpt/").partition("#")[0] for r in requests if "#" in r.id]
+  assert len(later) > 20 and not {conversation(r) for r in later} & held_out_conversations
+  assert len(requests) > 100 and {r.kind for r in requests} == {"chat", "code", "edit"}
 
 
 @pytest.mark.skipif(not shipped_path("smollm2").exists(), reason="eagle:smollm2 is not trained yet")
