@@ -360,11 +360,11 @@ def chooser_steps(data: dict) -> list[str]:
            "at mix: its speed against the best fixed arm had each step cost that mix plus "
            "the per-call share the fixed arm pays beyond its calibrated cost. Call excess: "
            "each later call's time beyond the calibrated cost of the steps it ran, median / "
-           "90th percentile / max. At mix by set: against each set's best fixed arm, had "
-           "each call cost its steps' calibrated costs plus the best fixed arm's median call "
-           "excess.",
+           "90th percentile / max. By set: against each set's best fixed arm, had each call "
+           "cost its steps' calibrated costs plus the best fixed arm's median call excess "
+           "(at mix) or the chooser's own median (at own median).",
            "", "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
-           "vs best fixed | at mix | call excess ms | at mix by set |",
+           "vs best fixed | at mix | call excess ms | by set: at mix / at own median |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
     name = f"{run['device']}, T={run['temperature']:g}, {run['order']}"
@@ -378,8 +378,8 @@ def chooser_steps(data: dict) -> list[str]:
                    f"{c['ms_per_step']:.3f} | {c['calibrated_mix_ms']:.3f} | {c['tau']:.2f} | "
                    f"{c['vs_best_fixed']:.2f} | {c['estimated_vs_best_fixed']:.2f} | "
                    f"{_excess(c['call_excess_ms'])} | "
-                   + ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in c["at_mix_by_set"].items())
-                   + " |")
+                   + ", ".join(f"{kind} {ratio:.2f} / {c['at_own_median_by_set'][kind]:.2f}"
+                               for kind, ratio in c["at_mix_by_set"].items()) + " |")
   return lines
 
 

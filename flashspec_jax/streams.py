@@ -6,11 +6,13 @@ arm on each set. A chooser is compared with the best fixed arm over the whole
 stream, with the best fixed arm of each set, and with the oracle; its steps on
 arms other than the set's best, and the steps it took to settle on that arm
 after each change of set, come from its history. `step_costs` splits where a
-chooser's time went: its first calls, and steps that cost more than the arms it ran.
+chooser's time went: its first calls, and calls that cost more than the steps of the
+arms they ran, and prices its choices per set at its arms' calibrated costs.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,10 +118,13 @@ def _arm_name(method: str, gamma: int) -> str:
 
 def step_costs(run: dict) -> dict:
   """What bench/chooser_steps.py reports of one stream run (a results file's dict plus
-  its "_path"): first calls against later ones, each chooser's later steps against
-  its arm mix at the run's calibrated costs, and each later call's excess: its time
-  beyond the calibrated cost of the steps it ran (prefill, call overhead and stalls),
-  for the best fixed arm and each chooser.
+  its "_path"), over each method's calls but its first: first calls against later
+  ones; each chooser's steps against its arm mix at the run's calibrated costs; each
+  call's excess, its time beyond the calibrated cost of the steps it ran (prefill,
+  call overhead and stalls); and per prompt set, the chooser's speed against the set's
+  best fixed arm had each call's excess been the best fixed arm's median
+  (`at_mix_by_set`), or the chooser's own median, cutting its worst calls down
+  (`at_own_median_by_set`).
 
   Raises:
     ValueError: for a run at batch > 1 (its records are rows, not calls), or whose
@@ -130,39 +135,41 @@ def step_costs(run: dict) -> dict:
   costs = run["arm_costs"]
   fixed = sorted({r["method"] for r in run["records"] if not r["method"].startswith("bandit")})
   best = max(fixed, key=lambda m: _rate(_calls(run, m)[1:])[0])
-  best_rate, best_tau, best_step = _rate(_calls(run, best)[1:])
+  best_calls = _calls(run, best)[1:]
+  best_rate, best_tau, best_step = _rate(best_calls)
   best_arm = _arm_name(best, run["config"]["sampling"]["gamma"])
   if best_arm not in costs:
     raise ValueError(f"{run['_path']}: the best fixed arm {best} is not among the bandit's "
                      f"arms {sorted(costs)}, so its calibrated cost is unknown")
   # The best fixed arm's steps beyond its calibrated cost: prefill and per-call work.
   per_call_share = best_step - costs[best_arm]
-  best_excess = _excess_ms(_calls(run, best)[1:],
-                           [[best_arm] * r["loop_steps"] for r in _calls(run, best)[1:]], costs)
-  kinds = sorted({r["kind"] for r in run["records"]})
-  best_by_set = {kind: max(_rate([c for c in _calls(run, m)[1:] if c["kind"] == kind])[0]
-                           for m in fixed) for kind in kinds}
+  best_excess = _excess_ms(best_calls, [[best_arm] * r["loop_steps"] for r in best_calls],
+                           costs)
+  best_by_set = {}
+  for method in fixed:
+    for kind, rate in _rates_by_set(_calls(run, method)[1:]).items():
+      best_by_set[kind] = max(rate, best_by_set.get(kind, 0.0))
   choosers = []
   for method, history in run["bandit_histories"].items():
     calls = _calls(run, method)
     first = _rate(calls[:1])[2]
     rate, tau, step = _rate(calls[1:])
-    later_calls = [[history["arms"][a] for a in steps] for steps in _arm_steps(run, method)[1:]]
-    later = [a for steps in _arm_steps(run, method)[1:] for a in steps]
-    shares = np.bincount(later, minlength=len(history["arms"])) / len(later)
-    mix = float(sum(share * costs[arm] for share, arm in zip(shares, history["arms"])))
+    arms_per_call = [[history["arms"][a] for a in steps]
+                     for steps in _arm_steps(run, method)[1:]]
+    counts = collections.Counter(arm for arms in arms_per_call for arm in arms)
+    shares = {arm: counts[arm] / sum(counts.values()) for arm in history["arms"]}
+    mix = sum(share * costs[arm] for arm, share in shares.items())
+    excess = _excess_ms(calls[1:], arms_per_call, costs)
+    priced = lambda excess_ms: {
+        kind: rate / best_by_set[kind] for kind, rate in _rates_by_set(
+            calls[1:], [sum(costs[arm] for arm in arms) + excess_ms / 1e3
+                        for arms in arms_per_call]).items()}
     choosers.append(dict(
         method=method, first_call_ms_per_step=1e3 * first, ms_per_step=1e3 * step, tau=tau,
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
         estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
-        shares=dict(zip(history["arms"], shares.tolist())),
-        call_excess_ms=_excess_ms(calls[1:], later_calls, costs),
-        # Per set: had each call cost its steps' calibrated costs plus the best fixed
-        # arm's median call excess, against the set's best fixed arm.
-        at_mix_by_set={kind: sum(c["new_tokens"] for c in calls[1:] if c["kind"] == kind) / sum(
-            sum(costs[arm] for arm in arms) + best_excess["median"] / 1e3
-            for c, arms in zip(calls[1:], later_calls) if c["kind"] == kind) / best_by_set[kind]
-                       for kind in kinds}))
+        shares=shares, call_excess_ms=excess, at_mix_by_set=priced(best_excess["median"]),
+        at_own_median_by_set=priced(excess["median"])))
   return dict(run=run["_path"], device=run["environment"]["device"],
               temperature=run["config"]["sampling"]["temperature"],
               order=run["config"]["prompts"]["order"], best_fixed=best,
@@ -170,6 +177,16 @@ def step_costs(run: dict) -> dict:
               best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
               best_fixed_calibrated_ms=1e3 * costs[best_arm], best_fixed_call_excess_ms=best_excess,
               choosers=choosers)
+
+
+def _rates_by_set(calls: list[dict], seconds: list[float] | None = None) -> dict[str, float]:
+  """Tokens per second of the calls on each prompt set, timed by `seconds` (one per
+  call) where given, else as they ran."""
+  tokens, spent = collections.Counter(), collections.Counter()
+  for i, call in enumerate(calls):
+    tokens[call["kind"]] += call["new_tokens"]
+    spent[call["kind"]] += call["batch_seconds"] if seconds is None else seconds[i]
+  return {kind: tokens[kind] / spent[kind] for kind in tokens}
 
 
 def _excess_ms(calls: list[dict], arms_per_call: list[list[str]], costs: dict) -> dict:

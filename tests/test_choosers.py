@@ -183,40 +183,49 @@ def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tm
 
 
 def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
-  """streams.step_costs (bench/chooser_steps.py) on a made-up stream: a fixed arm and a
-  bandit whose later steps cost twice what its arms cost alone."""
+  """streams.step_costs (bench/chooser_steps.py) on a made-up stream of two sets: n-gram
+  is the best fixed arm on chat and over the stream, AR on code, and Hedge's calls
+  cost more than their steps, unevenly."""
 
-  def call(method, seconds, steps, tau):
-    return dict(method=method, kind="chat", new_tokens=tau * steps, loop_steps=steps,
+  def call(method, kind, seconds, steps, tau):
+    return dict(method=method, kind=kind, new_tokens=tau * steps, loop_steps=steps,
                 batch_seconds=seconds, batch_rows=1)
   run = dict(
       _path="run.json", environment=dict(device="gpu:test"),
       config=dict(sampling=dict(gamma=4, temperature=0.0), prompts=dict(order="blocks")),
       arm_costs={"ngram_3:g4": 0.001, "ar": 0.002},
-      records=[call("ngram:3", 0.03, 10, 2), call("ngram:3", 0.011, 10, 2),
-               call("ngram:3", 0.011, 10, 2), call("bandit:hedge", 0.05, 10, 3),
-               call("bandit:hedge", 0.03, 10, 3), call("bandit:hedge", 0.03, 10, 3)],
-      bandit_histories={"bandit:hedge": dict(arms=["ngram_3:g4", "ar"],
-                                             steps=[["chat", i % 2] for i in range(30)])})
+      records=[call("ngram:3", "chat", 0.03, 10, 2), call("ngram:3", "chat", 0.011, 10, 2),
+               call("ngram:3", "code", 0.020, 10, 1), call("ar", "chat", 0.03, 10, 1),
+               call("ar", "chat", 0.021, 10, 1), call("ar", "code", 0.012, 10, 1),
+               call("bandit:hedge", "chat", 0.05, 10, 3),
+               call("bandit:hedge", "chat", 0.03, 10, 3),
+               call("bandit:hedge", "code", 0.04, 4, 1)],
+      bandit_histories={"bandit:hedge": dict(
+          arms=["ngram_3:g4", "ar"],
+          steps=[["chat", i % 2] for i in range(20)] + [["code", 1]] * 4)})
   out = streams.step_costs(run)
+  # Later calls: n-gram 30 tokens in 31 ms, AR 20 in 33 ms.
   assert out["best_fixed"] == "ngram:3"
   assert out["best_fixed_first_call_ms_per_step"] == pytest.approx(3.0)
-  assert out["best_fixed_ms_per_step"] == pytest.approx(1.1)
+  assert out["best_fixed_ms_per_step"] == pytest.approx(31 / 20)
+  # n-gram's later calls beyond their steps: 11 - 10 and 20 - 10 ms.
+  assert out["best_fixed_call_excess_ms"]["calls"] == pytest.approx([1.0, 10.0])
+  assert out["best_fixed_call_excess_ms"]["median"] == pytest.approx(5.5)
   (hedge,) = out["choosers"]
   assert hedge["first_call_ms_per_step"] == pytest.approx(5.0)
-  assert hedge["ms_per_step"] == pytest.approx(3.0)
-  assert hedge["calibrated_mix_ms"] == pytest.approx(1.5)
-  assert hedge["tau"] == 3 and out["best_fixed_tau"] == 2
-  assert hedge["vs_best_fixed"] == pytest.approx((3 / 3.0) / (2 / 1.1))
-  # At its arms' costs plus the fixed arm's 0.1 ms per-call share: 1.6 ms per step.
-  assert hedge["estimated_vs_best_fixed"] == pytest.approx((3 / 1.6) / (2 / 1.1))
-  # Later calls beyond their steps' calibrated costs: 11 - 10 ms; 30 - 5 x (1 + 2) ms.
-  assert out["best_fixed_call_excess_ms"]["calls"] == pytest.approx([1.0, 1.0])
-  assert hedge["call_excess_ms"]["calls"] == pytest.approx([15.0, 15.0])
-  assert hedge["call_excess_ms"]["max"] == pytest.approx(15.0)
-  # One set: 30 tokens per call in 15 ms of steps + n-gram's 1 ms median excess, against
-  # n-gram's 20 tokens in 11 ms.
-  assert hedge["at_mix_by_set"] == pytest.approx({"chat": (30 / 16) / (20 / 11)})
+  assert hedge["ms_per_step"] == pytest.approx(70 / 14)
+  assert hedge["tau"] == pytest.approx(34 / 14)
+  assert hedge["shares"] == pytest.approx({"ngram_3:g4": 5 / 14, "ar": 9 / 14})
+  assert hedge["calibrated_mix_ms"] == pytest.approx((5 * 1 + 9 * 2) / 14)
+  # Its calls beyond their steps: 30 - (5 x 1 + 5 x 2) ms on chat; 40 - 4 x 2 ms on code.
+  assert hedge["call_excess_ms"]["calls"] == pytest.approx([15.0, 32.0])
+  assert hedge["call_excess_ms"]["median"] == pytest.approx(23.5)
+  # Best per set: n-gram on chat (20 tokens in 11 ms), AR on code (10 in 12 ms).
+  assert hedge["at_mix_by_set"] == pytest.approx(
+      {"chat": (30 / (15 + 5.5)) / (20 / 11), "code": (4 / (8 + 5.5)) / (10 / 12)})
+  assert hedge["at_own_median_by_set"] == pytest.approx(
+      {"chat": (30 / (15 + 23.5)) / (20 / 11), "code": (4 / (8 + 23.5)) / (10 / 12)})
+  assert hedge["vs_best_fixed"] == pytest.approx((34 / 70) / (30 / 31))
   with pytest.raises(ValueError, match="batch > 1"):
     streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
 

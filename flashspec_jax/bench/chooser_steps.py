@@ -15,7 +15,7 @@ call's excess: its time beyond the calibrated cost of the steps it ran (median,
 90th percentile and maximum), which tells a cost paid by every step from one paid
 by some calls only. And per prompt set, the chooser's speed against the set's best
 fixed arm had each call cost its steps' calibrated costs plus the best fixed arm's
-median call excess.
+median call excess, or plus the chooser's own median (its worst calls cut down).
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ def main(argv):
       print(f"{'':<34} {c['method']:<28} {c['first_call_ms_per_step']:>11.2f} "
             f"{c['ms_per_step']:>8.3f} {c['calibrated_mix_ms']:>7.3f} {c['tau']:>5.2f} "
             f"{c['vs_best_fixed']:>7.2f} {c['estimated_vs_best_fixed']:>7.2f}"
-            f"{_excess(c['call_excess_ms'])}  at mix by set: "
-            + ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in c["at_mix_by_set"].items()))
+            f"{_excess(c['call_excess_ms'])}  by set, at mix / at own median: "
+            + ", ".join(f"{kind} {ratio:.2f} / {c['at_own_median_by_set'][kind]:.2f}"
+                        for kind, ratio in c["at_mix_by_set"].items()))
 
 
 def _excess(excess: dict) -> str:
-  return f"{excess['median']:>11.1f} {excess['p90']:>9.1f} {excess['max']:>9.1f}"
+  return f" {excess['median']:>11.1f} {excess['p90']:>9.1f} {excess['max']:>9.1f}"
 
 
 if __name__ == "__main__":
