@@ -128,8 +128,7 @@ def frozen_heap():
   """Keeps what exists now (prompt sets, tokenizer, host copies of weights, programs)
   out of the garbage collector's full collections while the block runs: over all of
   that, one full collection in a CPU stream run took long enough to show inside a
-  timed call."""
-  gc.collect()
+  timed call. Garbage frozen with it is collected after the block."""
   gc.freeze()
   try:
     yield
