@@ -109,13 +109,12 @@ def _conversation(record_id: str) -> str:
 def load_later_chat_turns(num: int, seed: int = 0) -> list[Prompt]:
   """Up to `num` later user turns of tune-split chats, each alone as a prompt (kind
   "chat"), by a seeded permutation: more prompts to train on. None comes from a
-  conversation any part of which is held out, nor repeats a held-out chat prompt."""
+  conversation any part of which is held out; word-for-word repeats of held-out
+  prompts are training's to drop (distill.training_requests), as for first turns."""
   _, later_turns, ids = _sharegpt()
   held_out = {_conversation(i) for i in ids if split_of(f"sharegpt/{i}") == "heldout"}
-  held_out_texts = {p.text for p in _split_pool("chat", "heldout")}
   pool = [p for p in later_turns
-          if _conversation(p.id.removeprefix("sharegpt/").partition("#")[0]) not in held_out
-          and p.text not in held_out_texts]
+          if _conversation(p.id.removeprefix("sharegpt/").partition("#")[0]) not in held_out]
   order = np.random.default_rng(seed).permutation(len(pool))
   return [pool[i] for i in order[:num]]
 

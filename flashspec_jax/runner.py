@@ -174,8 +174,6 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
         rng, key = jax.random.split(rng)
         run = compile_and_run(method, setup, batch, key, bandit)
         seconds = run.seconds
-        if method.is_bandit:
-          bandit = run.output.bandit  # stays on the device for the next call
         # One transfer: indexing device arrays element by element would dispatch an op
         # (and compile a slice for each new length) per element.
         out = jax.device_get(run.output)
@@ -183,6 +181,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
         batch_seconds.append(seconds)
         step_seconds.append(seconds / max(int(out.steps), 1))
         if method.is_bandit:
+          bandit = run.output.bandit  # the device copy, for the next call
           steps_by_kind += [(batch[0].kind, arm) for arm in out.history.arm[:out.steps].tolist()]
         for row, request in enumerate(batch):
           ids = token_lists[row]

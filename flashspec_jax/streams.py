@@ -143,8 +143,7 @@ def step_costs(run: dict) -> dict:
                      f"arms {sorted(costs)}, so its calibrated cost is unknown")
   # The best fixed arm's steps beyond its calibrated cost: prefill and per-call work.
   per_call_share = best_step - costs[best_arm]
-  best_excess = _excess_ms(best_calls, [[best_arm] * r["loop_steps"] for r in best_calls],
-                           costs)
+  best_excess = _excess_ms(best_calls, [r["loop_steps"] * costs[best_arm] for r in best_calls])
   best_by_set = {}
   for method in fixed:
     for kind, rate in _rates_by_set(_calls(run, method)[1:]).items():
@@ -159,11 +158,11 @@ def step_costs(run: dict) -> dict:
     counts = collections.Counter(arm for arms in arms_per_call for arm in arms)
     shares = {arm: counts[arm] / sum(counts.values()) for arm in history["arms"]}
     mix = sum(share * costs[arm] for arm, share in shares.items())
-    excess = _excess_ms(calls[1:], arms_per_call, costs)
+    steps_seconds = [sum(costs[arm] for arm in arms) for arms in arms_per_call]
+    excess = _excess_ms(calls[1:], steps_seconds)
     priced = lambda excess_ms: {
         kind: rate / best_by_set[kind] for kind, rate in _rates_by_set(
-            calls[1:], [sum(costs[arm] for arm in arms) + excess_ms / 1e3
-                        for arms in arms_per_call]).items()}
+            calls[1:], [seconds + excess_ms / 1e3 for seconds in steps_seconds]).items()}
     choosers.append(dict(
         method=method, first_call_ms_per_step=1e3 * first, ms_per_step=1e3 * step, tau=tau,
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
@@ -189,10 +188,10 @@ def _rates_by_set(calls: list[dict], seconds: list[float] | None = None) -> dict
   return {kind: tokens[kind] / spent[kind] for kind in tokens}
 
 
-def _excess_ms(calls: list[dict], arms_per_call: list[list[str]], costs: dict) -> dict:
-  """Each call's milliseconds beyond the calibrated cost of its steps' arms, and their
-  median, 90th percentile and maximum."""
-  excess = [1e3 * (call["batch_seconds"] - sum(costs[arm] for arm in arms))
-            for call, arms in zip(calls, arms_per_call, strict=True)]
+def _excess_ms(calls: list[dict], steps_seconds: list[float]) -> dict:
+  """Each call's milliseconds beyond `steps_seconds`, the calibrated cost of the steps
+  it ran, and their median, 90th percentile and maximum."""
+  excess = [1e3 * (call["batch_seconds"] - seconds)
+            for call, seconds in zip(calls, steps_seconds, strict=True)]
   return dict(calls=excess, median=float(np.median(excess)),
               p90=float(np.percentile(excess, 90)), max=float(max(excess)))
