@@ -10,8 +10,8 @@ first call: loading the program from disk (whole from the program store,
 executables.py, so untraced) plus generating. What that process compiled anyway
 is counted too (should be nothing). On a GPU each program is
 also compiled under other XLA options (`--variants`, named in VARIANTS): without
-the autotuning of matrix products, with the LLVM module split across threads,
-with cuBLAS in place of Triton's matrix products; each variant's run seconds
+the autotuning of matrix products, with cuBLAS in place of Triton's matrix
+products, or both; each variant's run seconds
 weigh what it costs in run time.
 """
 
@@ -39,17 +39,16 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per call.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _CACHE = flags.DEFINE_string("cache_dir", "", "Internal: the cache a second process reads.")
 _VARIANT = flags.DEFINE_string("variant", "default", "Internal: the second process's variant.")
-_VARIANTS = flags.DEFINE_list("variants", "default,no_autotune,parallel_llvm,cublas",
+_VARIANTS = flags.DEFINE_list("variants", "default,no_autotune,cublas",
                               "Compiler options to compare on a GPU (CPU runs default only).")
 
-# Compiler options to compare, by name. XLA compiles a GPU program's kernels as one
-# LLVM module unless told to split it across threads, and emits each matrix product
-# it fuses as a Triton kernel of its own unless told to call cuBLAS instead.
-_PARALLEL_LLVM = {"xla_gpu_enable_llvm_module_compilation_parallelism": True}
-_CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+# Compiler options to compare, by name. XLA emits each matrix product it fuses as a
+# Triton kernel of its own unless told to call cuBLAS instead. (jaxlib 0.11 always
+# splits a GPU program's LLVM module across threads: the option to ask for that is gone.)
 VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0},
-            "parallel_llvm": _PARALLEL_LLVM, "cublas": _CUBLAS,
-            "cublas_parallel_llvm": {**_CUBLAS, **_PARALLEL_LLVM}}
+            "cublas": {"xla_gpu_enable_triton_gemm": False},
+            "cublas_no_autotune": {"xla_gpu_enable_triton_gemm": False,
+                                   "xla_gpu_autotune_level": 0}}
 
 
 def run_config(target: str, arms: str, prompt_length: int, max_new_tokens: int):
