@@ -8,11 +8,10 @@ over three arms (n-gram, layer-skip, AR). Each is compiled cold in a fresh
 persistent cache, then a second process that shares the cache times its whole
 first call: loading the program from disk (whole from the program store,
 executables.py, so untraced) plus generating. What that process compiled anyway
-is counted too (should be nothing). On a GPU each program is
-also compiled under other XLA options (`--variants`, named in VARIANTS): without
-the autotuning of matrix products, with cuBLAS in place of Triton's matrix
-products, or both; each variant's run seconds
-weigh what it costs in run time.
+is counted too (should be nothing). On a GPU each program is also compiled under
+other XLA options (`--variants`, named in VARIANTS): without the autotuning of
+matrix products, with cuBLAS in place of Triton's matrix products, or both; each
+variant's run seconds weigh what it costs in run time.
 """
 
 from __future__ import annotations
