@@ -15,14 +15,16 @@ kl_ucb, hedge). The results file gives each chooser's tok/s against the best
 fixed arm over the stream and per set, against the per-set oracle, its share
 of steps off each set's best arm and its steps to settle after a change of set
 (flashspec_jax/streams.py).
-Expected: on the H200 (about 6 minutes a run, 2 of them compiling), greedy in
-blocks with the retrained eagle:smollm2 (results/choosers_smollm2/, at
-17facda), n-gram is the best fixed arm over the stream and KL-UCB the best
-chooser at 0.80x it (Hedge 0.73x); their choices would give 1.2x at their arms'
-calibrated costs, and bench/chooser_steps.py and docs/bandits.md show the
-time their calls spend beyond that. The three other H200 runs, at e83523d,
-predate warm-up, the loop-free Thompson draws, the prompt prior and the
-retrained drafter (Hedge best at 0.72-0.76x). On 2 CPU cores
+Expected: on the H200 (5 to 6 minutes a run, 2 to 3 of them compiling),
+greedy in blocks (at f51f7b7, with the drafter's second weights) n-gram is the
+best fixed arm over the stream and KL-UCB runs at 1.05x it (acceptance
+Thompson 1.04x), but 0.91x it on chat; at temperature 1 in blocks (at
+270c856, with the weights shipped since, passed by --config.eagle_checkpoint,
+and arm costs given by --config.bandit.costs)
+eagle:smollm2 is the best fixed arm and KL-UCB runs at 0.89x it. Their
+choices are right; bench/chooser_steps.py and docs/bandits.md show the time
+their calls spend beyond their steps. The interleaved temperature-1 run, at
+e83523d, predates warm-up and the retrained drafter. On 2 CPU cores
 (--config.sampling.max_new_tokens=64, about 17 minutes, at 4f03075) AR was the
 best fixed arm (n-gram 0.98x) and acceptance Thompson ran at 1.04x it, Hedge at
 1.00x, KL-UCB at 0.99x.

@@ -3,22 +3,23 @@
   python run.py --config=experiments/train_eagle_smollm2.py
   python run.py --config=experiments/train_eagle_smollm2.py:tiny    # CI-sized
 
-Self-distillation (flashspec_jax/distill.py): SmolLM2 answers every
-tune-split prompt (chat, code, edit; never a held-out one) greedily, 256 at a
-time, then the drafter learns its next-token distributions with 4-step
-rollouts, batch 32.
+Self-distillation (flashspec_jax/distill.py): SmolLM2 answers greedily, 512 at
+a time, every tune-split prompt (chat, code, edit; never a held-out one) and
+every later user turn of the tune split's chats, each alone as a prompt (none
+from a conversation any part of which is held out); then the drafter learns
+its next-token distributions with 4-step rollouts, batch 32, for 3,200 steps.
+Training never sees a prompt twice, nor one that repeats a held-out prompt
+word for word. --config.train.later_chat_turns=0 leaves the later turns out.
 It runs through run.py like every experiment, so the results file records the
 command, sha and device like the others, and the config's flags and sweeps apply.
 Writes flashspec_jax/weights/eagle_smollm2/model.safetensors and
 results/train_eagle_smollm2/ (loss curve, acceptance per draft position on the
-validation split). Expected on one H200: about 2 minutes answering 7,132
-prompts, then about 6 steps a second (the shipped weights stopped at step
-1,949 of 2,000 with --config.train.max_seconds=330; validation greedy tau
-2.91 on chat); the model card beside the weights says what they give.
---config.train.later_chat_turns=N adds up to N later user turns of tune-split
-chats, each alone as a prompt (none from a conversation any part of which is
-held out): more data, not yet used for the shipped weights. Training never
-sees a prompt twice, nor one that repeats a held-out prompt word for word.
+validation split).
+Expected on one H200: 19,593 answers in about 2 minutes, then about 6 steps a
+second, 9 minutes for 3,200 steps; loss about 1.98 at the end, validation
+greedy tau about 3.1 on chat (the shipped weights ran this recipe in two parts,
+stopped by --config.train.max_seconds and resumed from --config.train.workdir;
+the model card beside them says what they give).
 The :tiny variant answers a few short chat prompts with 16 tokens and trains
 for 12 steps on CPU (about a minute); its loss falls.
 """
@@ -33,15 +34,17 @@ def get_config(arg=None):
   config.target = "smollm2_135m"
   config.prompts.sets = "chat,code,edit"
   config.train.prompts_per_set = 100_000  # the whole tune split of each set
-  config.train.generate_batch = 256
+  config.train.later_chat_turns = 100_000  # every one there is (13,589)
+  config.train.generate_batch = 512
   config.train.batch_size = 32
-  config.train.steps = 2000
+  config.train.steps = 3200
   config.train.output = "flashspec_jax/weights/eagle_smollm2/model.safetensors"
   config.train.workdir = "checkpoints/train_eagle_smollm2"
   if is_tiny(arg):
     config.experiment += "_tiny"
     config.prompts.sets = "chat"
     config.train.prompts_per_set = 12
+    config.train.later_chat_turns = 0
     config.train.max_prompt_tokens = 64
     config.train.answer_tokens = 16
     config.train.generate_batch = 12
