@@ -15,7 +15,7 @@ kl_ucb, hedge). The results file gives each chooser's tok/s against the best
 fixed arm over the stream and per set, against the per-set oracle, its share
 of steps off each set's best arm and its steps to settle after a change of set
 (flashspec_jax/streams.py).
-Expected: on the H200 (5 to 6 minutes a run, 2 to 3 of them compiling),
+Expected: on the H200 (5 to 6 minutes a run, about 3 of them compiling),
 greedy in blocks (at f51f7b7, with the drafter's second weights) n-gram is the
 best fixed arm over the stream and KL-UCB runs at 1.05x it (acceptance
 Thompson 1.04x), but 0.91x it on chat; at temperature 1 in blocks (at

@@ -16,8 +16,8 @@ Writes flashspec_jax/weights/eagle_smollm2/model.safetensors and
 results/train_eagle_smollm2/ (loss curve, acceptance per draft position on the
 validation split).
 Expected on one H200: 19,593 answers in about 2 minutes, then about 6 steps a
-second, 9 minutes for 3,200 steps; loss about 1.98 at the end, validation
-greedy tau about 3.1 on chat (the shipped weights ran this recipe in two parts,
+second, 9 minutes for 3,200 steps; loss about 1.8 over the last batches,
+validation greedy tau about 3.1 on chat (the shipped weights ran this recipe in two parts,
 stopped by --config.train.max_seconds and resumed from --config.train.workdir;
 the model card beside them says what they give).
 The :tiny variant answers a few short chat prompts with 16 tokens and trains
