@@ -17,9 +17,9 @@ results/train_eagle_smollm2/ (loss curve, acceptance per draft position on the
 validation split).
 Expected on one H200: 19,593 answers in about 2 minutes, then about 6 steps a
 second, 9 minutes for 3,200 steps; loss about 1.8 over the last batches,
-validation greedy tau about 3.1 on chat (the shipped weights ran this recipe in two parts,
-stopped by --config.train.max_seconds and resumed from --config.train.workdir;
-the model card beside them says what they give).
+validation greedy tau about 3.1 on chat (the shipped weights ran this recipe
+in two parts, stopped by --config.train.max_seconds and resumed from
+--config.train.workdir; the model card beside them says what they give).
 The :tiny variant answers a few short chat prompts with 16 tokens and trains
 for 12 steps on CPU (about a minute); its loss falls.
 """
