@@ -156,6 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.max_tokens = 640  # sequences are cut to this many tokens
   config.train.validation_fraction = 0.05
   config.train.rollout_steps = 4  # draft steps trained at once (training-time test)
+  config.train.draft_vocabulary = 0  # > 0: draft only the answers' most frequent tokens
   config.train.steps = 2000
   config.train.max_seconds = 0.0  # > 0: stop training after this long, whatever the step
   config.train.batch_size = 16
@@ -400,6 +401,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sharding.sharded_config(model_config(config.target), sharding.parse_mesh(config.mesh))
   except ValueError as error:
     raise ValueError(f"config.mesh = {config.mesh!r} is invalid: {error}") from None
+  vocab_size = model_config(config.target).vocab_size
+  if not 0 <= config.train.draft_vocabulary <= vocab_size:
+    raise ValueError(f"config.train.draft_vocabulary = {config.train.draft_vocabulary} is "
+                     f"invalid: expected 0 (the whole vocabulary) to {vocab_size} tokens")
   max_positions = model_config(config.target).max_position_embeddings
   if config.sampling.max_new_tokens >= max_positions:
     raise ValueError(f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens} is "

@@ -46,7 +46,7 @@ from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.eagle import save_drafter
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.models.eagle import init_params
+from flashspec_jax.models.eagle import init_params, restrict_vocabulary
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.pipeline import Method, Request, compile_and_run, make_setup, param_dtype
 from flashspec_jax.prompts import load_later_chat_turns, load_prompts, split_of, split_size
@@ -204,7 +204,10 @@ def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array],
   for step in range(steps):
     logq = jax.nn.log_softmax(drafter.head(params, normed[step]))
     mask = prediction_mask(lengths, prompt_lens, tokens.shape[1], step)
-    cross_entropy = -jnp.sum(jnp.exp(target_logp) * logq, axis=-1)
+    # A restricted drafter's q is 0 off its vocabulary: the loss is over its tokens, and
+    # its minimum is p renormalised on them.
+    cross_entropy = -jnp.sum(jnp.where(jnp.isneginf(logq), 0.0, jnp.exp(target_logp) * logq),
+                             axis=-1)
     losses.append(jnp.sum(cross_entropy * mask) / jnp.maximum(mask.sum(), 1))
     counts.append(mask.sum())
     # The chain at j started at j - step: its drafts up to this one all match.
@@ -214,6 +217,15 @@ def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array],
   losses = jnp.stack(losses)
   return losses.mean(), dict(step_loss=losses, step_acceptance=jnp.stack(accepted),
                              step_predictions=jnp.stack(counts))
+
+
+def frequent_tokens(data: TrainingData, count: int) -> np.ndarray:
+  """The `count` tokens most frequent in the answers (EAGLE-3's draft vocabulary),
+  sorted by id; ties go to the lower id."""
+  answer = np.arange(data.tokens.shape[1]) >= data.prompt_lens[:, None]
+  answer &= np.arange(data.tokens.shape[1]) < data.lengths[:, None]
+  counts = np.bincount(data.tokens[answer], minlength=count)
+  return np.sort(np.argsort(-counts, kind="stable")[:count]).astype(np.int32)
 
 
 def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -326,9 +338,15 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   drafter = FeatureDrafter(target, DRAFTER_KEY)
   tx = optimizer(t)
   drafter_params = init_params(model.config, jax.random.key(config.seed), jnp.float32)
+  # The head rows of a restricted drafter are the frozen target's: they go beside the
+  # trained params into every step, and are never trained.
+  vocabulary = (restrict_vocabulary(drafter_params, model.params,
+                                    frequent_tokens(train_data, t.draft_vocabulary))["vocabulary"]
+                if t.draft_vocabulary else {})
   trained_from = json.dumps(dict(data=made_from, **{name: t[name] for name in (
       "max_tokens", "validation_fraction", "rollout_steps", "steps", "batch_size",
-      "learning_rate", "warmup_steps", "weight_decay", "grad_clip")}), sort_keys=True)
+      "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "draft_vocabulary")}),
+      sort_keys=True)
   state = Checkpoint(0, drafter_params, tx.init(drafter_params), [], 0.0, trained_from)
   checkpoint_path = workdir / "checkpoint.msgpack" if workdir else None
   if checkpoint_path:
@@ -336,15 +354,19 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   if state.step:
     print(f"resuming from {checkpoint_path} at step {state.step}")
 
-  def loss_fn(drafter_params, target_params, batch):
-    params = {"target": target_params, "drafters": {DRAFTER_KEY: drafter_params}}
+  def with_vocabulary(drafter_params, vocabulary):
+    return drafter_params | ({"vocabulary": vocabulary} if vocabulary else {})
+
+  def loss_fn(drafter_params, vocabulary, target_params, batch):
+    params = {"target": target_params,
+              "drafters": {DRAFTER_KEY: with_vocabulary(drafter_params, vocabulary)}}
     return rollout_loss(drafter, params, batch, t.rollout_steps)
 
   # The target's params are an argument, not a closed-over constant XLA would fold.
   @jax.jit
-  def train_step(drafter_params, opt_state, target_params, batch):
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(drafter_params,
-                                                                      target_params, batch)
+  def train_step(drafter_params, opt_state, vocabulary, target_params, batch):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        drafter_params, vocabulary, target_params, batch)
     updates, opt_state = tx.update(grads, opt_state, drafter_params)
     return optax.apply_updates(drafter_params, updates), opt_state, loss, stats
 
@@ -362,8 +384,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
         Checkpoint(step, drafter_params, opt_state, curve, seconds_so_far(),
                    trained_from).save(checkpoint_path)
       break
-    drafter_params, opt_state, loss, stats = train_step(drafter_params, opt_state, model.params,
-                                                        batch)
+    drafter_params, opt_state, loss, stats = train_step(drafter_params, opt_state, vocabulary,
+                                                        model.params, batch)
     steps_done = step + 1
     if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
       point = dict(step=step + 1, loss=float(loss),
@@ -377,6 +399,7 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   if checkpoint_path and not stopped_early:  # finished: the drafter file is what is left
     Checkpoint.remove(checkpoint_path)
 
+  drafter_params = with_vocabulary(drafter_params, vocabulary)
   params = {"target": model.params, "drafters": {DRAFTER_KEY: drafter_params}}
   by_kind = {}
   for kind in sorted(set(validation.kinds)):

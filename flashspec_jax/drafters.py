@@ -307,10 +307,19 @@ class FeatureDrafter:
 
   def head(self, params, normed: jax.Array) -> jax.Array:
     """f32 logits [..., V] from the drafter's final-normed outputs [..., D], through
-    the target's head."""
-    target = params["target"]["params"]
-    unembedding = target.get("unembedding", target["embedding"])
-    return jnp.einsum("...D,VD->...V", normed, unembedding, preferred_element_type=jnp.float32)
+    the target's head; a drafter restricted to a vocabulary (models/eagle.py) gives
+    -inf to the tokens outside it."""
+    own = params["drafters"][self.params_key]
+    if "vocabulary" not in own:
+      target = params["target"]["params"]
+      unembedding = target.get("unembedding", target["embedding"])
+      return jnp.einsum("...D,VD->...V", normed, unembedding, preferred_element_type=jnp.float32)
+    vocabulary = own["vocabulary"]
+    logits = jnp.einsum("...D,VD->...V", normed, vocabulary["head"],
+                        preferred_element_type=jnp.float32)
+    full = jnp.full(logits.shape[:-1] + (self.vocab_size,), -jnp.inf, jnp.float32)
+    return full.at[..., vocabulary["ids"]].set(logits, unique_indices=True,
+                                               indices_are_sorted=True)
 
   def rollout(self, params, features, tokens, steps: int) -> jax.Array:
     """[steps, B, T, D] final-normed outputs of draft steps 0..steps-1 at every position,
@@ -337,23 +346,26 @@ class FeatureDrafter:
     outputs = []
     for step in range(steps):
       hidden, normed, layer_cache = self.net.apply(
-          params["drafters"][self.params_key], features, embeds, layer_cache,
+          self.net_params(params), features, embeds, layer_cache,
           jnp.full((batch,), step * width), positions, rollout_visibility(width, steps, step))
       outputs.append(normed)
       features = jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))[:, :width]
     return jnp.stack(outputs)
 
+  def net_params(self, params) -> dict:
+    return {"params": params["drafters"][self.params_key]["params"]}
+
   def forward(self, params, cache: KVCache, features, tokens,
               num_valid) -> tuple[jax.Array, jax.Array, KVCache]:
     """Reads pairs (features [B, T, D], tokens [B, T]) at each row's cache length;
-    returns the outputs [B, T, D], logits [B, T, V] and the cache grown by num_valid."""
+    returns the outputs [B, T, D], the same final-normed (`head` reads them) and the
+    cache grown by num_valid."""
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(tokens.shape[1])[None, :]
     embeds = jnp.take(params["target"]["params"]["embedding"], tokens, axis=0)
     hidden, normed, layer_cache = self.net.apply(
-        params["drafters"][self.params_key], features, embeds, cache.layers[0], starts, positions)
-    return (hidden, self.head(params, normed),
-            KVCache(layers=(layer_cache,), lengths=starts + num_valid))
+        self.net_params(params), features, embeds, cache.layers[0], starts, positions)
+    return hidden, normed, KVCache(layers=(layer_cache,), lengths=starts + num_valid)
 
   def catch_up(self, params, state: FeatureDrafterState, tokens,
                seq_lens) -> tuple[jax.Array, jax.Array, KVCache]:
@@ -373,9 +385,10 @@ class FeatureDrafter:
     cache = jax.lax.while_loop(lambda cache: jnp.any(missing(cache) > self.chunk), feed_chunk,
                                state.cache)
     num_valid = jnp.maximum(missing(cache), 0)
-    hidden, logits, cache = self.forward(params, cache, *pairs_at(cache), num_valid)
+    hidden, normed, cache = self.forward(params, cache, *pairs_at(cache), num_valid)
     last = jnp.maximum(num_valid - 1, 0)[:, None, None]
-    return (jnp.take_along_axis(logits, last, axis=1)[:, 0],
+    # Only the last pair's logits are drafted from: the head reads one row, not a chunk.
+    return (self.head(params, jnp.take_along_axis(normed, last, axis=1)[:, 0]),
             jnp.take_along_axis(hidden, last, axis=1)[:, 0], cache)
 
   def propose(self, params, state: FeatureDrafterState, seqs: Sequences, gamma: int,
@@ -389,9 +402,10 @@ class FeatureDrafter:
 
     def draft_one(carry, key):
       cache, hidden, previous, logq = carry
-      hidden, logits, cache = self.forward(params, cache, hidden[:, None], previous[:, None], ones)
-      token = sampler.get_next_tokens(logits[:, 0], key)
-      return (cache, hidden[:, 0], token, draft_log_q(sampler, logits[:, 0])), (previous, logq)
+      hidden, normed, cache = self.forward(params, cache, hidden[:, None], previous[:, None], ones)
+      logits = self.head(params, normed[:, 0])
+      token = sampler.get_next_tokens(logits, key)
+      return (cache, hidden[:, 0], token, draft_log_q(sampler, logits)), (previous, logq)
 
     (_, _, last, last_logq), (drafts, logqs) = jax.lax.scan(
         draft_one, (cache, hidden, first, draft_log_q(sampler, logits)), keys[1:],

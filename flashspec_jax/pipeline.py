@@ -126,7 +126,7 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
       params["drafters"][spec.arg] = (
           eagle.init_params(target.config, jax.random.key(config.seed + 2), dtype)
           if spec.arg == "random" else load_drafter(eagle_weights(spec.arg, config), target.config,
-                                                    dtype))
+                                                    dtype, params["target"]))
     return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=unroll),
                gamma)
   if spec.arg not in drafter_configs:

@@ -72,17 +72,22 @@ def spec_step(data: dict) -> list[str]:
   # Files from before the bench reported the step against one target forward lack it.
   against_target = "step_vs_target_forward_" + impls[0] in data["rows"][0]
   columns = "step, {} verify (ms) | overhead" + (" | vs target fwd" if against_target else "")
+  # Files from before the bench timed restricted feature drafters lack their vocabulary.
+  by_vocabulary = "draft_vocabulary" in data["rows"][0]
   lines = [f"{data['target']} target, {data['drafter']} drafter, synthetic bf16 weights, "
            f"gamma {data['rows'][0]['gamma']}, context {data['rows'][0]['context']}. Parts = one "
            f"target forward of gamma + 1 tokens + gamma drafter steps, each timed alone.", "",
-           "| batch | target fwd (ms) | drafter step (ms) | parts (ms) | "
+           "| " + ("drafted from (tokens) | " if by_vocabulary else "")
+           + "batch | target fwd (ms) | drafter step (ms) | parts (ms) | "
            + " | ".join(columns.format(i) for i in impls) + " |",
-           "|---|---|---|---|" + ("---|" * columns.count("|") + "---|") * len(impls)]
+           "|---|---|---|---|" + "---|" * by_vocabulary
+           + ("---|" * columns.count("|") + "---|") * len(impls)]
   for r in data["rows"]:
     cells = [f"{r['step_ms_' + i]:.3f} | {r['overhead_' + i]:+.1%}"
              + (f" | {r['step_vs_target_forward_' + i]:.2f}x" if against_target else "")
              for i in impls]
-    lines.append(f"| {r['batch']} | {r['target_forward_ms']:.3f} | {r['drafter_step_ms']:.3f} | "
+    lines.append("| " + (f"{r['draft_vocabulary']:,} | " if by_vocabulary else "")
+                 + f"{r['batch']} | {r['target_forward_ms']:.3f} | {r['drafter_step_ms']:.3f} | "
                  f"{r['parts_ms']:.3f} | " + " | ".join(cells) + " |")
   return lines
 

@@ -139,14 +139,21 @@ TARGET = Llama(TARGET_CONFIG, param_dtype=jnp.float32)
 DRAFTERS = {"small": ModelDrafter(Llama(DRAFT_CONFIG, param_dtype=jnp.float32), "small",
                                   unroll=False),
             "self": ModelDrafter(TARGET, "target", unroll=False),
-            "eagle": FeatureDrafter(TARGET, "eagle", unroll=False)}
+            "eagle": FeatureDrafter(TARGET, "eagle", unroll=False),
+            "eagle_vocab": FeatureDrafter(TARGET, "eagle_vocab", unroll=False)}
+# The restricted feature drafter drafts 5 of the 12 tokens: q is 0 on the other 7.
+DRAFT_VOCABULARY = (0, 2, 3, 7, 11)
 
 
 @pytest.fixture(scope="module")
 def params():
-  return {"target": spread_params(TARGET_CONFIG, seed=0, scale=6.0),
+  target = spread_params(TARGET_CONFIG, seed=0, scale=6.0)
+  feature_drafter = eagle.init_params(TARGET_CONFIG, jax.random.key(2), jnp.float32)
+  return {"target": target,
           "drafters": {"small": spread_params(DRAFT_CONFIG, seed=1, scale=6.0),
-                       "eagle": eagle.init_params(TARGET_CONFIG, jax.random.key(2), jnp.float32)}}
+                       "eagle": feature_drafter,
+                       "eagle_vocab": eagle.restrict_vocabulary(feature_drafter, target,
+                                                                DRAFT_VOCABULARY)}}
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ CONFIG = tiny_config(num_layers=4, name="tiny_eagle_target")
 TARGET = Llama(CONFIG, param_dtype=jnp.float32)
 # chunk 4 < the longest prompt: the first proposal catches up in several chunks.
 DRAFTER = FeatureDrafter(TARGET, "eagle", chunk=4, unroll=False)
+VOCABULARY = np.arange(0, CONFIG.vocab_size, 3)  # a restricted drafter's tokens
 PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(30, 39)),
            [4] * 6, [60, 61, 62, 63, 0]]  # batch 8, lengths 1 to 12
 
@@ -93,19 +94,24 @@ def test_training_rollout_is_what_drafting_computes(params):
     np.testing.assert_allclose(logits[0], rollout[0, 0, length - 2], rtol=1e-4, atol=1e-4)
     for step in range(1, steps):
       true_draft = sequence[:, length - 1 + step]
-      hidden, logits, cache = DRAFTER.forward(params, cache, hidden[:, None], true_draft[:, None],
+      hidden, normed, cache = DRAFTER.forward(params, cache, hidden[:, None], true_draft[:, None],
                                               jnp.ones((1,), jnp.int32))
       hidden = hidden[:, 0]
-      np.testing.assert_allclose(logits[0, 0], rollout[step, 0, length - 2 + step], rtol=1e-4,
-                                 atol=1e-4)
+      np.testing.assert_allclose(DRAFTER.head(params, normed[0, 0]),
+                                 rollout[step, 0, length - 2 + step], rtol=1e-4, atol=1e-4)
 
 
-def test_the_rollout_loss_trains_the_drafter_towards_the_target(params):
-  """A few steps of gradient descent on the rollout loss lower it, at every draft step."""
+@pytest.mark.parametrize("restricted", [False, True], ids=["whole_vocabulary", "restricted"])
+def test_the_rollout_loss_trains_the_drafter_towards_the_target(params, restricted):
+  """A few steps of gradient descent on the rollout loss lower it, at every draft step,
+  also for a drafter restricted to a vocabulary, whose loss is over its tokens."""
   batch = dict(tokens=jnp.asarray([list(range(3, 15)), [7, 1, 9, 2, 8, 3] * 2]),
                lengths=jnp.array([12, 10]), prompt_lens=jnp.array([3, 2]))
+  vocabulary = (eagle.restrict_vocabulary(params["drafters"]["eagle"], params["target"],
+                                          VOCABULARY)["vocabulary"] if restricted else None)
 
   def loss(drafter_params):
+    drafter_params = drafter_params | ({"vocabulary": vocabulary} if restricted else {})
     return distill.rollout_loss(DRAFTER, params | {"drafters": {"eagle": drafter_params}}, batch,
                                 steps=3)
 
@@ -115,32 +121,74 @@ def test_the_rollout_loss_trains_the_drafter_towards_the_target(params):
   for _ in range(20):
     trained = jax.tree.map(lambda p, g: p - 0.05 * g, trained, grad(trained))
   after = np.asarray(loss(trained)[1]["step_loss"])
-  assert (after < before).all(), (before, after)
+  assert np.isfinite(before).all() and (after < before).all(), (before, after)
+
+
+def test_a_restricted_drafter_drafts_only_its_vocabulary_and_stays_exact(params):
+  """Its logits are the whole head's on its tokens and -inf elsewhere, and greedy
+  speculation with it is greedy AR, though the target's tokens often lie outside it."""
+  restricted = params | {"drafters": {"eagle": eagle.restrict_vocabulary(
+      params["drafters"]["eagle"], params["target"], VOCABULARY[::-1])}}
+  normed = jax.random.normal(jax.random.key(0), (2, CONFIG.hidden_size))
+  whole, only = DRAFTER.head(params, normed), np.asarray(DRAFTER.head(restricted, normed))
+  np.testing.assert_allclose(only[:, VOCABULARY], whole[:, VOCABULARY], rtol=1e-5, atol=1e-5)
+  assert np.isneginf(np.delete(only, VOCABULARY, axis=1)).all()
+  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTER, 3),), 16)
+  out = engine.run_speculative(restricted, decoder, PROMPTS, jax.random.key(0),
+                               Samplers.same(Greedy()))
+  expected = greedy_ar(params).tokens
+  np.testing.assert_array_equal(out.tokens, expected)
+  assert not np.isin(expected, VOCABULARY).all()
+
+
+def test_the_draft_vocabulary_is_the_answers_most_frequent_tokens():
+  tokens = np.array([[1, 1, 1, 5, 5, 2, 9, 9], [3, 3, 5, 2, 2, 0, 0, 0]], np.int32)
+  data = distill.TrainingData(tokens, np.array([8, 5], np.int32), np.array([3, 2], np.int32),
+                              ("a", "b"), ("chat", "chat"))
+  # Answers: 5 5 2 9 9 and 5 2 2; the prompts' 1s and 3s and the padding's 0s do not count.
+  np.testing.assert_array_equal(distill.frequent_tokens(data, 2), [2, 5])
+  np.testing.assert_array_equal(distill.frequent_tokens(data, 3), [2, 5, 9])
 
 
 def test_weights_round_trip_and_bad_files_are_named(params, tmp_path):
   path = save_drafter(tmp_path / "drafter.safetensors", params["drafters"]["eagle"], CONFIG.name)
-  loaded = load_drafter(path, CONFIG, jnp.float32)
+  loaded = load_drafter(path, CONFIG, jnp.float32, params["target"])
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, jnp.asarray(b, jnp.bfloat16)
                                                           .astype(jnp.float32)),
                loaded, params["drafters"]["eagle"])
   with pytest.raises(CheckpointError, match="for 'tiny_eagle_target', not for the target 'other'"):
-    load_drafter(path, dataclasses.replace(CONFIG, name="other"), jnp.float32)
+    load_drafter(path, dataclasses.replace(CONFIG, name="other"), jnp.float32, params["target"])
   with pytest.raises(CheckpointError, match="does not hold the drafter for tiny_eagle_target: block.attn.out"):
-    load_drafter(path, dataclasses.replace(CONFIG, hidden_size=48), jnp.float32)
+    load_drafter(path, dataclasses.replace(CONFIG, hidden_size=48), jnp.float32, params["target"])
   as_f32 = tmp_path / "f32.safetensors"
   safetensors.numpy.save_file(
       {name: np.asarray(value, np.float32) for name, value in
        traverse_util.flatten_dict(params["drafters"]["eagle"]["params"], sep=".").items()},
       as_f32, metadata={"target": CONFIG.name})
   with pytest.raises(CheckpointError, match="f32.safetensors does not hold bf16"):
-    load_drafter(as_f32, CONFIG, jnp.float32)
+    load_drafter(as_f32, CONFIG, jnp.float32, params["target"])
   broken = tmp_path / "broken.safetensors"
   broken.write_bytes(path.read_bytes()[:100])
   with pytest.raises(CheckpointError, match="broken.safetensors is not a readable safetensors"):
-    load_drafter(broken, CONFIG, jnp.float32)
+    load_drafter(broken, CONFIG, jnp.float32, params["target"])
   with pytest.raises(CheckpointError, match="no feature-drafter weights at .*missing"):
-    load_drafter(tmp_path / "missing.safetensors", CONFIG, jnp.float32)
+    load_drafter(tmp_path / "missing.safetensors", CONFIG, jnp.float32, params["target"])
+
+
+def test_a_restricted_drafter_keeps_its_vocabulary_in_its_weights_file(params, tmp_path):
+  restricted = eagle.restrict_vocabulary(params["drafters"]["eagle"], params["target"], [9, 4, 1])
+  path = save_drafter(tmp_path / "restricted.safetensors", restricted, CONFIG.name)
+  loaded = load_drafter(path, CONFIG, jnp.float32, params["target"])
+  np.testing.assert_array_equal(loaded["vocabulary"]["ids"], [1, 4, 9])
+  np.testing.assert_array_equal(loaded["vocabulary"]["head"], restricted["vocabulary"]["head"])
+  tensors = safetensors.numpy.load_file(path)
+  for bad in ([4, 4], [1, CONFIG.vocab_size]):
+    tensors["vocabulary.ids"] = np.array(bad, np.int32)
+    safetensors.numpy.save_file(tensors, path, metadata={"target": CONFIG.name,
+                                                         "dtype": "bfloat16"})
+    with pytest.raises(CheckpointError, match="restricted.safetensors: vocabulary.ids must be "
+                                              "sorted distinct int32 token ids"):
+      load_drafter(path, CONFIG, jnp.float32, params["target"])
 
 
 def test_a_resumed_training_run_sees_what_an_uninterrupted_one_would(params, tmp_path):
@@ -239,7 +287,8 @@ def test_shipped_drafter_speculates_exactly_on_smollm2(smollm2, smollm2_heldout)
   ids, ar_tokens = smollm2_heldout
   target = Llama(config, param_dtype=jnp.float32)
   params = {"target": target_params,
-            "drafters": {"smollm2": load_drafter(shipped_path("smollm2"), config, jnp.float32)}}
+            "drafters": {"smollm2": load_drafter(shipped_path("smollm2"), config, jnp.float32,
+                                                 target_params)}}
   gamma = 4
   decoder = engine.SpeculativeDecoder(
       target, (engine.Arm(FeatureDrafter(target, "smollm2", unroll=False), gamma),), 128,

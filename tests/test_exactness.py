@@ -4,7 +4,8 @@ Grid: gamma in {1, 2, 4, 8} x temperature in {0.5, 1, 1.5} x {plain, top-k 4,
 top-p 0.8} x batch in {1, 8}, with a separate random drafter (p != q), plus
 gamma 4 with the drafter equal to the target, plus gamma 3 with an untrained
 feature drafter (eagle) at every temperature and sampler, batches 8, 1 and 8
-for plain, top-k and top-p; 10,000
+for plain, top-k and top-p, plus the same drafter restricted to 5 of the 12
+tokens (plain, batch 8), whose q is zero on the rest; 10,000
 three-token sequences per point, over a 12-token vocabulary.
 
 Seeds: target weights from seed 0, drafter weights from seed 1 (the feature
@@ -39,7 +40,8 @@ GAMMAS = (1, 2, 4, 8)
 PROGRAMS = [("small", g, kind, b) for g in GAMMAS for kind in SAMPLERS for b in (1, 8)]
 PROGRAMS += [("self", 4, kind, 1) for kind in SAMPLERS]
 # Every sampler and both batch sizes, not every pair of them: each program costs a compile.
-PROGRAMS += [("eagle", 3, "plain", 8), ("eagle", 3, "top_k", 1), ("eagle", 3, "top_p", 8)]
+PROGRAMS += [("eagle", 3, "plain", 8), ("eagle", 3, "top_k", 1), ("eagle", 3, "top_p", 8),
+             ("eagle_vocab", 3, "plain", 8)]
 
 
 def test_target_distributions_are_far_from_the_drafter(params, exact_probs):
@@ -62,7 +64,7 @@ def test_chi_squared_keeps_its_degrees_of_freedom_with_fewer_samples_than_sequen
 # Holm's step-down procedure over the whole family rejects nothing exactly when no
 # p-value is below alpha / len(family) (its first step), so each program's points are
 # checked against that threshold on their own, and the programs can run in parallel.
-FAMILY_SIZE = len(PROGRAMS) * len(TEMPERATURES)  # 90 points, for chi2 and KS each
+FAMILY_SIZE = len(PROGRAMS) * len(TEMPERATURES)  # 93 points, for chi2 and KS each
 
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=["-".join(map(str, p)) for p in PROGRAMS])

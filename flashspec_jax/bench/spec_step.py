@@ -1,7 +1,8 @@
 """Speculative step time against its parts, with synthetic weights.
 
   python -m flashspec_jax.bench.spec_step --target=llama3_8b --drafter=llama3.2_1b --batch=1,8
-  python -m flashspec_jax.bench.spec_step --target=llama3_8b --drafter=eagle --batch=1
+  python -m flashspec_jax.bench.spec_step --target=llama3_8b --drafter=eagle --batch=1 \
+      --draft_vocabulary=0,32768
 
 For each batch size, timed in the same process:
   * the speculative step the engine runs (draft gamma tokens, one target pass
@@ -11,7 +12,9 @@ For each batch size, timed in the same process:
     drafter forward of one token (the step runs gamma of them).
 overhead = step / (target forward + gamma x drafter step) - 1, and
 step_vs_target_forward = step / target forward: what a drafter's tau has to beat.
---drafter=eagle is an untrained feature drafter as wide as the target.
+--drafter=eagle is an untrained feature drafter as wide as the target;
+--draft_vocabulary=0,32768 times it drafting from the whole vocabulary, then
+from 32,768 tokens, as EAGLE-3 does.
 --mesh=tp:<n> splits the target over n devices and replicates the drafter
 (sharding.py).
 """
@@ -35,6 +38,9 @@ from flashspec_jax.sampling import Temperature
 _TARGET = flags.DEFINE_string("target", "llama3_8b", "Target shape in configs/.")
 _DRAFTER = flags.DEFINE_string("drafter", "llama3.2_1b",
                                 "Drafter shape in configs/, or eagle (a feature drafter).")
+_VOCABULARY = flags.DEFINE_list(
+    "draft_vocabulary", ["0"], "With --drafter=eagle, one run each: > 0 restricts it to that "
+    "many tokens (models/eagle.py); 0 drafts the whole vocabulary.")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "Draft tokens per step.")
 _CONTEXT = flags.DEFINE_integer("context", 1024, "Prompt tokens before stepping.")
@@ -61,17 +67,18 @@ def feature_draft_loop(drafter: FeatureDrafter, params, state, tokens, num_steps
 
   def body(_, carry):
     cache, hidden, checksum = carry
-    hidden, logits, cache = drafter.forward(params, cache, hidden, tokens, ones)
+    hidden, normed, cache = drafter.forward(params, cache, hidden, tokens, ones)
     cache = dataclasses.replace(cache, lengths=cache.lengths - 1)
-    return cache, hidden, checksum + jnp.argmax(logits[:, -1], axis=-1)
+    return cache, hidden, checksum + jnp.argmax(drafter.head(params, normed[:, -1]), axis=-1)
 
   hidden = state.features[:, :1]
   zeros = jnp.zeros(tokens.shape[0], jnp.int32)
   return jax.lax.fori_loop(0, num_steps, body, (state.cache, hidden, zeros))[2]
 
 
-def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> dict:
-  """loops: ((short, long) steps, repeats); impls: verify implementations to time."""
+def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> list[dict]:
+  """One row per batch size; loops: ((short, long) steps, repeats); impls: verify
+  implementations to time."""
   steps, repeats = loops
   params, drafter, gamma = target.params, arm.drafter, arm.gamma
   rows = []
@@ -110,29 +117,36 @@ def bench(target: SyntheticTarget, arm: Arm, batches, context, loops, impls) -> 
       row[f"overhead_{impl}"] = row[f"step_ms_{impl}"] / row["parts_ms"] - 1
       row[f"step_vs_target_forward_{impl}"] = row[f"step_ms_{impl}"] / row["target_forward_ms"]
     rows.append(row)
-  return dict(target=target.config.name, drafter=drafter.params_key,
-              dtype=target.model.param_dtype.name, synthetic_weights=True,
-              tp=target.config.tp_shards, rows=rows)
+  return rows
 
 
 def main(argv):
   del argv
   impls = [i for i in _IMPLS.value if i != "pallas" or PALLAS_GPU_AVAILABLE]
   target = SyntheticTarget.create(_TARGET.value, jnp.bfloat16, sharding.mesh_for(_MESH.value))
-  arm = (target.feature_drafter_arm(_GAMMA.value) if _DRAFTER.value == "eagle"
-         else target.draft_model_arm(_DRAFTER.value, _GAMMA.value))
-  result = bench(target, arm, [int(b) for b in _BATCH.value], _CONTEXT.value,
-                 (tuple(int(s) for s in _STEPS.value), _REPEATS.value), impls)
+  # A draft model drafts the whole vocabulary; each feature-drafter arm replaces the
+  # last one's params.
+  vocabularies = [int(v) for v in _VOCABULARY.value] if _DRAFTER.value == "eagle" else [None]
+  rows = []
+  for vocabulary in vocabularies:
+    arm = (target.draft_model_arm(_DRAFTER.value, _GAMMA.value) if vocabulary is None
+           else target.feature_drafter_arm(_GAMMA.value, vocabulary=vocabulary))
+    rows += [row | dict(draft_vocabulary=vocabulary or target.config.vocab_size)
+             for row in bench(target, arm, [int(b) for b in _BATCH.value], _CONTEXT.value,
+                              (tuple(int(s) for s in _STEPS.value), _REPEATS.value), impls)]
+  result = dict(target=target.config.name, drafter=arm.drafter.params_key,
+                dtype=target.model.param_dtype.name, synthetic_weights=True,
+                tp=target.config.tp_shards, rows=rows)
   path = results.write("spec_step", result, directory=_OUT.value)
   print(f"\nspeculative step, {result['target']} target over {result['tp']} device(s), "
         f"{result['drafter']} drafter, synthetic bf16 weights -> {path}")
-  header = f"{'batch':>5} {'target fwd ms':>13} {'draft step ms':>13} {'parts ms':>9}"
+  header = f"{'vocab':>6} {'batch':>5} {'target fwd ms':>13} {'draft step ms':>13} {'parts ms':>9}"
   for impl in impls:
     header += f" {'step ms ' + impl:>18} {'overhead':>9} {'vs target fwd':>13}"
   print(header)
   for row in result["rows"]:
-    line = (f"{row['batch']:>5} {row['target_forward_ms']:>13.3f} {row['drafter_step_ms']:>13.3f} "
-            f"{row['parts_ms']:>9.3f}")
+    line = (f"{row['draft_vocabulary']:>6} {row['batch']:>5} {row['target_forward_ms']:>13.3f} "
+            f"{row['drafter_step_ms']:>13.3f} {row['parts_ms']:>9.3f}")
     for impl in impls:
       line += (f" {row['step_ms_' + impl]:>18.3f} {row['overhead_' + impl]:>9.1%}"
                f" {row['step_vs_target_forward_' + impl]:>12.2f}x")

@@ -75,8 +75,13 @@ class SyntheticTarget:
         init_params(config, jax.random.key(1), self.model.param_dtype), self.mesh)
     return Arm(ModelDrafter(Llama(config, param_dtype=self.model.param_dtype), shape), gamma)
 
-  def feature_drafter_arm(self, gamma: int, unroll: bool = True) -> Arm:
-    """An untrained feature drafter (eagle) as wide as the target, its params added here."""
-    self.params["drafters"]["eagle"] = sharding.replicated(
-        eagle.init_params(self.config, jax.random.key(2), self.model.param_dtype), self.mesh)
+  def feature_drafter_arm(self, gamma: int, unroll: bool = True, vocabulary: int = 0) -> Arm:
+    """An untrained feature drafter (eagle) as wide as the target, its params added here;
+    vocabulary > 0 restricts it to that many random tokens (which ones does not change
+    its time)."""
+    drafter = eagle.init_params(self.config, jax.random.key(2), self.model.param_dtype)
+    if vocabulary:
+      ids = jax.random.permutation(jax.random.key(3), self.config.vocab_size)[:vocabulary]
+      drafter = eagle.restrict_vocabulary(drafter, self.params["target"], ids)
+    self.params["drafters"]["eagle"] = sharding.replicated(drafter, self.mesh)
     return Arm(FeatureDrafter(self.model, "eagle", unroll=unroll), gamma)

@@ -1,7 +1,9 @@
 """Feature-drafter weights: one safetensors file per drafter, checked against its target.
 
 Tensors are named by their path in the parameter tree ("block.attn.qkv", ...);
-the header's metadata names the target shape the drafter was trained for.
+the header's metadata names the target shape the drafter was trained for. A
+drafter restricted to a vocabulary (models/eagle.py) also holds its token ids,
+int32 "vocabulary.ids"; the head rows are the target's, taken at load time.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from flax import traverse_util
 
 from flashspec_jax.loading.params import CheckpointError
 from flashspec_jax.models.config import LlamaConfig
-from flashspec_jax.models.eagle import init_params
+from flashspec_jax.models.eagle import init_params, restrict_vocabulary
 
+VOCABULARY_IDS = "vocabulary.ids"
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -36,6 +39,8 @@ def save_drafter(path: str | pathlib.Path, params: dict, target: str,
   flat = traverse_util.flatten_dict(params["params"], sep=".")
   tensors = {name: np.asarray(jnp.asarray(value, jnp.bfloat16).view(jnp.uint16))
              for name, value in flat.items()}
+  if "vocabulary" in params:
+    tensors[VOCABULARY_IDS] = np.asarray(params["vocabulary"]["ids"], np.int32)
   header = {"target": target, "dtype": "bfloat16"} | (metadata or {})
   temporary = path.with_name(path.name + ".partial")
   safetensors.numpy.save_file(tensors, temporary, metadata=header)
@@ -43,8 +48,10 @@ def save_drafter(path: str | pathlib.Path, params: dict, target: str,
   return path
 
 
-def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any) -> dict:
-  """The drafter's params for a target of `config`, from `path`.
+def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any,
+                 target_params: dict) -> dict:
+  """The drafter's params for a target of `config` whose params are `target_params`
+  (a restricted drafter's head rows are taken from them), from `path`.
 
   Raises:
     CheckpointError: naming the file if it is missing, unreadable, made for
@@ -59,6 +66,7 @@ def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any) -> d
       tensors = {name: file.get_tensor(name) for name in file.keys()}
   except Exception as error:  # safetensors raises its own error types for broken files
     raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+  ids = tensors.pop(VOCABULARY_IDS, None)
   not_bf16 = sorted(name for name, value in tensors.items() if value.dtype != np.uint16)
   if metadata.get("dtype") != "bfloat16" or not_bf16:
     raise CheckpointError(f"{path} does not hold bf16 drafter tensors (as save_drafter writes "
@@ -76,4 +84,11 @@ def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any) -> d
     raise CheckpointError(f"{path} does not hold the drafter for {config.name}: "
                           f"{', '.join(wrong[:5])}")
   params = {name: jnp.asarray(value.view(jnp.bfloat16), dtype) for name, value in tensors.items()}
-  return {"params": traverse_util.unflatten_dict(params, sep=".")}
+  params = {"params": traverse_util.unflatten_dict(params, sep=".")}
+  if ids is None:
+    return params
+  if (ids.dtype != np.int32 or ids.ndim != 1 or not ids.size or np.any(np.diff(ids) <= 0)
+      or ids[0] < 0 or ids[-1] >= config.vocab_size):
+    raise CheckpointError(f"{path}: {VOCABULARY_IDS} must be sorted distinct int32 token ids "
+                          f"in [0, {config.vocab_size}), got {ids.dtype} {ids.shape}")
+  return restrict_vocabulary(params, target_params, ids)

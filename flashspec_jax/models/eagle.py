@@ -9,6 +9,11 @@ output where the target's feature is not known yet: (h_j, d_{j+2}) at slot
 j + 1, and so on. Its own weights are two input norms, a projection fusing
 the pair, one block and a final norm; the embedding and head are the target's.
 
+A drafter may draft from a subset of the vocabulary (EAGLE-3's draft
+vocabulary): its head is then those rows of the target's. Its q is zero off
+the subset, which the accept test allows, so the output stays exact; at a
+Llama-3-8B width the full head is two thirds of the drafter's bytes.
+
 Training runs every position and draft step at once (`rollout_visibility`):
 draft step k at slot j continues a chain that started from the target's
 feature at slot j - k, so it attends to the target-feature slots up to j - k
@@ -17,6 +22,10 @@ and to its own chain's slots, exactly what it sees when drafting (EAGLE-3's
 
 Axis letters used in this module:
   B batch, T tokens, S cache slots, D model width, E two model widths, V vocab.
+
+Params of a drafter: {"params": the network's} and, for a drafter restricted
+to a subset of the vocabulary, "vocabulary": {"ids": [V'] int32 sorted token
+ids, "head": [V', D] those rows of the target's head} (`restrict_vocabulary`).
 """
 
 from __future__ import annotations
@@ -87,3 +96,13 @@ def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16) -
   x = jnp.zeros((1, 1, config.hidden_size), param_dtype)
   zeros = jnp.zeros((1,), jnp.int32)
   return jax.jit(net.init)(rng, x, x, cache, zeros, zeros[:, None])
+
+
+def restrict_vocabulary(drafter_params: dict, target_params: dict, ids) -> dict:
+  """The drafter's params, drafting only the tokens `ids` ([V'] distinct ids): its head
+  is those rows of the target's, taken once here rather than at every draft step."""
+  target = target_params["params"]
+  unembedding = target.get("unembedding", target["embedding"])
+  ids = jnp.sort(jnp.asarray(ids, jnp.int32))
+  return {"params": drafter_params["params"],
+          "vocabulary": {"ids": ids, "head": jnp.take(unembedding, ids, axis=0)}}
