@@ -7,6 +7,7 @@ import pathlib
 
 import nbformat
 import pytest
+import safetensors.numpy
 from nbclient import NotebookClient
 
 from flashspec_jax import runner
@@ -40,6 +41,8 @@ def test_tiny_variant_runs_and_writes_results(name, tmp_path):
   if config.kind == "train_drafter":  # a few steps, and the loss falls
     losses = [point["loss"] for point in saved["curve"]]
     assert saved["steps"] == config.train.steps and max(losses[-3:]) < losses[0], losses
+    ids = safetensors.numpy.load_file(out["output"]).get("vocabulary.ids")
+    assert (0 if ids is None else len(ids)) == config.train.draft_vocabulary
 
 
 def test_unknown_config_argument_is_refused():

@@ -1,0 +1,167 @@
+"""Where a generation call's time goes on the GPU: kernels, copies and idle time per
+loop step, read from a JAX profiler trace of whole calls.
+
+  python -m flashspec_jax.bench.trace_calls --config=experiments/choosers_smollm2.py \
+      --config.methods=eagle:smollm2,bandit:kl_ucb --config.prompts.num_per_set=2
+
+Builds the config's methods and prompts as run.py does, compiles and warms up
+every program, then runs each method over the prompts once more inside one
+profiler trace, each call under its own annotation. From the trace, per call:
+the GPU kernels launched and their busy time (the union of their intervals),
+the device-to-host copies (each a point where the host waits on the GPU: an XLA
+while loop's or conditional's predicate, or a result), and the call's wall time;
+per method, each divided by the loop steps the calls took. A chooser's step that
+costs more than its arm's step in a fixed program either does more GPU work or
+leaves the GPU idle longer; this tells the two apart. --trace=<dir> summarises
+a trace written earlier (with the calls.json beside it) instead of running.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from flashspec_jax import config as config_lib
+from flashspec_jax import environment, results
+from flashspec_jax.pipeline import (build_methods, compile_and_run, compile_ahead, load_target,
+                                    make_setup, param_dtype, warm_up, with_arm_costs)
+from flashspec_jax.runner import build_requests
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_TRACE = flags.DEFINE_string("trace", "", "Summarise this trace directory instead of running.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/flashspec_trace",
+                                 "Where a run writes its trace (tens of MB; not results/).")
+_OUT = flags.DEFINE_string("out", "results", "Results directory.")
+
+ANNOTATION = "flashspec call "
+
+
+def traced_calls(config, trace_dir: pathlib.Path) -> list[dict]:
+  """Runs every method over the config's prompts, one batch a call, inside one trace;
+  returns each call's method, prompt id and loop steps."""
+  config_lib.validate(config)
+  dtype = param_dtype(config)
+  model = load_target(config, dtype)
+  methods, params = build_methods(config, model, dtype)
+  setup = make_setup(config, model, params, dtype)
+  requests = build_requests(config, model)
+  batches = [requests[i:i + config.batch_size]
+             for i in range(0, len(requests), config.batch_size)]
+  methods = with_arm_costs(methods, config, setup, batches[0])
+  jobs = [(m, b) for m in methods for b in batches]
+  compile_ahead(jobs, setup, max(1, (os.cpu_count() or 2) // 2))
+  warm_up(jobs, setup)
+  calls = []
+  with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+    for method in methods:
+      rng, bandit = jax.random.key(config.seed), None
+      for batch in batches:
+        rng, key = jax.random.split(rng)
+        with jax.profiler.TraceAnnotation(f"{ANNOTATION}{len(calls)}"):
+          run = compile_and_run(method, setup, batch, key, bandit)
+        if method.is_bandit:
+          bandit = run.output.bandit
+        calls.append(dict(method=method.name, id=batch[0].id, kind=batch[0].kind,
+                          steps=int(run.output.steps), seconds=run.seconds))
+  return calls
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+  busy, end = 0.0, -np.inf
+  for start, stop in sorted(intervals):
+    if stop > end:
+      busy += stop - max(start, end)
+      end = stop
+  return busy
+
+
+def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
+  """Per call and per method: GPU kernels, busy time, device-to-host copies, per step."""
+  path = next(trace_dir.glob("**/perfetto_trace.json.gz"))
+  events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  process = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  spans = [e for e in events if e.get("ph") == "X"]
+  windows = {int(e["name"][len(ANNOTATION):]): (e["ts"], e["ts"] + e["dur"]) for e in spans
+             if e["name"].startswith(ANNOTATION)}
+  # GPU activity lies on the device's stream lines; the derived lines (XLA Ops,
+  # XLA Modules) repeat the same intervals.
+  device = [e for e in spans if "GPU" in process.get(e["pid"], "")
+            and thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
+  lines = sorted({thread[(e["pid"], e["tid"])] for e in device})
+  rows = []
+  for index, call in enumerate(calls):
+    start, stop = windows[index]
+    inside = [e for e in device if start <= e["ts"] < stop]
+    copies = [e for e in inside if "memcpy" in e["name"].lower()]
+    kernels = [e for e in inside if "memcpy" not in e["name"].lower()
+               and "memset" not in e["name"].lower()]
+    steps = max(call["steps"], 1)
+    wall_us = stop - start
+    busy_us = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in inside])
+    rows.append(call | dict(
+        wall_us=wall_us, busy_us=busy_us, kernels=len(kernels),
+        device_to_host=sum("dtoh" in e["name"].lower().replace(" ", "") for e in copies),
+        copies=len(copies), per_step=dict(
+            wall_us=wall_us / steps, busy_us=busy_us / steps, idle_us=(wall_us - busy_us) / steps,
+            kernels=len(kernels) / steps,
+            device_to_host=sum("dtoh" in e["name"].lower().replace(" ", "") for e in copies)
+            / steps)))
+  methods = {}
+  for row in rows:
+    methods.setdefault(row["method"], []).append(row)
+  summary = {name: {key: statistics.median(r["per_step"][key] for r in group)
+                    for key in group[0]["per_step"]} | dict(calls=len(group))
+             for name, group in methods.items()}
+  names = {}
+  for e in device:
+    names[e["name"]] = names.get(e["name"], 0) + 1
+  return dict(stream_lines=lines, methods=summary, calls=rows,
+              most_frequent=sorted(names.items(), key=lambda kv: -kv[1])[:40])
+
+
+def main(argv):
+  del argv
+  env = None  # this process's
+  if _TRACE.value:
+    trace_dir = pathlib.Path(_TRACE.value)
+    recorded = json.loads((trace_dir / "calls.json").read_text())
+    calls, config = recorded["calls"], recorded["config"]
+    # The trace's run, where it ran; this process only read it.
+    env = recorded["environment"] | dict(summarised_by=" ".join(sys.argv))
+  else:
+    if _CONFIG.value is None:
+      raise app.UsageError("give --config (a run.py config) or --trace")
+    config = _CONFIG.value
+    environment.enable_compilation_cache(config.compilation_cache_dir)
+    trace_dir = pathlib.Path(_TRACE_DIR.value)
+    calls = traced_calls(config, trace_dir)
+    config = config.to_dict()
+    (trace_dir / "calls.json").write_text(json.dumps(dict(calls=calls, config=config,
+                                                          environment=environment.describe())))
+  summary = summarise(trace_dir, calls)
+  path = results.write("trace_calls", dict(config=config, **summary), directory=_OUT.value,
+                       env=env)
+  print(f"\nGPU time per loop step, median over calls -> {path}")
+  print(f"{'method':<28} {'calls':>5} {'wall us':>8} {'busy us':>8} {'idle us':>8} "
+        f"{'kernels':>8} {'DtoH':>6}")
+  for name, s in summary["methods"].items():
+    print(f"{name:<28} {s['calls']:>5} {s['wall_us']:>8.1f} {s['busy_us']:>8.1f} "
+          f"{s['idle_us']:>8.1f} {s['kernels']:>8.1f} {s['device_to_host']:>6.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
