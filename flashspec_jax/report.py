@@ -433,7 +433,11 @@ SECTIONS = [
     Section("spec_step", "gpu", "Speculative step against the sum of its parts (H200)", spec_step,
             lambda data: data["drafter"] != "eagle" and data.get("tp", 1) == 1),
     Section("spec_step", "gpu", "An untrained feature drafter at the Llama-3-8B shape (H200)",
-            spec_step, lambda data: data["drafter"] == "eagle" and data.get("tp", 1) == 1),
+            spec_step, lambda data: (data["drafter"] == "eagle" and data["target"] == "llama3_8b"
+                                     and data.get("tp", 1) == 1)),
+    Section("spec_step", "gpu", "A feature drafter's step at the SmolLM2-135M shape, batch 1 "
+            "and 8 (H200)", spec_step,
+            lambda data: data["drafter"] == "eagle" and data["target"] == "smollm2_135m"),
     Section("spec_step", "gpu", "Speculative step with the target split over GPUs (H200 x2)",
             spec_step, lambda data: data.get("tp", 1) > 1),
     Section("verify_kernel", "gpu", "Pallas verify kernel against the jnp reference (H200)",
