@@ -32,9 +32,9 @@ from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.pipeline import (Request, build_methods, compile_ahead, compile_and_run,
-                                    load_target, make_setup, param_dtype, warm_up,
-                                    with_arm_costs)
+from flashspec_jax.pipeline import (Method, Request, Setup, build_methods, compile_ahead,
+                                    compile_and_run, load_target, make_setup, param_dtype,
+                                    warm_up, with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file
 
 
@@ -136,9 +136,20 @@ def frozen_heap():
     gc.unfreeze()
 
 
-def run_generation(config: ml_collections.ConfigDict, env: dict
-                   ) -> tuple[dict[str, Any], list[dict]]:
-  """Runs every method on the prompts; returns (payload, per-prompt records)."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What a generation run times: its programs compiled and each run once."""
+
+  model: LoadedModel
+  methods: list[Method]
+  setup: Setup
+  batches: list[list[Request]]
+  compile: dict[str, Any]  # seconds, threads, programs, warm_up_seconds
+
+
+def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared:
+  """Loads the target and drafters, builds the methods and batches, times the arms
+  (unless given), compiles every program and runs each once."""
   dtype = param_dtype(config)
   model = load_target(config, dtype)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
@@ -162,7 +173,18 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   warm_up_seconds = warm_up(jobs, setup)
   print(f"compiled {len(setup.programs)} programs in {compile_seconds:.1f} s "
         f"({threads} at a time), ran each once in {warm_up_seconds:.1f} s")
+  return Prepared(model, methods, setup, batches,
+                  dict(seconds=compile_seconds, threads=threads, programs=len(setup.programs),
+                       warm_up_seconds=warm_up_seconds))
 
+
+def run_generation(config: ml_collections.ConfigDict, env: dict
+                   ) -> tuple[dict[str, Any], list[dict]]:
+  """Runs every method on the prompts; returns (payload, per-prompt records)."""
+  prepared = prepare_generation(config, env)
+  model, methods, setup, batches = (prepared.model, prepared.methods, prepared.setup,
+                                    prepared.batches)
+  bandit_arms = next((m.arms for m in methods if m.is_bandit), ())
   records, summaries, histories, final_states = [], {}, {}, {}
   saved_states = load_bandit_states(config.bandit.initial_state, methods)
   with frozen_heap():
@@ -226,8 +248,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
   payload = dict(config=config.to_dict(), synthetic_weights=model.synthetic,
                  weights=model.source, summaries=summaries, bandit_histories=histories,
                  bandit_states=final_states, arm_costs={a.name: a.cost for a in bandit_arms},
-                 compile=dict(seconds=compile_seconds, threads=threads,
-                              programs=len(setup.programs), warm_up_seconds=warm_up_seconds))
+                 compile=prepared.compile)
   return payload, records
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -32,9 +31,8 @@ from ml_collections import config_flags
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, results
-from flashspec_jax.pipeline import (build_methods, compile_and_run, compile_ahead, load_target,
-                                    make_setup, param_dtype, warm_up, with_arm_costs)
-from flashspec_jax.runner import build_requests
+from flashspec_jax.pipeline import compile_and_run
+from flashspec_jax.runner import prepare_generation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -47,28 +45,19 @@ ANNOTATION = "flashspec call "
 
 
 def traced_calls(config, trace_dir: pathlib.Path) -> list[dict]:
-  """Runs every method over the config's prompts, one batch a call, inside one trace;
-  returns each call's method, prompt id and loop steps."""
+  """Runs every method over the config's prompts, one batch a call, inside one trace
+  (its programs compiled and run once before it); returns each call's method, prompt
+  id and loop steps."""
   config_lib.validate(config)
-  dtype = param_dtype(config)
-  model = load_target(config, dtype)
-  methods, params = build_methods(config, model, dtype)
-  setup = make_setup(config, model, params, dtype)
-  requests = build_requests(config, model)
-  batches = [requests[i:i + config.batch_size]
-             for i in range(0, len(requests), config.batch_size)]
-  methods = with_arm_costs(methods, config, setup, batches[0])
-  jobs = [(m, b) for m in methods for b in batches]
-  compile_ahead(jobs, setup, max(1, (os.cpu_count() or 2) // 2))
-  warm_up(jobs, setup)
+  prepared = prepare_generation(config, environment.describe())
   calls = []
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-    for method in methods:
+    for method in prepared.methods:
       rng, bandit = jax.random.key(config.seed), None
-      for batch in batches:
+      for batch in prepared.batches:
         rng, key = jax.random.split(rng)
         with jax.profiler.TraceAnnotation(f"{ANNOTATION}{len(calls)}"):
-          run = compile_and_run(method, setup, batch, key, bandit)
+          run = compile_and_run(method, prepared.setup, batch, key, bandit)
         if method.is_bandit:
           bandit = run.output.bandit
         calls.append(dict(method=method.name, id=batch[0].id, kind=batch[0].kind,
