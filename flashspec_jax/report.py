@@ -388,6 +388,21 @@ def chooser_steps(data: dict) -> list[str]:
   return lines
 
 
+def trace_calls(data: dict) -> list[str]:
+  lines = [f"Per loop step, median over each method's calls, read from a profiler trace "
+           f"(`bench/trace_calls.py`); the profiler slows every call, so wall and idle "
+           f"times are the traced run's, not a plain run's. Device-to-host copies are "
+           f"mostly the predicates of the loop's while loops, each a wait for the host; "
+           f"graphs are command-buffer (CUDA graph) launches.", "",
+           "| method | calls | wall (us) | GPU busy (us) | idle (us) | kernels | "
+           "device-to-host copies | graphs |", "|---|---|---|---|---|---|---|---|"]
+  for name, m in data["methods"].items():
+    lines.append(f"| {name} | {m['calls']} | {m['wall_us']:.0f} | {m['busy_us']:.0f} | "
+                 f"{m['idle_us']:.0f} | {m['kernels']:.0f} | {m['device_to_host']:.2f} | "
+                 f"{m['graph_launches']:.2f} |")
+  return lines
+
+
 def _excess(excess: dict) -> str:
   return f"{excess['median']:.0f} / {excess['p90']:.0f} / {excess['max']:.0f}"
 
@@ -467,6 +482,8 @@ SECTIONS = [
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream (CPU)", choosers),
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
+    Section("trace_calls", "gpu", "A chooser's step against fixed arms' steps, traced (H200)",
+            trace_calls),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
     Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),
     Section("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a "

@@ -75,7 +75,8 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
-  """Per call and per method: GPU kernels, busy time, device-to-host copies, per step."""
+  """Per call and per method: GPU kernels, busy time, device-to-host copies and
+  command-buffer (CUDA graph) launches, each per loop step."""
   path = next(trace_dir.glob("**/perfetto_trace.json.gz"))
   events = json.load(gzip.open(path))
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -86,40 +87,33 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   spans = [e for e in events if e.get("ph") == "X"]
   windows = {int(e["name"][len(ANNOTATION):]): (e["ts"], e["ts"] + e["dur"]) for e in spans
              if e["name"].startswith(ANNOTATION)}
-  # GPU activity lies on the device's stream lines; the derived lines (XLA Ops,
-  # XLA Modules) repeat the same intervals.
+  # GPU activity lies on the device's stream lines; derived lines (XLA Ops, XLA
+  # Modules), where a trace has them, repeat the same intervals.
   device = [e for e in spans if "GPU" in process.get(e["pid"], "")
             and thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
-  lines = sorted({thread[(e["pid"], e["tid"])] for e in device})
+  graph_launches = [e for e in spans if e["name"] == "command_buffer::execute"]
   rows = []
   for index, call in enumerate(calls):
     start, stop = windows[index]
     inside = [e for e in device if start <= e["ts"] < stop]
     copies = [e for e in inside if "memcpy" in e["name"].lower()]
-    kernels = [e for e in inside if "memcpy" not in e["name"].lower()
-               and "memset" not in e["name"].lower()]
-    steps = max(call["steps"], 1)
+    counts = dict(
+        kernels=len(inside) - len(copies),
+        device_to_host=sum("d2h" in e["name"].lower() for e in copies),
+        graph_launches=sum(start <= e["ts"] < stop for e in graph_launches))
     wall_us = stop - start
     busy_us = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in inside])
-    rows.append(call | dict(
-        wall_us=wall_us, busy_us=busy_us, kernels=len(kernels),
-        device_to_host=sum("dtoh" in e["name"].lower().replace(" ", "") for e in copies),
-        copies=len(copies), per_step=dict(
-            wall_us=wall_us / steps, busy_us=busy_us / steps, idle_us=(wall_us - busy_us) / steps,
-            kernels=len(kernels) / steps,
-            device_to_host=sum("dtoh" in e["name"].lower().replace(" ", "") for e in copies)
-            / steps)))
+    steps = max(call["steps"], 1)
+    rows.append(call | counts | dict(wall_us=wall_us, busy_us=busy_us, per_step=dict(
+        wall_us=wall_us / steps, busy_us=busy_us / steps, idle_us=(wall_us - busy_us) / steps)
+        | {name: count / steps for name, count in counts.items()}))
   methods = {}
   for row in rows:
     methods.setdefault(row["method"], []).append(row)
   summary = {name: {key: statistics.median(r["per_step"][key] for r in group)
                     for key in group[0]["per_step"]} | dict(calls=len(group))
              for name, group in methods.items()}
-  names = {}
-  for e in device:
-    names[e["name"]] = names.get(e["name"], 0) + 1
-  return dict(stream_lines=lines, methods=summary, calls=rows,
-              most_frequent=sorted(names.items(), key=lambda kv: -kv[1])[:40])
+  return dict(trace_events=len(events), methods=summary, calls=rows)
 
 
 def main(argv):
@@ -130,7 +124,8 @@ def main(argv):
     recorded = json.loads((trace_dir / "calls.json").read_text())
     calls, config = recorded["calls"], recorded["config"]
     # The trace's run, where it ran; this process only read it.
-    env = recorded["environment"] | dict(summarised_by=" ".join(sys.argv))
+    env = recorded["environment"] | dict(summarised_by=" ".join(sys.argv),
+                                         summarised_at=environment.describe()["git_sha"])
   else:
     if _CONFIG.value is None:
       raise app.UsageError("give --config (a run.py config) or --trace")
@@ -146,10 +141,11 @@ def main(argv):
                        env=env)
   print(f"\nGPU time per loop step, median over calls -> {path}")
   print(f"{'method':<28} {'calls':>5} {'wall us':>8} {'busy us':>8} {'idle us':>8} "
-        f"{'kernels':>8} {'DtoH':>6}")
+        f"{'kernels':>8} {'DtoH':>6} {'graphs':>7}")
   for name, s in summary["methods"].items():
     print(f"{name:<28} {s['calls']:>5} {s['wall_us']:>8.1f} {s['busy_us']:>8.1f} "
-          f"{s['idle_us']:>8.1f} {s['kernels']:>8.1f} {s['device_to_host']:>6.2f}")
+          f"{s['idle_us']:>8.1f} {s['kernels']:>8.1f} {s['device_to_host']:>6.2f} "
+          f"{s['graph_launches']:>7.2f}")
 
 
 if __name__ == "__main__":
