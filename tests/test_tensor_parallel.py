@@ -92,9 +92,11 @@ def test_sharded_greedy_speculation_is_unsharded_and_one_program():
   assert not any(n for op, n in counts.items() if op != "all-reduce"), counts
 
 
-def test_a_feature_drafter_drafts_the_same_over_a_sharded_target():
+@pytest.mark.parametrize("restricted", [False, True], ids=["whole_vocabulary", "restricted"])
+def test_a_feature_drafter_drafts_the_same_over_a_sharded_target(restricted):
   """Its own block stays in the checkpoint's layout, replicated: the same tokens and the
-  same accepted drafts as over the unsharded target."""
+  same accepted drafts as over the unsharded target; restricted to a vocabulary, its head
+  rows come from the sharded head."""
   params = spread_params(CONFIG, seed=0)
   drafter_params = eagle.init_params(CONFIG, jax.random.key(3), jnp.float32)
   tokens, lengths = prepare_prompts([[3, 5, 7, 9, 11], [2, 4, 6]], CONFIG.vocab_size)
@@ -103,8 +105,10 @@ def test_a_feature_drafter_drafts_the_same_over_a_sharded_target():
     target = Llama(config, param_dtype=jnp.float32)
     decoder = engine.SpeculativeDecoder(
         target, (engine.Arm(FeatureDrafter(target, "eagle", unroll=False), 3),), 12, eos_ids=())
+    own = (eagle.restrict_vocabulary(drafter_params, params, range(0, CONFIG.vocab_size, 2))
+           if restricted else drafter_params)
     return decoder.generate(
-        {"target": params, "drafters": sharding.replicated({"eagle": drafter_params}, mesh)},
+        {"target": params, "drafters": sharding.replicated({"eagle": own}, mesh)},
         *sharding.replicated((tokens, lengths, jax.random.key(0), Samplers.same(Greedy())),
                              mesh))
 
