@@ -389,11 +389,11 @@ def chooser_steps(data: dict) -> list[str]:
 
 
 def trace_calls(data: dict) -> list[str]:
-  lines = [f"Per loop step, median over each method's calls, read from a profiler trace "
-           f"(`bench/trace_calls.py`); the profiler slows every call, so wall and idle "
-           f"times are the traced run's, not a plain run's. Device-to-host copies are "
-           f"mostly the predicates of the loop's while loops, each a wait for the host; "
-           f"graphs are command-buffer (CUDA graph) launches.", "",
+  lines = ["Per loop step, median over each method's calls, read from a profiler trace "
+           "(`bench/trace_calls.py`); the profiler slows every call, so wall and idle "
+           "times are the traced run's, not a plain run's. Device-to-host copies are "
+           "mostly the predicates of the loop's while loops, each a wait for the host; "
+           "graphs are command-buffer (CUDA graph) launches.", "",
            "| method | calls | wall (us) | GPU busy (us) | idle (us) | kernels | "
            "device-to-host copies | graphs |", "|---|---|---|---|---|---|---|---|"]
   for name, m in data["methods"].items():
