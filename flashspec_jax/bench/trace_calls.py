@@ -18,19 +18,17 @@ a trace written earlier (with the calls.json beside it) instead of running.
 
 from __future__ import annotations
 
-import gzip
 import json
 import pathlib
-import statistics
 import sys
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, results
+from flashspec_jax.bench import traces
 from flashspec_jax.pipeline import compile_and_run
 from flashspec_jax.runner import prepare_generation
 
@@ -40,8 +38,6 @@ _TRACE = flags.DEFINE_string("trace", "", "Summarise this trace directory instea
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/flashspec_trace",
                                  "Where a run writes its trace (tens of MB; not results/).")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
-
-ANNOTATION = "flashspec call "
 
 
 def traced_calls(config, trace_dir: pathlib.Path) -> list[dict]:
@@ -56,64 +52,13 @@ def traced_calls(config, trace_dir: pathlib.Path) -> list[dict]:
       rng, bandit = jax.random.key(config.seed), None
       for batch in prepared.batches:
         rng, key = jax.random.split(rng)
-        with jax.profiler.TraceAnnotation(f"{ANNOTATION}{len(calls)}"):
+        with jax.profiler.TraceAnnotation(f"{traces.ANNOTATION}{len(calls)}"):
           run = compile_and_run(method, prepared.setup, batch, key, bandit)
         if method.is_bandit:
           bandit = run.output.bandit
         calls.append(dict(method=method.name, id=batch[0].id, kind=batch[0].kind,
                           steps=int(run.output.steps), seconds=run.seconds))
   return calls
-
-
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-  busy, end = 0.0, -np.inf
-  for start, stop in sorted(intervals):
-    if stop > end:
-      busy += stop - max(start, end)
-      end = stop
-  return busy
-
-
-def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
-  """Per call and per method: GPU kernels, busy time, device-to-host copies and
-  command-buffer (CUDA graph) launches, each per loop step."""
-  path = next(trace_dir.glob("**/perfetto_trace.json.gz"))
-  events = json.load(gzip.open(path))
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  process = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-  thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-            if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  spans = [e for e in events if e.get("ph") == "X"]
-  windows = {int(e["name"][len(ANNOTATION):]): (e["ts"], e["ts"] + e["dur"]) for e in spans
-             if e["name"].startswith(ANNOTATION)}
-  # GPU activity lies on the device's stream lines; derived lines (XLA Ops, XLA
-  # Modules), where a trace has them, repeat the same intervals.
-  device = [e for e in spans if "GPU" in process.get(e["pid"], "")
-            and thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
-  graph_launches = [e for e in spans if e["name"] == "command_buffer::execute"]
-  rows = []
-  for index, call in enumerate(calls):
-    start, stop = windows[index]
-    inside = [e for e in device if start <= e["ts"] < stop]
-    copies = [e for e in inside if "memcpy" in e["name"].lower()]
-    counts = dict(
-        kernels=len(inside) - len(copies),
-        device_to_host=sum("d2h" in e["name"].lower() for e in copies),
-        graph_launches=sum(start <= e["ts"] < stop for e in graph_launches))
-    wall_us = stop - start
-    busy_us = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in inside])
-    steps = max(call["steps"], 1)
-    rows.append(call | counts | dict(wall_us=wall_us, busy_us=busy_us, per_step=dict(
-        wall_us=wall_us / steps, busy_us=busy_us / steps, idle_us=(wall_us - busy_us) / steps)
-        | {name: count / steps for name, count in counts.items()}))
-  methods = {}
-  for row in rows:
-    methods.setdefault(row["method"], []).append(row)
-  summary = {name: {key: statistics.median(r["per_step"][key] for r in group)
-                    for key in group[0]["per_step"]} | dict(calls=len(group))
-             for name, group in methods.items()}
-  return dict(trace_events=len(events), methods=summary, calls=rows)
 
 
 def main(argv):
@@ -136,7 +81,7 @@ def main(argv):
     config = config.to_dict()
     (trace_dir / "calls.json").write_text(json.dumps(dict(calls=calls, config=config,
                                                           environment=environment.describe())))
-  summary = summarise(trace_dir, calls)
+  summary = traces.summarise(trace_dir, calls)
   path = results.write("trace_calls", dict(config=config, **summary), directory=_OUT.value,
                        env=env)
   print(f"\nGPU time per loop step, median over calls -> {path}")

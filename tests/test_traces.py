@@ -1,4 +1,4 @@
-"""bench/trace_calls reads a profiler trace back: kernels, busy time, device-to-host
+"""bench/traces reads a profiler trace back: kernels, busy time, device-to-host
 copies and command-buffer launches per loop step, each call within its annotation."""
 
 import gzip
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flashspec_jax.bench import trace_calls
+from flashspec_jax.bench import traces
 
 
 def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
@@ -17,7 +17,7 @@ def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
       dict(ph="M", pid=gpu, tid=stream, name="thread_name", args=dict(name="Stream #14(Compute)")),
       dict(ph="M", pid=gpu, tid=other, name="thread_name", args=dict(name="XLA Ops")),
       # Call 0: 1,000 us, 2 steps; two kernels overlapping by 10 us, one D2H copy, two graphs.
-      dict(ph="X", pid=host, tid=1, ts=0, dur=1000, name=trace_calls.ANNOTATION + "0"),
+      dict(ph="X", pid=host, tid=1, ts=0, dur=1000, name=traces.ANNOTATION + "0"),
       dict(ph="X", pid=gpu, tid=stream, ts=100, dur=50, name="loop_fusion"),
       dict(ph="X", pid=gpu, tid=stream, ts=140, dur=30, name="gemm_fusion"),
       dict(ph="X", pid=gpu, tid=stream, ts=300, dur=2, name="MemcpyD2H"),
@@ -25,7 +25,7 @@ def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
       dict(ph="X", pid=host, tid=1, ts=90, dur=5, name="command_buffer::execute"),
       dict(ph="X", pid=host, tid=1, ts=290, dur=5, name="command_buffer::execute"),
       # Call 1: 400 us, 1 step; one kernel. Events outside both calls count for neither.
-      dict(ph="X", pid=host, tid=1, ts=2000, dur=400, name=trace_calls.ANNOTATION + "1"),
+      dict(ph="X", pid=host, tid=1, ts=2000, dur=400, name=traces.ANNOTATION + "1"),
       dict(ph="X", pid=gpu, tid=stream, ts=2100, dur=100, name="loop_fusion"),
       dict(ph="X", pid=gpu, tid=stream, ts=5000, dur=100, name="loop_fusion"),
   ]
@@ -33,7 +33,7 @@ def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
     json.dump(dict(traceEvents=events), file)
   calls = [dict(method="a", id="p0", kind="chat", steps=2, seconds=0.001),
            dict(method="b", id="p0", kind="chat", steps=1, seconds=0.0004)]
-  summary = trace_calls.summarise(tmp_path, calls)
+  summary = traces.summarise(tmp_path, calls)
   a, b = summary["methods"]["a"], summary["methods"]["b"]
   assert a == pytest.approx(dict(wall_us=500, busy_us=36, idle_us=464, kernels=1,
                                  device_to_host=0.5, graph_launches=1, calls=1))
