@@ -25,6 +25,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402 (after the variables above are set)
 import jax.numpy as jnp
 import pytest
+from absl import flags
 
 from flashspec_jax.models.config import LlamaConfig
 from flashspec_jax.models.llama import init_params
@@ -53,6 +54,17 @@ def pytest_collection_modifyitems(items):
     return not (item.path.name == "test_experiments.py"
                 or "smollm2" in getattr(item, "fixturenames", ()))
   items.sort(key=long_first)
+
+
+@pytest.fixture(autouse=True)
+def forget_flags_the_test_defined():
+  """The bench modules define absl flags on import, some of the same name (--out,
+  --batch), so a test that imports one would make another test in the same xdist
+  worker fail to import the next."""
+  before = set(flags.FLAGS)
+  yield
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
 
 
 @pytest.fixture(scope="session")
