@@ -139,6 +139,9 @@ def test_a_restricted_drafter_drafts_only_its_vocabulary_and_stays_exact(params)
   expected = greedy_ar(params).tokens
   np.testing.assert_array_equal(out.tokens, expected)
   assert not np.isin(expected, VOCABULARY).all()
+  for bad in ([3, 3, 5], [], [CONFIG.vocab_size]):
+    with pytest.raises(ValueError, match="needs distinct token ids in"):
+      eagle.restrict_vocabulary(params["drafters"]["eagle"], params["target"], bad)
 
 
 def test_the_draft_vocabulary_is_the_answers_most_frequent_tokens():

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from flashspec_jax.models.config import LlamaConfig
@@ -103,6 +104,10 @@ def restrict_vocabulary(drafter_params: dict, target_params: dict, ids) -> dict:
   is those rows of the target's, taken once here rather than at every draft step."""
   target = target_params["params"]
   unembedding = target.get("unembedding", target["embedding"])
-  ids = jnp.sort(jnp.asarray(ids, jnp.int32))
+  ids = np.sort(np.asarray(ids, np.int32))
+  if not ids.size or np.any(np.diff(ids) == 0) or ids[0] < 0 or ids[-1] >= len(unembedding):
+    raise ValueError(f"a draft vocabulary needs distinct token ids in [0, {len(unembedding)}), "
+                     f"got {ids.size} ids from {ids[:1]} to {ids[-1:]}")
+  ids = jnp.asarray(ids)
   return {"params": drafter_params["params"],
           "vocabulary": {"ids": ids, "head": jnp.take(unembedding, ids, axis=0)}}
