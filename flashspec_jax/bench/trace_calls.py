@@ -40,12 +40,12 @@ _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/flashspec_trace",
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
-def traced_calls(config, trace_dir: pathlib.Path) -> list[dict]:
+def traced_calls(config, env: dict, trace_dir: pathlib.Path) -> list[dict]:
   """Runs every method over the config's prompts, one batch a call, inside one trace
   (its programs compiled and run once before it); returns each call's method, prompt
   id and loop steps."""
   config_lib.validate(config)
-  prepared = prepare_generation(config, environment.describe())
+  prepared = prepare_generation(config, env)
   calls = []
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
     for method in prepared.methods:
@@ -63,24 +63,24 @@ def traced_calls(config, trace_dir: pathlib.Path) -> list[dict]:
 
 def main(argv):
   del argv
-  env = None  # this process's
+  env = environment.describe()  # captured as the run starts, as results.write asks
   if _TRACE.value:
     trace_dir = pathlib.Path(_TRACE.value)
     recorded = json.loads((trace_dir / "calls.json").read_text())
     calls, config = recorded["calls"], recorded["config"]
     # The trace's run, where it ran; this process only read it.
     env = recorded["environment"] | dict(summarised_by=" ".join(sys.argv),
-                                         summarised_at=environment.describe()["git_sha"])
+                                         summarised_at=env["git_sha"])
   else:
     if _CONFIG.value is None:
       raise app.UsageError("give --config (a run.py config) or --trace")
     config = _CONFIG.value
     environment.enable_compilation_cache(config.compilation_cache_dir)
     trace_dir = pathlib.Path(_TRACE_DIR.value)
-    calls = traced_calls(config, trace_dir)
+    calls = traced_calls(config, env, trace_dir)
     config = config.to_dict()
     (trace_dir / "calls.json").write_text(json.dumps(dict(calls=calls, config=config,
-                                                          environment=environment.describe())))
+                                                          environment=env)))
   summary = traces.summarise(trace_dir, calls)
   path = results.write("trace_calls", dict(config=config, **summary), directory=_OUT.value,
                        env=env)
