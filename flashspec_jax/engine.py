@@ -36,7 +36,8 @@ from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strate
 from flashspec_jax.drafters import Drafter, gather_window
 from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
-                                     is_stop_token, loop_until_done, raise_on_nan)
+                                     is_stop_token, loop_until_done, raise_on_nan,
+                                     still_running)
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.sampling import Sampler, Samplers
@@ -94,6 +95,24 @@ class Arm:
   @property
   def name(self) -> str:
     return "ar" if self.drafter is None else f"{self.drafter.name}:g{self.gamma}"
+
+
+def step_bodies(arms: Sequence[Arm]) -> tuple[tuple[int, ...], ...]:
+  """The arms' indices, grouped by the piece of program that steps them.
+
+  The arms of one drafter that drafts without a model (`scored_free`, n-gram
+  lookup) share one, which drafts and verifies their widest gamma
+  (`SpeculativeDecoder.arm_step`): the drafts cost next to nothing, and on a GPU
+  a verify pass a few tokens wider costs about the same (on the H200 the
+  calibrated n-gram arms at gamma 2, 4 and 8 were within 1.5% of each other,
+  results/choosers_smollm2/2026-12-02T013755Z_da02342b.json). Every other arm
+  has its own.
+  """
+  bodies: dict[Any, list[int]] = {}
+  for i, arm in enumerate(arms):
+    shared = arm.drafter is not None and arm.drafter.scored_free
+    bodies.setdefault(("drafter", arm.drafter) if shared else ("arm", i), []).append(i)
+  return tuple(map(tuple, bodies.values()))
 
 
 @struct.dataclass(kw_only=True)
@@ -358,15 +377,31 @@ class SpeculativeDecoder:
           state.bandit, *self._scored_on_prompt(params, state)))
     return state
 
-  def arm_step(self, params, state: SpecState, arm_index: int,
-               samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:
+  @property
+  def bodies(self) -> tuple[tuple[int, ...], ...]:
+    """The arms, grouped by the piece of program that steps them (`step_bodies`)."""
+    return step_bodies(self.arms)
+
+  def arm_step(self, params, state: SpecState, arm_index: int | jax.Array,
+               samplers: Samplers, body: tuple[int, ...] | None = None
+               ) -> tuple[SpecState, dict[str, jax.Array]]:
     """One step of arms[arm_index]: draft, verify with one target pass, append, roll back.
+
+    body: the arms that share this step's program (one of `bodies`), arm_index
+    among them, traced when there are several; None is arm_index alone. A
+    shared body drafts and verifies the widest gamma among its arms and keeps
+    the chosen arm's: its accept test over that arm's drafts, and when all of
+    them pass, a bonus token sampled from p at the position after them. The
+    tests of later drafts are discarded unseen, so the step is distributed
+    exactly as a step of the chosen arm alone.
 
     Rows already done do not change. Returns the new state and the step's
     per-row `emitted`, `accepted` and `live` arrays, from which rewards are made.
     """
-    arm = self.arms[arm_index]
-    gamma = arm.gamma
+    body = body or (arm_index,)
+    arm = self.arms[body[0]]
+    width = max(self.arms[i].gamma for i in body)
+    gamma = width if len(body) == 1 else jnp.asarray([a.gamma for a in self.arms])[arm_index]
     seqs = state.seqs
     batch = seqs.tokens.shape[0]
     active = ~seqs.done
@@ -383,16 +418,23 @@ class SpeculativeDecoder:
       new_tokens = next_token[:, None]
       draft_nan = jnp.zeros((batch,), bool)
     else:
-      drafter_states[arm_index], draft_tokens, draft_logq = arm.drafter.propose(
-          params, state.drafter_states[arm_index], seqs, gamma, samplers.draft, draft_key)
-      scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, G+1]
+      drafter_states[body[0]], draft_tokens, draft_logq = arm.drafter.propose(
+          params, state.drafter_states[body[0]], seqs, width, samplers.draft, draft_key)
+      scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, W+1]
       logits, target_cache = self.target_forward(params, scored, state.target_cache,
                                                  drafter_states)
-      target_logp = samplers.target.log_probs(logits)  # [B, G+1, V]
+      target_logp = samplers.target.log_probs(logits)  # [B, W+1, V]
+      if len(body) > 1:
+        verify_key, bonus_key = jax.random.split(verify_key)
       seeds = jax.random.bits(verify_key, (batch,), jnp.uint32)
       verify_fn = self.verify_fn or get_verify_fn("auto")
       num_accepted, next_token = verify_fn(target_logp, draft_logq, draft_tokens, seeds)
-      position = jnp.arange(gamma + 1)[None, :]
+      if len(body) > 1:
+        bonus = samplers.target.get_next_tokens(
+            jax.lax.dynamic_index_in_dim(logits, gamma, axis=1, keepdims=False), bonus_key)
+        next_token = jnp.where(num_accepted >= gamma, bonus, next_token)
+        num_accepted = jnp.minimum(num_accepted, gamma)
+      position = jnp.arange(width + 1)[None, :]
       new_tokens = jnp.where(position == num_accepted[:, None], next_token[:, None],
                              jnp.pad(draft_tokens, ((0, 0), (0, 1))))
       draft_nan = jnp.isnan(draft_logq).any(axis=(1, 2))
@@ -407,10 +449,10 @@ class SpeculativeDecoder:
     seq_lens = seqs.seq_lens + emitted
     target_cache = dataclasses.replace(target_cache, lengths=seq_lens - 1)
     if arm.drafter is not None:
-      drafter_states[arm_index] = arm.drafter.rollback(drafter_states[arm_index], seq_lens)
+      drafter_states[body[0]] = arm.drafter.rollback(drafter_states[body[0]], seq_lens)
 
     emits_stop = (is_stop_token(new_tokens, self.stop_ids)
-                  & (jnp.arange(gamma + 1)[None, :] < emitted[:, None])).any(axis=1)
+                  & (jnp.arange(width + 1)[None, :] < emitted[:, None])).any(axis=1)
     done = (seqs.done | nan_rows | emits_stop
             | (seq_lens - seqs.prompt_lens >= self.max_new_tokens))
 
@@ -430,7 +472,7 @@ class SpeculativeDecoder:
     if self.chooser.uses_free_feedback:
       outcome = dict(logp=target_logp, accepted=num_accepted, tokens=new_tokens,
                      emitted=emitted, live=live)
-      arm_accepted, arm_tested = self._scored_for_free(params, state, arm_index, outcome)
+      arm_accepted, arm_tested = self._scored_for_free(params, state, body[0], outcome)
       chosen = jnp.arange(len(self.arms)) == arm_index
       stats |= dict(arm_accepted=arm_accepted + chosen * (num_accepted * count).sum(),
                     arm_tested=arm_tested + chosen * tested.sum())
@@ -520,32 +562,38 @@ class SpeculativeDecoder:
     Not `lax.switch`: XLA copies every buffer a conditional's branches return,
     so each step would copy all the caches in the state, the idle arms' too (seen
     in the CPU program's HLO). A while loop updates its carry in place, so each
-    arm's step sits in a loop that runs once if the arm was chosen and not at all
-    otherwise.
+    body's step (`bodies`) sits in a loop that runs once if one of its arms was
+    chosen and not at all otherwise. On a GPU each loop costs the step a wait
+    for the host, which reads its predicate (docs/bandits.md), hence one loop
+    per body rather than per arm.
     """
-    if len(self.arms) == 1:
-      return self.arm_step(params, state, 0, samplers)
+    bodies = self.bodies
+    if len(bodies) == 1:
+      return self.arm_step(params, state, arm if len(bodies[0]) > 1 else 0, samplers, bodies[0])
     batch = state.seqs.tokens.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
     if self.chooser.uses_free_feedback:
       stats |= dict(arm_accepted=jnp.zeros((len(self.arms),)),
                     arm_tested=jnp.zeros((len(self.arms),)))
-    for i in range(len(self.arms)):
-      def run_once(carry, i=i):
+    for body in bodies:
+      def run_once(carry, body=body):
         _, state, _ = carry
-        return (jnp.bool_(False), *self.arm_step(params, state, i, samplers))
+        chosen = arm if len(body) > 1 else body[0]
+        return (jnp.bool_(False), *self.arm_step(params, state, chosen, samplers, body))
       _, state, stats = jax.lax.while_loop(lambda carry: carry[0], run_once,
-                                           (arm == i, state, stats))
+                                           (jnp.isin(arm, jnp.asarray(body)), state, stats))
     return state, stats
 
-  def step(self, params, state: SpecState, samplers: Samplers) -> SpecState:
-    """The bandit picks an arm, that arm steps, and the bandit learns the step's reward."""
+  def select(self, state: SpecState) -> tuple[SpecState, jax.Array]:
+    """The arm the chooser picks for the next step, knowing only the steps before it."""
     rng, select_key = jax.random.split(state.seqs.rng)
     state = state.replace(seqs=state.seqs.replace(rng=rng))
-    chooser = self.chooser
-    arm = chooser.select(state.bandit, select_key)
-    state, stats = self.dispatch(params, state, arm, samplers)
+    return state, self.chooser.select(state.bandit, select_key)
+
+  def learn(self, state: SpecState, arm: jax.Array, stats: dict[str, jax.Array]) -> SpecState:
+    """The chooser learns the reward of the step arms[arm] just took (its stats), and
+    the step is recorded."""
     r = self.reward(stats, arm, self.arms)
     zeros = jnp.zeros((len(self.arms),))
     feedback = Feedback(reward=r, accepted=stats.get("arm_accepted", zeros),
@@ -556,8 +604,48 @@ class SpeculativeDecoder:
                          reward=history.reward.at[state.step].set(r, mode="drop"),
                          emitted=history.emitted.at[state.step].set(stats["emitted"].sum(),
                                                                     mode="drop"))
-    return dataclasses.replace(state, bandit=chooser.learn(state.bandit, arm, feedback),
+    return dataclasses.replace(state, bandit=self.chooser.learn(state.bandit, arm, feedback),
                                history=history, step=state.step + 1)
+
+  def step(self, params, state: SpecState, samplers: Samplers) -> SpecState:
+    """The bandit picks an arm, that arm steps, and the bandit learns the step's reward."""
+    state, arm = self.select(state)
+    state, stats = self.dispatch(params, state, arm, samplers)
+    return self.learn(state, arm, stats)
+
+  def run_steps(self, params, state: SpecState, samplers: Samplers) -> SpecState:
+    """`step` until every row is done or the steps reach max_new_tokens.
+
+    With several step bodies (`bodies`), not `step` in a loop: each body steps in
+    a loop of its own that goes on while the chooser keeps picking its arms, and
+    an outer loop goes round the bodies. On a GPU each loop's predicate is a wait
+    for the host, so a step costs one such wait, as a fixed arm's does, where
+    `step` costs one per body (docs/bandits.md); only a change of body costs
+    more. The chooser picks each step's arm after the step before it, from the
+    same key, so the steps are `step`'s, in the same order.
+    """
+    bodies = self.bodies
+    if len(bodies) == 1:
+      return loop_until_done(state, lambda state: self.step(params, state, samplers),
+                             self.max_new_tokens)
+
+    def running(carry):
+      return still_running(carry[0], self.max_new_tokens)
+
+    def each_body(carry):
+      for body in bodies:
+        def body_steps(carry, body=body):
+          state, arm = carry
+          state, stats = self.arm_step(params, state, arm if len(body) > 1 else body[0],
+                                       samplers, body)
+          return self.select(self.learn(state, arm, stats))
+        carry = jax.lax.while_loop(
+            lambda carry, body=body: running(carry) & jnp.isin(carry[1], jnp.asarray(body)),
+            body_steps, carry)
+      return carry
+
+    state, _ = jax.lax.while_loop(running, each_body, self.select(state))
+    return state
 
   def generate(self, params, prompt_tokens, prompt_lens, rng, samplers: Samplers,
                bandit: BanditState | None = None) -> SpecOutput:
@@ -594,8 +682,7 @@ class SpeculativeDecoder:
 def _generate_body(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_lens, rng,
                    samplers: Samplers, bandit: BanditState | None) -> SpecOutput:
   state = decoder.init(params, prompt_tokens, prompt_lens, rng, samplers.target, bandit)
-  state = loop_until_done(state, lambda state: decoder.step(params, state, samplers),
-                          decoder.max_new_tokens)
+  state = decoder.run_steps(params, state, samplers)
   return SpecOutput(tokens=state.seqs.generated(decoder.max_new_tokens),
                     num_tokens=state.seqs.num_generated, nan_rows=state.seqs.nan_rows,
                     nan_arm=state.nan_arm, steps=state.step, metrics=state.metrics,

@@ -28,7 +28,7 @@ from flashspec_jax import config as config_lib
 from flashspec_jax import environment, executables, sharding, timing
 from flashspec_jax.bandit import Fixed, Strategy, make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
-from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named
+from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named, step_bodies
 from flashspec_jax.generate import Decoder, slots_past_budget
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, check_checkpoint,
@@ -349,16 +349,21 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
 
 def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],
                     steps: int) -> tuple[Arm, ...]:
-  """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts.
+  """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts,
+  in the piece of program it shares with other arms, if any (`engine.step_bodies`).
 
   Timed as the slope between loops of 2 and 2 + `steps` steps inside one compiled
   program, so neither the prefill nor dispatch counts.
   """
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
   tokens = _bucketed(tokens, setup.bucket)
+  body_of = {i: body for body in step_bodies(arms) for i in body}
   calibrated = []
-  for arm in tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm", leave=False):
-    decoder = SpeculativeDecoder(setup.target, (arm,), 1, reward=setup.reward,
+  for i, arm in enumerate(tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm",
+                                    leave=False)):
+    # The timing holds the bandit on the first arm.
+    held = (arm, *(arms[j] for j in body_of[i] if j != i))
+    decoder = SpeculativeDecoder(setup.target, held, 1, reward=setup.reward,
                                  verify_fn=setup.verify_fn, pass_width=setup.pass_width)
     measured, _ = timing.held_step_seconds(decoder, setup.params, (tokens, lengths),
                                            setup.sampler, (2, 2 + steps), repeats=3)

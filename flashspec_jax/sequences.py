@@ -59,13 +59,16 @@ class Sequences:
     return jnp.where(offsets < self.num_generated[:, None], picked, PAD_ID)
 
 
+def still_running(state, max_steps: int) -> jax.Array:
+  """Whether `state.step` is below max_steps and some row of `state.seqs` is not done."""
+  return (state.step < max_steps) & ~jnp.all(state.seqs.done)
+
+
 def loop_until_done(state, step: Callable, max_steps: int):
   """The generation loop both decoders compile: `state = step(state)` in a
   `lax.while_loop` until every row of `state.seqs` is done or `state.step`
   reaches max_steps."""
-  def should_continue(state):
-    return (state.step < max_steps) & ~jnp.all(state.seqs.done)
-  return jax.lax.while_loop(should_continue, step, state)
+  return jax.lax.while_loop(lambda state: still_running(state, max_steps), step, state)
 
 
 def prepare_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.ndarray,

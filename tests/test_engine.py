@@ -16,7 +16,7 @@ from flashspec_jax.kernels.verify import verify_reference
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.sampling import Greedy, Samplers, Temperature, TopP
-from flashspec_jax.sequences import PAD_ID, Sequences, prepare_prompts
+from flashspec_jax.sequences import PAD_ID, Sequences, loop_until_done, prepare_prompts
 
 CONFIG = tiny_config(num_layers=4)
 DRAFT_CONFIG = tiny_config(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1)
@@ -249,6 +249,55 @@ def test_the_bandit_step_updates_every_cache_in_place(params):
   loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, 2, lambda _, s: step(p, s), s))
   copied = buffer_copies(loop.lower(params, state).compile().as_text(), cache_shapes(state))
   assert not copied, f"{len(copied)} cache copies per step, e.g. {copied[0]}"
+
+
+def test_the_generation_loop_takes_steps_in_place_as_step_would(params):
+  """The generation loop runs each step body in a loop of its own (`run_steps`), yet
+  takes the steps `step` takes in one loop, in the same order, at temperature 1 under
+  Thompson sampling; and no step copies a cache."""
+  ngram = bandit_arms()[2].drafter
+  arms = (*bandit_arms(), engine.Arm(ngram, 2))  # n-gram at gammas 4 and 2 share a body
+  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 24, strategy=Thompson(),
+                                      capacity=tokens.shape[1] + 30, verify_fn=verify_reference)
+  samplers = Samplers.same(Temperature(1.0))
+  args = (params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(3), samplers, None)
+
+  def stepped(params, tokens, lengths, rng, samplers, bandit):
+    state = decoder.init(params, tokens, lengths, rng, samplers.target, bandit)
+    return loop_until_done(state, lambda state: decoder.step(params, state, samplers), 24)
+
+  program = decoder.lower(*args).compile()
+  state = jax.eval_shape(decoder.init, *args[:4], samplers.target)
+  copied = buffer_copies(program.as_text(), cache_shapes(state))
+  assert not copied, f"{len(copied)} cache copies per step, e.g. {copied[0]}"
+  out, looped = program(*args), jax.jit(stepped)(*args)
+  np.testing.assert_array_equal(out.tokens, looped.seqs.generated(24))
+  np.testing.assert_array_equal(out.history.arm, looped.history.arm)
+  np.testing.assert_array_equal(out.history.reward, looped.history.reward)
+  assert len(set(np.asarray(out.history.arm[:int(out.steps)]).tolist())) == len(arms)
+
+
+def test_arms_of_one_free_drafter_share_a_step_body():
+  ngram, other = NgramDrafter(CONFIG.vocab_size, 3), NgramDrafter(CONFIG.vocab_size, 2)
+  arms = (engine.Arm(ngram, 2), engine.Arm(DRAFTERS["small"], 2), engine.Arm(ngram, 4),
+          engine.Arm(), engine.Arm(other, 2), engine.Arm(DRAFTERS["small"], 4), engine.Arm())
+  assert engine.step_bodies(arms) == ((0, 2), (1,), (3,), (4,), (5,), (6,))
+
+
+@pytest.mark.parametrize("held", [0, 1])
+def test_an_arm_in_a_shared_step_body_steps_as_it_does_alone(params, held):
+  """Greedy, an n-gram arm stepped in the body it shares with a wider one (drafting and
+  verifying 4 tokens) emits, accepts and tests what it does alone, step for step: at
+  gamma 1 its step keeps one draft's test and the bonus token after it."""
+  ngram = NgramDrafter(CONFIG.vocab_size, 2)
+  arms = (engine.Arm(ngram, 1), engine.Arm(ngram, 4))
+  shared = bandit_generate(params, Fixed(held), arms, verify_fn=verify_reference)
+  alone = bandit_generate(params, Fixed(0), arms[held:held + 1], verify_fn=verify_reference)
+  np.testing.assert_array_equal(shared.tokens, alone.tokens)
+  for field in ("steps", "proposed", "tested", "accepted", "emitted"):
+    np.testing.assert_array_equal(getattr(shared.metrics, field), getattr(alone.metrics, field))
+  assert int(shared.metrics.accepted.sum()) > 0  # the bonus path ran
 
 
 def test_goodput_reward_prefers_cheap_tokens():

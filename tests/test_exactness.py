@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from flax import struct
 from exactness import (DRAFT_CONFIG, DRAFTERS, NUM_SAMPLES, NUM_TOKENS, PROMPTS, SAMPLERS,
-                       TEMPERATURES, VOCAB, chi2_test, continuation_logits, program_pvalues,
-                       sequence_probs)
+                       TARGET, TEMPERATURES, VOCAB, chi2_test, continuation_logits,
+                       program_pvalues, sequence_probs)
 from exactness import exact_probs, params  # noqa: F401 (fixtures)
 
 from flashspec_jax.bandit import (AcceptanceState, AcceptanceThompson, BanditState, Hedge,
                                   Thompson, UCB1)
-from flashspec_jax.drafters import NgramDrafter
+from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm
 from flashspec_jax.kernels import verify
 from flashspec_jax.sampling import Greedy, Temperature
@@ -149,11 +149,31 @@ CHOOSERS = [(UCB1(), "plain", random_bandit_state), (Thompson(), "top_p", random
                               "hedge-plain"])
 def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, sampler_kind,
                                                  initial_state):
-  """Four arms (a small model, the target itself, n-gram lookup, plain AR), chosen at
-  every step from a chooser state that differs from run to run and learns as it goes."""
-  arms = (Arm(DRAFTERS["small"], 2), Arm(DRAFTERS["self"], 3),
-          Arm(NgramDrafter(VOCAB, 2), 2), Arm())
+  """Five arms (a small model, the target itself, n-gram lookup at two gammas in one
+  step body, plain AR), chosen at every step from a chooser state that differs from
+  run to run and learns as it goes."""
+  ngram = NgramDrafter(VOCAB, 2)
+  arms = (Arm(DRAFTERS["small"], 2), Arm(DRAFTERS["self"], 3), Arm(ngram, 2), Arm(ngram, 1),
+          Arm())
   pvalues = program_pvalues(params, exact_probs, ("bandit", 3, sampler_kind, 1), arms=arms,
                             strategy=strategy, initial_bandit=initial_state(len(arms)))
+  for point, p in pvalues.items():
+    assert min(p.values()) > ALPHA / (2 * len(pvalues)), (point, p)  # Bonferroni, both tests
+
+
+class SelfDraftingForFree(ModelDrafter):
+  """The target drafting for itself, marked as drafting for free so that its arms share
+  one step body, as n-gram arms do (engine.step_bodies). The target accepts all it
+  drafts, so a gamma-1 arm in a body of width 3 ends every step on the bonus token
+  that the shared body samples after the arm's last draft, and the later drafts'
+  tests, all passed, must leave no trace."""
+
+  scored_free = True
+
+
+def test_exact_in_a_step_body_shared_with_a_wider_arm(params, exact_probs):
+  drafter = SelfDraftingForFree(TARGET, "target", unroll=False)
+  pvalues = program_pvalues(params, exact_probs, ("self_shared", 1, "top_k", 8),
+                            arms=(Arm(drafter, 1), Arm(drafter, 3)))
   for point, p in pvalues.items():
     assert min(p.values()) > ALPHA / (2 * len(pvalues)), (point, p)  # Bonferroni, both tests
