@@ -2,9 +2,12 @@
 
 Subpackages are discovered, so a new one cannot be left out of a non-editable
 install. Two top-level folders are installed inside the package:
-  * `kernels/` as `flashspec_jax.kernels`: a top-level module named `kernels`
-    would shadow the Hugging Face hub package of that name, which transformers
-    probes for;
+  * `kernels/` (Pallas GPU kernels, each beside its jnp reference) as
+    `flashspec_jax.kernels`, which in the source tree is a link to it. It has no
+    `__init__.py`: from the repository root, where it is on sys.path, a regular
+    package named `kernels` would shadow the Hugging Face hub package of that
+    name, which transformers imports (a dependency since transformers 5.25); a
+    namespace portion never does;
   * `configs/` (the shipped model shapes) as `flashspec_jax.configs`, read by
     `flashspec_jax.models.config`.
 """

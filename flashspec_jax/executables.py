@@ -59,7 +59,7 @@ jax.monitoring.register_event_listener(_count_jax_cache_miss)
 def _source_digest() -> str:
   """The package's Python source, hashed (the kernels are a subpackage kept elsewhere)."""
   from flashspec_jax import kernels  # pylint: disable=import-outside-toplevel
-  roots = {pathlib.Path(__file__).parent, pathlib.Path(kernels.__file__).parent}
+  roots = {pathlib.Path(__file__).parent, *map(pathlib.Path, kernels.__path__)}
   digest = hashlib.sha256()
   for root in sorted(roots):
     for path in sorted(root.rglob("*.py")):

@@ -3,20 +3,12 @@
 import logging
 import os
 import pathlib
-import sys
-
-# `python -m pytest` puts the working directory first on sys.path, where the repository's
-# `kernels/` folder would pose as the Hugging Face `kernels` package that transformers
-# imports (a dependency since transformers 5.25). Moved last, the repository leaves that
-# name to the installed package and still serves `flashspec_jax` where it is not installed.
-_REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
-_here = [entry for entry in sys.path if pathlib.Path(entry).resolve() == _REPOSITORY]
-sys.path[:] = [entry for entry in sys.path if entry not in _here] + _here
 
 # Tests, both xdist workers and the processes tests start (run.py, notebook
 # kernels), compile many identical programs, each in its own process; a shared
 # on-disk cache compiles each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_REPOSITORY / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 # On a GPU every xdist worker (and every process a test starts) would otherwise take 75%
 # of the device's memory up front, and the later ones fail. Growing on demand is not
 # enough alone: XLA keeps what it has grown to, so each worker is also capped at its

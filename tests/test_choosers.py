@@ -56,12 +56,13 @@ def test_free_scores_are_what_the_arm_would_have_accepted(params):
   tokens, lengths = decoder.ar_decoder.prepare(PROMPTS)
   samplers = Samplers.same(Greedy())
   state = decoder.init(params, tokens, lengths, jax.random.key(0), samplers.target)
+  arm_step = jax.jit(decoder.arm_step, static_argnums=2)
   for _ in range(3):
-    _, scored = decoder.arm_step(params, state, 0, samplers)
-    _, own = decoder.arm_step(params, state, 1, samplers)
+    next_state, scored = arm_step(params, state, 0, samplers)
+    _, own = arm_step(params, state, 1, samplers)
     assert scored["arm_tested"][1] == own["arm_tested"][1] > 0
     assert scored["arm_accepted"][1] == own["arm_accepted"][1]
-    state, _ = decoder.arm_step(params, state, 0, samplers)
+    state = next_state
 
 
 def test_free_score_at_temperature_is_the_targets_probability_of_the_draft(params):

@@ -332,12 +332,15 @@ def test_missing_draft_checkpoint_names_the_draft_flag_before_the_target_loads(t
 
 
 def test_kernels_folder_does_not_pose_as_the_hub_package():
-  """transformers probes for the HF hub package `kernels`; ours must not answer, even from
-  the repository root where the folder is on sys.path."""
+  """transformers imports the HF hub package `kernels` where it is installed (and requires
+  it since 5.25); ours must not answer, even from the repository root where the folder is
+  first on sys.path."""
   probe = ("import sys; sys.path.insert(0, '.');"
-           "from transformers.utils.import_utils import is_kernels_available;"
-           "import flashspec_jax.kernels as k; print(is_kernels_available(), k.__file__)")
+           "import transformers.activations, kernels, flashspec_jax.kernels.verify as verify;"
+           "print(getattr(kernels, '__file__', None), verify.__file__)")
   result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"},
-                          check=True)
-  assert result.stdout.split() == ["False", str(REPO / "kernels" / "__init__.py")]
+                          text=True, env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  hub_package, verify = result.stdout.split()
+  assert not pathlib.Path(hub_package).resolve().is_relative_to(REPO / "kernels"), hub_package
+  assert pathlib.Path(verify).resolve() == REPO / "kernels" / "verify.py"

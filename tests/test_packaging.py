@@ -24,11 +24,15 @@ assert pathlib.Path(flashspec_jax.__file__).is_relative_to(target), flashspec_ja
 # The bench scripts define absl flags on import, some of the same name as separate
 # programs may, so each one's flags are forgotten before the next is imported.
 predefined = set(flags.FLAGS)
-for module in pkgutil.walk_packages(flashspec_jax.__path__, "flashspec_jax."):
-  importlib.import_module(module.name)
-  print(module.name)
-  for name in set(flags.FLAGS) - predefined:
-    delattr(flags.FLAGS, name)
+# walk_packages passes over namespace packages (no __init__.py), such as the kernels.
+import flashspec_jax.kernels
+assert all(pathlib.Path(p).is_relative_to(target) for p in flashspec_jax.kernels.__path__)
+for package in (flashspec_jax, flashspec_jax.kernels):
+  for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    importlib.import_module(module.name)
+    print(module.name)
+    for name in set(flags.FLAGS) - predefined:
+      delattr(flags.FLAGS, name)
 from flashspec_jax.models.config import model_config
 assert model_config("tiny_llama").num_layers >= 1
 from flashspec_jax.loading.eagle import shipped_path
