@@ -21,10 +21,11 @@ best fixed arm over the stream and KL-UCB runs at 1.05x it (acceptance
 Thompson 1.04x), but 0.91x it on chat; at temperature 1 in blocks (at 270c856,
 with the weights shipped since, passed by --config.eagle_checkpoint, and arm
 costs given by --config.bandit.costs) eagle:smollm2 is the best fixed arm and
-KL-UCB runs at 0.89x it, and 0.89x too interleaved at temperature 1 (at
-da02342, the same costs given). Their choices are right; bench/chooser_steps.py
-and docs/bandits.md show the time their calls spend beyond their steps. On 2
-CPU cores (--config.sampling.max_new_tokens=64, about 19 minutes, at db442f4)
+KL-UCB runs at 0.89x it; interleaved at temperature 1 (at ddf44413, with a
+loop per step body, the n-gram arms' costs all given as gamma 8's, 0.0011398)
+KL-UCB runs at 0.96x it and acceptance Thompson at 0.96x (docs/bandits.md).
+The run took 4 minutes, under 3 of them compiling. On 2 CPU cores
+(--config.sampling.max_new_tokens=64, about 19 minutes, at db442f4)
 n-gram was the best fixed arm over the stream (1.03x AR) and acceptance
 Thompson ran at 1.06x it, KL-UCB at 1.01x, Hedge at 1.00x.
 """

@@ -302,16 +302,25 @@ def _log_reference_fallback() -> None:
   logging.debug("no GPU for the Pallas verify kernel; using the jnp reference")
 
 
+def verify_where_lowered(target_logp, draft_logq, draft_tokens, seeds):
+  """The Pallas kernel in a program lowered for a CUDA GPU, the reference in one lowered
+  for anything else: where the program runs decides, not JAX's default backend (on a GPU
+  host, a program over a mesh of CPU devices ran the Triton kernel on CPU arrays and
+  failed: "Only interpret mode is supported on CPU backend")."""
+  return jax.lax.platform_dependent(target_logp, draft_logq, draft_tokens, seeds,
+                                    cuda=verify_pallas, default=verify_reference)
+
+
 def get_verify_fn(impl: str = "auto"):
   """The verify function for a config name; 'auto' is Pallas where computations run on a
-  GPU (see environment.on_gpu), else the reference."""
+  GPU (see environment.on_gpu; `verify_where_lowered`), else the reference."""
   if impl not in VERIFY_IMPLS:
     raise ValueError(f"unknown verify implementation {impl!r}; known: {VERIFY_IMPLS}")
   gpu = on_gpu()
   if impl == "auto":
     if not gpu:
       _log_reference_fallback()
-    impl = "pallas" if gpu else "reference"
+    return verify_where_lowered if gpu else verify_reference
   if impl == "reference":
     return verify_reference
   if impl == "pallas" and not gpu:

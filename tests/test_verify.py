@@ -17,7 +17,8 @@ from exactness import exact_probs, params, program_pvalues  # noqa: F401 (fixtur
 
 from flashspec_jax.kernels.verify import (PALLAS_GPU_AVAILABLE, VerifyTiling, get_verify_fn,
                                           uniform_from_bits, uniform_from_hash,
-                                          verify_kernel_call, verify_pallas, verify_reference)
+                                          verify_kernel_call, verify_pallas, verify_reference,
+                                          verify_where_lowered)
 from flashspec_jax.sampling import Temperature, TopK, TopP
 
 POISON = -7
@@ -186,6 +187,17 @@ def test_auto_falls_back_to_the_reference_without_a_gpu():
   assert (fn is verify_reference) == (expected == "reference")
   with pytest.raises(ValueError, match="unknown verify implementation"):
     get_verify_fn("cuda")
+
+
+def test_auto_on_a_gpu_host_runs_the_reference_in_a_program_for_the_cpu(monkeypatch):
+  """On a GPU host, a program lowered for CPU devices (a mesh of them, say) must not lower
+  the Triton kernel: "Only interpret mode is supported on CPU backend", seen on the H200."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  fn = get_verify_fn("auto")
+  assert fn is verify_where_lowered
+  args = jax.device_put(random_inputs(0, batch=3, gamma=2, vocab=20), jax.devices("cpu")[0])
+  for got, want in zip(jax.jit(fn)(*args), reference(*args)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_auto_follows_the_device_an_engine_is_placed_on(monkeypatch):

@@ -37,10 +37,11 @@ def bench(target: SyntheticTarget, batches: list[int], context: int, steps: tupl
           repeats: int, copy_bytes: int) -> dict:
   config, dtype, params = target.config, target.model.param_dtype, target.params["target"]
   tp = config.tp_shards
-  # What the first device holds: its shards of the split weights, the others whole.
-  device = jax.devices()[0]
+  # What the first of the weights' devices holds (not the default backend's: a mesh may be
+  # of CPU devices on a GPU machine): its shards of the split weights, the others whole.
+  devices = sorted(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id)
   weight_bytes = sum(shard.data.nbytes for x in jax.tree.leaves(params)
-                     for shard in x.addressable_shards if shard.device == device)
+                     for shard in x.addressable_shards if shard.device == devices[0])
   bandwidth = timing.copy_bandwidth(copy_bytes)
   rows = []
   for batch in batches:
@@ -57,7 +58,7 @@ def bench(target: SyntheticTarget, batches: list[int], context: int, steps: tupl
                      floor_ms=floor * 1e3, ratio_to_floor=measured["seconds"] / floor,
                      weight_bytes=weight_bytes, kv_bytes=kv_bytes, raw=measured))
   return dict(model=config.name, dtype=dtype.name, synthetic_weights=True, tp=tp,
-              devices=[str(d) for d in jax.devices()[:tp]], copy_bandwidth=bandwidth, rows=rows)
+              devices=[str(d) for d in devices], copy_bandwidth=bandwidth, rows=rows)
 
 
 def main(argv):
