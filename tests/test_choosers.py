@@ -73,7 +73,7 @@ def test_free_score_at_temperature_is_the_targets_probability_of_the_draft(param
   tokens, lengths = decoder.ar_decoder.prepare(PROMPTS)
   samplers = Samplers.same(Temperature(1.0))
   state = decoder.init(params, tokens, lengths, jax.random.key(0), samplers.target)
-  _, stats = decoder.arm_step(params, state, 0, samplers)
+  _, stats = jax.jit(decoder.arm_step, static_argnums=2)(params, state, 0, samplers)
   _, drafts, _ = NGRAM.propose(params, (), state.seqs, 3, None, None)
   logits, _ = TARGET.apply(params["target"], state.seqs.last_tokens[:, None], state.target_cache)
   p = jax.nn.softmax(logits[:, 0])[jnp.arange(len(PROMPTS)), drafts[:, 0]]
