@@ -48,5 +48,5 @@ def get_config(arg=None):
     make_tiny(config, synthetic=True)
     config.arms = "ngram:3@2,ngram:3@4,ar"
     config.methods = "ar,ngram:3,bandit:acceptance_thompson,bandit:hedge"
-    config.bandit.costs = "1.0,1.1,1.0"
+    config.bandit.costs = "1.1,1.1,1.0"  # the n-gram arms share one step body
   return config

@@ -53,6 +53,11 @@ class Drafter(Protocol):
   # True for a deterministic drafter with no model, whose proposal the engine can
   # score against the committed tokens at no cost (engine._scored_for_free).
   scored_free: bool
+  # True where drafting more tokens costs nothing, so that arms of this drafter at
+  # several gammas share one step body (engine.step_bodies). Such a drafter keeps
+  # the prefix contract: the first g drafts of propose(..., gamma=W, ...) are
+  # distributed as propose(..., gamma=g, ...)'s, with the same q.
+  shares_step_body: bool
 
 
 def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
@@ -96,6 +101,7 @@ class ModelDrafter:
   unroll: bool = True
   reads_features = False
   scored_free = False
+  shares_step_body = False
 
   @property
   def name(self) -> str:
@@ -193,8 +199,10 @@ class NgramDrafter:
   vocab_size: int
   max_n: int = 3
   reads_features = False
-  # Deterministic and without a model: the engine scores it after other arms' steps.
+  # Deterministic and without a model: the engine scores it after other arms' steps,
+  # and its drafts at gamma W begin with its drafts at any smaller gamma.
   scored_free = True
+  shares_step_body = True
 
   @property
   def name(self) -> str:
@@ -279,6 +287,7 @@ class FeatureDrafter:
   unroll: bool = True
   reads_features = True
   scored_free = False
+  shares_step_body = False
 
   @property
   def name(self) -> str:

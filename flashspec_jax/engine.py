@@ -2,11 +2,13 @@
 
 A `SpeculativeDecoder` holds the static settings (target, arms, strategy,
 reward, budget) and is jitted with itself static. `generate` is one program:
-prefill (`init`), then a `lax.while_loop` whose body (`step`) lets the bandit
-pick an arm, runs that arm's step alone (`dispatch`), and feeds the step's
-reward back to the bandit. An arm is a drafter with its own gamma, or a plain
-AR step. An arm's step (`arm_step`) drafts gamma tokens, scores them with one
-target forward of gamma + 1 tokens, verifies, appends and rolls the caches
+prefill (`init`), then the step loops (`run_steps`): the bandit picks an arm,
+that arm's step runs alone, and the step's reward goes back to the bandit,
+with each step body (an arm, or n-gram arms of several gammas, `step_bodies`)
+stepping in a `lax.while_loop` of its own while the bandit keeps picking it.
+An arm is a drafter with its own gamma, or a plain AR step. An arm's step
+(`arm_step`) drafts gamma tokens (its body's widest gamma W), scores them with
+one target forward of W + 1 tokens, verifies, appends and rolls the caches
 back by a length update. Arms not selected do no work: their caches lag and catch up, in
 chunks, the next time they are picked. A single drafter is the one-arm case.
 
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
+from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Oracle, Strategy
 from flashspec_jax.drafters import Drafter, gather_window
 from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
@@ -100,17 +102,21 @@ class Arm:
 def step_bodies(arms: Sequence[Arm]) -> tuple[tuple[int, ...], ...]:
   """The arms' indices, grouped by the piece of program that steps them.
 
-  The arms of one drafter that drafts without a model (`scored_free`, n-gram
+  The arms of one drafter whose drafts cost nothing (`shares_step_body`, n-gram
   lookup) share one, which drafts and verifies their widest gamma
-  (`SpeculativeDecoder.arm_step`): the drafts cost next to nothing, and on a GPU
-  a verify pass a few tokens wider costs about the same (on the H200 the
-  calibrated n-gram arms at gamma 2, 4 and 8 were within 1.5% of each other,
-  results/choosers_smollm2/2026-12-02T013755Z_da02342b.json). Every other arm
-  has its own.
+  (`SpeculativeDecoder.arm_step`): on a GPU a verify pass a few tokens wider
+  costs about the same (on the H200 the calibrated n-gram arms at gamma 2, 4
+  and 8 were within 1.5% of each other,
+  results/choosers_smollm2/2026-12-02T013755Z_da02342b.json), and each step
+  body costs every step a wait for the host (`run_steps`). The body's narrower
+  arms then cost what its widest does and emit no more tokens for the same
+  draws: a chooser that knows it keeps to the widest. On a CPU, where width
+  costs time, a narrow n-gram arm gets dearer than it would be alone. Every
+  other arm has its own body.
   """
   bodies: dict[Any, list[int]] = {}
   for i, arm in enumerate(arms):
-    shared = arm.drafter is not None and arm.drafter.scored_free
+    shared = arm.drafter is not None and arm.drafter.shares_step_body
     bodies.setdefault(("drafter", arm.drafter) if shared else ("arm", i), []).append(i)
   return tuple(map(tuple, bodies.values()))
 
@@ -121,7 +127,8 @@ class SpecMetrics:
 
   Attributes:
     steps: [B] int32, loop steps the row took part in.
-    proposed: [B] int32, draft tokens proposed (gamma per speculative step).
+    proposed: [B] int32, draft tokens proposed (the chosen arm's gamma per
+      speculative step, though a shared step body drafts its widest).
     tested: [B] int32, drafts the accept test reached: n + 1 on a rejection, gamma if none.
     accepted: [B] int32, drafts accepted.
     emitted: [B] int32, tokens appended (accepted + the corrected or bonus token,
@@ -173,8 +180,9 @@ class SpecState:
       L = P + max_new + max gamma + 1; nan_rows counts target and draft NaNs.
     target_cache: holds seq_lens - 1 tokens per row between steps.
     drafter_states: one per arm (a KVCache, a FeatureDrafterState, or () for
-      stateless arms); a drafter's cache holds at most seq_lens - 1 tokens (or
-      pairs) per row between steps.
+      stateless arms; the arms of a shared step body use their first arm's);
+      a drafter's cache holds at most seq_lens - 1 tokens (or pairs) per row
+      between steps.
     bandit: the bandit's state.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     step: [] int32, loop iterations.
@@ -298,6 +306,11 @@ class SpeculativeDecoder:
         raise ValueError(f"drafter vocabulary ({arm.drafter.vocab_size}) differs from the "
                          f"target's ({self.target.config.vocab_size}); speculative decoding "
                          f"needs one vocabulary")
+    # An arm index outside the arms would match no step body, and the loop would never end.
+    if isinstance(self.strategy, Fixed) and not 0 <= self.strategy.arm < len(self.arms):
+      raise ValueError(f"Fixed({self.strategy.arm}) names no arm of {len(self.arms)}")
+    if isinstance(self.strategy, Oracle) and len(self.strategy.means) != len(self.arms):
+      raise ValueError(f"Oracle has {len(self.strategy.means)} means for {len(self.arms)} arms")
     check_max_new_tokens(self.max_new_tokens)
 
   @property

@@ -349,27 +349,26 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
 
 def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],
                     steps: int) -> tuple[Arm, ...]:
-  """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts,
-  in the piece of program it shares with other arms, if any (`engine.step_bodies`).
+  """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts.
 
-  Timed as the slope between loops of 2 and 2 + `steps` steps inside one compiled
-  program, so neither the prefill nor dispatch counts.
+  Timed once per step body (`engine.step_bodies`), whose arms all run the same
+  program (the widest gamma's), as the slope between loops of 2 and 2 + `steps`
+  steps inside one compiled program, so neither the prefill nor dispatch counts.
   """
   tokens, lengths = prepare_prompts([r.token_ids for r in batch], setup.target.config.vocab_size)
   tokens = _bucketed(tokens, setup.bucket)
-  body_of = {i: body for body in step_bodies(arms) for i in body}
-  calibrated = []
-  for i, arm in enumerate(tqdm.tqdm(arms, desc="calibrating arm costs", unit="arm",
-                                    leave=False)):
-    # The timing holds the bandit on the first arm.
-    held = (arm, *(arms[j] for j in body_of[i] if j != i))
-    decoder = SpeculativeDecoder(setup.target, held, 1, reward=setup.reward,
-                                 verify_fn=setup.verify_fn, pass_width=setup.pass_width)
+  costs = {}
+  for body in tqdm.tqdm(step_bodies(arms), desc="calibrating arm costs", unit="body",
+                        leave=False):
+    decoder = SpeculativeDecoder(setup.target, tuple(arms[i] for i in body), 1,
+                                 reward=setup.reward, verify_fn=setup.verify_fn,
+                                 pass_width=setup.pass_width)
+    # The timing holds the bandit on the body's first arm; every arm of it runs its program.
     measured, _ = timing.held_step_seconds(decoder, setup.params, (tokens, lengths),
                                            setup.sampler, (2, 2 + steps), repeats=3)
     seconds = measured["seconds"]
     if seconds <= 0:  # noise swamped the difference; the long loop's time per step bounds it
       seconds = statistics.median(measured["long_times"]) / measured["long"]
-    calibrated.append(dataclasses.replace(arm, cost=seconds))
+    costs |= dict.fromkeys(body, seconds)
   jax.clear_caches()
-  return tuple(calibrated)
+  return tuple(dataclasses.replace(arm, cost=costs[i]) for i, arm in enumerate(arms))

@@ -6,7 +6,9 @@ gamma 4 with the drafter equal to the target, plus gamma 3 with an untrained
 feature drafter (eagle) at every temperature and sampler, batches 8, 1 and 8
 for plain, top-k and top-p, plus the same drafter restricted to 5 of the 12
 tokens (plain, batch 8), whose q is zero on the rest; 10,000
-three-token sequences per point, over a 12-token vocabulary.
+three-token sequences per point, over a 12-token vocabulary. Beside the grid,
+each with its own Bonferroni correction: bandits choosing among arms, and an arm
+stepped in a step body shared with a wider arm.
 
 Seeds: target weights from seed 0, drafter weights from seed 1 (the feature
 drafter's from seed 2); the point
@@ -161,18 +163,19 @@ def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, 
     assert min(p.values()) > ALPHA / (2 * len(pvalues)), (point, p)  # Bonferroni, both tests
 
 
-class SelfDraftingForFree(ModelDrafter):
-  """The target drafting for itself, marked as drafting for free so that its arms share
-  one step body, as n-gram arms do (engine.step_bodies). The target accepts all it
-  drafts, so a gamma-1 arm in a body of width 3 ends every step on the bonus token
-  that the shared body samples after the arm's last draft, and the later drafts'
-  tests, all passed, must leave no trace."""
+class SelfDraftingInASharedBody(ModelDrafter):
+  """The target drafting for itself, its arms sharing one step body as n-gram arms do
+  (engine.step_bodies; its drafts keep the prefix contract, as autoregressive samples
+  do). The target accepts all it drafts, so a gamma-1 arm in a body of width 3 ends
+  every step on the bonus token that the shared body samples after the arm's last
+  draft, and the later drafts' tests, all passed, must leave no trace. Keeping the
+  kernel's token instead of the bonus fails this test at p = 0 (checked by hand)."""
 
-  scored_free = True
+  shares_step_body = True
 
 
 def test_exact_in_a_step_body_shared_with_a_wider_arm(params, exact_probs):
-  drafter = SelfDraftingForFree(TARGET, "target", unroll=False)
+  drafter = SelfDraftingInASharedBody(TARGET, "target", unroll=False)
   pvalues = program_pvalues(params, exact_probs, ("self_shared", 1, "top_k", 8),
                             arms=(Arm(drafter, 1), Arm(drafter, 3)))
   for point, p in pvalues.items():

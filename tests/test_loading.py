@@ -1,5 +1,6 @@
 """Checkpoint loaders and tokenizers: the real SmolLM2 GGUF, written GGUFs, broken checkpoints."""
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -334,13 +335,23 @@ def test_missing_draft_checkpoint_names_the_draft_flag_before_the_target_loads(t
 def test_kernels_folder_does_not_pose_as_the_hub_package():
   """transformers imports the HF hub package `kernels` where it is installed (and requires
   it since 5.25); ours must not answer, even from the repository root where the folder is
-  first on sys.path."""
+  first on sys.path: there `kernels` is the hub package if installed, else no package that
+  transformers takes for it."""
   probe = ("import sys; sys.path.insert(0, '.');"
            "import transformers.activations, kernels, flashspec_jax.kernels.verify as verify;"
-           "print(getattr(kernels, '__file__', None), verify.__file__)")
+           "from transformers.utils.import_utils import is_kernels_available;"
+           "print(is_kernels_available(), kernels.__spec__.origin, verify.__file__)")
   result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                           text=True, env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"})
   assert result.returncode == 0, result.stderr[-2000:]
-  hub_package, verify = result.stdout.split()
-  assert not pathlib.Path(hub_package).resolve().is_relative_to(REPO / "kernels"), hub_package
+  available, origin, verify = result.stdout.split()
+  try:
+    hub = importlib.metadata.distribution("kernels")
+  except importlib.metadata.PackageNotFoundError:
+    hub = None
+  if hub is None:
+    assert (available, origin) == ("False", "None")  # our namespace portion, ignored
+  else:
+    assert available == "True"
+    assert pathlib.Path(origin) == pathlib.Path(hub.locate_file("kernels/__init__.py"))
   assert pathlib.Path(verify).resolve() == REPO / "kernels" / "verify.py"

@@ -6,6 +6,9 @@ A greedy bandit holds arm 0 (a layer-skip drafter), chosen at run time so the
 dispatch over all the arms stays in the program; the other arms are layer-skip
 drafters of other depths that are never selected. Their caches sit in the loop
 state and their steps in the program, but only the chosen arm's step runs.
+It times `SpeculativeDecoder.step`, whose dispatch runs each step body in a
+one-trip loop; a generation (`run_steps`) steps each body in a loop of its own
+and pays no such loops while the bandit stays on one body.
 """
 
 from __future__ import annotations
