@@ -81,6 +81,29 @@ def test_free_score_at_temperature_is_the_targets_probability_of_the_draft(param
   assert stats["arm_tested"][1] == len(PROMPTS)
 
 
+def test_a_shared_step_body_credits_the_arm_chosen_at_run_time(params):
+  """The n-gram arms at gammas 1 and 4 share one step body, the arm known only at run
+  time: the step's drafts count for that arm alone, as its own step alone counts them,
+  and the other free-scored arm, of another drafter, is scored as it would be anyway."""
+  other = NgramDrafter(CONFIG.vocab_size, 1)
+  arms = (engine.Arm(NGRAM, 1), engine.Arm(NGRAM, 4), engine.Arm(other, 2))
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=AcceptanceThompson())
+  alone = engine.SpeculativeDecoder(TARGET, (arms[0], arms[2]), 16,
+                                    strategy=AcceptanceThompson())
+  tokens, lengths = decoder.ar_decoder.prepare(PROMPTS)
+  samplers = Samplers.same(Greedy())
+  state = decoder.init(params, tokens, lengths, jax.random.key(0), samplers.target)
+  shared = jax.jit(lambda state, arm: decoder.arm_step(params, state, arm, samplers, (0, 1)))
+  _, stats = shared(state, jnp.int32(0))
+  own_state = alone.init(params, tokens, lengths, jax.random.key(0), samplers.target)
+  _, own = jax.jit(alone.arm_step, static_argnums=2)(params, own_state, 0, samplers)
+  np.testing.assert_array_equal(stats["arm_tested"], [own["arm_tested"][0], 0,
+                                                      own["arm_tested"][1]])
+  np.testing.assert_array_equal(stats["arm_accepted"], [own["arm_accepted"][0], 0,
+                                                        own["arm_accepted"][1]])
+  assert own["arm_tested"][0] > 0 and own["arm_tested"][1] > 0
+
+
 @pytest.mark.parametrize("name", sorted(CHOOSERS))
 def test_greedy_speculation_with_each_chooser_equals_greedy_ar(params, name):
   arms = (engine.Arm(NGRAM, 2), engine.Arm(NGRAM, 4), engine.Arm())
