@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Oracle, Strategy
+from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
 from flashspec_jax.drafters import Drafter, gather_window
 from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
@@ -306,11 +306,9 @@ class SpeculativeDecoder:
         raise ValueError(f"drafter vocabulary ({arm.drafter.vocab_size}) differs from the "
                          f"target's ({self.target.config.vocab_size}); speculative decoding "
                          f"needs one vocabulary")
-    # An arm index outside the arms would match no step body, and the loop would never end.
-    if isinstance(self.strategy, Fixed) and not 0 <= self.strategy.arm < len(self.arms):
-      raise ValueError(f"Fixed({self.strategy.arm}) names no arm of {len(self.arms)}")
-    if isinstance(self.strategy, Oracle) and len(self.strategy.means) != len(self.arms):
-      raise ValueError(f"Oracle has {len(self.strategy.means)} means for {len(self.arms)} arms")
+    # Binding checks the strategy against the arms: an arm index outside them would
+    # match no step body, and the loop would never end.
+    self.strategy.bind(self.arms)
     check_max_new_tokens(self.max_new_tokens)
 
   @property
@@ -401,7 +399,7 @@ class SpeculativeDecoder:
     """One step of arms[arm_index]: draft, verify with one target pass, append, roll back.
 
     body: the arms that share this step's program (one of `bodies`), arm_index
-    among them, traced when there are several; None is arm_index alone. A
+    among them, traced or not; None is arm_index alone. A
     shared body drafts and verifies the widest gamma among its arms and keeps
     the chosen arm's: its accept test over that arm's drafts, and when all of
     them pass, a bonus token sampled from p at the position after them. The
@@ -412,6 +410,8 @@ class SpeculativeDecoder:
     per-row `emitted`, `accepted` and `live` arrays, from which rewards are made.
     """
     body = body or (arm_index,)
+    if len(body) == 1:
+      arm_index = body[0]  # static: a body of one arm needs no index traced
     arm = self.arms[body[0]]
     width = max(self.arms[i].gamma for i in body)
     gamma = width if len(body) == 1 else jnp.asarray([a.gamma for a in self.arms])[arm_index]
@@ -582,7 +582,7 @@ class SpeculativeDecoder:
     """
     bodies = self.bodies
     if len(bodies) == 1:
-      return self.arm_step(params, state, arm if len(bodies[0]) > 1 else 0, samplers, bodies[0])
+      return self.arm_step(params, state, arm, samplers, bodies[0])
     batch = state.seqs.tokens.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
@@ -592,8 +592,7 @@ class SpeculativeDecoder:
     for body in bodies:
       def run_once(carry, body=body):
         _, state, _ = carry
-        chosen = arm if len(body) > 1 else body[0]
-        return (jnp.bool_(False), *self.arm_step(params, state, chosen, samplers, body))
+        return (jnp.bool_(False), *self.arm_step(params, state, arm, samplers, body))
       _, state, stats = jax.lax.while_loop(lambda carry: carry[0], run_once,
                                            (jnp.isin(arm, jnp.asarray(body)), state, stats))
     return state, stats
@@ -649,8 +648,7 @@ class SpeculativeDecoder:
       for body in bodies:
         def body_steps(carry, body=body):
           state, arm = carry
-          state, stats = self.arm_step(params, state, arm if len(body) > 1 else body[0],
-                                       samplers, body)
+          state, stats = self.arm_step(params, state, arm, samplers, body)
           return self.select(self.learn(state, arm, stats))
         carry = jax.lax.while_loop(
             lambda carry, body=body: running(carry) & jnp.isin(carry[1], jnp.asarray(body)),

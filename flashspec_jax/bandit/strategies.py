@@ -235,6 +235,11 @@ class EpsilonGreedy(_RunningMeans):
 class Fixed(_RunningMeans):
   arm: int = 0
 
+  def bind(self, arms):
+    if not 0 <= self.arm < len(arms):
+      raise ValueError(f"Fixed({self.arm}) names no arm of {len(arms)}")
+    return self
+
   def choose(self, state, draws):
     del state, draws
     return jnp.int32(self.arm)
@@ -259,6 +264,11 @@ class Oracle(_RunningMeans):
   means: tuple[float, ...]
   means_after: tuple[float, ...] | None = None
   switch_at: int | None = None
+
+  def bind(self, arms):
+    if len(self.means) != len(arms):
+      raise ValueError(f"Oracle has {len(self.means)} means for {len(arms)} arms")
+    return self
 
   def choose(self, state, draws):
     del draws
