@@ -372,7 +372,8 @@ def chooser_steps(data: dict) -> list[str]:
            "vs best fixed | at mix | call excess ms | by set: at mix / at own median |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
-    name = f"{run['device']}, T={run['temperature']:g}, {run['order']}"
+    name = (f"{run['device']}, T={run['temperature']:g}, {run['order']} "
+            f"({pathlib.Path(run['run']).stem})")
     lines.append(f"| {name} | {run['best_fixed']} (best fixed) | "
                  f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
                  f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
