@@ -53,10 +53,10 @@ class Drafter(Protocol):
   # True for a deterministic drafter with no model, whose proposal the engine can
   # score against the committed tokens at no cost (engine._scored_for_free).
   scored_free: bool
-  # True where drafting more tokens costs nothing, so that arms of this drafter at
-  # several gammas share one step body (engine.step_bodies). Such a drafter keeps
-  # the prefix contract: the first g drafts of propose(..., gamma=W, ...) are
-  # distributed as propose(..., gamma=g, ...)'s, with the same q.
+  # True where a wider step costs about what a narrower one does, so that arms of
+  # this drafter at several gammas share one step body (engine.step_bodies). Such a
+  # drafter keeps the prefix contract: the first g drafts of propose(..., gamma=W, ...)
+  # are distributed as propose(..., gamma=g, ...)'s, with the same q.
   shares_step_body: bool
 
 
@@ -194,15 +194,21 @@ class NgramDrafter:
   no match it proposes the last token again.
 
   Pure jnp over the committed token buffer; it has no state.
+
+  Attributes:
+    shares_step_body: its arms at several gammas share one step body, which drafts
+      and verifies the widest (engine.step_bodies). Drafting more costs nothing,
+      and its drafts at gamma W begin with its drafts at any smaller gamma, but
+      verifying more is free only where a target pass is launch-bound (a GPU);
+      on a CPU a wider pass costs time, and each arm is better off alone.
   """
 
   vocab_size: int
   max_n: int = 3
+  shares_step_body: bool = True
   reads_features = False
-  # Deterministic and without a model: the engine scores it after other arms' steps,
-  # and its drafts at gamma W begin with its drafts at any smaller gamma.
+  # Deterministic and without a model: the engine scores it after other arms' steps.
   scored_free = True
-  shares_step_body = True
 
   @property
   def name(self) -> str:

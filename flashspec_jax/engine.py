@@ -111,8 +111,9 @@ def step_bodies(arms: Sequence[Arm]) -> tuple[tuple[int, ...], ...]:
   body costs every step a wait for the host (`run_steps`). The body's narrower
   arms then cost what its widest does and emit no more tokens for the same
   draws: a chooser that knows it keeps to the widest. On a CPU, where width
-  costs time, a narrow n-gram arm gets dearer than it would be alone. Every
-  other arm has its own body.
+  costs time, a narrow n-gram arm would get dearer than it is alone, so there
+  the pipeline's n-gram arms step alone (`NgramDrafter.shares_step_body`).
+  Every other arm has its own body.
   """
   bodies: dict[Any, list[int]] = {}
   for i, arm in enumerate(arms):

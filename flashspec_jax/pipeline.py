@@ -115,12 +115,15 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
   if spec.kind == "ar":
     return Arm()
   # Unrolled draft steps run fastest on a GPU; on a CPU they mostly cost compile time.
+  # Likewise n-gram arms share a step body of their widest gamma only on a GPU, where
+  # a wider verify pass costs about the same (NgramDrafter.shares_step_body).
   unroll = environment.on_gpu()
   if spec.kind == "layer_skip":  # config.validate has checked k against the target's layers
     return Arm(ModelDrafter(Llama(target.config, num_layers=int(spec.arg), param_dtype=dtype),
                             unroll=unroll), gamma)
   if spec.kind == "ngram":
-    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg)), gamma)
+    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg), shares_step_body=unroll),
+               gamma)
   if spec.kind == "eagle":
     if spec.arg not in params["drafters"]:
       params["drafters"][spec.arg] = (

@@ -17,7 +17,7 @@ import pytest
 from helpers import with_fields, write_tiny_llama
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import executables, pipeline, runner
+from flashspec_jax import engine, executables, pipeline, runner
 from flashspec_jax.loading import CheckpointError, load_model
 from flashspec_jax.loading.gguf import smollm2_path
 from flashspec_jax.loading.tokenizer import load_tokenizer
@@ -211,3 +211,18 @@ def test_replies_equal_to_ar_are_counted_per_method():
   records = [dict(method=m, id=i, text=t) for m, i, t in [
       ("ar", "a", "x"), ("ar", "b", "y"), ("ngram:3", "a", "x"), ("ngram:3", "b", "z")]]
   assert runner.replies_equal_to_ar(records) == {"ar": 1.0, "ngram:3": 0.5}
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_ngram_arms_share_a_step_body_only_on_a_gpu(tmp_path, monkeypatch, on_gpu):
+  """On a GPU a wider verify pass costs about what a narrow one does, so the n-gram
+  arms step in one body of their widest gamma; on a CPU it costs time, and each steps
+  alone."""
+  monkeypatch.setattr(pipeline.environment, "on_gpu", lambda: on_gpu)
+  config = small_config(tmp_path, target="tiny_llama", synthetic_weights=True,
+                        methods="bandit:kl_ucb", arms="ngram:3@2,layer_skip:2,ngram:3@4,ar")
+  config.bandit.costs = "1,1,1,1"
+  model = load_model(config.target, synthetic=True, dtype=jnp.float32, seed=config.seed)
+  (method,), _ = pipeline.build_methods(config, model, jnp.float32)
+  shared = ((0, 2), (1,), (3,)) if on_gpu else ((0,), (1,), (2,), (3,))
+  assert engine.step_bodies(method.arms) == shared
