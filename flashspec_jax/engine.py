@@ -102,8 +102,8 @@ class Arm:
 def step_bodies(arms: Sequence[Arm]) -> tuple[tuple[int, ...], ...]:
   """The arms' indices, grouped by the piece of program that steps them.
 
-  The arms of one drafter whose drafts cost nothing (`shares_step_body`, n-gram
-  lookup) share one, which drafts and verifies their widest gamma
+  The arms of one drafter with `shares_step_body` (n-gram lookup, whose drafts
+  cost nothing) share one, which drafts and verifies their widest gamma
   (`SpeculativeDecoder.arm_step`): on a GPU a verify pass a few tokens wider
   costs about the same (on the H200 the calibrated n-gram arms at gamma 2, 4
   and 8 were within 1.5% of each other,

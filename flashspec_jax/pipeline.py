@@ -117,12 +117,12 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
   # Unrolled draft steps run fastest on a GPU; on a CPU they mostly cost compile time.
   # Likewise n-gram arms share a step body of their widest gamma only on a GPU, where
   # a wider verify pass costs about the same (NgramDrafter.shares_step_body).
-  unroll = environment.on_gpu()
+  on_gpu = environment.on_gpu()
   if spec.kind == "layer_skip":  # config.validate has checked k against the target's layers
     return Arm(ModelDrafter(Llama(target.config, num_layers=int(spec.arg), param_dtype=dtype),
-                            unroll=unroll), gamma)
+                            unroll=on_gpu), gamma)
   if spec.kind == "ngram":
-    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg), shares_step_body=unroll),
+    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg), shares_step_body=on_gpu),
                gamma)
   if spec.kind == "eagle":
     if spec.arg not in params["drafters"]:
@@ -130,7 +130,7 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
           eagle.init_params(target.config, jax.random.key(config.seed + 2), dtype)
           if spec.arg == "random" else load_drafter(eagle_weights(spec.arg, config), target.config,
                                                     dtype, params["target"]))
-    return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=unroll),
+    return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=on_gpu),
                gamma)
   if spec.arg not in drafter_configs:
     # load_target has checked the checkpoint, naming the draft flag (check_checkpoints).
@@ -139,7 +139,7 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
     params["drafters"][spec.arg] = drafter.params
     drafter_configs[spec.arg] = drafter.config
   return Arm(ModelDrafter(Llama(drafter_configs[spec.arg], param_dtype=dtype), spec.arg,
-                          unroll=unroll), gamma)
+                          unroll=on_gpu), gamma)
 
 
 def eagle_weights(name: str, config) -> pathlib.Path:
