@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from flashspec_jax import results
+from flashspec_jax import results, streams
 from flashspec_jax.environment import REPO
 
 RESULTS = REPO / "results"
@@ -367,10 +367,15 @@ def chooser_steps(data: dict) -> list[str]:
            "each later call's time beyond the calibrated cost of the steps it ran, median / "
            "90th percentile / max. By set: against each set's best fixed arm, had each call "
            "cost its steps' calibrated costs plus the best fixed arm's median call excess "
-           "(at mix) or the chooser's own median (at own median).",
+           "(at mix) or the chooser's own median (at own median). Held calls: the "
+           "chooser's later calls that ran one arm at every step and match, step for "
+           "step, that arm's fixed call on the same prompt; the median milliseconds each "
+           "took beyond that call (the chooser's program, its choices taken out), and "
+           "how many.",
            "", "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
-           "vs best fixed | at mix | call excess ms | by set: at mix / at own median |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "vs best fixed | at mix | call excess ms | held calls: ms (calls) | "
+           "by set: at mix / at own median |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
     name = (f"{run['device']}, T={run['temperature']:g}, {run['order']} "
             f"({pathlib.Path(run['run']).stem})")
@@ -378,12 +383,13 @@ def chooser_steps(data: dict) -> list[str]:
                  f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
                  f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
                  f"{run['best_fixed_tau']:.2f} | 1.00 | | "
-                 f"{_excess(run['best_fixed_call_excess_ms'])} | |")
+                 f"{_excess(run['best_fixed_call_excess_ms'])} | | |")
     for c in run["choosers"]:
       lines.append(f"| {name} | {c['method']} | {c['first_call_ms_per_step']:.2f} | "
                    f"{c['ms_per_step']:.3f} | {c['calibrated_mix_ms']:.3f} | {c['tau']:.2f} | "
                    f"{c['vs_best_fixed']:.2f} | {c['estimated_vs_best_fixed']:.2f} | "
                    f"{_excess(c['call_excess_ms'])} | "
+                   f"{streams.describe_held(c['held_call_overhead_ms'])} | "
                    + ", ".join(f"{kind} {ratio:.2f} / {c['at_own_median_by_set'][kind]:.2f}"
                                for kind, ratio in c["at_mix_by_set"].items()) + " |")
   return lines

@@ -121,7 +121,9 @@ def step_costs(run: dict) -> dict:
   its "_path"), over each method's calls but its first: first calls against later
   ones; each chooser's steps against its arm mix at the run's calibrated costs; each
   call's excess, its time beyond the calibrated cost of the steps it ran (prefill,
-  call overhead and stalls); and per prompt set, the chooser's speed against the set's
+  call overhead and stalls); the program's own cost per call, from calls held on one
+  arm against that arm's fixed calls with the same steps (`held_call_overhead_ms`);
+  and per prompt set, the chooser's speed against the set's
   best fixed arm had each call's excess been the best fixed arm's median
   (`at_mix_by_set`), or the chooser's own median, cutting its worst calls down
   (`at_own_median_by_set`).
@@ -160,6 +162,7 @@ def step_costs(run: dict) -> dict:
     mix = sum(share * costs[arm] for arm, share in shares.items())
     steps_seconds = [sum(costs[arm] for arm in arms) for arms in arms_per_call]
     excess = _excess_ms(calls[1:], steps_seconds)
+    held = _held_call_overhead_ms(run, calls[1:], arms_per_call, fixed)
     priced = lambda excess_ms: {
         kind: rate / best_by_set[kind] for kind, rate in _rates_by_set(
             calls[1:], [seconds + excess_ms / 1e3 for seconds in steps_seconds]).items()}
@@ -168,7 +171,7 @@ def step_costs(run: dict) -> dict:
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
         estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
         shares=shares, call_excess_ms=excess, at_mix_by_set=priced(best_excess["median"]),
-        at_own_median_by_set=priced(excess["median"])))
+        at_own_median_by_set=priced(excess["median"]), held_call_overhead_ms=held))
   return dict(run=run["_path"], device=run["environment"]["device"],
               temperature=run["config"]["sampling"]["temperature"],
               order=run["config"]["prompts"]["order"], best_fixed=best,
@@ -176,6 +179,32 @@ def step_costs(run: dict) -> dict:
               best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
               best_fixed_calibrated_ms=1e3 * costs[best_arm], best_fixed_call_excess_ms=best_excess,
               choosers=choosers)
+
+
+def _held_call_overhead_ms(run: dict, calls: list[dict], arms_per_call: list[list[str]],
+                           fixed: Sequence[str]) -> dict:
+  """What the chooser's program costs beyond a fixed arm's, with the choice taken out: over
+  the chooser's calls that ran one arm at every step and match, in loop steps and text,
+  the call of that arm's fixed method on the same prompt (the same tokens from the same
+  steps), each call's milliseconds beyond that fixed call's; and their median (None
+  with no such call)."""
+  gamma = run["config"]["sampling"]["gamma"]
+  fixed_by_arm = {_arm_name(method, gamma): method for method in fixed}
+  fixed_calls = {(r["method"], r.get("id")): r for r in run["records"]}
+  extra = []
+  for call, arms in zip(calls, arms_per_call, strict=True):
+    if len(set(arms)) != 1 or arms[0] not in fixed_by_arm:
+      continue
+    twin = fixed_calls.get((fixed_by_arm[arms[0]], call.get("id")))
+    if (twin is not None and twin["loop_steps"] == call["loop_steps"]
+        and twin.get("text") == call.get("text")):
+      extra.append(1e3 * (call["batch_seconds"] - twin["batch_seconds"]))
+  return dict(calls=extra, median=float(np.median(extra)) if extra else None)
+
+
+def describe_held(held: dict) -> str:
+  """`_held_call_overhead_ms` in a table cell: the median and, in brackets, the calls."""
+  return "-" if held["median"] is None else f"{held['median']:.1f} ({len(held['calls'])})"
 
 
 def _rates_by_set(calls: list[dict], seconds: list[float] | None = None) -> dict[str, float]:

@@ -254,6 +254,39 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
     streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
 
 
+def test_held_calls_price_the_chooser_program_against_the_same_steps_of_a_fixed_arm():
+  """A chooser's call counts as held only when every step ran one arm and that arm's
+  fixed call on the same prompt took the same steps to the same text; then its extra
+  time is the program's, not its choices'."""
+
+  def call(method, prompt, seconds, steps, text):
+    return dict(method=method, id=prompt, kind="chat", new_tokens=steps, loop_steps=steps,
+                batch_seconds=seconds, batch_rows=1, text=text)
+  run = dict(
+      _path="run.json", environment=dict(device="gpu:test"),
+      config=dict(sampling=dict(gamma=4, temperature=1.0), prompts=dict(order="blocks")),
+      arm_costs={"eagle_smollm2:g4": 0.001, "ar": 0.002},
+      records=[call("eagle:smollm2", p, 0.010, 3, p) for p in "abcd"]
+      + [call("ar", p, 0.030, 3, p) for p in "abcd"]
+      # The first call (a) is left out as always; b is held on eagle and matches; c ran
+      # eagle throughout but sampled other text; d mixed arms.
+      + [call("bandit:kl_ucb", "a", 0.5, 3, "a"), call("bandit:kl_ucb", "b", 0.014, 3, "b"),
+         call("bandit:kl_ucb", "c", 0.020, 3, "other"),
+         call("bandit:kl_ucb", "d", 0.020, 3, "d")],
+      bandit_histories={"bandit:kl_ucb": dict(
+          arms=["eagle_smollm2:g4", "ar"],
+          steps=[["chat", 0]] * 9 + [["chat", 0], ["chat", 1], ["chat", 0]])})
+  (chooser,) = streams.step_costs(run)["choosers"]
+  assert chooser["held_call_overhead_ms"]["calls"] == pytest.approx([4.0])
+  assert chooser["held_call_overhead_ms"]["median"] == pytest.approx(4.0)
+  assert streams.describe_held(chooser["held_call_overhead_ms"]) == "4.0 (1)"
+  never_held = dict(run, records=run["records"][:-3] + [
+      dict(r, text="x") for r in run["records"][-3:]])
+  (chooser,) = streams.step_costs(never_held)["choosers"]
+  assert chooser["held_call_overhead_ms"] == dict(calls=[], median=None)
+  assert streams.describe_held(chooser["held_call_overhead_ms"]) == "-"
+
+
 def test_the_first_arm_follows_how_much_the_prompt_repeats_itself(params):
   """KL-UCB over n-gram and a model drafter, both untried. With no evidence the tie goes
   to the first arm, n-gram; scored on its prompt before the first step, n-gram still

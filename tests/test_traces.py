@@ -1,5 +1,6 @@
 """bench/traces reads a profiler trace back: kernels, busy time, device-to-host
-copies and command-buffer launches per loop step, each call within its annotation."""
+copies and command-buffer launches per loop step, each call within its annotation,
+and per call the time around its GPU activity and the host's spans."""
 
 import gzip
 import json
@@ -39,3 +40,9 @@ def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
                                  device_to_host=0.5, graph_launches=1, calls=1))
   assert b == pytest.approx(dict(wall_us=400, busy_us=100, idle_us=300, kernels=1,
                                  device_to_host=0, graph_launches=0, calls=1))
+  # Per call: 100 us before call 0's first kernel, 698 after its D2H copy; the host's
+  # two graph launches, 5 us each, add up under one name.
+  per_call = summary["per_call"]["a"]
+  assert (per_call["lead_us"], per_call["tail_us"]) == pytest.approx((100, 698))
+  assert per_call["host_us"] == pytest.approx({"command_buffer::execute": 10})
+  assert summary["per_call"]["b"]["host_us"] == {}

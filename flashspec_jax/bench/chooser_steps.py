@@ -10,8 +10,10 @@ call and on the rest; tokens per step; the rest's speed against the best fixed a
 run's calibrated arm costs, plus the per-call share the best fixed arm pays beyond
 its own calibrated cost (prefill, call overhead). From that it estimates the
 chooser's speed had each of its steps cost what its arm costs alone: how much of
-its shortfall is its choices and how much the program's steps. Last, each later
-call's excess: its time beyond the calibrated cost of the steps it ran (median,
+its shortfall is its choices and how much the program's steps. Held calls take
+the choices out: the chooser's calls that ran one arm at every step and match that
+arm's fixed call on the same prompt step for step, each against that call. Last,
+each later call's excess: its time beyond the calibrated cost of the steps it ran (median,
 90th percentile and maximum), which tells a cost paid by every step from one paid
 by some calls only. And per prompt set, the chooser's speed against the set's best
 fixed arm had each call cost its steps' calibrated costs plus the best fixed arm's
@@ -45,7 +47,8 @@ def main(argv):
   path = results.write("chooser_steps", dict(runs=runs), directory=_OUT.value)
   print(f"\nchooser steps -> {path}")
   print(f"{'run':<34} {'method':<28} {'1st ms/step':>11} {'ms/step':>8} {'mix ms':>7} "
-        f"{'tau':>5} {'vs best':>7} {'at mix':>7} {'call excess ms: median p90 max':>31}")
+        f"{'tau':>5} {'vs best':>7} {'at mix':>7} {'call excess ms: median p90 max':>31} "
+        f"{'held ms (calls)':>15}")
   for run in runs:
     name = pathlib.Path(run["run"]).name
     print(f"{name:<34} {run['best_fixed'] + ' (best fixed)':<28} "
@@ -57,7 +60,9 @@ def main(argv):
       print(f"{'':<34} {c['method']:<28} {c['first_call_ms_per_step']:>11.2f} "
             f"{c['ms_per_step']:>8.3f} {c['calibrated_mix_ms']:>7.3f} {c['tau']:>5.2f} "
             f"{c['vs_best_fixed']:>7.2f} {c['estimated_vs_best_fixed']:>7.2f}"
-            f"{_excess(c['call_excess_ms'])}  by set, at mix / at own median: "
+            f"{_excess(c['call_excess_ms'])} "
+            f"{streams.describe_held(c['held_call_overhead_ms']):>15}"
+            "  by set, at mix / at own median: "
             + ", ".join(f"{kind} {ratio:.2f} / {c['at_own_median_by_set'][kind]:.2f}"
                         for kind, ratio in c["at_mix_by_set"].items()))
 

@@ -12,8 +12,12 @@ the device-to-host copies (each a point where the host waits on the GPU: an XLA
 while loop's or conditional's predicate, or a result), and the call's wall time;
 per method, each divided by the loop steps the calls took. A chooser's step that
 costs more than its arm's step in a fixed program either does more GPU work or
-leaves the GPU idle longer; this tells the two apart. --trace=<dir> summarises
-a trace written earlier (with the calls.json beside it) instead of running.
+leaves the GPU idle longer; this tells the two apart. A chooser's call that
+costs more than the fixed arm's call with the same steps (bench/chooser_steps.py:
+held calls) spends it before its first GPU work, after its last, or in host work,
+so per call it also gives those two edges and the host's longest spans by name.
+--trace=<dir> summarises a trace written earlier (with the calls.json beside it)
+instead of running.
 """
 
 from __future__ import annotations
@@ -91,6 +95,12 @@ def main(argv):
     print(f"{name:<28} {s['calls']:>5} {s['wall_us']:>8.1f} {s['busy_us']:>8.1f} "
           f"{s['idle_us']:>8.1f} {s['kernels']:>8.1f} {s['device_to_host']:>6.2f} "
           f"{s['graph_launches']:>7.2f}")
+  print(f"\nPer call, median over calls\n{'method':<28} {'wall ms':>8} {'busy ms':>8} "
+        f"{'lead us':>8} {'tail us':>8}  longest host spans (ms)")
+  for name, s in summary["per_call"].items():
+    spans = ", ".join(f"{span} {us / 1e3:.2f}" for span, us in list(s["host_us"].items())[:4])
+    print(f"{name:<28} {s['wall_us'] / 1e3:>8.2f} {s['busy_us'] / 1e3:>8.2f} "
+          f"{s['lead_us']:>8.0f} {s['tail_us']:>8.0f}  {spans}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Reading a JAX profiler trace of generation calls back: per call, the GPU kernels,
-their busy time, the device-to-host copies and the command-buffer launches.
+their busy time, the device-to-host copies and the command-buffer launches; and what
+a step count cannot explain: the time before the first and after the last GPU
+activity, and the host's own spans by name.
 
 Kept apart from bench/trace_calls.py, which defines absl flags on import, so that
 tests and other tools can read traces.
@@ -7,6 +9,8 @@ tests and other tools can read traces.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import gzip
 import json
 import pathlib
@@ -16,6 +20,8 @@ import numpy as np
 
 # Each traced call runs under a profiler annotation of this name and its index.
 ANNOTATION = "flashspec call "
+# Host spans kept per call, the longest in total by name.
+HOST_SPANS = 12
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
@@ -29,7 +35,10 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 
 def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   """Per call and per method: GPU kernels, busy time, device-to-host copies and
-  command-buffer (CUDA graph) launches, each per loop step."""
+  command-buffer (CUDA graph) launches, each per loop step; and per call (medians per
+  method under "per_call"): microseconds from the call's start to its first GPU
+  activity (lead_us) and from its last to its end (tail_us), and the host's spans,
+  summed by name (nested spans each count), the HOST_SPANS longest."""
   path = next(trace_dir.glob("**/perfetto_trace.json.gz"))
   events = json.load(gzip.open(path))
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -45,6 +54,9 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   device = [e for e in spans if "GPU" in process.get(e["pid"], "")
             and thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
   graph_launches = [e for e in spans if e["name"] == "command_buffer::execute"]
+  host = sorted((e for e in spans if "GPU" not in process.get(e["pid"], "")
+                 and not e["name"].startswith(ANNOTATION)), key=lambda e: e["ts"])
+  host_starts = [e["ts"] for e in host]
   rows = []
   for index, call in enumerate(calls):
     start, stop = windows[index]
@@ -57,8 +69,15 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
     wall_us = stop - start
     busy_us = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in inside])
     steps = max(call["steps"], 1)
-    rows.append(call | counts | dict(wall_us=wall_us, busy_us=busy_us, per_step=dict(
-        wall_us=wall_us / steps, busy_us=busy_us / steps, idle_us=(wall_us - busy_us) / steps)
+    host_us = collections.Counter()
+    for e in host[bisect.bisect_left(host_starts, start):bisect.bisect_left(host_starts, stop)]:
+      host_us[e["name"]] += e["dur"]
+    edges = dict(lead_us=min(e["ts"] for e in inside) - start,
+                 tail_us=stop - max(e["ts"] + e["dur"] for e in inside)) if inside else {}
+    rows.append(call | counts | edges | dict(
+        host_us=dict(host_us.most_common(HOST_SPANS)), wall_us=wall_us, busy_us=busy_us,
+        per_step=dict(wall_us=wall_us / steps, busy_us=busy_us / steps,
+                      idle_us=(wall_us - busy_us) / steps)
         | {name: count / steps for name, count in counts.items()}))
   methods = {}
   for row in rows:
@@ -66,4 +85,16 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   summary = {name: {key: statistics.median(r["per_step"][key] for r in group)
                     for key in group[0]["per_step"]} | dict(calls=len(group))
              for name, group in methods.items()}
-  return dict(trace_events=len(events), methods=summary, calls=rows)
+  per_call = {name: {key: statistics.median(r.get(key, 0.0) for r in group)
+                     for key in ("wall_us", "busy_us", "lead_us", "tail_us")}
+              | dict(host_us=_median_by_name([r["host_us"] for r in group]))
+              for name, group in methods.items()}
+  return dict(trace_events=len(events), methods=summary, per_call=per_call, calls=rows)
+
+
+def _median_by_name(spans: list[dict[str, float]]) -> dict[str, float]:
+  """Per span name, the median over calls (0 where a call lacks it), the HOST_SPANS
+  largest."""
+  names = set().union(*spans)
+  medians = {name: statistics.median(s.get(name, 0.0) for s in spans) for name in names}
+  return dict(sorted(medians.items(), key=lambda item: -item[1])[:HOST_SPANS])
