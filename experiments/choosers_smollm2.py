@@ -15,16 +15,14 @@ kl_ucb, hedge). The results file gives each chooser's tok/s against the best
 fixed arm over the stream and per set, against the per-set oracle, its share
 of steps off each set's best arm and its steps to settle after a change of set
 (flashspec_jax/streams.py).
-Expected: on the H200 (5 to 6 minutes a run, about 3 of them compiling),
-greedy in blocks (at f51f7b7, with the drafter's second weights) n-gram is the
-best fixed arm over the stream and KL-UCB runs at 1.05x it (acceptance
-Thompson 1.04x), but 0.91x it on chat; at temperature 1 in blocks (at 270c856,
-with the weights shipped since, passed by --config.eagle_checkpoint, and arm
-costs given by --config.bandit.costs) eagle:smollm2 is the best fixed arm and
-KL-UCB runs at 0.89x it; interleaved at temperature 1 (at ddf44413, with a
-loop per step body, the n-gram arms' costs all given as gamma 8's, 0.0011398)
-KL-UCB runs at 0.96x it and acceptance Thompson at 0.96x (docs/bandits.md).
-The run took 4 minutes, under 3 of them compiling. On 2 CPU cores
+Expected: on the H200 (the two greedy runs took 275 s together, compiles
+included; at bbcd0df5, arm costs given by --config.bandit.costs, the n-gram arms' all
+as gamma 8's, 0.0011398) greedy in blocks n-gram is the best fixed arm over
+the stream and acceptance Thompson runs at 1.10x it (KL-UCB 1.08x), but at
+0.91x the drafter on chat; interleaved, acceptance Thompson 1.01x, KL-UCB
+0.97x; at temperature 1 eagle:smollm2 is the best fixed arm and acceptance
+Thompson and KL-UCB run at 0.95x it in blocks, 0.96x interleaved (at
+ddf44413) (docs/bandits.md). On 2 CPU cores
 (--config.sampling.max_new_tokens=64, about 15 minutes, at 922e202e)
 n-gram is the best fixed arm over the stream (1.07x AR) and acceptance
 Thompson runs at 1.06x it, Hedge at 1.03x, KL-UCB at 1.00x.
