@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   # acceptance_thompson, kl_ucb and hedge: per step, on the drafts seen; evidence fades
   # over about 1 / (1 - discount) steps, so a change of domain is followed.
   config.bandit.acceptance_discount = 0.99
+  # The same choosers: at each new request, on the evidence carried from earlier ones,
+  # so that a request's own first steps outweigh the last request's sooner.
+  config.bandit.request_carry = 1.0
   # A results file of an earlier run: its bandit methods' final states are where this
   # run's same-named methods start ("" starts fresh).
   config.bandit.initial_state = ""
@@ -354,6 +357,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("bandit.calibration_steps", config.bandit.calibration_steps >= 1, ">= 1"),
       ("bandit.discount", 0 < config.bandit.discount <= 1, "in (0, 1]"),
       ("bandit.acceptance_discount", 0 < config.bandit.acceptance_discount <= 1, "in (0, 1]"),
+      ("bandit.request_carry", 0 < config.bandit.request_carry <= 1, "in (0, 1]"),
       ("bandit.initial_state", not config.bandit.initial_state
        or pathlib.Path(config.bandit.initial_state).is_file(),
        "empty or the results file of an earlier run"),

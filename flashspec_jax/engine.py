@@ -384,7 +384,8 @@ class SpeculativeDecoder:
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
     if self.chooser.uses_free_feedback:
-      # The first arm is chosen knowing how much this prompt repeats itself.
+      # The first arm is chosen knowing how much this prompt repeats itself, with what
+      # earlier requests taught faded by the chooser's request_carry.
       state = state.replace(bandit=self.chooser.observe(
           state.bandit, *self._scored_on_prompt(params, state)))
     return state

@@ -166,11 +166,12 @@ def check_checkpoints(config, target_flag: str = TARGET_FLAG,
 
 
 def strategy_for(name: str, config) -> Strategy:
+  acceptance = dict(discount=config.bandit.acceptance_discount,
+                    request_carry=config.bandit.request_carry)
   kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
             "epsilon_greedy": dict(epsilon=config.bandit.epsilon),
-            "acceptance_thompson": dict(discount=config.bandit.acceptance_discount),
-            "kl_ucb": dict(discount=config.bandit.acceptance_discount),
-            "hedge": dict(discount=config.bandit.acceptance_discount)}.get(name, {})
+            "acceptance_thompson": acceptance, "kl_ucb": acceptance,
+            "hedge": acceptance}.get(name, {})
   return make_strategy(name, **kwargs)
 
 

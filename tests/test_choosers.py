@@ -42,10 +42,30 @@ def test_expected_tokens_is_the_mean_accepted_chain_plus_one():
   assert expected_tokens(4, 1.0) == pytest.approx(5.0, rel=1e-4)
 
 
-@pytest.mark.parametrize("discount", [0.0, 1.5])
-def test_bad_discount_is_refused(discount):
-  with pytest.raises(ValueError, match="discount must be in"):
-    AcceptanceThompson(discount=discount)
+@pytest.mark.parametrize("field", ["discount", "request_carry"])
+@pytest.mark.parametrize("value", [0.0, 1.5])
+def test_bad_discount_is_refused(field, value):
+  with pytest.raises(ValueError, match=f"{field} must be in"):
+    AcceptanceThompson(**{field: value})
+
+
+@pytest.mark.parametrize("strategy", [AcceptanceKLUCB, Hedge])
+def test_a_new_request_fades_the_carried_evidence_before_adding_its_prompts(strategy):
+  """observe, at each request: what earlier requests taught, times request_carry, plus
+  the prompt's drafts; the posterior's mean is kept and its weight cut, and Hedge's
+  gains shrink alike. With request_carry 1 nothing fades."""
+  carried = strategy(request_carry=0.25).init(3).replace(
+      accepted=jnp.array([80.0, 40.0, 0.0]), tested=jnp.array([100.0, 100.0, 0.0]),
+      gains=jnp.array([2.0, -4.0, 0.0]), pulls=jnp.int32(50))
+  prompt_accepted, prompt_tested = jnp.array([8.0, 0.0, 0.0]), jnp.array([10.0, 0.0, 0.0])
+  state = strategy(request_carry=0.25).observe(carried, prompt_accepted, prompt_tested)
+  np.testing.assert_allclose(state.accepted, [28.0, 10.0, 0.0])
+  np.testing.assert_allclose(state.tested, [35.0, 25.0, 0.0])
+  np.testing.assert_allclose(state.gains, [0.5, -1.0, 0.0])
+  assert int(state.pulls) == 50
+  whole = strategy().observe(carried, prompt_accepted, prompt_tested)
+  np.testing.assert_allclose(whole.tested, [110.0, 100.0, 0.0])
+  np.testing.assert_allclose(whole.gains, carried.gains)
 
 
 def test_free_scores_are_what_the_arm_would_have_accepted(params):

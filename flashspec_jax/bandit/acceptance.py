@@ -17,7 +17,9 @@ them is an adaptive gamma.
 Evidence comes from the arm that ran and, for free, from deterministic
 drafters the engine scores against the committed tokens
 (`engine.SpeculativeDecoder._scored_for_free`). `discount` < 1 fades old
-evidence each step, to follow a stream that changes domain.
+evidence each step, to follow a stream that changes domain; `request_carry` < 1
+fades it once more at each new request, where a stream changes domain if at
+all, so that a request's own first steps outweigh the last request's sooner.
 
 | chooser             | rule                                                               |
 |---------------------|--------------------------------------------------------------------|
@@ -99,6 +101,8 @@ class _AcceptanceModel:
     free_arms: per arm, whether the engine scores it without running it (AR, and
       drafters with `scored_free`).
     discount: per step, on all evidence; 1 keeps everything.
+    request_carry: at each new request (`observe`), on the evidence carried from
+      earlier ones; 1 keeps it whole.
   """
 
   gammas: tuple[int, ...] = ()
@@ -106,11 +110,13 @@ class _AcceptanceModel:
   groups: tuple[int, ...] = ()
   free_arms: tuple[bool, ...] = ()
   discount: float = 1.0
+  request_carry: float = 1.0
   uses_free_feedback = True
 
   def __post_init__(self):
-    if not 0 < self.discount <= 1:
-      raise ValueError(f"discount must be in (0, 1], got {self.discount}")
+    for name in ("discount", "request_carry"):
+      if not 0 < getattr(self, name) <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
   def bind(self, arms) -> _AcceptanceModel:
     drafters = [arm.drafter for arm in arms]
@@ -139,11 +145,13 @@ class _AcceptanceModel:
 
   def observe(self, state: AcceptanceState, accepted: jax.Array,
               tested: jax.Array) -> AcceptanceState:
-    """Evidence no step produced, [K] drafts accepted and tested per arm (the prompt,
-    scored before the first step): added to the drafters' counts, with no pull. Hedge
-    chooses by its gains, which only steps move."""
-    return dataclasses.replace(state, accepted=state.accepted + accepted,
-                               tested=state.tested + tested)
+    """A new request: the evidence carried from earlier requests, scaled by
+    `request_carry` (Hedge's gains too), plus evidence no step produced, [K] drafts
+    accepted and tested per arm (the prompt, scored before the first step), with no
+    pull. Hedge chooses by its gains, which only steps add to."""
+    c = self.request_carry
+    return dataclasses.replace(state, accepted=c * state.accepted + accepted,
+                               tested=c * state.tested + tested, gains=c * state.gains)
 
   def tokens_per_cost(self, alpha: jax.Array) -> jax.Array:
     """[K] tau(gamma_a, alpha_a) / c_a."""
