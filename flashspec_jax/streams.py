@@ -123,10 +123,9 @@ def step_costs(run: dict) -> dict:
   call's excess, its time beyond the calibrated cost of the steps it ran (prefill,
   call overhead and stalls); the program's own cost per call, from calls held on one
   arm against that arm's fixed calls with the same steps (`held_call_overhead_ms`);
-  and per prompt set, the chooser's speed against the set's
-  best fixed arm had each call's excess been the best fixed arm's median
-  (`at_mix_by_set`), or the chooser's own median, cutting its worst calls down
-  (`at_own_median_by_set`).
+  and per prompt set, the chooser's speed against the set's best fixed arm had each
+  call's excess been the best fixed arm's median (`at_mix_by_set`), or the chooser's
+  own median, cutting its worst calls down (`at_own_median_by_set`).
 
   Raises:
     ValueError: for a run at batch > 1 (its records are rows, not calls), or whose
@@ -185,12 +184,13 @@ def _held_call_overhead_ms(run: dict, calls: list[dict], arms_per_call: list[lis
                            fixed: Sequence[str]) -> dict:
   """What the chooser's program costs beyond a fixed arm's, with the choice taken out: over
   the chooser's calls that ran one arm at every step and match, in loop steps and text,
-  the call of that arm's fixed method on the same prompt (the same tokens from the same
-  steps), each call's milliseconds beyond that fixed call's; and their median (None
-  with no such call)."""
+  a later call of that arm's fixed method on the same prompt (the same tokens from the
+  same steps), each call's milliseconds beyond that fixed call's; and their median
+  (None with no such call)."""
   gamma = run["config"]["sampling"]["gamma"]
   fixed_by_arm = {_arm_name(method, gamma): method for method in fixed}
-  fixed_calls = {(r["method"], r.get("id")): r for r in run["records"]}
+  fixed_calls = {(method, r.get("id")): r for method in fixed
+                 for r in _calls(run, method)[1:]}
   extra = []
   for call, arms in zip(calls, arms_per_call, strict=True):
     if len(set(arms)) != 1 or arms[0] not in fixed_by_arm:
