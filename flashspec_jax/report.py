@@ -434,9 +434,12 @@ def _plain_run(data: dict) -> bool:
           and config["sampling"]["temperature"] == 0)
 
 
-def _stream(temperature: float, order: str) -> Callable[[dict], bool]:
+def _stream(temperature: float, order: str, request_carry: float = 1.0
+            ) -> Callable[[dict], bool]:
+  # Runs from before config.bandit.request_carry carried all evidence over.
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
-                       and data["config"]["prompts"]["order"] == order)
+                       and data["config"]["prompts"]["order"] == order
+                       and data["config"]["bandit"].get("request_carry", 1.0) == request_carry)
 
 
 def _has_cycle(data: dict) -> bool:
@@ -486,7 +489,13 @@ SECTIONS = [
             "temperature 1 (H200)", choosers, _stream(1, "blocks")),
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
             "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
-    Section("choosers_smollm2", "cpu", "Choosers on a held-out stream (CPU)", choosers),
+    Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
+            "greedy (CPU)", choosers, _stream(0, "blocks")),
+    Section("choosers_smollm2", "cpu", "Choosers on a held-out stream, sets interleaved, greedy "
+            "(CPU)", choosers, _stream(0, "interleaved")),
+    Section("choosers_smollm2", "cpu", "Choosers on a held-out stream, sets interleaved, greedy, "
+            "carrying a quarter of each request's evidence to the next (CPU)", choosers,
+            _stream(0, "interleaved", request_carry=0.25)),
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
     Section("trace_calls", "gpu", "A chooser's step against fixed arms' steps, traced (H200)",
