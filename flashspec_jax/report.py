@@ -442,6 +442,12 @@ def _stream(temperature: float, order: str, request_carry: float = 1.0
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry)
 
 
+def _with_reward_bandits(data: dict) -> bool:
+  """A stream run that compares every chooser, the reward bandits too, rather than a
+  shorter one of the acceptance choosers."""
+  return "bandit:ucb1" in data["config"]["methods"]
+
+
 def _has_cycle(data: dict) -> bool:
   return any(p["program"].startswith("cycle") for p in data["programs"])
 
@@ -490,12 +496,15 @@ SECTIONS = [
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
             "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
-            "greedy (CPU)", choosers, _stream(0, "blocks")),
+            "greedy (CPU)", choosers,
+            lambda data: _stream(0, "blocks")(data) and _with_reward_bandits(data)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream, sets interleaved, greedy "
             "(CPU)", choosers, _stream(0, "interleaved")),
+    Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
+            "greedy, request_carry 0.25 (CPU)", choosers,
+            _stream(0, "blocks", request_carry=0.25)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream, sets interleaved, greedy, "
-            "carrying a quarter of each request's evidence to the next (CPU)", choosers,
-            _stream(0, "interleaved", request_carry=0.25)),
+            "request_carry 0.25 (CPU)", choosers, _stream(0, "interleaved", request_carry=0.25)),
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
     Section("trace_calls", "gpu", "A chooser's step against fixed arms' steps, traced (H200)",
