@@ -57,15 +57,19 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BanditConfig:
-  """strategy: ucb1, thompson, discounted_ucb or epsilon_greedy; reward: goodput or
-  acceptance; costs: one per drafter (None: timed on the first call, or read from the
-  per-user cache where an earlier engine timed them)."""
+  """strategy: a reward bandit (ucb1, thompson, discounted_ucb, epsilon_greedy) or a
+  chooser that models acceptance (acceptance_thompson, kl_ucb, hedge;
+  docs/bandits.md); reward: goodput or acceptance; costs: one per drafter (None: timed
+  on the first call, or read from the per-user cache where an earlier engine timed
+  them); the rest as config.bandit's fields of the same names."""
 
   strategy: str = "ucb1"
   reward: str = "goodput"
   costs: tuple[float, ...] | None = None
   discount: float = 0.995
   epsilon: float = 0.1
+  acceptance_discount: float = 0.99
+  request_carry: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +115,8 @@ class FlashSpecConfig:
       config.bandit.costs = ",".join(map(str, self.bandit.costs or ()))
     else:
       config.methods = self.drafters[0] if self.drafters else "ar"
-    config.bandit.reward, config.bandit.discount, config.bandit.epsilon = (
-        self.bandit.reward, self.bandit.discount, self.bandit.epsilon)
+    for name in ("reward", "discount", "epsilon", "acceptance_discount", "request_carry"):
+      config.bandit[name] = getattr(self.bandit, name)
     for field in dataclasses.fields(SamplingConfig):
       config.sampling[field.name] = getattr(self.sampling, field.name)
     config.sampling.max_new_tokens = self.max_new_tokens

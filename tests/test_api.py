@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashspec_jax import FlashSpec, FlashSpecConfig, SamplingConfig, api, sharding
+from flashspec_jax import BanditConfig, FlashSpec, FlashSpecConfig, SamplingConfig, api, sharding
 from flashspec_jax.loading import load_model
 
 GREEDY = SamplingConfig(gamma=3, temperature=0.0)
@@ -80,6 +80,17 @@ def test_numpy_integer_ids_are_prompts():
 def test_non_integer_ids_are_refused(prompts):
   with pytest.raises(ValueError, match="prompt 0: token ids must be integers"):
     tiny_engine(()).generate(prompts)
+
+
+def test_the_bandit_config_reaches_the_run_config_and_is_checked():
+  drafters = ("ngram:2", "ar")
+  bandit = BanditConfig(strategy="kl_ucb", acceptance_discount=0.95, request_carry=0.25)
+  config = FlashSpecConfig(target="tiny_llama", drafters=drafters, bandit=bandit).to_config_dict()
+  assert config.methods == "bandit:kl_ucb"
+  assert (config.bandit.acceptance_discount, config.bandit.request_carry) == (0.95, 0.25)
+  with pytest.raises(ValueError, match="bandit.request_carry"):
+    FlashSpecConfig(target="tiny_llama", drafters=drafters,
+                    bandit=BanditConfig(request_carry=0.0)).to_config_dict()
 
 
 def test_bandit_costs_are_timed_once_then_read_from_the_user_cache(tmp_path, monkeypatch):
