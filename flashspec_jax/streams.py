@@ -189,15 +189,14 @@ def _held_call_overhead_ms(run: dict, calls: list[dict], arms_per_call: list[lis
   (None with no such call)."""
   gamma = run["config"]["sampling"]["gamma"]
   fixed_by_arm = {_arm_name(method, gamma): method for method in fixed}
-  fixed_calls = {(method, r.get("id")): r for method in fixed
-                 for r in _calls(run, method)[1:]}
+  fixed_calls = {(method, r["id"]): r for method in fixed for r in _calls(run, method)[1:]}
   extra = []
   for call, arms in zip(calls, arms_per_call, strict=True):
     if len(set(arms)) != 1 or arms[0] not in fixed_by_arm:
       continue
-    twin = fixed_calls.get((fixed_by_arm[arms[0]], call.get("id")))
+    twin = fixed_calls.get((fixed_by_arm[arms[0]], call["id"]))
     if (twin is not None and twin["loop_steps"] == call["loop_steps"]
-        and twin.get("text") == call.get("text")):
+        and twin["text"] == call["text"]):
       extra.append(1e3 * (call["batch_seconds"] - twin["batch_seconds"]))
   return dict(calls=extra, median=float(np.median(extra)) if extra else None)
 

@@ -44,7 +44,7 @@ def test_expected_tokens_is_the_mean_accepted_chain_plus_one():
 
 @pytest.mark.parametrize("field", ["discount", "request_carry"])
 @pytest.mark.parametrize("value", [0.0, 1.5])
-def test_bad_discount_is_refused(field, value):
+def test_a_bad_discount_or_request_carry_is_refused(field, value):
   with pytest.raises(ValueError, match=f"{field} must be in"):
     AcceptanceThompson(**{field: value})
 
@@ -232,8 +232,9 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   cost more than their steps, unevenly."""
 
   def call(method, kind, seconds, steps, tau):
-    return dict(method=method, kind=kind, new_tokens=tau * steps, loop_steps=steps,
-                batch_seconds=seconds, batch_rows=1)
+    # No two methods' calls share a prompt here, so none is a held call's twin.
+    return dict(method=method, id=f"{method}/{seconds}", kind=kind, new_tokens=tau * steps,
+                loop_steps=steps, batch_seconds=seconds, batch_rows=1, text="")
   run = dict(
       _path="run.json", environment=dict(device="gpu:test"),
       config=dict(sampling=dict(gamma=4, temperature=0.0), prompts=dict(order="blocks")),
