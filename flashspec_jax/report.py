@@ -407,6 +407,14 @@ def trace_calls(data: dict) -> list[str]:
     lines.append(f"| {name} | {m['calls']} | {m['wall_us']:.0f} | {m['busy_us']:.0f} | "
                  f"{m['idle_us']:.0f} | {m['kernels']:.0f} | {m['device_to_host']:.2f} | "
                  f"{m['graph_launches']:.2f} |")
+  if "per_call" in data:
+    lines += ["", "Per call, median over each method's calls: the GPU's first activity after "
+              "the call began (lead) and the call's end after the GPU's last (tail).", "",
+              "| method | wall (ms) | GPU busy (ms) | lead (us) | tail (us) |",
+              "|---|---|---|---|---|"]
+    for name, c in data["per_call"].items():
+      lines.append(f"| {name} | {c['wall_us'] / 1e3:.1f} | {c['busy_us'] / 1e3:.1f} | "
+                   f"{c['lead_us']:.0f} | {c['tail_us']:.0f} |")
   return lines
 
 
@@ -495,6 +503,14 @@ SECTIONS = [
             "temperature 1 (H200)", choosers, _stream(1, "blocks")),
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
             "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, greedy, "
+            "request_carry 0.25 (H200)", choosers, _stream(0, "interleaved", request_carry=0.25)),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+            "temperature 1, request_carry 0.25 (H200)", choosers,
+            _stream(1, "blocks", request_carry=0.25)),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
+            "temperature 1, request_carry 0.25 (H200)", choosers,
+            _stream(1, "interleaved", request_carry=0.25)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy (CPU)", choosers,
             lambda data: _stream(0, "blocks")(data) and _with_reward_bandits(data)),
@@ -508,7 +524,9 @@ SECTIONS = [
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
     Section("trace_calls", "gpu", "A chooser's step against fixed arms' steps, traced (H200)",
-            trace_calls),
+            trace_calls, lambda data: data["config"]["batch_size"] == 1),
+    Section("trace_calls", "gpu", "AR and eagle:smollm2 at batch 8, traced (H200)", trace_calls,
+            lambda data: data["config"]["batch_size"] == 8),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
     Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),
     Section("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a "
