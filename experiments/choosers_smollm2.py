@@ -23,7 +23,11 @@ the stream and acceptance Thompson runs at 1.10x it (KL-UCB 1.08x), but at
 0.91x the drafter on chat; interleaved, acceptance Thompson 1.01x, KL-UCB
 0.97x; at temperature 1 eagle:smollm2 is the best fixed arm and acceptance
 Thompson and KL-UCB run at 0.95x it in blocks, 0.96x interleaved (at
-ddf44413) (docs/bandits.md). On 2 CPU cores
+ddf44413) (docs/bandits.md). Rerun at ccf04b92, greedy in blocks gave 1.07x
+(acceptance Thompson) and 1.11x (KL-UCB), interleaved 1.05x and 1.08x: with
+--config.deterministic off, each compile times its kernels, the replies
+change between runs, and so do these ratios, by up to 0.11x. On the H200,
+--config.bandit.request_carry=0.25 moved them by no more than that. On 2 CPU cores
 (--config.sampling.max_new_tokens=64, about 15 minutes, at 922e202e)
 n-gram is the best fixed arm over the stream (1.07x AR) and acceptance
 Thompson runs at 1.06x it, Hedge at 1.03x, KL-UCB at 1.00x. With
