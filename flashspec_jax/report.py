@@ -442,12 +442,13 @@ def _plain_run(data: dict) -> bool:
           and config["sampling"]["temperature"] == 0)
 
 
-def _stream(temperature: float, order: str, request_carry: float = 1.0
-            ) -> Callable[[dict], bool]:
+def _stream(temperature: float, order: str, request_carry: float = 1.0,
+            deterministic: bool = False) -> Callable[[dict], bool]:
   # Runs from before config.bandit.request_carry carried all evidence over.
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
                        and data["config"]["prompts"]["order"] == order
-                       and data["config"]["bandit"].get("request_carry", 1.0) == request_carry)
+                       and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
+                       and data["config"].get("deterministic", False) == deterministic)
 
 
 def _with_reward_bandits(data: dict) -> bool:
@@ -503,6 +504,12 @@ SECTIONS = [
             "temperature 1 (H200)", choosers, _stream(1, "blocks")),
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
             "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+            "greedy, deterministic mode (H200)", choosers,
+            _stream(0, "blocks", deterministic=True)),
+    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, greedy, "
+            "deterministic mode (H200)", choosers,
+            _stream(0, "interleaved", deterministic=True)),
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, greedy, "
             "request_carry 0.25 (H200)", choosers, _stream(0, "interleaved", request_carry=0.25)),
     Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
