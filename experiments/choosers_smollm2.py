@@ -12,7 +12,8 @@ blocks of one set (or interleaved). Arms: n-gram lookup at gamma 2, 4 and 8
 drafter eagle:smollm2, layer-skip at 26 layers and AR, each timed at start-up.
 Methods, side by side on the same stream: AR, each fixed drafter, the reward
 bandits (UCB1, Thompson) and the acceptance choosers (acceptance_thompson,
-kl_ucb, hedge). The results file gives each chooser's tok/s against the best
+kl_ucb, hedge, and the contextual_thompson and contextual_kl_ucb that learn
+n-gram lookup's acceptance per match length). The results file gives each chooser's tok/s against the best
 fixed arm over the stream and per set, against the per-set oracle, its share
 of steps off each set's best arm and its steps to settle after a change of set
 (flashspec_jax/streams.py).
@@ -44,7 +45,8 @@ def get_config(arg=None):
   config.experiment = "choosers_smollm2"
   config.arms = "ngram:3@2,ngram:3@4,ngram:3@8,eagle:smollm2,layer_skip:26,ar"
   config.methods = ("ar,ngram:3,eagle:smollm2,layer_skip:26,bandit:ucb1,bandit:thompson,"
-                    "bandit:acceptance_thompson,bandit:kl_ucb,bandit:hedge")
+                    "bandit:acceptance_thompson,bandit:kl_ucb,bandit:hedge,"
+                    "bandit:contextual_thompson,bandit:contextual_kl_ucb")
   config.prompts.split = "heldout"
   config.prompts.num_per_set = 8
   config.prompts.bucket = 512  # one program per method

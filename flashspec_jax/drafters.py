@@ -58,6 +58,10 @@ class Drafter(Protocol):
   # drafter keeps the prefix contract: the first g drafts of propose(..., gamma=W, ...)
   # are distributed as propose(..., gamma=g, ...)'s, with the same q.
   shares_step_body: bool
+  # How many contexts a drafter tells apart before it drafts, at no cost: a drafter with
+  # more than one has a `context(seqs) -> [B] int32` in [0, contexts), and the
+  # contextual choosers learn its acceptance in each context apart (bandit/acceptance.py).
+  contexts: int
 
 
 def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
@@ -102,6 +106,7 @@ class ModelDrafter:
   reads_features = False
   scored_free = False
   shares_step_body = False
+  contexts = 1
 
   @property
   def name(self) -> str:
@@ -218,12 +223,18 @@ class NgramDrafter:
     del params, prompt_tokens, prompt_lens, capacity
     return ()
 
-  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler, rng):
-    del params, sampler, rng
+  @property
+  def contexts(self) -> int:
+    return self.max_n + 1
+
+  def lookup(self, seqs: Sequences) -> tuple[jax.Array, jax.Array]:
+    """(continuation [B], match_length [B]): where the tokens after each row's latest
+    longest match start, and that match's length n (-1 and 0 where nothing matches)."""
     tokens, seq_lens = seqs.tokens, seqs.seq_lens
     batch, width = tokens.shape
     starts = jnp.arange(width)[None, :]  # candidate match start s
-    continuation = jnp.full((batch,), -1, jnp.int32)  # index of the token after the match
+    continuation = jnp.full((batch,), -1, jnp.int32)
+    match_length = jnp.zeros((batch,), jnp.int32)
     for n in range(1, self.max_n + 1):  # longer matches overwrite shorter ones
       suffix = gather_window(tokens, jnp.maximum(seq_lens - n, 0), n)  # [B, n]
       matches = jnp.ones((batch, width), bool)
@@ -235,6 +246,19 @@ class NgramDrafter:
       matches &= (starts + n < seq_lens[:, None]) & (seq_lens[:, None] > n)
       latest = jnp.max(jnp.where(matches, starts, -1), axis=1)
       continuation = jnp.where(latest >= 0, latest + n, continuation)
+      match_length = jnp.where(latest >= 0, n, match_length)
+    return continuation, match_length
+
+  def context(self, seqs: Sequences) -> jax.Array:
+    """[B] the length of the match the next drafts follow, 0 to max_n: on real text a
+    step after a 3-token match emits several times what one after none does."""
+    return self.lookup(seqs)[1]
+
+  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler, rng):
+    del params, sampler, rng
+    tokens, seq_lens = seqs.tokens, seqs.seq_lens
+    width = tokens.shape[1]
+    continuation, _ = self.lookup(seqs)
     last = seqs.last_tokens
     index = continuation[:, None] + jnp.arange(gamma)[None, :]
     proposed = jnp.take_along_axis(tokens, jnp.clip(index, 0, width - 1), axis=1)
@@ -294,6 +318,7 @@ class FeatureDrafter:
   reads_features = True
   scored_free = False
   shares_step_body = False
+  contexts = 1
 
   @property
   def name(self) -> str:

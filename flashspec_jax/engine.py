@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from flashspec_jax.bandit.acceptance import context_weights
 from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
 from flashspec_jax.drafters import Drafter, gather_window
 from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
@@ -185,6 +186,9 @@ class SpecState:
       a drafter's cache holds at most seq_lens - 1 tokens (or pairs) per row
       between steps.
     bandit: the bandit's state.
+    contexts: [B, K] int32, the context each arm's drafter is in at the rows' current
+      position (Drafter.context), as the chooser saw it when it chose the step's arm;
+      0 unless the chooser is contextual.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     step: [] int32, loop iterations.
     metrics: SpecMetrics.
@@ -195,6 +199,7 @@ class SpecState:
   target_cache: KVCache
   drafter_states: tuple
   bandit: BanditState
+  contexts: jax.Array
   nan_arm: jax.Array
   step: jax.Array
   metrics: SpecMetrics
@@ -380,6 +385,7 @@ class SpeculativeDecoder:
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
+        contexts=jnp.zeros((prompt_tokens.shape[0], len(self.arms)), jnp.int32),
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
@@ -488,9 +494,11 @@ class SpeculativeDecoder:
       outcome = dict(logp=target_logp, accepted=num_accepted, tokens=new_tokens,
                      emitted=emitted, live=live)
       arm_accepted, arm_tested = self._scored_for_free(params, state, body[0], outcome)
-      chosen = jnp.arange(len(self.arms)) == arm_index
-      stats |= dict(arm_accepted=arm_accepted + chosen * (num_accepted * count).sum(),
-                    arm_tested=arm_tested + chosen * tested.sum())
+      chosen = (jnp.arange(len(self.arms)) == arm_index)[:, None]
+      own_context = jnp.take(state.contexts, arm_index, axis=1)
+      stats |= dict(
+          arm_accepted=arm_accepted + chosen * self._by_context(num_accepted * count, own_context),
+          arm_tested=arm_tested + chosen * self._by_context(tested, own_context))
     seqs = seqs.replace(tokens=tokens, seq_lens=seq_lens, done=done,
                         nan_rows=seqs.nan_rows | nan_rows, rng=rng)
     state = state.replace(
@@ -498,10 +506,28 @@ class SpeculativeDecoder:
         nan_arm=jnp.where(active & draft_nan, arm_index, state.nan_arm), metrics=metrics)
     return state, stats
 
+  def _by_context(self, values: jax.Array, contexts: jax.Array) -> jax.Array:
+    """[C] values [B] summed over the rows in each context (contexts [B])."""
+    return (jax.nn.one_hot(contexts, self.chooser.num_contexts) * values[:, None]).sum(0)
+
+  def _contexts(self, seqs: Sequences) -> jax.Array:
+    """[B, K] int32 each arm's drafter's context at the rows' current position; 0 for
+    arms whose contexts the chooser does not tell apart."""
+    chooser = self.chooser
+    columns = []
+    for j, arm in enumerate(self.arms):
+      if chooser.num_contexts == 1 or chooser.contexts[j] == 1:
+        columns.append(jnp.zeros_like(seqs.seq_lens))
+      elif chooser.groups[j] != j:  # the same drafter as an earlier arm
+        columns.append(columns[chooser.groups[j]])
+      else:
+        columns.append(arm.drafter.context(seqs))
+    return jnp.stack(columns, axis=1)
+
   def _scored_for_free(self, params, state: SpecState, arm_index: int,
                        outcome: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """[K] drafts accepted and tested, summed over live rows, by the arms whose drafters
-    can be scored without running them (`scored_free`: deterministic, no model), had
+    """[K, C] drafts accepted and tested, summed over live rows in each context, by the
+    arms whose drafters can be scored without running them (`scored_free`: deterministic, no model), had
     they proposed at this step instead of arms[arm_index].
 
     Draft i of such an arm is a trial when its earlier drafts match the committed
@@ -516,13 +542,14 @@ class SpeculativeDecoder:
     ran, or with an earlier arm, is left out, so no draft is counted twice.
     """
     groups = self.chooser.groups
+    nothing = jnp.zeros((self.chooser.num_contexts,))
     accepted, tested = [], []
     for j, arm in enumerate(self.arms):
       skip = (arm.drafter is None or not arm.drafter.scored_free or groups[j] != j
               or groups[j] == groups[arm_index])
       if skip:
-        accepted.append(jnp.float32(0))
-        tested.append(jnp.float32(0))
+        accepted.append(nothing)
+        tested.append(nothing)
         continue
       _, proposal, _ = arm.drafter.propose(params, state.drafter_states[j], state.seqs,
                                            arm.gamma, None, None)
@@ -534,12 +561,14 @@ class SpeculativeDecoder:
                 & (position < outcome["emitted"][:, None]) & outcome["live"][:, None])
       p = jnp.exp(jnp.take_along_axis(outcome["logp"][:, :width], drafts[..., None],
                                       axis=-1)[..., 0])
-      accepted.append(jnp.sum(jnp.where(trials, p, 0.0)))
-      tested.append(jnp.sum(trials).astype(jnp.float32))
+      context = state.contexts[:, j]
+      accepted.append(self._by_context(jnp.sum(jnp.where(trials, p, 0.0), axis=1), context))
+      tested.append(self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context))
     return jnp.stack(accepted), jnp.stack(tested)
 
   def _scored_on_prompt(self, params, state: SpecState) -> tuple[jax.Array, jax.Array]:
-    """[K] drafts matched and tested, summed over rows, had each free-scored drafter
+    """[K, C] drafts matched and tested, summed over rows in each context, had each
+    free-scored drafter
     (`scored_free`, once per drafter, as in `_scored_for_free`) drafted at each of the
     last PROMPT_POSITIONS positions of the committed tokens (the prompt and the first
     token), against the tokens that followed there.
@@ -549,25 +578,28 @@ class SpeculativeDecoder:
     Draft i is tested when the drafts before it matched.
     """
     seqs, groups = state.seqs, self.chooser.groups
+    nothing = jnp.zeros((self.chooser.num_contexts,))
     matched, tested = [], []
     for j, arm in enumerate(self.arms):
       if arm.drafter is None or not arm.drafter.scored_free or groups[j] != j:
-        matched.append(jnp.float32(0))
-        tested.append(jnp.float32(0))
+        matched.append(nothing)
+        tested.append(nothing)
         continue
 
       def score(back, arm=arm, j=j):
         ends = seqs.seq_lens - back  # draft as if only the tokens before `ends` were known
-        _, drafts, _ = arm.drafter.propose(params, state.drafter_states[j],
-                                           seqs.replace(seq_lens=jnp.maximum(ends, 1)),
-                                           arm.gamma, None, None)
+        known = seqs.replace(seq_lens=jnp.maximum(ends, 1))
+        _, drafts, _ = arm.drafter.propose(params, state.drafter_states[j], known, arm.gamma,
+                                           None, None)
         matches = drafts == gather_window(seqs.tokens, jnp.maximum(ends, 0), arm.gamma)
         trials = _reached(matches) & (jnp.arange(arm.gamma)[None, :] < back) & (ends >= 1)[:, None]
-        return jnp.sum(trials & matches), jnp.sum(trials)
+        context = self._contexts(known)[:, j]
+        return (self._by_context(jnp.sum(trials & matches, axis=1).astype(jnp.float32), context),
+                self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context))
 
-      row_matched, row_tested = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
-      matched.append(row_matched.sum().astype(jnp.float32))
-      tested.append(row_tested.sum().astype(jnp.float32))
+      by_position = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
+      matched.append(by_position[0].sum(0))
+      tested.append(by_position[1].sum(0))
     return jnp.stack(matched), jnp.stack(tested)
 
   def dispatch(self, params, state: SpecState, arm: jax.Array,
@@ -589,8 +621,8 @@ class SpeculativeDecoder:
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
     if self.chooser.uses_free_feedback:
-      stats |= dict(arm_accepted=jnp.zeros((len(self.arms),)),
-                    arm_tested=jnp.zeros((len(self.arms),)))
+      nothing = jnp.zeros((len(self.arms), self.chooser.num_contexts))
+      stats |= dict(arm_accepted=nothing, arm_tested=nothing)
     for body in bodies:
       def run_once(carry, body=body):
         _, state, _ = carry
@@ -600,16 +632,22 @@ class SpeculativeDecoder:
     return state, stats
 
   def select(self, state: SpecState) -> tuple[SpecState, jax.Array]:
-    """The arm the chooser picks for the next step, knowing only the steps before it."""
+    """The arm the chooser picks for the next step, knowing only the steps before it
+    (and, for a contextual chooser, the context each drafter is in now)."""
     rng, select_key = jax.random.split(state.seqs.rng)
     state = state.replace(seqs=state.seqs.replace(rng=rng))
-    return state, self.chooser.select(state.bandit, select_key)
+    if self.chooser.num_contexts == 1:
+      return state, self.chooser.select(state.bandit, select_key)
+    contexts = self._contexts(state.seqs)
+    weights = context_weights(contexts, (len(self.arms), self.chooser.num_contexts),
+                              ~state.seqs.done)
+    return state.replace(contexts=contexts), self.chooser.select(state.bandit, select_key, weights)
 
   def learn(self, state: SpecState, arm: jax.Array, stats: dict[str, jax.Array]) -> SpecState:
     """The chooser learns the reward of the step arms[arm] just took (its stats), and
     the step is recorded."""
     r = self.reward(stats, arm, self.arms)
-    zeros = jnp.zeros((len(self.arms),))
+    zeros = jnp.zeros((len(self.arms), self.chooser.num_contexts))
     feedback = Feedback(reward=r, accepted=stats.get("arm_accepted", zeros),
                         tested=stats.get("arm_tested", zeros),
                         rows=stats["live"].sum().astype(jnp.float32))

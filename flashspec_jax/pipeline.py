@@ -26,7 +26,7 @@ import tqdm
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, executables, sharding, timing
-from flashspec_jax.bandit import Fixed, Strategy, make_strategy
+from flashspec_jax.bandit import ACCEPTANCE_STRATEGIES, Fixed, Strategy, make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named, step_bodies
 from flashspec_jax.generate import Decoder, slots_past_budget
@@ -170,8 +170,7 @@ def strategy_for(name: str, config) -> Strategy:
                     request_carry=config.bandit.request_carry)
   kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
             "epsilon_greedy": dict(epsilon=config.bandit.epsilon),
-            "acceptance_thompson": acceptance, "kl_ucb": acceptance,
-            "hedge": acceptance}.get(name, {})
+            **dict.fromkeys(ACCEPTANCE_STRATEGIES, acceptance)}.get(name, {})
   return make_strategy(name, **kwargs)
 
 

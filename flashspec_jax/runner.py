@@ -68,8 +68,16 @@ def load_bandit_states(path: str, methods) -> dict[str, Any]:
   for method in methods:
     if method.is_bandit and method.name in saved:
       fresh = method.strategy.init(len(method.arms))
-      states[method.name] = fresh.replace(**{k: jnp.asarray(v, getattr(fresh, k).dtype)
-                                             for k, v in saved[method.name].items()})
+      fields = {}
+      for name, value in saved[method.name].items():
+        like = getattr(fresh, name)
+        value = np.asarray(value, like.dtype)
+        # Files written before the choosers kept evidence per context hold [K] for [K, 1].
+        if value.size != like.size:
+          raise ValueError(f"{path}: {method.name}'s saved {name} has shape {value.shape}, "
+                           f"where its arms and contexts need {like.shape}")
+        fields[name] = jnp.asarray(value.reshape(like.shape))
+      states[method.name] = fresh.replace(**fields)
   return states
 
 

@@ -10,14 +10,18 @@ import numpy as np
 import pytest
 from conftest import spread_params, tiny_config
 
-from flashspec_jax import engine, runner, streams
+from flashspec_jax import engine, pipeline, runner, streams
+from flashspec_jax.bench import ngram_contexts
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
+from flashspec_jax.bandit.acceptance import context_weights
+from flashspec_jax.config import base_config
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.models.llama import Llama
 from flashspec_jax.pipeline import Method
 from flashspec_jax.sampling import Greedy, Samplers, Temperature
+from flashspec_jax.sequences import Sequences
 
 CONFIG = tiny_config(num_layers=4)
 TARGET = Llama(CONFIG, param_dtype=jnp.float32)
@@ -26,7 +30,8 @@ SELF = ModelDrafter(TARGET, unroll=False)  # drafts what the target samples gree
 PROMPTS = [[5, 6, 7, 5, 6], list(range(8, 20)), [1, 2, 1, 2, 1], [3, 3, 3, 3], [9, 2],
            list(range(30, 39)), [4] * 6, [60, 61, 62, 63, 0]]
 CHOOSERS = {"acceptance_thompson": AcceptanceThompson(), "kl_ucb": AcceptanceKLUCB(),
-            "hedge": Hedge()}
+            "hedge": Hedge(), "contextual_thompson": AcceptanceThompson(contextual=True),
+            "contextual_kl_ucb": AcceptanceKLUCB(contextual=True)}
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +60,16 @@ def test_a_new_request_fades_the_carried_evidence_before_adding_its_prompts(stra
   the prompt's drafts; the posterior's mean is kept and its weight cut, and Hedge's
   gains shrink alike. With request_carry 1 nothing fades."""
   carried = strategy(request_carry=0.25).init(3).replace(
-      accepted=jnp.array([80.0, 40.0, 0.0]), tested=jnp.array([100.0, 100.0, 0.0]),
+      accepted=jnp.array([[80.0], [40.0], [0.0]]), tested=jnp.array([[100.0], [100.0], [0.0]]),
       gains=jnp.array([2.0, -4.0, 0.0]), pulls=jnp.int32(50))
-  prompt_accepted, prompt_tested = jnp.array([8.0, 0.0, 0.0]), jnp.array([10.0, 0.0, 0.0])
+  prompt_accepted, prompt_tested = jnp.array([[8.0], [0.0], [0.0]]), jnp.array([[10.0], [0], [0]])
   state = strategy(request_carry=0.25).observe(carried, prompt_accepted, prompt_tested)
-  np.testing.assert_allclose(state.accepted, [28.0, 10.0, 0.0])
-  np.testing.assert_allclose(state.tested, [35.0, 25.0, 0.0])
+  np.testing.assert_allclose(state.accepted[:, 0], [28.0, 10.0, 0.0])
+  np.testing.assert_allclose(state.tested[:, 0], [35.0, 25.0, 0.0])
   np.testing.assert_allclose(state.gains, [0.5, -1.0, 0.0])
   assert int(state.pulls) == 50
   whole = strategy().observe(carried, prompt_accepted, prompt_tested)
-  np.testing.assert_allclose(whole.tested, [110.0, 100.0, 0.0])
+  np.testing.assert_allclose(whole.tested[:, 0], [110.0, 100.0, 0.0])
   np.testing.assert_allclose(whole.gains, carried.gains)
 
 
@@ -117,10 +122,10 @@ def test_a_shared_step_body_credits_the_arm_chosen_at_run_time(params):
   _, stats = shared(state, jnp.int32(0))
   own_state = alone.init(params, tokens, lengths, jax.random.key(0), samplers.target)
   _, own = jax.jit(alone.arm_step, static_argnums=2)(params, own_state, 0, samplers)
-  np.testing.assert_array_equal(stats["arm_tested"], [own["arm_tested"][0], 0,
-                                                      own["arm_tested"][1]])
-  np.testing.assert_array_equal(stats["arm_accepted"], [own["arm_accepted"][0], 0,
-                                                        own["arm_accepted"][1]])
+  np.testing.assert_array_equal(stats["arm_tested"][:, 0], [own["arm_tested"][0, 0], 0,
+                                                            own["arm_tested"][1, 0]])
+  np.testing.assert_array_equal(stats["arm_accepted"][:, 0], [own["arm_accepted"][0, 0], 0,
+                                                              own["arm_accepted"][1, 0]])
   assert own["arm_tested"][0] > 0 and own["arm_tested"][1] > 0
 
 
@@ -134,7 +139,8 @@ def test_greedy_speculation_with_each_chooser_equals_greedy_ar(params, name):
   np.testing.assert_array_equal(out.tokens, ar.tokens)
   # Both n-gram arms choose with one drafter's evidence, whichever of them ran.
   grouped = decoder.chooser.pooled(out.bandit.tested)
-  assert grouped[0] == grouped[1] == out.bandit.tested[:2].sum() > 0
+  np.testing.assert_array_equal(grouped[0], grouped[1])
+  assert grouped[0].sum() == out.bandit.tested[:2].sum() > 0
 
 
 # Simulated arms: (gamma, cost per step, per-draft acceptance). tau / cost: a cheap drafter
@@ -170,8 +176,9 @@ def simulated_steps(strategy, steps: int, runs: int) -> np.ndarray:
     chosen = jnp.arange(len(SIMULATED)) == arm
     best = jnp.max((gammas + 1) / costs)
     feedback = Feedback(reward=(accepted + 1) / costs[arm] / best,
-                        accepted=chosen * accepted.astype(jnp.float32),
-                        tested=chosen * tested.astype(jnp.float32), rows=jnp.float32(1))
+                        accepted=(chosen * accepted.astype(jnp.float32))[:, None],
+                        tested=(chosen * tested.astype(jnp.float32))[:, None],
+                        rows=jnp.float32(1))
     return chooser.learn(state, arm, feedback), arm
 
   def run(key):
@@ -212,11 +219,92 @@ def test_stream_comparison_against_fixed_arms_and_the_per_set_oracle():
   assert result["settle_steps"] == [1]
 
 
+def test_ngram_context_is_the_length_of_the_match_it_follows():
+  tokens = jnp.array([[7, 1, 2, 3, 4, 9, 1, 2, 0, 0],   # "1 2" seen before: 2
+                      [5, 6, 7, 8, 0, 0, 0, 0, 0, 0],   # nothing seen before: 0
+                      [4, 9, 3, 5, 9, 0, 0, 0, 0, 0]])  # only "9": 1
+  seq_lens = jnp.array([8, 4, 5])
+  seqs = Sequences(tokens=tokens, seq_lens=seq_lens, prompt_lens=seq_lens, done=jnp.zeros(3, bool),
+                   nan_rows=jnp.zeros(3, bool), rng=jax.random.key(0))
+  assert NgramDrafter(10, max_n=3).contexts == 4
+  assert NgramDrafter(10, max_n=3).context(seqs).tolist() == [2, 0, 1]
+  assert NgramDrafter(10, max_n=1).context(seqs).tolist() == [1, 0, 1]
+
+
+def test_ngram_contexts_bench_counts_the_drafts_the_text_confirms():
+  """bench/ngram_contexts.py at each position t >= 6 of a made-up text: as "1 2 3 4"
+  recurs, the lookup follows ever longer matches and copies what followed them, which
+  the text confirms until it parts (7 where 5 was); with no match (5, 7 unseen
+  before) it repeats the last token."""
+  text = jnp.array([9, 1, 2, 3, 4, 5, 1, 2, 3, 4, 7, 5], jnp.int32)
+  context, confirmed = ngram_contexts.drafts_confirmed(NgramDrafter(10, 3), 3, text, 6, 12)
+  assert context[6:].tolist() == [0, 1, 2, 3, 3, 0]
+  # At t = 8, after "1 2": drafts 3 4 5 against the text's 3 4 7.
+  assert confirmed[6:].tolist() == [0, 3, 2, 1, 0, 0]
+
+
+@pytest.mark.parametrize("name", ["contextual_thompson", "contextual_kl_ucb"])
+def test_contextual_choosers_are_configured_like_the_others(name):
+  config = base_config()
+  config.bandit.request_carry = 0.5
+  strategy = pipeline.strategy_for(name, config)
+  assert strategy.contextual and strategy.request_carry == 0.5
+  assert not pipeline.strategy_for(name.replace("contextual_", "").replace(
+      "thompson", "acceptance_thompson"), config).contextual
+
+
+@pytest.mark.parametrize("strategy", [AcceptanceKLUCB, AcceptanceThompson])
+def test_a_contextual_chooser_runs_ngram_only_where_its_context_pays(strategy):
+  """n-gram is right 95% of the time after a 2-token match and never after none; the
+  model drafter 60% of the time. Pooled, n-gram's mean (0.38) loses to the drafter
+  whatever the context; per context, n-gram wins where rows have a long match, and a
+  batch whose rows are mostly there runs it."""
+  arms = (engine.Arm(NGRAM, 4), engine.Arm(SELF, 4))
+  chooser = strategy(contextual=True).bind(arms)
+  plain = strategy().bind(arms)
+  assert chooser.num_contexts == 3 and plain.num_contexts == 1
+  tested = jnp.array([[600.0, 0.0, 400.0], [1000.0, 0.0, 0.0]])
+  accepted = tested * jnp.array([[0.0, 0.0, 0.95], [0.6, 0.0, 0.0]])
+  state = chooser.init(2).replace(accepted=accepted, tested=tested, pulls=jnp.int32(200))
+  pooled = plain.init(2).replace(accepted=accepted.sum(1, keepdims=True),
+                                 tested=tested.sum(1, keepdims=True), pulls=jnp.int32(200))
+
+  def picks(context_of_rows):
+    contexts = jnp.stack([jnp.asarray(context_of_rows), jnp.zeros(len(context_of_rows), int)], 1)
+    weights = context_weights(contexts, (2, 3))
+    return {int(chooser.select(state, jax.random.key(k), weights)) for k in range(5)}
+
+  assert picks([2]) == {0} and picks([0]) == {1} and picks([2, 2, 0]) == {0}
+  assert {int(plain.select(pooled, jax.random.key(k))) for k in range(5)} == {1}
+
+
+def test_free_scores_of_a_contextual_chooser_land_in_each_rows_context(params):
+  """The n-gram arm scored for free after a step of the model drafter: per context, the
+  rows that were in it, summing to what a chooser without contexts counts."""
+  arms = (engine.Arm(SELF, 4), engine.Arm(NGRAM, 3))
+  samplers = Samplers.same(Greedy())
+  counts = {}
+  for contextual in (False, True):
+    decoder = engine.SpeculativeDecoder(TARGET, arms, 16,
+                                        strategy=AcceptanceKLUCB(contextual=contextual))
+    tokens, lengths = decoder.ar_decoder.prepare(PROMPTS)
+    state, _ = decoder.select(decoder.init(params, tokens, lengths, jax.random.key(0),
+                                           samplers.target))
+    _, stats = jax.jit(decoder.arm_step, static_argnums=2)(params, state, 0, samplers)
+    counts[contextual] = np.asarray(stats["arm_tested"][1]), state
+  (plain, _), (by_context, state) = counts[False], counts[True]
+  assert plain.shape == (1,) and by_context.shape == (NGRAM.max_n + 1,)
+  assert by_context.sum() == plain[0] > 0
+  contexts = np.asarray(state.contexts[:, 1])
+  np.testing.assert_array_equal(contexts, NGRAM.context(state.seqs))
+  assert set(np.flatnonzero(by_context)) <= set(contexts.tolist())
+
+
 def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tmp_path):
   arms = (engine.Arm(NGRAM, 2), engine.Arm())
   method = Method("bandit:acceptance_thompson", arms, AcceptanceThompson())
-  state = AcceptanceThompson().init(2).replace(accepted=jnp.array([3.0, 0.0]),
-                                               tested=jnp.array([5.0, 0.0]),
+  state = AcceptanceThompson().init(2).replace(accepted=jnp.array([[3.0], [0.0]]),
+                                               tested=jnp.array([[5.0], [0.0]]),
                                                pulls=jnp.int32(7))
   saved = jax.tree.map(lambda x: np.asarray(x).tolist(), dataclasses.asdict(state))
   path = tmp_path / "earlier.json"
@@ -224,6 +312,15 @@ def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tm
   loaded = runner.load_bandit_states(str(path), [Method("ar"), method])
   jax.tree.map(np.testing.assert_array_equal, loaded[method.name], state)
   assert loaded[method.name].pulls.dtype == jnp.int32
+  # A file from before evidence was kept per context: [K] where the state holds [K, 1].
+  path.write_text(json.dumps({"bandit_states": {method.name: saved | dict(
+      accepted=[3.0, 0.0], tested=[5.0, 0.0])}}))
+  loaded = runner.load_bandit_states(str(path), [method])
+  jax.tree.map(np.testing.assert_array_equal, loaded[method.name], state)
+  contextual = Method("bandit:contextual_kl_ucb", arms, AcceptanceKLUCB(contextual=True).bind(arms))
+  path.write_text(json.dumps({"bandit_states": {contextual.name: saved}}))
+  with pytest.raises(ValueError, match=r"saved accepted has shape \(2, 1\).*\(2, 3\)"):
+    runner.load_bandit_states(str(path), [contextual])
 
 
 def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():

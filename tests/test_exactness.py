@@ -29,8 +29,8 @@ from exactness import (DRAFT_CONFIG, DRAFTERS, NUM_SAMPLES, NUM_TOKENS, PROMPTS,
                        program_pvalues, sequence_probs)
 from exactness import exact_probs, params  # noqa: F401 (fixtures)
 
-from flashspec_jax.bandit import (AcceptanceState, AcceptanceThompson, BanditState, Hedge,
-                                  Thompson, UCB1)
+from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceState, AcceptanceThompson,
+                                  BanditState, Hedge, Thompson, UCB1)
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.engine import Arm
 from flashspec_jax.kernels import verify
@@ -127,28 +127,36 @@ def random_bandit_state(num_arms):
   return init
 
 
-def random_acceptance_state(num_arms):
-  """A chooser that has already seen a random number of drafts of every arm."""
+def random_acceptance_state(num_arms, num_contexts=1):
+  """A chooser that has already seen a random number of drafts of every arm (in every
+  context)."""
   def init(key):
     keys = jax.random.split(key, 3)
-    tested = jax.random.randint(keys[0], (num_arms,), 1, 12).astype(jnp.float32)
+    shape = (num_arms, num_contexts)
+    tested = jax.random.randint(keys[0], shape, 1, 12).astype(jnp.float32)
     counts = jnp.ones((num_arms,))
-    return AcceptanceState(accepted=tested * jax.random.uniform(keys[1], (num_arms,)),
+    return AcceptanceState(accepted=tested * jax.random.uniform(keys[1], shape),
                            tested=tested, gains=jax.random.normal(keys[2], (num_arms,)),
                            counts=counts, sums=counts / 2, pulls=jnp.int32(num_arms))
   return init
+
+
+def random_contextual_state(num_arms):
+  """random_acceptance_state in each context of the n-gram arms (max_n 2: 3 contexts)."""
+  return random_acceptance_state(num_arms, 3)
 
 
 # One sampler kind per strategy: the grid covers the kinds, this test the choice of arm.
 # The acceptance choosers also learn from the n-gram arm scored for free at every step.
 CHOOSERS = [(UCB1(), "plain", random_bandit_state), (Thompson(), "top_p", random_bandit_state),
             (AcceptanceThompson(), "top_k", random_acceptance_state),
-            (Hedge(), "plain", random_acceptance_state)]
+            (Hedge(), "plain", random_acceptance_state),
+            (AcceptanceKLUCB(contextual=True), "top_p", random_contextual_state)]
 
 
 @pytest.mark.parametrize("strategy, sampler_kind, initial_state", CHOOSERS,
                          ids=["ucb1-plain", "thompson-top_p", "acceptance_thompson-top_k",
-                              "hedge-plain"])
+                              "hedge-plain", "contextual_kl_ucb-top_p"])
 def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, sampler_kind,
                                                  initial_state):
   """Five arms (a small model, the target itself, n-gram lookup at two gammas in one

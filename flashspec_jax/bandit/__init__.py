@@ -2,14 +2,18 @@
 the Bernoulli simulation also runs, and choosers that model acceptance (acceptance.py),
 which need the engine's per-draft feedback."""
 
+import functools
+
 from flashspec_jax.bandit.acceptance import (AcceptanceKLUCB, AcceptanceState,
                                              AcceptanceThompson, Hedge, expected_tokens)
 from flashspec_jax.bandit.strategies import (STRATEGIES, BanditState, Cycle, DiscountedUCB,
                                              EpsilonGreedy, Feedback, Fixed, Oracle, Strategy,
                                              Thompson, UCB1, initial_state, sample_beta)
 
-ACCEPTANCE_STRATEGIES = {"acceptance_thompson": AcceptanceThompson, "kl_ucb": AcceptanceKLUCB,
-                         "hedge": Hedge}
+ACCEPTANCE_STRATEGIES = {
+    "acceptance_thompson": AcceptanceThompson, "kl_ucb": AcceptanceKLUCB, "hedge": Hedge,
+    "contextual_thompson": functools.partial(AcceptanceThompson, contextual=True),
+    "contextual_kl_ucb": functools.partial(AcceptanceKLUCB, contextual=True)}
 # What bandit:<name> methods may use.
 ENGINE_STRATEGIES = {**STRATEGIES, **ACCEPTANCE_STRATEGIES}
 

@@ -21,12 +21,23 @@ evidence each step, to follow a stream that changes domain; `request_carry` < 1
 fades it once more at each new request, where a stream changes domain if at
 all, so that a request's own first steps outweigh the last request's sooner.
 
+`contextual` choosers learn alpha apart in each context a drafter tells before
+it drafts (`Drafter.contexts`): n-gram lookup's match length. After no match
+it proposes the last token again, which is almost never right; after a long
+match it often copies several tokens (bench/ngram_contexts.py measures both on
+real text). A chooser that knows only the drafter's mean runs it at the wrong
+moments; one that knows the context can run it where it has a long match and
+another drafter elsewhere, and so beat every fixed arm within a domain, not
+only across domains.
+
 | chooser             | rule                                                               |
 |---------------------|--------------------------------------------------------------------|
 | AcceptanceThompson  | alpha ~ Beta(1 + accepted, 1 + rejected) per drafter, sampled each |
 |                     | step; the arm with the largest tau / c                             |
 | AcceptanceKLUCB     | the largest alpha within the KL-UCB bound of Bernoulli trials      |
 |                     | (Garivier & Cappe 2011); the arm with the largest tau / c there     |
+| contextual variants | either of the two above with alpha per drafter and context; tau   |
+|                     | at the contexts the rows are in now                                |
 | Hedge               | exponential weights on each arm's tokens per cost, tau at this     |
 |                     | step's acceptance estimate; drafters scored for free gain every    |
 |                     | step (full information), the others only when run, importance-     |
@@ -52,8 +63,9 @@ class AcceptanceState(BanditState):
   """BanditState (steps and rewards per arm, for reports) plus what the choosers learn.
 
   Attributes:
-    accepted: [K] f32, drafts accepted per arm (discounted).
-    tested: [K] f32, drafts tested per arm (discounted).
+    accepted: [K, C] f32, drafts accepted per arm and context (discounted); C is 1
+      unless the chooser is contextual.
+    tested: [K, C] f32, drafts tested per arm and context (discounted).
     gains: [K] f32, Hedge's discounted estimated gains (unused by the others).
   """
 
@@ -90,6 +102,18 @@ def kl_upper_bound(mean: jax.Array, trials: jax.Array, budget: jax.Array) -> jax
   return low
 
 
+def context_weights(contexts: jax.Array | None, shape: tuple[int, int],
+                    rows: jax.Array | None = None) -> jax.Array:
+  """[K, C] how many rows are in each context of each arm, from contexts [B, K] (None:
+  one row, in context 0) and, if given, which rows count (rows [B] bool)."""
+  if contexts is None:
+    return jnp.zeros(shape).at[:, 0].set(1.0)
+  one_hot = jax.nn.one_hot(contexts, shape[1])  # [B, K, C]
+  if rows is not None:
+    one_hot = one_hot * rows[:, None, None]
+  return one_hot.sum(0)
+
+
 @dataclasses.dataclass(frozen=True)
 class _AcceptanceModel:
   """What the three choosers share: the arms' gammas and costs (bound by the engine),
@@ -100,17 +124,21 @@ class _AcceptanceModel:
     groups: per arm, the first arm with the same drafter (itself if none before).
     free_arms: per arm, whether the engine scores it without running it (AR, and
       drafters with `scored_free`).
+    contexts: per arm, the contexts its drafter tells apart (1 unless contextual).
     discount: per step, on all evidence; 1 keeps everything.
     request_carry: at each new request (`observe`), on the evidence carried from
       earlier ones; 1 keeps it whole.
+    contextual: learn each drafter's acceptance per context (`Drafter.contexts`).
   """
 
   gammas: tuple[int, ...] = ()
   costs: tuple[float, ...] = ()
   groups: tuple[int, ...] = ()
   free_arms: tuple[bool, ...] = ()
+  contexts: tuple[int, ...] = ()
   discount: float = 1.0
   request_carry: float = 1.0
+  contextual: bool = False
   uses_free_feedback = True
 
   def __post_init__(self):
@@ -121,17 +149,26 @@ class _AcceptanceModel:
   def bind(self, arms) -> _AcceptanceModel:
     drafters = [arm.drafter for arm in arms]
     groups = tuple(drafters.index(d) if d is not None else i for i, d in enumerate(drafters))
+    contexts = tuple(d.contexts if self.contextual and d is not None else 1 for d in drafters)
     return dataclasses.replace(
         self, gammas=tuple(a.gamma for a in arms), costs=tuple(a.cost for a in arms),
-        groups=groups, free_arms=tuple(d is None or d.scored_free for d in drafters))
+        groups=groups, free_arms=tuple(d is None or d.scored_free for d in drafters),
+        contexts=contexts)
+
+  @property
+  def num_contexts(self) -> int:
+    """C: the most contexts any arm's drafter tells apart (1 if the chooser is not
+    contextual)."""
+    return max(self.contexts, default=1)
 
   def init(self, num_arms: int) -> AcceptanceState:
     zeros = jnp.zeros((num_arms,), jnp.float32)
-    return AcceptanceState(accepted=zeros, tested=zeros, gains=zeros, counts=zeros, sums=zeros,
-                           pulls=jnp.zeros((), jnp.int32))
+    evidence = jnp.zeros((num_arms, self.num_contexts), jnp.float32)
+    return AcceptanceState(accepted=evidence, tested=evidence, gains=zeros, counts=zeros,
+                           sums=zeros, pulls=jnp.zeros((), jnp.int32))
 
   def pooled(self, values: jax.Array) -> jax.Array:
-    """[K] each arm's drafter's total over the arms that share it."""
+    """[K, ...] each arm's drafter's total over the arms that share it."""
     groups = jnp.asarray(self.groups)
     return jnp.zeros_like(values).at[groups].add(values)[groups]
 
@@ -146,20 +183,29 @@ class _AcceptanceModel:
   def observe(self, state: AcceptanceState, accepted: jax.Array,
               tested: jax.Array) -> AcceptanceState:
     """A new request: the evidence carried from earlier requests, scaled by
-    `request_carry` (Hedge's gains too), plus evidence no step produced, [K] drafts
-    accepted and tested per arm (the prompt, scored before the first step), with no
+    `request_carry` (Hedge's gains too), plus evidence no step produced, [K, C] drafts
+    accepted and tested per arm and context (the prompt, scored before the first step), with no
     pull. Hedge chooses by its gains, which only steps add to."""
     c = self.request_carry
     return dataclasses.replace(state, accepted=c * state.accepted + accepted,
                                tested=c * state.tested + tested, gains=c * state.gains)
 
-  def tokens_per_cost(self, alpha: jax.Array) -> jax.Array:
-    """[K] tau(gamma_a, alpha_a) / c_a."""
+  def tokens_per_cost(self, alpha: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """[K] tau(gamma_a, alpha_a) / c_a, for alpha [K], or [K, C] per context averaged
+    over the contexts with weights [K, C] (None: all in context 0)."""
     gammas = jnp.asarray(self.gammas, jnp.float32)
-    return expected_tokens(gammas, alpha) / jnp.asarray(self.costs, jnp.float32)
+    if alpha.ndim == 2:
+      weights = context_weights(None, alpha.shape) if weights is None else weights
+      tau = expected_tokens(gammas[:, None], alpha)
+      tokens = (tau * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1e-9)
+    else:
+      tokens = expected_tokens(gammas, alpha)
+    return tokens / jnp.asarray(self.costs, jnp.float32)
 
-  def select(self, state, key):
-    return self.choose(state, self.draw(state, key))
+  def select(self, state, key, weights=None):
+    """The arm for the next step; weights [K, C]: how many rows are in each context
+    of each arm's drafter now (None: one row, in context 0)."""
+    return self.choose(state, self.draw(state, key), weights)
 
   def draw(self, state, key):
     del state, key
@@ -170,14 +216,15 @@ class _AcceptanceModel:
 class AcceptanceThompson(_AcceptanceModel):
 
   def draw(self, state, key):
-    """[K] alpha sampled from each arm's drafter's Beta posterior (one draw per drafter)."""
+    """[K, C] alpha sampled from each arm's drafter's Beta posterior in each context
+    (one draw per drafter and context)."""
     accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)
     alpha = sample_beta(key, 1 + accepted, 1 + tested - accepted)
     return alpha[jnp.asarray(self.groups)]
 
-  def choose(self, state, draws):
+  def choose(self, state, draws, weights=None):
     del state
-    return jnp.argmax(self.tokens_per_cost(draws)).astype(jnp.int32)
+    return jnp.argmax(self.tokens_per_cost(draws, weights)).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,13 +232,13 @@ class AcceptanceKLUCB(_AcceptanceModel):
   """Optimism in the face of uncertainty about alpha, with KL-UCB's bound: log t
   exploration budget per drafter (t = steps so far)."""
 
-  def choose(self, state, draws):
+  def choose(self, state, draws, weights=None):
     del draws
     accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)
     mean = (accepted + 0.5) / (tested + 1.0)  # untried drafters start at 1/2, bounded at 1
     budget = jnp.log(jnp.maximum(state.pulls, 1).astype(jnp.float32) + 1.0)
     alpha = kl_upper_bound(mean, tested + 1.0, budget)
-    return jnp.argmax(self.tokens_per_cost(alpha)).astype(jnp.int32)
+    return jnp.argmax(self.tokens_per_cost(alpha, weights)).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +260,8 @@ class Hedge(_AcceptanceModel):
   def draw(self, state, key):
     return jax.random.uniform(key)
 
-  def choose(self, state, draws):
+  def choose(self, state, draws, weights=None):
+    del weights  # Hedge weighs arms, not contexts
     cumulative = jnp.cumsum(self.weights(state))
     return jnp.minimum(jnp.sum(cumulative < draws), state.num_arms - 1).astype(jnp.int32)
 
@@ -223,7 +271,8 @@ class Hedge(_AcceptanceModel):
     # This step's per-draft acceptance of each drafter, from every draft it was scored on,
     # extrapolated to each arm's own gamma: a chain cut short by the depth the step
     # verified would undercount arms of long gamma.
-    accepted, tested = self.pooled(feedback.accepted), self.pooled(feedback.tested)
+    accepted, tested = (self.pooled(feedback.accepted.sum(-1)),
+                        self.pooled(feedback.tested.sum(-1)))
     alpha = accepted / jnp.maximum(tested, 1e-9)
     gain = self.tokens_per_cost(alpha) / jnp.max((gammas + 1) / costs)
     # The AR arm always yields one token; a drafter is seen when it ran or was scored.

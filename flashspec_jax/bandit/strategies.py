@@ -114,10 +114,11 @@ class Feedback:
 
   Attributes:
     reward: [] f32 in [0, 1], the step's reward for the arm that ran.
-    accepted: [K] f32, drafts accepted, summed over the step's live rows, for the arm
-      that ran and for arms the engine scored for free against the committed tokens
-      (see acceptance.py); 0 for the others.
-    tested: [K] f32, drafts tested likewise.
+    accepted: [K, C] f32, drafts accepted, summed over the step's live rows, for the
+      arm that ran and for arms the engine scored for free against the committed
+      tokens (see acceptance.py), in the context each row was in (C = the
+      strategy's num_contexts); 0 for the others.
+    tested: [K, C] f32, drafts tested likewise.
     rows: [] f32, the step's live rows.
   """
 
@@ -131,7 +132,13 @@ class Strategy(Protocol):
 
   def init(self, num_arms: int) -> BanditState: ...
 
-  def select(self, state: BanditState, key: jax.Array) -> jax.Array: ...
+  # Contexts per arm the strategy tells apart (Drafter.contexts); 1 for all but the
+  # contextual acceptance choosers.
+  num_contexts: int
+
+  def select(self, state: BanditState, key: jax.Array,
+             weights: jax.Array | None = None) -> jax.Array:
+    """The next arm; weights [K, num_contexts]: the rows in each arm's contexts now."""
 
   def learn(self, state: BanditState, arm, feedback: Feedback) -> BanditState:
     """The state after the engine's step with `arm`."""
@@ -147,6 +154,7 @@ class _RunningMeans:
   from the step's reward alone."""
 
   uses_free_feedback = False
+  num_contexts = 1
 
   def init(self, num_arms):
     return initial_state(num_arms)
@@ -166,7 +174,8 @@ class _RunningMeans:
     del state, key
     return None
 
-  def select(self, state, key):
+  def select(self, state, key, weights=None):
+    del weights  # one context per arm
     return self.choose(state, self.draw(state, key))
 
 
