@@ -59,10 +59,10 @@ class SamplingConfig:
 class BanditConfig:
   """strategy: a reward bandit (ucb1, thompson, discounted_ucb, epsilon_greedy) or a
   chooser that models acceptance (acceptance_thompson, kl_ucb, hedge, and
-  contextual_thompson and contextual_kl_ucb, which learn n-gram lookup's acceptance per
-  match length; docs/bandits.md); reward: goodput or acceptance; costs: one per drafter (None: timed
-  on the first call, or read from the per-user cache where an earlier engine timed
-  them); the rest as config.bandit's fields of the same names."""
+  contextual_thompson and contextual_kl_ucb, which learn n-gram lookup's acceptance
+  per match length; docs/bandits.md); reward: goodput or acceptance; costs: one per
+  drafter (None: timed on the first call, or read from the per-user cache where an
+  earlier engine timed them); the rest as config.bandit's fields of the same names."""
 
   strategy: str = "ucb1"
   reward: str = "goodput"

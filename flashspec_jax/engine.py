@@ -527,8 +527,9 @@ class SpeculativeDecoder:
   def _scored_for_free(self, params, state: SpecState, arm_index: int,
                        outcome: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """[K, C] drafts accepted and tested, summed over live rows in each context, by the
-    arms whose drafters can be scored without running them (`scored_free`: deterministic, no model), had
-    they proposed at this step instead of arms[arm_index].
+    arms whose drafters can be scored without running them (`scored_free`:
+    deterministic, no model), had they proposed at this step instead of
+    arms[arm_index]; a row's context is its drafter's when the step began.
 
     Draft i of such an arm is a trial when its earlier drafts match the committed
     tokens and the target's log p at its position was computed on the committed
@@ -568,10 +569,9 @@ class SpeculativeDecoder:
 
   def _scored_on_prompt(self, params, state: SpecState) -> tuple[jax.Array, jax.Array]:
     """[K, C] drafts matched and tested, summed over rows in each context, had each
-    free-scored drafter
-    (`scored_free`, once per drafter, as in `_scored_for_free`) drafted at each of the
-    last PROMPT_POSITIONS positions of the committed tokens (the prompt and the first
-    token), against the tokens that followed there.
+    free-scored drafter (`scored_free`, once per drafter, as in `_scored_for_free`)
+    drafted at each of the last PROMPT_POSITIONS positions of the committed tokens
+    (the prompt and the first token), against the tokens that followed there.
 
     The prompt is no sample of the target, so this is a prior, not an estimate: how
     much the text repeats itself, which is what a prompt-lookup drafter lives on.

@@ -282,7 +282,7 @@ def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=Non
                                  method.strategy, setup.reward, capacity, setup.verify_fn,
                                  setup.pass_width)
     if bandit is None:
-      bandit = method.strategy.init(len(method.arms))
+      bandit = decoder.chooser.init(len(method.arms))  # bound: its shape follows the arms
     inputs = (setup.params, *args[:3], Samplers.same(args[3]), bandit)
   return decoder, inputs, (decoder, padded.shape)
 

@@ -195,6 +195,23 @@ def numerics(data: dict) -> list[str]:
   return lines
 
 
+def ngram_contexts(data: dict) -> list[str]:
+  lines = [f"{data['model']} answers {data['num_per_set']} held-out prompts per set greedily "
+           f"({data['max_new_tokens']} tokens, real weights in {data['dtype']}). At every "
+           f"position of an answer, n-gram lookup (max_n {data['max_n']}) drafts {data['gamma']} "
+           f"tokens from the text before it; its context there is the length of the match it "
+           f"follows (0: none, when it repeats the last token). Tokens per step: drafts the "
+           f"answer confirms, plus one.", "",
+           "| set | context | share of positions | tokens per step | first draft confirmed |",
+           "|---|---|---|---|---|"]
+  for kind, row in data["by_set"].items():
+    for context, cell in row["contexts"].items():
+      lines.append(f"| {kind} | {context} | {cell['share']:.2f} | {cell['mean_tokens']:.2f} | "
+                   f"{cell['first_confirmed']:.2f} |")
+    lines.append(f"| {kind} | all | 1.00 | {row['mean_tokens']:.2f} | |")
+  return lines
+
+
 def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
   lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
@@ -457,6 +474,12 @@ def _with_reward_bandits(data: dict) -> bool:
   return "bandit:ucb1" in data["config"]["methods"]
 
 
+def _contextual_against_plain(data: dict) -> bool:
+  """A shorter stream run that sets the contextual choosers beside the plain acceptance
+  choosers, without the reward bandits."""
+  return "bandit:contextual_kl_ucb" in data["config"]["methods"] and not _with_reward_bandits(data)
+
+
 def _has_cycle(data: dict) -> bool:
   return any(p["program"].startswith("cycle") for p in data["programs"])
 
@@ -522,7 +545,16 @@ SECTIONS = [
             "greedy (CPU)", choosers,
             lambda data: _stream(0, "blocks")(data) and _with_reward_bandits(data)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream, sets interleaved, greedy "
-            "(CPU)", choosers, _stream(0, "interleaved")),
+            "(CPU)", choosers,
+            lambda data: _stream(0, "interleaved")(data) and not _contextual_against_plain(data)),
+    Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream in blocks of one "
+            "set, greedy (CPU)", choosers,
+            lambda data: _stream(0, "blocks")(data) and _contextual_against_plain(data)),
+    Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
+            "interleaved, greedy (CPU)", choosers,
+            lambda data: _stream(0, "interleaved")(data) and _contextual_against_plain(data)),
+    Section("ngram_contexts", "cpu", "n-gram lookup's drafts by the match they follow, SmolLM2 "
+            "(CPU)", ngram_contexts),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy, request_carry 0.25 (CPU)", choosers,
             _stream(0, "blocks", request_carry=0.25)),

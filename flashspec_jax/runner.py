@@ -67,7 +67,7 @@ def load_bandit_states(path: str, methods) -> dict[str, Any]:
   states = {}
   for method in methods:
     if method.is_bandit and method.name in saved:
-      fresh = method.strategy.init(len(method.arms))
+      fresh = method.strategy.bind(method.arms).init(len(method.arms))
       fields = {}
       for name, value in saved[method.name].items():
         like = getattr(fresh, name)

@@ -93,6 +93,21 @@ def test_the_bandit_config_reaches_the_run_config_and_is_checked():
                     bandit=BanditConfig(request_carry=0.0)).to_config_dict()
 
 
+def test_a_contextual_choosers_state_carries_from_call_to_call():
+  """Its evidence is per context ([K, C]): the state a call returns is what the next
+  call's program was compiled for (a state shaped by the unbound chooser, [K, 1], made
+  the second call fail)."""
+  config = FlashSpecConfig(target="tiny_llama", drafters=("ngram:2", "ar"), sampling=GREEDY,
+                           max_new_tokens=6, synthetic_weights=True, device="cpu",
+                           bandit=BanditConfig(strategy="contextual_kl_ucb", costs=(1.0, 1.0)))
+  engine = FlashSpec(config)
+  first = engine.generate(PROMPTS)
+  assert engine.bandit.tested.shape == (2, 3)
+  tested = float(engine.bandit.tested.sum())
+  assert engine.generate(PROMPTS).token_ids == first.token_ids
+  assert float(engine.bandit.tested.sum()) > tested
+
+
 def test_bandit_costs_are_timed_once_then_read_from_the_user_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("FLASHSPEC_CACHE_DIR", str(tmp_path))
   first = tiny_engine(("ngram:2", "layer_skip:2", "ar"))
