@@ -121,8 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.bandit.calibration_steps = 8
   config.bandit.discount = 0.995  # discounted_ucb
   # The acceptance choosers (acceptance_thompson, kl_ucb, hedge and the contextual
-  # ones): per step, on the drafts seen; evidence fades
-  # over about 1 / (1 - discount) steps, so a change of domain is followed.
+  # ones): per step, on the drafts seen; evidence fades over about 1 / (1 - discount)
+  # steps, so a change of domain is followed.
   config.bandit.acceptance_discount = 0.99
   # The same choosers: at each new request, on the evidence carried from earlier ones,
   # so that a request's own first steps outweigh the last request's sooner.

@@ -59,9 +59,9 @@ class Drafter(Protocol):
   # are distributed as propose(..., gamma=g, ...)'s, with the same q.
   shares_step_body: bool
   # How many contexts a drafter tells apart before it drafts, at no cost: a drafter with
-  # more than one has a `context(seqs) -> [B] int32` in [0, contexts), and the
+  # more than one has a `context(seqs) -> [B] int32` in [0, num_contexts), and the
   # contextual choosers learn its acceptance in each context apart (bandit/acceptance.py).
-  contexts: int
+  num_contexts: int
 
 
 def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
@@ -106,7 +106,7 @@ class ModelDrafter:
   reads_features = False
   scored_free = False
   shares_step_body = False
-  contexts = 1
+  num_contexts = 1
 
   @property
   def name(self) -> str:
@@ -224,7 +224,7 @@ class NgramDrafter:
     return ()
 
   @property
-  def contexts(self) -> int:
+  def num_contexts(self) -> int:
     return self.max_n + 1
 
   def lookup(self, seqs: Sequences) -> tuple[jax.Array, jax.Array]:
@@ -318,7 +318,7 @@ class FeatureDrafter:
   reads_features = True
   scored_free = False
   shares_step_body = False
-  contexts = 1
+  num_contexts = 1
 
   @property
   def name(self) -> str:

@@ -13,8 +13,10 @@ back by a length update. Arms not selected do no work: their caches lag and catc
 chunks, the next time they are picked. A single drafter is the one-arm case.
 
 Exactness survives the bandit: the arm for step t depends only on steps
-before t, so conditioned on the past each step is an exact speculative step
-with some fixed drafter, and its output is distributed as the target's.
+before t (and, for a contextual chooser, on each drafter's context, a function
+of the committed tokens), so conditioned on the past each step is an exact
+speculative step with some fixed drafter, and its output is distributed as the
+target's.
 
 Per-row bookkeeping is AR's (`sequences.Sequences`): prompts are
 right-padded, each row's tokens continue right after its own prompt, and the
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flashspec_jax.bandit.acceptance import context_weights
+from flashspec_jax.bandit.acceptance import by_context
 from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
 from flashspec_jax.drafters import Drafter, gather_window
 from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
@@ -385,7 +387,7 @@ class SpeculativeDecoder:
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
-        contexts=jnp.zeros((prompt_tokens.shape[0], len(self.arms)), jnp.int32),
+        contexts=self._contexts(ar.seqs),
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
@@ -508,20 +510,21 @@ class SpeculativeDecoder:
 
   def _by_context(self, values: jax.Array, contexts: jax.Array) -> jax.Array:
     """[C] values [B] summed over the rows in each context (contexts [B])."""
-    return (jax.nn.one_hot(contexts, self.chooser.num_contexts) * values[:, None]).sum(0)
+    return by_context(values, contexts, self.chooser.num_contexts)
+
+  def _context_of(self, arm_index: int, seqs: Sequences) -> jax.Array:
+    """[B] int32 arms[arm_index]'s drafter's context at the rows' current position; 0
+    where the chooser does not tell its contexts apart."""
+    if self.chooser.num_contexts == 1 or self.chooser.arm_contexts[arm_index] == 1:
+      return jnp.zeros_like(seqs.seq_lens)
+    return self.arms[arm_index].drafter.context(seqs)
 
   def _contexts(self, seqs: Sequences) -> jax.Array:
-    """[B, K] int32 each arm's drafter's context at the rows' current position; 0 for
-    arms whose contexts the chooser does not tell apart."""
-    chooser = self.chooser
+    """[B, K] int32 every arm's `_context_of`, once per drafter."""
+    groups = getattr(self.chooser, "groups", range(len(self.arms)))
     columns = []
-    for j, arm in enumerate(self.arms):
-      if chooser.num_contexts == 1 or chooser.contexts[j] == 1:
-        columns.append(jnp.zeros_like(seqs.seq_lens))
-      elif chooser.groups[j] != j:  # the same drafter as an earlier arm
-        columns.append(columns[chooser.groups[j]])
-      else:
-        columns.append(arm.drafter.context(seqs))
+    for j in range(len(self.arms)):
+      columns.append(columns[groups[j]] if groups[j] != j else self._context_of(j, seqs))
     return jnp.stack(columns, axis=1)
 
   def _scored_for_free(self, params, state: SpecState, arm_index: int,
@@ -593,7 +596,7 @@ class SpeculativeDecoder:
                                            None, None)
         matches = drafts == gather_window(seqs.tokens, jnp.maximum(ends, 0), arm.gamma)
         trials = _reached(matches) & (jnp.arange(arm.gamma)[None, :] < back) & (ends >= 1)[:, None]
-        context = self._contexts(known)[:, j]
+        context = self._context_of(j, known)
         return (self._by_context(jnp.sum(trials & matches, axis=1).astype(jnp.float32), context),
                 self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context))
 
@@ -639,8 +642,8 @@ class SpeculativeDecoder:
     if self.chooser.num_contexts == 1:
       return state, self.chooser.select(state.bandit, select_key)
     contexts = self._contexts(state.seqs)
-    weights = context_weights(contexts, (len(self.arms), self.chooser.num_contexts),
-                              ~state.seqs.done)
+    live = (~state.seqs.done).astype(jnp.float32)[:, None]  # [B, 1] against contexts [B, K]
+    weights = by_context(live, contexts, self.chooser.num_contexts)
     return state.replace(contexts=contexts), self.chooser.select(state.bandit, select_key, weights)
 
   def learn(self, state: SpecState, arm: jax.Array, stats: dict[str, jax.Array]) -> SpecState:

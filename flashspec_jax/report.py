@@ -553,6 +553,9 @@ SECTIONS = [
     Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
             "interleaved, greedy (CPU)", choosers,
             lambda data: _stream(0, "interleaved")(data) and _contextual_against_plain(data)),
+    Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
+            "interleaved, temperature 1 (CPU)", choosers,
+            lambda data: _stream(1, "interleaved")(data) and _contextual_against_plain(data)),
     Section("ngram_contexts", "cpu", "n-gram lookup's drafts by the match they follow, SmolLM2 "
             "(CPU)", ngram_contexts),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "

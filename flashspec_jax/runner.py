@@ -72,10 +72,10 @@ def load_bandit_states(path: str, methods) -> dict[str, Any]:
       for name, value in saved[method.name].items():
         like = getattr(fresh, name)
         value = np.asarray(value, like.dtype)
-        # Files written before the choosers kept evidence per context hold [K] for [K, 1].
         if value.size != like.size:
           raise ValueError(f"{path}: {method.name}'s saved {name} has shape {value.shape}, "
                            f"where its arms and contexts need {like.shape}")
+        # Files written before the choosers kept evidence per context hold [K] for [K, 1].
         fields[name] = jnp.asarray(value.reshape(like.shape))
       states[method.name] = fresh.replace(**fields)
   return states

@@ -14,7 +14,7 @@ from flashspec_jax import engine, pipeline, runner, streams
 from flashspec_jax.bench import ngram_contexts
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
-from flashspec_jax.bandit.acceptance import context_weights
+from flashspec_jax.bandit.acceptance import by_context
 from flashspec_jax.config import base_config
 from flashspec_jax.drafters import ModelDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
@@ -126,7 +126,7 @@ def test_a_shared_step_body_credits_the_arm_chosen_at_run_time(params):
                                                             own["arm_tested"][1, 0]])
   np.testing.assert_array_equal(stats["arm_accepted"][:, 0], [own["arm_accepted"][0, 0], 0,
                                                               own["arm_accepted"][1, 0]])
-  assert own["arm_tested"][0] > 0 and own["arm_tested"][1] > 0
+  assert own["arm_tested"][0, 0] > 0 and own["arm_tested"][1, 0] > 0
 
 
 @pytest.mark.parametrize("name", sorted(CHOOSERS))
@@ -226,7 +226,7 @@ def test_ngram_context_is_the_length_of_the_match_it_follows():
   seq_lens = jnp.array([8, 4, 5])
   seqs = Sequences(tokens=tokens, seq_lens=seq_lens, prompt_lens=seq_lens, done=jnp.zeros(3, bool),
                    nan_rows=jnp.zeros(3, bool), rng=jax.random.key(0))
-  assert NgramDrafter(10, max_n=3).contexts == 4
+  assert NgramDrafter(10, max_n=3).num_contexts == 4
   assert NgramDrafter(10, max_n=3).context(seqs).tolist() == [2, 0, 1]
   assert NgramDrafter(10, max_n=1).context(seqs).tolist() == [1, 0, 1]
 
@@ -271,7 +271,7 @@ def test_a_contextual_chooser_runs_ngram_only_where_its_context_pays(strategy):
 
   def picks(context_of_rows):
     contexts = jnp.stack([jnp.asarray(context_of_rows), jnp.zeros(len(context_of_rows), int)], 1)
-    weights = context_weights(contexts, (2, 3))
+    weights = by_context(jnp.ones((len(context_of_rows), 1)), contexts, 3)
     return {int(chooser.select(state, jax.random.key(k), weights)) for k in range(5)}
 
   assert picks([2]) == {0} and picks([0]) == {1} and picks([2, 2, 0]) == {0}
@@ -298,6 +298,38 @@ def test_free_scores_of_a_contextual_chooser_land_in_each_rows_context(params):
   contexts = np.asarray(state.contexts[:, 1])
   np.testing.assert_array_equal(contexts, NGRAM.context(state.seqs))
   assert set(np.flatnonzero(by_context)) <= set(contexts.tolist())
+
+
+def test_a_contextual_choosers_own_step_lands_in_each_rows_context(params):
+  """The n-gram arm's own step: drafts tested per row (accepted + 1, at most gamma,
+  for live rows), summed within the context each row was in when the step began."""
+  gamma = 3
+  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(SELF, 4), engine.Arm(NGRAM, gamma)),
+                                      16, strategy=AcceptanceKLUCB(contextual=True))
+  samplers = Samplers.same(Greedy())
+  state = decoder.init(params, *decoder.ar_decoder.prepare(PROMPTS), jax.random.key(0),
+                       samplers.target)
+  np.testing.assert_array_equal(state.contexts[:, 1], NGRAM.context(state.seqs))
+  _, stats = jax.jit(decoder.arm_step, static_argnums=2)(params, state, 1, samplers)
+  contexts = np.asarray(state.contexts[:, 1])
+  tested = np.asarray(stats["live"]) * np.minimum(np.asarray(stats["accepted"]) + 1, gamma)
+  expected = [tested[contexts == c].sum() for c in range(NGRAM.num_contexts)]
+  np.testing.assert_array_equal(stats["arm_tested"][1], expected)
+  np.testing.assert_array_equal(stats["arm_accepted"][1],
+                                np.bincount(contexts, stats["accepted"], NGRAM.num_contexts))
+  assert len(set(contexts.tolist())) > 1, "the prompts should put rows in several contexts"
+  np.testing.assert_array_equal(stats["arm_tested"][0], 0)
+
+
+def test_contextual_choosers_refuse_what_would_ignore_the_contexts():
+  arms = (engine.Arm(NGRAM, 4), engine.Arm(SELF, 4))
+  with pytest.raises(ValueError, match="bound to its arms"):
+    AcceptanceKLUCB(contextual=True).init(2)
+  chooser = AcceptanceKLUCB(contextual=True).bind(arms)
+  with pytest.raises(ValueError, match="needs the rows' contexts"):
+    chooser.select(chooser.init(2), jax.random.key(0))
+  with pytest.raises(ValueError, match="no contextual variant"):
+    Hedge(contextual=True)
 
 
 def test_a_choosers_state_is_saved_with_the_results_and_loaded_by_a_later_run(tmp_path):

@@ -22,12 +22,12 @@ fades it once more at each new request, where a stream changes domain if at
 all, so that a request's own first steps outweigh the last request's sooner.
 
 `contextual` choosers learn alpha apart in each context a drafter tells before
-it drafts (`Drafter.contexts`): n-gram lookup's match length. After no match
+it drafts (`Drafter.context`): n-gram lookup's match length. After no match
 it proposes the last token again, which is almost never right; after a long
 match it often copies several tokens (bench/ngram_contexts.py measures both on
 real text). A chooser that knows only the drafter's mean runs it at the wrong
 moments; one that knows the context can run it where it has a long match and
-another drafter elsewhere, and so beat every fixed arm within a domain, not
+another drafter elsewhere, and so can beat every fixed arm within a domain, not
 only across domains.
 
 | chooser             | rule                                                               |
@@ -36,7 +36,7 @@ only across domains.
 |                     | step; the arm with the largest tau / c                             |
 | AcceptanceKLUCB     | the largest alpha within the KL-UCB bound of Bernoulli trials      |
 |                     | (Garivier & Cappe 2011); the arm with the largest tau / c there     |
-| contextual variants | either of the two above with alpha per drafter and context; tau   |
+| contextual variants | either of the two above with alpha per drafter and context; tau    |
 |                     | at the contexts the rows are in now                                |
 | Hedge               | exponential weights on each arm's tokens per cost, tau at this     |
 |                     | step's acceptance estimate; drafters scored for free gain every    |
@@ -102,16 +102,10 @@ def kl_upper_bound(mean: jax.Array, trials: jax.Array, budget: jax.Array) -> jax
   return low
 
 
-def context_weights(contexts: jax.Array | None, shape: tuple[int, int],
-                    rows: jax.Array | None = None) -> jax.Array:
-  """[K, C] how many rows are in each context of each arm, from contexts [B, K] (None:
-  one row, in context 0) and, if given, which rows count (rows [B] bool)."""
-  if contexts is None:
-    return jnp.zeros(shape).at[:, 0].set(1.0)
-  one_hot = jax.nn.one_hot(contexts, shape[1])  # [B, K, C]
-  if rows is not None:
-    one_hot = one_hot * rows[:, None, None]
-  return one_hot.sum(0)
+def by_context(values: jax.Array, contexts: jax.Array, num_contexts: int) -> jax.Array:
+  """[..., C] values summed over rows within each context: contexts [B, ...] int32,
+  values [B, ...] broadcasting against them."""
+  return (jax.nn.one_hot(contexts, num_contexts) * values[..., None]).sum(0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,18 +118,18 @@ class _AcceptanceModel:
     groups: per arm, the first arm with the same drafter (itself if none before).
     free_arms: per arm, whether the engine scores it without running it (AR, and
       drafters with `scored_free`).
-    contexts: per arm, the contexts its drafter tells apart (1 unless contextual).
+    arm_contexts: per arm, the contexts its drafter tells apart (1 unless contextual).
     discount: per step, on all evidence; 1 keeps everything.
     request_carry: at each new request (`observe`), on the evidence carried from
       earlier ones; 1 keeps it whole.
-    contextual: learn each drafter's acceptance per context (`Drafter.contexts`).
+    contextual: learn each drafter's acceptance per context (`Drafter.context`).
   """
 
   gammas: tuple[int, ...] = ()
   costs: tuple[float, ...] = ()
   groups: tuple[int, ...] = ()
   free_arms: tuple[bool, ...] = ()
-  contexts: tuple[int, ...] = ()
+  arm_contexts: tuple[int, ...] = ()
   discount: float = 1.0
   request_carry: float = 1.0
   contextual: bool = False
@@ -149,19 +143,23 @@ class _AcceptanceModel:
   def bind(self, arms) -> _AcceptanceModel:
     drafters = [arm.drafter for arm in arms]
     groups = tuple(drafters.index(d) if d is not None else i for i, d in enumerate(drafters))
-    contexts = tuple(d.contexts if self.contextual and d is not None else 1 for d in drafters)
+    arm_contexts = tuple(d.num_contexts if self.contextual and d is not None else 1
+                         for d in drafters)
     return dataclasses.replace(
         self, gammas=tuple(a.gamma for a in arms), costs=tuple(a.cost for a in arms),
         groups=groups, free_arms=tuple(d is None or d.scored_free for d in drafters),
-        contexts=contexts)
+        arm_contexts=arm_contexts)
 
   @property
   def num_contexts(self) -> int:
     """C: the most contexts any arm's drafter tells apart (1 if the chooser is not
     contextual)."""
-    return max(self.contexts, default=1)
+    return max(self.arm_contexts, default=1)
 
   def init(self, num_arms: int) -> AcceptanceState:
+    if self.contextual and not self.arm_contexts:
+      # Unbound, it cannot know its arms' contexts, and its state would have the wrong shape.
+      raise ValueError("a contextual chooser's state needs the chooser bound to its arms")
     zeros = jnp.zeros((num_arms,), jnp.float32)
     evidence = jnp.zeros((num_arms, self.num_contexts), jnp.float32)
     return AcceptanceState(accepted=evidence, tested=evidence, gains=zeros, counts=zeros,
@@ -192,10 +190,12 @@ class _AcceptanceModel:
 
   def tokens_per_cost(self, alpha: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """[K] tau(gamma_a, alpha_a) / c_a, for alpha [K], or [K, C] per context averaged
-    over the contexts with weights [K, C] (None: all in context 0)."""
+    over the contexts with weights [K, C] (None: one context)."""
     gammas = jnp.asarray(self.gammas, jnp.float32)
     if alpha.ndim == 2:
-      weights = context_weights(None, alpha.shape) if weights is None else weights
+      if weights is None and alpha.shape[1] > 1:
+        raise ValueError("a contextual chooser needs the rows' contexts (weights)")
+      weights = jnp.ones_like(alpha) if weights is None else weights
       tau = expected_tokens(gammas[:, None], alpha)
       tokens = (tau * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1e-9)
     else:
@@ -204,7 +204,7 @@ class _AcceptanceModel:
 
   def select(self, state, key, weights=None):
     """The arm for the next step; weights [K, C]: how many rows are in each context
-    of each arm's drafter now (None: one row, in context 0)."""
+    of each arm's drafter now (needed if C > 1)."""
     return self.choose(state, self.draw(state, key), weights)
 
   def draw(self, state, key):
@@ -253,6 +253,11 @@ class Hedge(_AcceptanceModel):
 
   learning_rate: float = 0.5
   discount: float = 0.99
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.contextual:
+      raise ValueError("Hedge weighs arms, not contexts: it has no contextual variant")
 
   def weights(self, state: AcceptanceState) -> jax.Array:
     return jax.nn.softmax(self.learning_rate * state.gains)

@@ -9,8 +9,10 @@ tokens before it, as the engine's NgramDrafter does, and its context there
 (`NgramDrafter.context`: the length of the match it follows, 0 for none) is
 recorded with how many of its drafts the answer confirms. The table gives, per
 set and context, the share of positions in that context and the tokens a
-greedy step from there would emit (drafts confirmed + 1). That is what the
-contextual choosers (bandit/acceptance.py) learn online, one context at a time.
+greedy step from there would emit (drafts confirmed + 1); near an answer's
+end fewer drafts can be confirmed, as a real step there is cut by the budget.
+That is what the contextual choosers (bandit/acceptance.py) learn online, one
+context at a time.
 """
 
 from __future__ import annotations
@@ -28,19 +30,17 @@ from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import load_model
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.llama import Llama
-from flashspec_jax.prompts import load_prompts
+from flashspec_jax.prompts import PROMPT_SETS, load_prompts
 from flashspec_jax.sampling import Greedy
 from flashspec_jax.sequences import Sequences
-
-SETS = ("chat", "code", "edit")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def drafts_confirmed(drafter: NgramDrafter, gamma: int, tokens: jax.Array, start: int,
                      end: int) -> tuple[jax.Array, jax.Array]:
-  """(context [N], confirmed [N]) at each position t in [start, end) of tokens [L] (N
-  = L slots, those outside the range meaningless): the drafter's context after
-  tokens[:t], and how many of its gamma drafts from there match tokens[t:]."""
+  """(context [L], confirmed [L]) at each position t in [start, end) of tokens [L] (the
+  slots outside that range are meaningless): the drafter's context after tokens[:t],
+  and how many of its gamma drafts from there match tokens[t:end]."""
   length = tokens.shape[0]
 
   def at(t):
@@ -62,17 +62,21 @@ def bench(model_name: str, num_per_set: int, max_new_tokens: int, max_n: int,
   decoder = Decoder(Llama(model.config, param_dtype=jnp.float32), max_new_tokens)
   drafter = NgramDrafter(model.config.vocab_size, max_n)
   by_set = {}
-  for kind in SETS:
+  for kind in PROMPT_SETS:
     ids = encode_chat(model.tokenizer, [p.conversation
                                         for p in load_prompts(kind, num_per_set, "heldout")])
     out = run_generate(model.params, decoder, ids, jax.random.key(0), Greedy())
     answers, lengths = np.asarray(out.tokens), np.asarray(out.num_tokens)
+    # One width for every text, so that one program serves them all.
+    width = max(map(len, ids)) + max_new_tokens
     contexts, confirmed = [], []
     for prompt, answer, n in zip(ids, answers, lengths):
-      text = np.asarray(list(prompt) + answer[:n].tolist(), np.int32)
-      context, count = drafts_confirmed(drafter, gamma, jnp.asarray(text), len(prompt), len(text))
-      contexts += np.asarray(context)[len(prompt):].tolist()
-      confirmed += np.asarray(count)[len(prompt):].tolist()
+      text = np.full(width, -1, np.int32)
+      text[:len(prompt) + n] = list(prompt) + answer[:n].tolist()
+      context, count = drafts_confirmed(drafter, gamma, jnp.asarray(text), len(prompt),
+                                        len(prompt) + n)
+      contexts += np.asarray(context)[len(prompt):len(prompt) + n].tolist()
+      confirmed += np.asarray(count)[len(prompt):len(prompt) + n].tolist()
     contexts, confirmed = np.asarray(contexts), np.asarray(confirmed)
     by_set[kind] = dict(
         positions=len(contexts),
@@ -80,7 +84,7 @@ def bench(model_name: str, num_per_set: int, max_new_tokens: int, max_n: int,
         contexts={str(c): dict(share=float(np.mean(contexts == c)),
                                mean_tokens=float(confirmed[contexts == c].mean() + 1),
                                first_confirmed=float(np.mean(confirmed[contexts == c] > 0)))
-                  for c in range(drafter.contexts) if np.any(contexts == c)})
+                  for c in range(drafter.num_contexts) if np.any(contexts == c)})
   return dict(model=model_name, weights="real", dtype="float32", num_per_set=num_per_set,
               max_new_tokens=max_new_tokens, max_n=max_n, gamma=gamma, by_set=by_set)
 
