@@ -521,8 +521,9 @@ class SpeculativeDecoder:
 
   def _contexts(self, seqs: Sequences) -> jax.Array:
     """[B, K] int32 every arm's `_context_of`, once per drafter."""
-    groups = getattr(self.chooser, "groups", range(len(self.arms)))
-    columns = []
+    if self.chooser.num_contexts == 1:
+      return jnp.zeros((seqs.seq_lens.shape[0], len(self.arms)), jnp.int32)
+    groups, columns = self.chooser.groups, []
     for j in range(len(self.arms)):
       columns.append(columns[groups[j]] if groups[j] != j else self._context_of(j, seqs))
     return jnp.stack(columns, axis=1)

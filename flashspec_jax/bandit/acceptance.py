@@ -189,17 +189,14 @@ class _AcceptanceModel:
                                tested=c * state.tested + tested, gains=c * state.gains)
 
   def tokens_per_cost(self, alpha: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """[K] tau(gamma_a, alpha_a) / c_a, for alpha [K], or [K, C] per context averaged
-    over the contexts with weights [K, C] (None: one context)."""
-    gammas = jnp.asarray(self.gammas, jnp.float32)
-    if alpha.ndim == 2:
-      if weights is None and alpha.shape[1] > 1:
+    """[K] tau(gamma_a, alpha_a) / c_a, alpha [K, C] per context averaged over the
+    contexts with weights [K, C] (None: one context)."""
+    if weights is None:
+      if alpha.shape[1] > 1:
         raise ValueError("a contextual chooser needs the rows' contexts (weights)")
-      weights = jnp.ones_like(alpha) if weights is None else weights
-      tau = expected_tokens(gammas[:, None], alpha)
-      tokens = (tau * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1e-9)
-    else:
-      tokens = expected_tokens(gammas, alpha)
+      weights = jnp.ones_like(alpha)
+    tau = expected_tokens(jnp.asarray(self.gammas, jnp.float32)[:, None], alpha)
+    tokens = (tau * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1e-9)
     return tokens / jnp.asarray(self.costs, jnp.float32)
 
   def select(self, state, key, weights=None):
@@ -275,13 +272,12 @@ class Hedge(_AcceptanceModel):
     costs = jnp.asarray(self.costs, jnp.float32)
     # This step's per-draft acceptance of each drafter, from every draft it was scored on,
     # extrapolated to each arm's own gamma: a chain cut short by the depth the step
-    # verified would undercount arms of long gamma.
-    accepted, tested = (self.pooled(feedback.accepted.sum(-1)),
-                        self.pooled(feedback.tested.sum(-1)))
+    # verified would undercount arms of long gamma. [K, 1]: Hedge is never contextual.
+    accepted, tested = self.pooled(feedback.accepted), self.pooled(feedback.tested)
     alpha = accepted / jnp.maximum(tested, 1e-9)
     gain = self.tokens_per_cost(alpha) / jnp.max((gammas + 1) / costs)
     # The AR arm always yields one token; a drafter is seen when it ran or was scored.
-    seen = (tested > 0) | (gammas == 0)
+    seen = (tested[:, 0] > 0) | (gammas == 0)
     # An arm the engine never scores for free is seen only when chosen: Exp3's estimate.
     chosen = jnp.arange(state.num_arms) == arm
     seen_only_when_chosen = chosen & ~jnp.asarray(self.free_arms)

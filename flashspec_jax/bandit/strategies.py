@@ -132,7 +132,7 @@ class Strategy(Protocol):
 
   def init(self, num_arms: int) -> BanditState: ...
 
-  # Contexts per arm the strategy tells apart (Drafter.contexts); 1 for all but the
+  # Contexts per arm the strategy tells apart (Drafter.num_contexts); 1 for all but the
   # contextual acceptance choosers.
   num_contexts: int
 
