@@ -232,22 +232,29 @@ class NgramDrafter:
     longest match start, and that match's length n (-1 and 0 where nothing matches)."""
     tokens, seq_lens = seqs.tokens, seqs.seq_lens
     batch, width = tokens.shape
-    starts = jnp.arange(width)[None, :]  # candidate match start s
-    continuation = jnp.full((batch,), -1, jnp.int32)
-    match_length = jnp.zeros((batch,), jnp.int32)
-    for n in range(1, self.max_n + 1):  # longer matches overwrite shorter ones
-      suffix = gather_window(tokens, jnp.maximum(seq_lens - n, 0), n)  # [B, n]
-      matches = jnp.ones((batch, width), bool)
-      for k in range(n):
-        shifted = jnp.take_along_axis(tokens, jnp.minimum(starts + k, width - 1).repeat(
-            batch, 0), axis=1)
-        matches &= shifted == suffix[:, k:k + 1]
-      # The match must end before the suffix starts, with n tokens to match at all.
-      matches &= (starts + n < seq_lens[:, None]) & (seq_lens[:, None] > n)
-      latest = jnp.max(jnp.where(matches, starts, -1), axis=1)
-      continuation = jnp.where(latest >= 0, latest + n, continuation)
-      match_length = jnp.where(latest >= 0, n, match_length)
-    return continuation, match_length
+    # A match of length n whose continuation starts at e has tokens[e - 1 - j] ==
+    # tokens[L - 1 - j] for every j < n (L = seq_lens). Counting the run of equal
+    # pairs back from every e finds all n in one pass over the buffer, one fused
+    # kernel on a GPU where a pass per n costs a launch each, twice a step when a
+    # contextual chooser reads the match length too.
+    last = jnp.take_along_axis(
+        tokens, jnp.maximum(seq_lens[:, None] - 1 - jnp.arange(self.max_n)[None, :], 0), axis=1)
+    # -1 before the buffer's start: no token equals it, so no match starts before it.
+    padded = jnp.pad(tokens, ((0, 0), (self.max_n, 0)), constant_values=-1)
+    run = jnp.ones((batch, width), bool)
+    length = jnp.zeros((batch, width), jnp.int32)
+    for j in range(self.max_n):
+      before = padded[:, self.max_n - 1 - j:self.max_n - 1 - j + width]  # tokens[e - 1 - j]
+      # A match of length j + 1 also needs a token before the row's last j + 1.
+      run &= (before == last[:, j:j + 1]) & (seq_lens[:, None] > j + 1)
+      length += run
+    ends = jnp.arange(width)[None, :]
+    # The longest match first, then the latest: one max over length * width + e.
+    score = jnp.max(jnp.where((length > 0) & (ends < seq_lens[:, None]), length * width + ends, -1),
+                    axis=1)
+    found = score >= 0
+    return (jnp.where(found, score % width, -1).astype(jnp.int32),
+            jnp.where(found, score // width, 0).astype(jnp.int32))
 
   def context(self, seqs: Sequences) -> jax.Array:
     """[B] the length of the match the next drafts follow, 0 to max_n: on real text a
