@@ -17,32 +17,24 @@ n-gram lookup's acceptance per match length). The results file gives each
 chooser's tok/s against the best fixed arm over the stream and per set, against
 the per-set oracle, its share of steps off each set's best arm and its steps to
 settle after a change of set (flashspec_jax/streams.py).
-Expected: on the H200 (the two greedy runs took 275 s together, compiles
-included; at bbcd0df5, arm costs given by --config.bandit.costs, the n-gram arms' all
-as gamma 8's, 0.0011398) greedy in blocks n-gram is the best fixed arm over
-the stream and acceptance Thompson runs at 1.10x it (KL-UCB 1.08x), but at
-0.91x the drafter on chat; interleaved, acceptance Thompson 1.01x, KL-UCB
-0.97x; at temperature 1 eagle:smollm2 is the best fixed arm and acceptance
-Thompson and KL-UCB run at 0.95x it in blocks, 0.96x interleaved (at
-ddf44413) (docs/bandits.md). Rerun at ccf04b92, greedy in blocks gave 1.07x
-(acceptance Thompson) and 1.11x (KL-UCB), interleaved 1.05x and 1.08x: with
---config.deterministic off, each compile times its kernels, the replies
-change between runs, and so do these ratios, by up to 0.11x. On the H200,
---config.bandit.request_carry=0.25 moved them by no more than that. On 2 CPU cores
-(--config.sampling.max_new_tokens=64, about 15 minutes, at 922e202e)
-n-gram is the best fixed arm over the stream (1.07x AR) and acceptance
-Thompson runs at 1.06x it, Hedge at 1.03x, KL-UCB at 1.00x. With
---config.bandit.request_carry=0.25 and the acceptance choosers alone (at
-7a9d588c), KL-UCB runs at 1.05x it and 1.01x the per-set oracle in blocks
-(1.00x and 0.89x carrying everything), 1.06x and 0.97x interleaved. The
-contextual choosers beside the plain ones (at b8072e82,
---config.methods=ar,ngram:3,eagle:smollm2,bandit:acceptance_thompson,bandit:kl_ucb,
-bandit:contextual_thompson,bandit:contextual_kl_ucb, about 12 minutes per order):
-contextual Thompson runs at 1.12x the best fixed arm and 1.03x the per-set oracle
-in blocks, 1.09x and 1.00x interleaved; acceptance Thompson at 1.06x and 0.97x in
-blocks, 1.00x and 0.92x interleaved. At temperature 1 interleaved, where AR is the
-CPU's best fixed arm, contextual Thompson runs at 1.02x it, acceptance Thompson at
-0.95x. The contextual choosers have not run on the H200.
+Expected, on the H200 (at fd5d527f, arm costs given by --config.bandit.costs=
+0.0011398,0.0011398,0.0011398,0.0014824,0.0050665,0.0012117 as calibrated there;
+about 3.5 minutes a run with its compiles, a minute once they are cached):
+greedy, n-gram is the best fixed arm over the stream (1.77x AR), and contextual
+KL-UCB runs at 1.14x it interleaved and 1.19x in blocks, at 0.95x or more of the
+best fixed arm on every set and 0.99x and 1.03x the per-set oracle; contextual
+Thompson at 1.13x and 1.20x; acceptance Thompson at 0.98x and 1.13x. At
+temperature 1, eagle:smollm2 is the best fixed arm (1.34-1.40x AR) and the best
+chooser runs at 0.95-1.00x it (contextual KL-UCB, contextual Thompson or KL-UCB,
+by run), below 0.95x on chat or code. With --config.deterministic off, each
+compile times its kernels and the replies change between runs, and so do these
+ratios, by up to 0.11x (docs/bandits.md). On 2 CPU cores
+(--config.sampling.max_new_tokens=64 --config.methods=ar,ngram:3,eagle:smollm2,
+bandit:acceptance_thompson,bandit:kl_ucb,bandit:contextual_thompson,
+bandit:contextual_kl_ucb, about 12 minutes per order, at b8072e82), contextual
+Thompson runs at 1.12x the best fixed arm and 1.03x the per-set oracle in blocks,
+1.09x and 1.00x interleaved, and at temperature 1 interleaved, where AR is the
+CPU's best fixed arm, at 1.02x it.
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny
