@@ -20,7 +20,7 @@ settle after a change of set (flashspec_jax/streams.py).
 Expected, on the H200 (at fd5d527f, arm costs given by --config.bandit.costs=
 0.0011398,0.0011398,0.0011398,0.0014824,0.0050665,0.0012117 as calibrated there;
 about 3.5 minutes a run with its compiles, a minute once they are cached):
-greedy, n-gram is the best fixed arm over the stream (1.77x AR), and contextual
+greedy, n-gram is the best fixed arm over the stream (1.76-1.77x AR), and contextual
 KL-UCB runs at 1.14x it interleaved and 1.19x in blocks, at 0.95x or more of the
 best fixed arm on every set and 0.99x and 1.03x the per-set oracle; contextual
 Thompson at 1.13x and 1.20x; acceptance Thompson at 0.98x and 1.13x. At
