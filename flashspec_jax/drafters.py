@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from flashspec_jax.models.eagle import FeatureDrafterNet, rollout_visibility
-from flashspec_jax.models.llama import KVCache, LayerCache, Llama
+from flashspec_jax.models.llama import KVCache, LayerCache, Llama, lm_head
 from flashspec_jax.sampling import Sampler
 from flashspec_jax.sequences import Sequences
 
@@ -358,9 +358,7 @@ class FeatureDrafter:
     -inf to the tokens outside it."""
     own = params["drafters"][self.params_key]
     if "vocabulary" not in own:
-      target = params["target"]["params"]
-      unembedding = target.get("unembedding", target["embedding"])
-      return jnp.einsum("...D,VD->...V", normed, unembedding, preferred_element_type=jnp.float32)
+      return lm_head(params["target"], normed)
     vocabulary = own["vocabulary"]
     logits = jnp.einsum("...D,VD->...V", normed, vocabulary["head"],
                         preferred_element_type=jnp.float32)

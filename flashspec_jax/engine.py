@@ -44,7 +44,7 @@ from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tok
                                      is_stop_token, loop_until_done, raise_on_nan,
                                      still_running)
 from flashspec_jax.kernels.verify import get_verify_fn
-from flashspec_jax.models.llama import KVCache, Llama
+from flashspec_jax.models.llama import KVCache, Llama, lm_head
 from flashspec_jax.sampling import Sampler, Samplers
 
 # (target_logp [B, G+1, V], draft_logq [B, G, V], draft_tokens [B, G], seeds [B])
@@ -375,8 +375,10 @@ class SpeculativeDecoder:
     of prompts); None starts fresh.
     """
     ar_decoder = self.ar_decoder
+    scores_prompt = self.chooser.uses_free_feedback
     ar, features = ar_decoder.prefill(params["target"], prompt_tokens, prompt_lens, rng,
-                                      target_sampler, with_features=bool(self.feature_arms))
+                                      target_sampler,
+                                      with_features=bool(self.feature_arms) or scores_prompt)
     capacity = ar_decoder.cache_capacity(prompt_tokens.shape[1])
     drafter_states = [
         () if arm.drafter is None
@@ -391,12 +393,22 @@ class SpeculativeDecoder:
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
-    if self.chooser.uses_free_feedback:
+    if scores_prompt:
       # The first arm is chosen knowing how much this prompt repeats itself, with what
       # earlier requests taught faded by the chooser's request_carry.
+      prompt_logp = self._prompt_log_probs(params, ar.seqs, features, target_sampler)
       state = state.replace(bandit=self.chooser.observe(
-          state.bandit, *self._scored_on_prompt(params, state)))
+          state.bandit, *self._scored_on_prompt(params, state, prompt_logp)))
     return state
+
+  def _prompt_log_probs(self, params, seqs: Sequences, features: jax.Array,
+                        target_sampler: Sampler) -> jax.Array:
+    """[B, PROMPT_POSITIONS, V] the target's log p, as target_sampler processes it, of the
+    token at each of the last PROMPT_POSITIONS committed positions before the first
+    generated one, from the prefill's features [B, P, D]."""
+    positions = seqs.seq_lens[:, None] - 1 - PROMPT_POSITIONS + jnp.arange(PROMPT_POSITIONS)
+    normed = jnp.take_along_axis(features, jnp.maximum(positions, 0)[..., None], axis=1)
+    return target_sampler.log_probs(lm_head(params["target"], normed))
 
   @property
   def bodies(self) -> tuple[tuple[int, ...], ...]:
@@ -571,22 +583,28 @@ class SpeculativeDecoder:
       tested.append(self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context))
     return jnp.stack(accepted), jnp.stack(tested)
 
-  def _scored_on_prompt(self, params, state: SpecState) -> tuple[jax.Array, jax.Array]:
-    """[K, C] drafts matched and tested, summed over rows in each context, had each
+  def _scored_on_prompt(self, params, state: SpecState,
+                        prompt_logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[K, C] drafts accepted and tested, summed over rows in each context, had each
     free-scored drafter (`scored_free`, once per drafter, as in `_scored_for_free`)
     drafted at each of the last PROMPT_POSITIONS positions of the committed tokens
-    (the prompt and the first token), against the tokens that followed there.
+    (the prompt and the first token).
 
-    The prompt is no sample of the target, so this is a prior, not an estimate: how
-    much the text repeats itself, which is what a prompt-lookup drafter lives on.
-    Draft i is tested when the drafts before it matched.
+    Draft i is tested when the drafts before it match the tokens that followed in
+    the prompt, and accepted with the target's probability of it there (prompt_logp,
+    `_prompt_log_probs`), as a step's free scoring counts it. The prompt is no sample
+    of the target, so this is a prior, not an estimate: how much the text repeats
+    itself, which is what a prompt-lookup drafter lives on, weighed by how surely the
+    target would copy it: counting matches alone overstates a copy's acceptance
+    wherever the target would not copy surely, above all when it samples.
     """
     seqs, groups = state.seqs, self.chooser.groups
     nothing = jnp.zeros((self.chooser.num_contexts,))
-    matched, tested = [], []
+    rows = jnp.arange(seqs.tokens.shape[0])[:, None]
+    accepted, tested = [], []
     for j, arm in enumerate(self.arms):
       if arm.drafter is None or not arm.drafter.scored_free or groups[j] != j:
-        matched.append(nothing)
+        accepted.append(nothing)
         tested.append(nothing)
         continue
 
@@ -596,15 +614,20 @@ class SpeculativeDecoder:
         _, drafts, _ = arm.drafter.propose(params, state.drafter_states[j], known, arm.gamma,
                                            None, None)
         matches = drafts == gather_window(seqs.tokens, jnp.maximum(ends, 0), arm.gamma)
-        trials = _reached(matches) & (jnp.arange(arm.gamma)[None, :] < back) & (ends >= 1)[:, None]
+        depth = jnp.arange(arm.gamma)
+        trials = _reached(matches) & (depth[None, :] < back) & (ends >= 1)[:, None]
+        # The target scored draft i after position ends - 1 + i: prompt_logp's row
+        # PROMPT_POSITIONS - back + i.
+        scored_at = jnp.clip(PROMPT_POSITIONS - back + depth, 0, PROMPT_POSITIONS - 1)
+        p = jnp.exp(prompt_logp[rows, scored_at[None, :], drafts])
         context = self._context_of(j, known)
-        return (self._by_context(jnp.sum(trials & matches, axis=1).astype(jnp.float32), context),
+        return (self._by_context(jnp.sum(jnp.where(trials, p, 0.0), axis=1), context),
                 self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context))
 
       by_position = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
-      matched.append(by_position[0].sum(0))
+      accepted.append(by_position[0].sum(0))
       tested.append(by_position[1].sum(0))
-    return jnp.stack(matched), jnp.stack(tested)
+    return jnp.stack(accepted), jnp.stack(tested)
 
   def dispatch(self, params, state: SpecState, arm: jax.Array,
                samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:

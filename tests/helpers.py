@@ -64,3 +64,16 @@ def with_fields(config, **fields):
       node = node[parent]
     node[leaf] = value
   return config
+
+
+def latest_longest_match(tokens, length, max_n):
+  """n-gram lookup's definition, by search: (continuation, n) of the latest earlier
+  occurrence of the longest suffix of tokens[:length] (n <= max_n) that occurs earlier;
+  (-1, 0) if none does."""
+  for n in range(max_n, 0, -1):
+    if length > n:
+      suffix = tokens[length - n:length]
+      for start in range(length - n - 1, -1, -1):
+        if tokens[start:start + n] == suffix:
+          return start + n, n
+  return -1, 0

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import spread_params, tiny_config
+from helpers import latest_longest_match
 
 from flashspec_jax import engine, pipeline, runner, streams
 from flashspec_jax.bench import ngram_contexts
@@ -437,11 +438,13 @@ def test_held_calls_price_the_chooser_program_against_the_same_steps_of_a_fixed_
   assert streams.describe_held(chooser["held_call_overhead_ms"]) == "-"
 
 
-def test_the_first_arm_follows_how_much_the_prompt_repeats_itself(params):
+def test_the_first_arm_follows_what_the_target_would_accept_of_the_prompt(params):
   """KL-UCB over n-gram and a model drafter, both untried. With no evidence the tie goes
-  to the first arm, n-gram; scored on its prompt before the first step, n-gram still
-  goes first on a prompt that repeats itself and the model drafter on one that never
-  does."""
+  to the first arm, n-gram. Scored on its prompt before the first step, n-gram still
+  goes first on a prompt that repeats what the target writes (this random target
+  writes token 1 over and over); the model drafter goes first on a prompt that never
+  repeats itself, and on one that repeats text the target would not write, where
+  n-gram's drafts match the prompt but the target would reject them."""
   arms = (engine.Arm(NGRAM, 4), engine.Arm(SELF, 4))
   decoder = engine.SpeculativeDecoder(TARGET, arms, 8, eos_ids=(), strategy=AcceptanceKLUCB())
   chooser, samplers = decoder.chooser, Samplers.same(Greedy())
@@ -449,14 +452,56 @@ def test_the_first_arm_follows_how_much_the_prompt_repeats_itself(params):
   first, scores = {}, {}
   prior = jax.jit(lambda tokens, lengths: decoder.init(params, tokens, lengths, jax.random.key(0),
                                                        samplers.target).bandit)
-  for name, prompt in {"repeats": [5, 6, 7, 8] * 6, "never": list(range(10, 34))}.items():
+  prompts = {"target's": [5, 6, 7] + [1] * 21, "other": [5, 6, 7, 8] * 6,
+             "never": list(range(10, 34))}
+  for name, prompt in prompts.items():
     tokens, lengths = decoder.ar_decoder.prepare([prompt])
     bandit = prior(tokens, lengths)
-    scores[name] = np.asarray(bandit.accepted), np.asarray(bandit.tested)
+    scores[name] = np.asarray(bandit.accepted)[:, 0], np.asarray(bandit.tested)[:, 0]
     first[name] = int(decoder.generate(params, tokens, lengths, jax.random.key(0),
                                        samplers).history.arm[0])
-  (matched, tested), (never_matched, never_tested) = scores["repeats"], scores["never"]
-  assert tested[0] >= engine.PROMPT_POSITIONS and matched[0] / tested[0] > 0.8
-  assert never_tested[0] >= engine.PROMPT_POSITIONS and never_matched[0] == 0
-  assert tested[1] == never_tested[1] == 0  # a model drafter is not scored for free
-  assert first == {"repeats": 0, "never": 1}
+  for name, (accepted, tested) in scores.items():
+    assert tested[0] >= engine.PROMPT_POSITIONS, name
+    assert tested[1] == accepted[1] == 0  # a model drafter is not scored for free
+  (accepted, tested), (other_accepted, other_tested) = scores["target's"], scores["other"]
+  assert accepted[0] / tested[0] > 0.8
+  # Its drafts match the prompt (a chain goes on only past a match) and are rejected.
+  assert other_tested[0] > 2 * engine.PROMPT_POSITIONS and other_accepted[0] == 0
+  assert scores["never"][0][0] / scores["never"][1][0] < 0.2
+  assert first == {"target's": 0, "other": 1, "never": 1}
+
+
+@pytest.mark.parametrize("contextual", [False, True], ids=["pooled", "contextual"])
+def test_the_prompt_prior_is_the_targets_acceptance_of_lookups_along_the_prompt(params,
+                                                                                contextual):
+  """The prior, by search: at each of the last PROMPT_POSITIONS positions of the committed
+  tokens, n-gram's drafts from the tokens before it, each tested while the drafts before
+  it matched the prompt and accepted with the target's probability of it (temperature 2,
+  so that no probability is 0 or 1), in the context of that position's match."""
+  arms = (engine.Arm(NGRAM, 3), engine.Arm(SELF, 2))
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 8, eos_ids=(),
+                                      strategy=AcceptanceKLUCB(contextual=contextual))
+  sampler = Temperature(2.0)
+  prompt = [5, 6, 7, 5, 6, 9, 5, 6, 7, 3, 5, 6] * 2
+  tokens, lengths = decoder.ar_decoder.prepare([prompt])
+  state = decoder.init(params, tokens, lengths, jax.random.key(0), sampler)
+  length = int(state.seqs.seq_lens[0])
+  committed = np.asarray(state.seqs.tokens)[0, :length].tolist()
+  logits, _ = TARGET.apply(params["target"], jnp.asarray([committed]),
+                           engine.KVCache.init(CONFIG, 1, length, dtype=jnp.float32))
+  p = np.exp(np.asarray(sampler.log_probs(logits))[0])  # p[t]: of the token after t
+  accepted = np.zeros(NGRAM.num_contexts if contextual else 1)
+  tested = np.zeros_like(accepted)
+  for back in range(1, engine.PROMPT_POSITIONS + 1):
+    end = length - back
+    start, n = latest_longest_match(committed, end, NGRAM.max_n)
+    context = n if contextual else 0
+    for i in range(min(3, back)):
+      draft = committed[start + i] if start >= 0 and start + i < end else committed[end - 1]
+      tested[context] += 1
+      accepted[context] += p[end - 1 + i, draft]
+      if draft != committed[end + i]:
+        break
+  np.testing.assert_allclose(np.asarray(state.bandit.tested)[0], tested)
+  np.testing.assert_allclose(np.asarray(state.bandit.accepted)[0], accepted, rtol=1e-5)
+  assert 0 < accepted.sum() < tested.sum()

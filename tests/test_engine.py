@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import run_as_one_program, spread_params, tiny_config
+from helpers import latest_longest_match
 
 from flashspec_jax import engine
 from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
@@ -191,19 +192,6 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
   assert (jnp.exp(logq).sum(-1) == 1).all()
 
 
-
-def _latest_longest_match(tokens, length, max_n):
-  """The lookup's definition, by search: (continuation, n) of the latest earlier
-  occurrence of the longest suffix of tokens[:length] that occurs earlier."""
-  for n in range(max_n, 0, -1):
-    if length > n:
-      suffix = tokens[length - n:length]
-      for start in range(length - n - 1, -1, -1):
-        if tokens[start:start + n] == suffix:
-          return start + n, n
-  return -1, 0
-
-
 @pytest.mark.parametrize("max_n", [1, 3])
 def test_ngram_lookup_finds_the_latest_longest_match(max_n):
   """On random text over 3 symbols, where matches of every length are common, with
@@ -215,7 +203,7 @@ def test_ngram_lookup_finds_the_latest_longest_match(max_n):
                    prompt_lens=jnp.asarray(seq_lens), done=jnp.zeros(64, bool),
                    nan_rows=jnp.zeros(64, bool), rng=jax.random.key(0))
   continuation, match_length = NgramDrafter(3, max_n).lookup(seqs)
-  expected = [_latest_longest_match(row.tolist(), length, max_n)
+  expected = [latest_longest_match(row.tolist(), length, max_n)
               for row, length in zip(tokens, seq_lens)]
   assert list(zip(continuation.tolist(), match_length.tolist())) == expected
   assert {n for _, n in expected} == set(range(max_n + 1))

@@ -272,6 +272,14 @@ class Llama(nn.Module):
     return (logits, cache) if features is None else (logits, cache, features)
 
 
+def lm_head(params, normed: jax.Array) -> jax.Array:
+  """f32 logits [..., V] from final-normed hidden states [..., D] (Llama's features), through
+  the model's head (its embedding when the two are tied), as its own call computes them."""
+  weights = params["params"]
+  unembedding = weights.get("unembedding", weights["embedding"])
+  return jnp.einsum("...D,VD->...V", normed, unembedding, preferred_element_type=jnp.float32)
+
+
 def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16,
                 mesh: jax.sharding.Mesh | None = None) -> dict:
   """Random parameters, created on device in one jitted call (synthetic weights); with a
