@@ -488,57 +488,61 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
+# The GPU sections' titles name the H200, so they draw only its runs: a run on another
+# GPU would pass for one.
+H200 = "gpu:NVIDIA H200"
+
 SECTIONS = [
-    Section("ar_decode", "gpu", "AR decode step against the bandwidth floor (H200)", ar_decode,
+    Section("ar_decode", H200, "AR decode step against the bandwidth floor (H200)", ar_decode,
             lambda data: data.get("tp", 1) == 1),
-    Section("ar_decode", "gpu", "AR decode step split over GPUs, against each GPU's floor "
+    Section("ar_decode", H200, "AR decode step split over GPUs, against each GPU's floor "
             "(H200 x2)", ar_decode, lambda data: data.get("tp", 1) > 1),
-    Section("spec_step", "gpu", "Speculative step against the sum of its parts (H200)", spec_step,
+    Section("spec_step", H200, "Speculative step against the sum of its parts (H200)", spec_step,
             lambda data: data["drafter"] != "eagle" and data.get("tp", 1) == 1),
-    Section("spec_step", "gpu", "An untrained feature drafter at the Llama-3-8B shape (H200)",
+    Section("spec_step", H200, "An untrained feature drafter at the Llama-3-8B shape (H200)",
             spec_step, lambda data: (data["drafter"] == "eagle" and data["target"] == "llama3_8b"
                                      and data.get("tp", 1) == 1)),
-    Section("spec_step", "gpu", "A feature drafter's step at the SmolLM2-135M shape, batch 1 "
+    Section("spec_step", H200, "A feature drafter's step at the SmolLM2-135M shape, batch 1 "
             "and 8 (H200)", spec_step,
             lambda data: data["drafter"] == "eagle" and data["target"] == "smollm2_135m"),
-    Section("spec_step", "gpu", "Speculative step with the target split over GPUs (H200 x2)",
+    Section("spec_step", H200, "Speculative step with the target split over GPUs (H200 x2)",
             spec_step, lambda data: data.get("tp", 1) > 1),
-    Section("verify_kernel", "gpu", "Pallas verify kernel against the jnp reference (H200)",
+    Section("verify_kernel", H200, "Pallas verify kernel against the jnp reference (H200)",
             verify_kernel),
     Section("layer_skip_smollm2", "cpu", "SmolLM2-135M with layer-skip drafters against AR (CPU)",
             method_table),
-    Section("train_eagle_smollm2", "gpu", "Training eagle:smollm2 (H200)", drafter_training),
-    Section("eagle_smollm2", "gpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
+    Section("train_eagle_smollm2", H200, "Training eagle:smollm2 (H200)", drafter_training),
+    Section("eagle_smollm2", H200, "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (H200)", by_prompt_set, _plain_run),
-    Section("eagle_smollm2", "gpu", "eagle:smollm2 at temperature 1 (H200)", by_prompt_set,
+    Section("eagle_smollm2", H200, "eagle:smollm2 at temperature 1 (H200)", by_prompt_set,
             lambda data: data["config"]["sampling"]["temperature"] == 1 and not
             data["config"]["sweep"]),
-    Section("eagle_smollm2", "gpu", "eagle:smollm2 at batch 8 (H200)", by_prompt_set,
+    Section("eagle_smollm2", H200, "eagle:smollm2 at batch 8 (H200)", by_prompt_set,
             lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]),
-    Section("eagle_smollm2", "gpu", "eagle:smollm2 against gamma (H200)", sweep,
+    Section("eagle_smollm2", H200, "eagle:smollm2 against gamma (H200)", sweep,
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set, _plain_run),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "greedy (H200)", choosers, _stream(0, "blocks")),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, greedy "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, greedy "
             "(H200)", choosers, _stream(0, "interleaved")),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "temperature 1 (H200)", choosers, _stream(1, "blocks")),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, "
             "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "greedy, deterministic mode (H200)", choosers,
             _stream(0, "blocks", deterministic=True)),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, greedy, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, greedy, "
             "deterministic mode (H200)", choosers,
             _stream(0, "interleaved", deterministic=True)),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, greedy, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, greedy, "
             "request_carry 0.25 (H200)", choosers, _stream(0, "interleaved", request_carry=0.25)),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream in blocks of one set, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "temperature 1, request_carry 0.25 (H200)", choosers,
             _stream(1, "blocks", request_carry=0.25)),
-    Section("choosers_smollm2", "gpu", "Choosers on a held-out stream, sets interleaved, "
+    Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, "
             "temperature 1, request_carry 0.25 (H200)", choosers,
             _stream(1, "interleaved", request_carry=0.25)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
@@ -565,31 +569,31 @@ SECTIONS = [
             "request_carry 0.25 (CPU)", choosers, _stream(0, "interleaved", request_carry=0.25)),
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
-    Section("trace_calls", "gpu", "A chooser's step against fixed arms' steps, traced (H200)",
+    Section("trace_calls", H200, "A chooser's step against fixed arms' steps, traced (H200)",
             trace_calls, lambda data: data["config"]["batch_size"] == 1),
-    Section("trace_calls", "gpu", "AR and eagle:smollm2 at batch 8, traced (H200)", trace_calls,
+    Section("trace_calls", H200, "AR and eagle:smollm2 at batch 8, traced (H200)", trace_calls,
             lambda data: data["config"]["batch_size"] == 8),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),
     Section("bandit_switching", "", "Bandit regret when the best arm changes", regret),
     Section("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a "
             "changing stream (CPU)", bandit_run),
-    Section("bandit_smollm2", "gpu", "The same stream on the H200", bandit_run),
-    Section("idle_arms", "gpu", "Step time with idle model arms", idle_arms),
-    Section("bandit_call", "gpu", "Whole calls of the bandit program held on one arm (H200)",
+    Section("bandit_smollm2", H200, "The same stream on the H200", bandit_run),
+    Section("idle_arms", H200, "Step time with idle model arms", idle_arms),
+    Section("bandit_call", H200, "Whole calls of the bandit program held on one arm (H200)",
             bandit_call, lambda data: not _has_cycle(data)),
-    Section("bandit_call", "gpu", "Moving between arms on a fixed schedule (H200)", bandit_call,
+    Section("bandit_call", H200, "Moving between arms on a fixed schedule (H200)", bandit_call,
             _has_cycle),
-    Section("numerics", "gpu", "Verify-pass and decode-step logits against f32, SmolLM2 (H200)",
+    Section("numerics", H200, "Verify-pass and decode-step logits against f32, SmolLM2 (H200)",
             numerics, _model("smollm2_135m")),
-    Section("numerics", "gpu", "Verify-pass and decode-step logits against f32, Llama-3-8B "
+    Section("numerics", H200, "Verify-pass and decode-step logits against f32, Llama-3-8B "
             "shape (H200)", numerics, _model("llama3_8b")),
-    Section("deterministic_smollm2", "gpu", "Deterministic mode off and on, batch 1 (H200)",
+    Section("deterministic_smollm2", H200, "Deterministic mode off and on, batch 1 (H200)",
             deterministic, lambda data: data["config"]["batch_size"] == 1),
-    Section("deterministic_smollm2", "gpu", "Deterministic mode off and on, batch 8 (H200)",
+    Section("deterministic_smollm2", H200, "Deterministic mode off and on, batch 8 (H200)",
             deterministic, lambda data: data["config"]["batch_size"] == 8),
     Section("deterministic_smollm2", "cpu", "Deterministic mode off and on (CPU)",
             deterministic),
-    Section("compile_time", "gpu", "Compile time and the disk cache (H200)", compile_time),
+    Section("compile_time", H200, "Compile time and the disk cache (H200)", compile_time),
     Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time),
     Section("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),
     Section("baselines", "", "Baselines on held-out prompts", bandit_run),

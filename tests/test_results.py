@@ -82,3 +82,16 @@ def test_report_takes_the_newest_file_across_both_name_forms(tmp_path, monkeypat
   assert re.findall(r"Figure: \[`(.*?)`\]", report.provenance(path, data)) == [
       "2026-11-29T060000Z_bbbbbbbb-10.png", "2026-11-29T060000Z_bbbbbbbb-10_arms.png"]
   assert report.newest("exp", "")[0].stem == "2026-11-29T070000Z_cccccccc"
+
+
+def test_sections_that_name_the_h200_draw_only_its_runs(tmp_path, monkeypatch):
+  """A run on another GPU, an H100 say, would otherwise be drawn under an H200 title."""
+  assert all(s.device == report.H200 for s in report.SECTIONS if "H200" in s.title)
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  (tmp_path / "exp").mkdir()
+  for stem, device in {"2026-11-29T060000Z_aaaaaaaa": "gpu:NVIDIA H200",
+                       "2026-11-29T070000Z_bbbbbbbb": "gpu:NVIDIA H100 80GB HBM3"}.items():
+    env = dict(ENV, date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00", device=device)
+    (tmp_path / "exp" / f"{stem}.json").write_text(json.dumps({"environment": env}))
+  assert report.newest("exp", report.H200)[0].stem == "2026-11-29T060000Z_aaaaaaaa"
+  assert report.newest("exp", "gpu")[0].stem == "2026-11-29T070000Z_bbbbbbbb"
