@@ -26,7 +26,10 @@ best fixed arm on every set and 0.99x and 1.03x the per-set oracle; contextual
 Thompson at 1.13x and 1.20x; acceptance Thompson at 0.98x and 1.13x. At
 temperature 1, eagle:smollm2 is the best fixed arm (1.34-1.40x AR) and the best
 chooser runs at 0.95-1.00x it (contextual KL-UCB, contextual Thompson or KL-UCB,
-by run), below 0.95x on chat or code. With --config.deterministic off, each
+by run), below 0.95x on chat or code. Those H200 runs predate the prompt prior
+weighed by the target's probabilities (317bec7b); with it, at temperature 1 on an
+H100 (25c7b046), the best chooser ran at 0.97-1.07x the drafter, by run, and at
+0.90-0.91x on chat in two of three runs. With --config.deterministic off, each
 compile times its kernels and the replies change between runs, and so do these
 ratios, by up to 0.11x (docs/bandits.md). On 2 CPU cores
 (--config.sampling.max_new_tokens=64 --config.methods=ar,ngram:3,eagle:smollm2,

@@ -30,15 +30,16 @@ from absl import app, flags
 
 from flashspec_jax import results, streams
 
-_RUNS = flags.DEFINE_string("runs", "results/choosers_smollm2/*.json", "Runs to read (a glob).")
+_RUNS = flags.DEFINE_list("runs", ["results/choosers_smollm2/*.json"],
+                          "Runs to read: globs, comma-separated.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
 def main(argv):
   del argv
-  paths = sorted(glob.glob(_RUNS.value))
+  paths = sorted({path for pattern in _RUNS.value for path in glob.glob(pattern)})
   if not paths:
-    raise app.UsageError(f"--runs: no file matches {_RUNS.value!r}")
+    raise app.UsageError(f"--runs: no file matches {','.join(_RUNS.value)!r}")
   runs = []
   for path in paths:
     run = json.loads(pathlib.Path(path).read_text())
