@@ -488,8 +488,8 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
-# The GPU sections' titles name the H200, so they draw only its runs: a run on another
-# GPU would pass for one.
+# Every GPU section's title names the H200, so the sections draw only its runs: a run on
+# another GPU would pass for one (tests/test_results.py checks both).
 H200 = "gpu:NVIDIA H200"
 
 SECTIONS = [
@@ -578,7 +578,7 @@ SECTIONS = [
     Section("bandit_smollm2", "cpu", "The bandit choosing SmolLM2-135M's drafters over a "
             "changing stream (CPU)", bandit_run),
     Section("bandit_smollm2", H200, "The same stream on the H200", bandit_run),
-    Section("idle_arms", H200, "Step time with idle model arms", idle_arms),
+    Section("idle_arms", H200, "Step time with idle model arms (H200)", idle_arms),
     Section("bandit_call", H200, "Whole calls of the bandit program held on one arm (H200)",
             bandit_call, lambda data: not _has_cycle(data)),
     Section("bandit_call", H200, "Moving between arms on a fixed schedule (H200)", bandit_call,
