@@ -453,7 +453,7 @@ def test_the_first_arm_follows_what_the_target_would_accept_of_the_prompt(params
   prior = jax.jit(lambda tokens, lengths: decoder.init(params, tokens, lengths, jax.random.key(0),
                                                        samplers.target).bandit)
   prompts = {"target's": [5, 6, 7] + [1] * 21, "other": [5, 6, 7, 8] * 6,
-             "never": list(range(10, 34))}
+             "never": list(range(20, 44))}
   for name, prompt in prompts.items():
     tokens, lengths = decoder.ar_decoder.prepare([prompt])
     bandit = prior(tokens, lengths)
@@ -467,7 +467,7 @@ def test_the_first_arm_follows_what_the_target_would_accept_of_the_prompt(params
   assert accepted[0] / tested[0] > 0.8
   # Its drafts match the prompt (a chain goes on only past a match) and are rejected.
   assert other_tested[0] > 2 * engine.PROMPT_POSITIONS and other_accepted[0] == 0
-  assert scores["never"][0][0] / scores["never"][1][0] < 0.2
+  assert scores["never"][0][0] == 0  # no draft the target would take
   assert first == {"target's": 0, "other": 1, "never": 1}
 
 
