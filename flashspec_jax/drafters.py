@@ -95,6 +95,9 @@ class ModelDrafter:
     params_key: "target", or the drafter's key in params["drafters"].
     chunk: tokens per catch-up forward when the cache lags by more than the
       usual one or two tokens (after steps in which another arm was used).
+    wide_chunk: tokens per forward while the lag exceeds `chunk`: the prompt, and
+      the tokens of long idle spans. On a GPU a forward of 128 tokens costs about
+      what one of 16 does, and each forward of the loop waits for the host once.
     unroll: unroll the gamma draft steps in XLA (fastest on GPU); False keeps one
       loop body, which compiles several times faster on CPU.
   """
@@ -102,6 +105,7 @@ class ModelDrafter:
   model: Llama
   params_key: str = "target"
   chunk: int = 16
+  wide_chunk: int = 128
   unroll: bool = True
   reads_features = False
   scored_free = False
@@ -122,31 +126,36 @@ class ModelDrafter:
     return params["target"] if self.params_key == "target" else params["drafters"][self.params_key]
 
   def init(self, params, prompt_tokens, prompt_lens, capacity: int) -> KVCache:
-    """Prefills the drafter's cache with the prompts."""
-    cache = KVCache.init(self.model.config, prompt_tokens.shape[0], capacity,
-                         dtype=self.model.param_dtype, num_layers=self.model.num_layers)
-    _, cache = self.model.apply(self.params(params), prompt_tokens, cache, num_valid=prompt_lens,
-                                logits_index=prompt_lens - 1)
-    return cache
+    """Empty: the prompts are fed at the first proposal, so that an arm a chooser never
+    picks costs no prefill (layer-skip's was most of the target's, every call)."""
+    del params, prompt_lens
+    return KVCache.init(self.model.config, prompt_tokens.shape[0], capacity,
+                        dtype=self.model.param_dtype, num_layers=self.model.num_layers)
 
   def catch_up(self, params, cache: KVCache, tokens, seq_lens) -> tuple[jax.Array, KVCache]:
     """Feeds every committed token the cache lacks; returns logits after the last one [B, V].
 
     The usual lag is one token (the last committed) or two (the target also
     accepted the last draft, which the drafter never fed itself): one forward
-    of two tokens. Longer lags are first fed `chunk` tokens at a time.
+    of two tokens. Longer lags are first fed `wide_chunk` tokens at a time while
+    more than `chunk` remain (the prompt, long idle spans), then `chunk` at a time.
     """
-    def lagging(cache):
-      return jnp.any(seq_lens - cache.lengths > 2)
+    def to_feed(cache):  # the tokens to feed before the last one or two
+      return seq_lens - 2 - cache.lengths
 
-    def feed_chunk(cache):
-      num_valid = jnp.clip(seq_lens - 2 - cache.lengths, 0, self.chunk)
-      window = gather_window(tokens, cache.lengths, self.chunk)
-      _, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
-                                  logits_index=jnp.zeros_like(num_valid))
-      return cache
+    def feeder(width):
+      def feed(cache):
+        num_valid = jnp.clip(to_feed(cache), 0, width)
+        window = gather_window(tokens, cache.lengths, width)
+        _, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
+                                    logits_index=jnp.zeros_like(num_valid))
+        return cache
+      return feed
 
-    cache = jax.lax.while_loop(lagging, feed_chunk, cache)
+    cache = jax.lax.while_loop(lambda cache: jnp.any(to_feed(cache) > self.chunk),
+                               feeder(self.wide_chunk), cache)
+    cache = jax.lax.while_loop(lambda cache: jnp.any(to_feed(cache) > 0), feeder(self.chunk),
+                               cache)
     num_valid = seq_lens - cache.lengths  # 1 or 2
     window = gather_window(tokens, cache.lengths, 2)
     logits, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
@@ -315,12 +324,16 @@ class FeatureDrafter:
     target: the target model, whose embedding and head the drafter shares.
     params_key: the drafter's key in params["drafters"].
     chunk: pairs per catch-up forward; a step usually leaves gamma + 1 or fewer.
+    wide_chunk: pairs per forward while more than `chunk` are missing: the prompt,
+      and the pairs of long idle spans. On a GPU a forward of 128 pairs costs about
+      what one of 16 does, and each forward of the loop waits for the host once.
     unroll: unroll the gamma draft steps in XLA (fastest on GPU).
   """
 
   target: Llama
   params_key: str
   chunk: int = 16
+  wide_chunk: int = 128
   unroll: bool = True
   reads_features = True
   scored_free = False
@@ -416,21 +429,21 @@ class FeatureDrafter:
                seq_lens) -> tuple[jax.Array, jax.Array, KVCache]:
     """Reads every committed pair the cache lacks (the last is that of the newest
     token); returns the logits [B, V] and output [B, D] after the last pair."""
-    def pairs_at(cache):  # the chunk of pairs from each row's cache length
-      return (gather_window(state.features, cache.lengths, self.chunk),
-              gather_window(tokens, cache.lengths + 1, self.chunk))
+    def pairs_at(cache, width):  # the pairs from each row's cache length
+      return (gather_window(state.features, cache.lengths, width),
+              gather_window(tokens, cache.lengths + 1, width))
 
     def missing(cache):
       return seq_lens - 1 - cache.lengths
 
-    def feed_chunk(cache):
-      num_valid = jnp.where(missing(cache) > self.chunk, self.chunk, 0)
-      return self.forward(params, cache, *pairs_at(cache), num_valid)[2]
+    def feed_wide(cache):  # all but the last missing pair, up to wide_chunk of them
+      num_valid = jnp.clip(missing(cache) - 1, 0, self.wide_chunk)
+      return self.forward(params, cache, *pairs_at(cache, self.wide_chunk), num_valid)[2]
 
-    cache = jax.lax.while_loop(lambda cache: jnp.any(missing(cache) > self.chunk), feed_chunk,
+    cache = jax.lax.while_loop(lambda cache: jnp.any(missing(cache) > self.chunk), feed_wide,
                                state.cache)
     num_valid = jnp.maximum(missing(cache), 0)
-    hidden, normed, cache = self.forward(params, cache, *pairs_at(cache), num_valid)
+    hidden, normed, cache = self.forward(params, cache, *pairs_at(cache, self.chunk), num_valid)
     last = jnp.maximum(num_valid - 1, 0)[:, None, None]
     # Only the last pair's logits are drafted from: the head reads one row, not a chunk.
     return (self.head(params, jnp.take_along_axis(normed, last, axis=1)[:, 0]),

@@ -28,8 +28,9 @@ from flashspec_jax.sampling import Greedy, Samplers
 
 CONFIG = tiny_config(num_layers=4, name="tiny_eagle_target")
 TARGET = Llama(CONFIG, param_dtype=jnp.float32)
-# chunk 4 < the longest prompt: the first proposal catches up in several chunks.
-DRAFTER = FeatureDrafter(TARGET, "eagle", chunk=4, unroll=False)
+# The longest prompt (12 tokens) lacks 12 pairs at the first proposal: wide chunks of 6
+# and 5, then the last pair.
+DRAFTER = FeatureDrafter(TARGET, "eagle", chunk=4, wide_chunk=6, unroll=False)
 VOCABULARY = np.arange(0, CONFIG.vocab_size, 3)  # a restricted drafter's tokens
 PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(30, 39)),
            [4] * 6, [60, 61, 62, 63, 0]]  # batch 8, lengths 1 to 12

@@ -208,10 +208,9 @@ def test_ngram_lookup_finds_the_latest_longest_match(max_n):
   assert list(zip(continuation.tolist(), match_length.tolist())) == expected
   assert {n for _, n in expected} == set(range(max_n + 1))
 
-def bandit_arms(chunk=16):
-  return (engine.Arm(ModelDrafter(DRAFTERS["small"].model, "small", chunk=chunk, unroll=False),
-                     3),
-          engine.Arm(ModelDrafter(DRAFTERS["layer_skip"].model, chunk=chunk, unroll=False), 2),
+def bandit_arms(**chunks):
+  return (engine.Arm(ModelDrafter(DRAFTERS["small"].model, "small", unroll=False, **chunks), 3),
+          engine.Arm(ModelDrafter(DRAFTERS["layer_skip"].model, unroll=False, **chunks), 2),
           engine.Arm(NgramDrafter(CONFIG.vocab_size, 3), 4), engine.Arm())
 
 
@@ -226,8 +225,9 @@ def bandit_generate(params, strategy, arms, max_new_tokens=24, **kwargs):
 
 @pytest.mark.parametrize("strategy", [EpsilonGreedy(0.7), Thompson()], ids=["eps", "thompson"])
 def test_switching_arms_keeps_greedy_output(params, strategy):
-  """Arms used rarely catch up in chunks (of 3 here) when picked; greedy output is AR's."""
-  out = bandit_generate(params, strategy, bandit_arms(chunk=3))
+  """Arms used rarely catch up when picked, in wide chunks (of 5 here) while more than a
+  chunk (3) is missing, then in chunks; greedy output is AR's."""
+  out = bandit_generate(params, strategy, bandit_arms(chunk=3, wide_chunk=5))
   ar = run_generate(params["target"], Decoder(TARGET, 24), PROMPTS, jax.random.key(0), Greedy())
   np.testing.assert_array_equal(out.tokens, ar.tokens)
   arms = np.asarray(out.history.arm[:int(out.steps)])
@@ -255,8 +255,8 @@ def test_idle_arms_are_not_touched(params):
   for _ in range(3):
     state = step(params, state)
   assert (state.seqs.seq_lens > lengths + 3).any()  # the n-gram arm made progress
-  for idle in (0, 1):  # the model arms never ran: their caches still hold just the prompts
-    np.testing.assert_array_equal(state.drafter_states[idle].lengths, lengths)
+  for idle in (0, 1):  # the model arms never ran: their caches are still empty
+    np.testing.assert_array_equal(state.drafter_states[idle].lengths, 0)
 
 
 def test_the_bandit_step_updates_every_cache_in_place(params):
