@@ -488,9 +488,10 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
-# Every GPU section's title names the H200, so the sections draw only its runs: a run on
-# another GPU would pass for one (tests/test_results.py checks both).
+# Every GPU section's title names its GPU, and the section draws only that GPU's runs: a
+# run on another would pass for one (tests/test_results.py checks both).
 H200 = "gpu:NVIDIA H200"
+H100 = "gpu:NVIDIA H100"
 
 SECTIONS = [
     Section("ar_decode", H200, "AR decode step against the bandwidth floor (H200)", ar_decode,
@@ -545,6 +546,16 @@ SECTIONS = [
     Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, "
             "temperature 1, request_carry 0.25 (H200)", choosers,
             _stream(1, "interleaved", request_carry=0.25)),
+    # The H200 was not lent in the sessions after the prompt prior changed; the same
+    # streams ran on an H100, with the H200's calibrated arm costs.
+    Section("choosers_smollm2", H100, "Choosers on a held-out stream in blocks of one set, "
+            "greedy (H100)", choosers, _stream(0, "blocks")),
+    Section("choosers_smollm2", H100, "Choosers on a held-out stream, sets interleaved, greedy "
+            "(H100)", choosers, _stream(0, "interleaved")),
+    Section("choosers_smollm2", H100, "Choosers on a held-out stream in blocks of one set, "
+            "temperature 1 (H100)", choosers, _stream(1, "blocks")),
+    Section("choosers_smollm2", H100, "Choosers on a held-out stream, sets interleaved, "
+            "temperature 1 (H100)", choosers, _stream(1, "interleaved")),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy (CPU)", choosers,
             lambda data: _stream(0, "blocks")(data) and _with_reward_bandits(data)),
@@ -570,6 +581,8 @@ SECTIONS = [
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
     Section("trace_calls", H200, "A chooser's step against fixed arms' steps, traced (H200)",
+            trace_calls, lambda data: data["config"]["batch_size"] == 1),
+    Section("trace_calls", H100, "A chooser's step against fixed arms' steps, traced (H100)",
             trace_calls, lambda data: data["config"]["batch_size"] == 1),
     Section("trace_calls", H200, "AR and eagle:smollm2 at batch 8, traced (H200)", trace_calls,
             lambda data: data["config"]["batch_size"] == 8),

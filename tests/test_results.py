@@ -84,10 +84,11 @@ def test_report_takes_the_newest_file_across_both_name_forms(tmp_path, monkeypat
   assert report.newest("exp", "")[0].stem == "2026-11-29T070000Z_cccccccc"
 
 
-def test_sections_that_name_the_h200_draw_only_its_runs(tmp_path, monkeypatch):
+def test_sections_that_name_a_gpu_draw_only_its_runs(tmp_path, monkeypatch):
   """A run on another GPU, an H100 say, would otherwise be drawn under an H200 title."""
   for section in report.SECTIONS:
     assert ("H200" in section.title) == (section.device == report.H200), section.title
+    assert ("H100" in section.title) == (section.device == report.H100), section.title
   monkeypatch.setattr(report, "RESULTS", tmp_path)
   (tmp_path / "exp").mkdir()
   for stem, device in {"2026-11-29T060000Z_aaaaaaaa": "gpu:NVIDIA H200",
