@@ -125,7 +125,9 @@ def step_costs(run: dict) -> dict:
   arm against that arm's fixed calls with the same steps (`held_call_overhead_ms`);
   and per prompt set, the chooser's speed against the set's best fixed arm had each
   call's excess been the best fixed arm's median (`at_mix_by_set`), or the chooser's
-  own median, cutting its worst calls down (`at_own_median_by_set`).
+  own median, cutting its worst calls down (`at_own_median_by_set`). Last, each
+  chooser's changes of step body per step, and over all the choosers' calls, what a
+  change of body and a step add to a call's excess (`body_change_fit`).
 
   Raises:
     ValueError: for a run at batch > 1 (its records are rows, not calls), or whose
@@ -149,7 +151,8 @@ def step_costs(run: dict) -> dict:
   for method in fixed:
     for kind, rate in _rates_by_set(_calls(run, method)[1:]).items():
       best_by_set[kind] = max(rate, best_by_set.get(kind, 0.0))
-  choosers = []
+  on_gpu = run["environment"]["device"].startswith("gpu")
+  choosers, fit_rows = [], []
   for method, history in run["bandit_histories"].items():
     calls = _calls(run, method)
     first = _rate(calls[:1])[2]
@@ -161,6 +164,9 @@ def step_costs(run: dict) -> dict:
     mix = sum(share * costs[arm] for arm, share in shares.items())
     steps_seconds = [sum(costs[arm] for arm in arms) for arms in arms_per_call]
     excess = _excess_ms(calls[1:], steps_seconds)
+    changes = [_body_changes(arms, on_gpu) for arms in arms_per_call]
+    fit_rows += [(method, len(arms), n, ms)
+                 for arms, n, ms in zip(arms_per_call, changes, excess["calls"], strict=True)]
     held = _held_call_overhead_ms(run, calls[1:], arms_per_call, fixed)
     priced = lambda excess_ms: {
         kind: rate / best_by_set[kind] for kind, rate in _rates_by_set(
@@ -170,14 +176,51 @@ def step_costs(run: dict) -> dict:
         vs_best_fixed=rate / best_rate, calibrated_mix_ms=1e3 * mix,
         estimated_vs_best_fixed=(tau / (mix + per_call_share)) / best_rate,
         shares=shares, call_excess_ms=excess, at_mix_by_set=priced(best_excess["median"]),
-        at_own_median_by_set=priced(excess["median"]), held_call_overhead_ms=held))
+        at_own_median_by_set=priced(excess["median"]), held_call_overhead_ms=held,
+        body_changes_per_step=sum(changes) / max(sum(map(len, arms_per_call)), 1)))
   return dict(run=run["_path"], device=run["environment"]["device"],
               temperature=run["config"]["sampling"]["temperature"],
               order=run["config"]["prompts"]["order"], best_fixed=best,
               best_fixed_first_call_ms_per_step=1e3 * _rate(_calls(run, best)[:1])[2],
               best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
               best_fixed_calibrated_ms=1e3 * costs[best_arm], best_fixed_call_excess_ms=best_excess,
-              choosers=choosers)
+              choosers=choosers, body_change_fit=_body_change_fit(fit_rows))
+
+
+def _body(arm: str, on_gpu: bool) -> str:
+  """The step body that runs a bandit arm (engine.step_bodies): on a GPU n-gram lookup's
+  arms at every gamma share one (drafters.NgramDrafter.shares_step_body); every other
+  arm has its own."""
+  return arm.partition(":")[0] if on_gpu and arm.startswith("ngram_") else arm
+
+
+def _body_changes(arms: list[str], on_gpu: bool) -> int:
+  """How often a call's steps moved from one step body to another: each move leaves a
+  body's loop and enters another's, a few more waits for the host on a GPU."""
+  bodies = [_body(arm, on_gpu) for arm in arms]
+  return sum(a != b for a, b in zip(bodies, bodies[1:]))
+
+
+def _body_change_fit(rows: list[tuple[str, int, int, float]]) -> dict | None:
+  """Least squares over the choosers' later calls (method, steps, changes of body, excess
+  ms): each call's excess as a per-chooser intercept (prefill, call overhead) plus
+  ms_per_step for each step and ms_per_change for each change of body, with their
+  standard errors. None when the calls cannot tell the three apart."""
+  methods = sorted({method for method, *_ in rows})
+  design = np.zeros((len(rows), len(methods) + 2))
+  for i, (method, steps, changes, _) in enumerate(rows):
+    design[i, methods.index(method)] = 1.0
+    design[i, -2:] = steps, changes
+  excess = np.asarray([ms for *_, ms in rows])
+  dof = len(rows) - design.shape[1]
+  if dof <= 0 or np.linalg.matrix_rank(design) < design.shape[1]:
+    return None
+  coef, *_ = np.linalg.lstsq(design, excess, rcond=None)
+  residual = excess - design @ coef
+  errors = np.sqrt(np.diag(np.linalg.inv(design.T @ design)) * (residual @ residual) / dof)
+  return dict(ms_per_step=float(coef[-2]), ms_per_step_se=float(errors[-2]),
+              ms_per_change=float(coef[-1]), ms_per_change_se=float(errors[-1]),
+              intercept_ms=dict(zip(methods, map(float, coef[:-2]))), calls=len(rows))
 
 
 def _held_call_overhead_ms(run: dict, calls: list[dict], arms_per_call: list[list[str]],

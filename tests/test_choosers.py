@@ -502,3 +502,39 @@ def test_the_prompt_prior_is_the_targets_acceptance_of_lookups_along_the_prompt(
   np.testing.assert_allclose(np.asarray(state.bandit.tested)[0], tested)
   np.testing.assert_allclose(np.asarray(state.bandit.accepted)[0], accepted, rtol=1e-5)
   assert 0 < accepted.sum() < tested.sum() and np.count_nonzero(tested) > 1
+
+
+@pytest.mark.parametrize("device", ["gpu:test", "cpu:cpu"])
+def test_chooser_steps_fits_what_a_change_of_step_body_costs(device):
+  """Calls whose excess is 3 ms per chooser, 0.05 ms a step and 0.2 ms a change of step
+  body give those back. On a GPU n-gram's arms at two gammas share a body, so moving
+  between them is no change; on a CPU each arm has its own."""
+  arms = ["ngram_3:g2", "ngram_3:g4", "eagle_smollm2:g4"]
+  costs = {"ngram_3:g2": 0.001, "ngram_3:g4": 0.001, "eagle_smollm2:g4": 0.002}
+  on_gpu = device.startswith("gpu")
+  records, histories = [], {}
+  for method, intercept in (("bandit:kl_ucb", 3.0), ("bandit:hedge", 5.0)):
+    steps = []
+    for call, pattern in enumerate([[0], [0, 1], [0, 2], [0, 1, 2, 2], [2, 0, 1], [1, 2]] * 2):
+      picks = (pattern * 7)[:6 + call]
+      changes = streams._body_changes([arms[a] for a in picks], on_gpu)
+      ms = intercept + 0.05 * len(picks) + 0.2 * changes
+      seconds = sum(costs[arms[a]] for a in picks) + ms / 1e3
+      records.append(dict(method=method, id=f"{method}/{call}", kind="chat", new_tokens=1,
+                          loop_steps=len(picks), batch_seconds=seconds, batch_rows=1, text=""))
+      steps += [["chat", a] for a in picks]
+    histories[method] = dict(arms=arms, steps=steps)
+  records += [dict(method="eagle:smollm2", id=f"eagle/{i}", kind="chat", new_tokens=2,
+                   loop_steps=2, batch_seconds=0.005, batch_rows=1, text="") for i in range(2)]
+  run = dict(_path="run.json", environment=dict(device=device),
+             config=dict(sampling=dict(gamma=4, temperature=1.0), prompts=dict(order="blocks")),
+             arm_costs=costs, records=records, bandit_histories=histories)
+  out = streams.step_costs(run)
+  fit = out["body_change_fit"]
+  assert fit["ms_per_change"] == pytest.approx(0.2, abs=1e-9)
+  assert fit["ms_per_step"] == pytest.approx(0.05, abs=1e-9)
+  # The first call of each chooser is left out, as everywhere in step_costs.
+  assert fit["intercept_ms"] == pytest.approx({"bandit:hedge": 5.0, "bandit:kl_ucb": 3.0})
+  assert fit["calls"] == 22
+  # [0, 1] repeated: a change of body every step on a CPU, none on a GPU.
+  assert streams._body_changes(arms[:2] * 3, on_gpu) == (0 if on_gpu else 5)

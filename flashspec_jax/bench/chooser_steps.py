@@ -18,6 +18,8 @@ each later call's excess: its time beyond the calibrated cost of the steps it ra
 by some calls only. And per prompt set, the chooser's speed against the set's best
 fixed arm had each call cost its steps' calibrated costs plus the best fixed arm's
 median call excess, or plus the chooser's own median (its worst calls cut down).
+Per run, a least-squares fit of the choosers' call excess on their steps and their
+changes of step body tells what each change costs (on a GPU, waits for the host).
 """
 
 from __future__ import annotations
@@ -65,7 +67,14 @@ def main(argv):
             f"{streams.describe_held(c['held_call_overhead_ms']):>15}"
             "  by set, at mix / at own median: "
             + ", ".join(f"{kind} {ratio:.2f} / {c['at_own_median_by_set'][kind]:.2f}"
-                        for kind, ratio in c["at_mix_by_set"].items()))
+                        for kind, ratio in c["at_mix_by_set"].items())
+            + f"; body changes per step {c['body_changes_per_step']:.2f}")
+    fit = run["body_change_fit"]
+    if fit:
+      print(f"{'':<34} each change of step body adds {1e3 * fit['ms_per_change']:.0f} "
+            f"+- {1e3 * fit['ms_per_change_se']:.0f} us to a call, each step "
+            f"{1e3 * fit['ms_per_step']:.0f} +- {1e3 * fit['ms_per_step_se']:.0f} us "
+            f"(least squares over {fit['calls']} calls)")
 
 
 def _excess(excess: dict) -> str:
