@@ -388,11 +388,12 @@ def chooser_steps(data: dict) -> list[str]:
            "chooser's later calls that ran one arm at every step and match, step for "
            "step, that arm's fixed call on the same prompt; the median milliseconds each "
            "took beyond that call (the chooser's program, its choices taken out), and "
-           "how many.",
+           "how many. Body changes: the chooser's steps whose step body differs from "
+           "the step before's, per step.",
            "", "| run | method | first call ms/step | later ms/step | mix ms/step | tau | "
            "vs best fixed | at mix | call excess ms | held calls: ms (calls) | "
-           "by set: at mix / at own median |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "by set: at mix / at own median | body changes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
     name = (f"{run['device']}, T={run['temperature']:g}, {run['order']} "
             f"({pathlib.Path(run['run']).stem})")
@@ -400,7 +401,7 @@ def chooser_steps(data: dict) -> list[str]:
                  f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
                  f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
                  f"{run['best_fixed_tau']:.2f} | 1.00 | | "
-                 f"{_excess(run['best_fixed_call_excess_ms'])} | | |")
+                 f"{_excess(run['best_fixed_call_excess_ms'])} | | | |")
     for c in run["choosers"]:
       lines.append(f"| {name} | {c['method']} | {c['first_call_ms_per_step']:.2f} | "
                    f"{c['ms_per_step']:.3f} | {c['calibrated_mix_ms']:.3f} | {c['tau']:.2f} | "
@@ -408,7 +409,21 @@ def chooser_steps(data: dict) -> list[str]:
                    f"{_excess(c['call_excess_ms'])} | "
                    f"{streams.describe_held(c['held_call_overhead_ms'])} | "
                    + ", ".join(f"{kind} {ratio:.2f} / {c['at_own_median_by_set'][kind]:.2f}"
-                               for kind, ratio in c["at_mix_by_set"].items()) + " |")
+                               for kind, ratio in c["at_mix_by_set"].items())
+                   + f" | {c['body_changes_per_step']:.2f} |")
+  lines += ["", "What a change of step body and a step add to a chooser's call, by least "
+            "squares over the choosers' later calls in each run (call excess against "
+            "steps and changes of body, one intercept per chooser), with standard errors. "
+            "On a GPU a change leaves one body's loop and enters another's, each a wait "
+            "for the host.", "",
+            "| run | us per change of body | us per step | calls |", "|---|---|---|---|"]
+  for run in data["runs"]:
+    if fit := run["body_change_fit"]:
+      lines.append(f"| {run['device']}, T={run['temperature']:g}, {run['order']} "
+                   f"({pathlib.Path(run['run']).stem}) | "
+                   f"{1e3 * fit['ms_per_change']:.0f} +- {1e3 * fit['ms_per_change_se']:.0f} | "
+                   f"{1e3 * fit['ms_per_step']:.0f} +- {1e3 * fit['ms_per_step_se']:.0f} | "
+                   f"{fit['calls']} |")
   return lines
 
 
