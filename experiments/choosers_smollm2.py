@@ -29,7 +29,10 @@ chooser runs at 0.95-1.00x it (contextual KL-UCB, contextual Thompson or KL-UCB,
 by run), below 0.95x on chat or code. Those H200 runs predate the prompt prior
 weighed by the target's probabilities (317bec7b); with it, at temperature 1 on an
 H100 (25c7b046), the best chooser ran at 0.97-1.07x the drafter, by run, and at
-0.90-0.91x on chat in two of three runs. With --config.deterministic off, each
+0.90-0.91x on chat in two of three runs; greedy on the H100 (d2517145), contextual
+KL-UCB ran at 1.20x n-gram interleaved and 1.24x in blocks, 1.04x or more on every
+set and 1.06x and 1.10x the per-set oracle (contextual Thompson 1.19x both, 0.99x
+on chat in blocks). With --config.deterministic off, each
 compile times its kernels and the replies change between runs, and so do these
 ratios, by up to 0.11x (docs/bandits.md). On 2 CPU cores
 (--config.sampling.max_new_tokens=64 --config.methods=ar,ngram:3,eagle:smollm2,
