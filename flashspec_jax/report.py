@@ -503,6 +503,16 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
+def _stream_sections(device: str, name: str) -> list[Section]:
+  """The choosers' four streams on one device: greedy and at temperature 1, in blocks
+  and interleaved."""
+  return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling} "
+                  f"({name})", choosers, _stream(temperature, order))
+          for temperature, sampling in ((0, "greedy"), (1, "temperature 1"))
+          for order, how in (("blocks", " in blocks of one set"), ("interleaved",
+                                                                   ", sets interleaved"))]
+
+
 # Every GPU section's title names its GPU, and the section draws only that GPU's runs: a
 # run on another would pass for one (tests/test_results.py checks both).
 H200 = "gpu:NVIDIA H200"
@@ -539,14 +549,7 @@ SECTIONS = [
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set, _plain_run),
-    Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
-            "greedy (H200)", choosers, _stream(0, "blocks")),
-    Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, greedy "
-            "(H200)", choosers, _stream(0, "interleaved")),
-    Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
-            "temperature 1 (H200)", choosers, _stream(1, "blocks")),
-    Section("choosers_smollm2", H200, "Choosers on a held-out stream, sets interleaved, "
-            "temperature 1 (H200)", choosers, _stream(1, "interleaved")),
+    *_stream_sections(H200, "H200"),
     Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "greedy, deterministic mode (H200)", choosers,
             _stream(0, "blocks", deterministic=True)),
@@ -563,14 +566,7 @@ SECTIONS = [
             _stream(1, "interleaved", request_carry=0.25)),
     # The H200 was not lent in the sessions after the prompt prior changed; the same
     # streams ran on an H100, with the H200's calibrated arm costs.
-    Section("choosers_smollm2", H100, "Choosers on a held-out stream in blocks of one set, "
-            "greedy (H100)", choosers, _stream(0, "blocks")),
-    Section("choosers_smollm2", H100, "Choosers on a held-out stream, sets interleaved, greedy "
-            "(H100)", choosers, _stream(0, "interleaved")),
-    Section("choosers_smollm2", H100, "Choosers on a held-out stream in blocks of one set, "
-            "temperature 1 (H100)", choosers, _stream(1, "blocks")),
-    Section("choosers_smollm2", H100, "Choosers on a held-out stream, sets interleaved, "
-            "temperature 1 (H100)", choosers, _stream(1, "interleaved")),
+    *_stream_sections(H100, "H100"),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy (CPU)", choosers,
             lambda data: _stream(0, "blocks")(data) and _with_reward_bandits(data)),
