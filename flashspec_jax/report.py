@@ -374,6 +374,12 @@ def deterministic(data: dict) -> list[str]:
   return lines
 
 
+def _stream_run(run: dict) -> str:
+  """A stream run of bench/chooser_steps.py's results, by device, sampling, order and file."""
+  return (f"{run['device']}, T={run['temperature']:g}, {run['order']} "
+          f"({pathlib.Path(run['run']).stem})")
+
+
 def chooser_steps(data: dict) -> list[str]:
   """Per recorded stream run: first calls against later ones, and steps against the
   calibrated cost of the arms they ran."""
@@ -395,8 +401,7 @@ def chooser_steps(data: dict) -> list[str]:
            "by set: at mix / at own median | body changes |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for run in data["runs"]:
-    name = (f"{run['device']}, T={run['temperature']:g}, {run['order']} "
-            f"({pathlib.Path(run['run']).stem})")
+    name = _stream_run(run)
     lines.append(f"| {name} | {run['best_fixed']} (best fixed) | "
                  f"{run['best_fixed_first_call_ms_per_step']:.2f} | "
                  f"{run['best_fixed_ms_per_step']:.3f} | {run['best_fixed_calibrated_ms']:.3f} | "
@@ -419,11 +424,9 @@ def chooser_steps(data: dict) -> list[str]:
             "| run | us per change of body | us per step | calls |", "|---|---|---|---|"]
   for run in data["runs"]:
     if fit := run["body_change_fit"]:
-      lines.append(f"| {run['device']}, T={run['temperature']:g}, {run['order']} "
-                   f"({pathlib.Path(run['run']).stem}) | "
-                   f"{1e3 * fit['ms_per_change']:.0f} +- {1e3 * fit['ms_per_change_se']:.0f} | "
-                   f"{1e3 * fit['ms_per_step']:.0f} +- {1e3 * fit['ms_per_step_se']:.0f} | "
-                   f"{fit['calls']} |")
+      lines.append(f"| {_stream_run(run)} | {1e3 * fit['ms_per_change']:.0f} +- "
+                   f"{1e3 * fit['ms_per_change_se']:.0f} | {1e3 * fit['ms_per_step']:.0f} +- "
+                   f"{1e3 * fit['ms_per_step_se']:.0f} | {fit['calls']} |")
   return lines
 
 
