@@ -71,6 +71,7 @@ class BanditConfig:
   epsilon: float = 0.1
   acceptance_discount: float = 0.99
   request_carry: float = 1.0
+  wait_cost: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,8 @@ class FlashSpecConfig:
       config.bandit.costs = ",".join(map(str, self.bandit.costs or ()))
     else:
       config.methods = self.drafters[0] if self.drafters else "ar"
-    for name in ("reward", "discount", "epsilon", "acceptance_discount", "request_carry"):
+    for name in ("reward", "discount", "epsilon", "acceptance_discount", "request_carry",
+                 "wait_cost"):
       config.bandit[name] = getattr(self.bandit, name)
     for field in dataclasses.fields(SamplingConfig):
       config.sampling[field.name] = getattr(self.sampling, field.name)

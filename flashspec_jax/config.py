@@ -127,6 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
   # The same choosers: at each new request, on the evidence carried from earlier ones,
   # so that a request's own first steps outweigh the last request's sooner.
   config.bandit.request_carry = 1.0
+  # The same choosers but Hedge: what one wait for the host costs, in the costs' unit.
+  # On a GPU a step in another step body than the last step's waits for the host once
+  # more for each loop it passes (drafters.host_waits), and the choosers add those
+  # waits to the arm's cost (bench/chooser_steps.py fits a wait's cost from stream
+  # runs); 0 lets them change body for free.
+  config.bandit.wait_cost = 0.0
   # A results file of an earlier run: its bandit methods' final states are where this
   # run's same-named methods start ("" starts fresh).
   config.bandit.initial_state = ""
@@ -359,6 +365,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("bandit.discount", 0 < config.bandit.discount <= 1, "in (0, 1]"),
       ("bandit.acceptance_discount", 0 < config.bandit.acceptance_discount <= 1, "in (0, 1]"),
       ("bandit.request_carry", 0 < config.bandit.request_carry <= 1, "in (0, 1]"),
+      ("bandit.wait_cost", config.bandit.wait_cost >= 0, ">= 0"),
       ("bandit.initial_state", not config.bandit.initial_state
        or pathlib.Path(config.bandit.initial_state).is_file(),
        "empty or the results file of an earlier run"),

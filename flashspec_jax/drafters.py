@@ -13,6 +13,7 @@ row's last committed token, which is fed first at the next proposal.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
@@ -54,7 +55,7 @@ class Drafter(Protocol):
   # score against the committed tokens at no cost (engine._scored_for_free).
   scored_free: bool
   # True where a wider step costs about what a narrower one does, so that arms of
-  # this drafter at several gammas share one step body (engine.step_bodies). Such a
+  # this drafter at several gammas share one step body (step_bodies). Such a
   # drafter keeps the prefix contract: the first g drafts of propose(..., gamma=W, ...)
   # are distributed as propose(..., gamma=g, ...)'s, with the same q.
   shares_step_body: bool
@@ -62,6 +63,41 @@ class Drafter(Protocol):
   # more than one has a `context(seqs) -> [B] int32` in [0, num_contexts), and the
   # contextual choosers learn its acceptance in each context apart (bandit/acceptance.py).
   num_contexts: int
+
+
+def step_bodies(arms: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
+  """The indices of arms (engine.Arm: each with a drafter, None for an AR step), grouped
+  by the piece of program that steps them.
+
+  The arms of one drafter with `shares_step_body` (n-gram lookup, whose drafts
+  cost nothing) share one, which drafts and verifies their widest gamma
+  (`engine.SpeculativeDecoder.arm_step`): on a GPU a verify pass a few tokens wider
+  costs about the same (on the H200 the calibrated n-gram arms at gamma 2, 4
+  and 8 were within 1.5% of each other,
+  results/choosers_smollm2/2026-12-02T013755Z_da02342b.json), and each step
+  body costs every step a wait for the host (`engine.SpeculativeDecoder.run_steps`),
+  and a change of body costs more waits. The body's narrower arms then cost what
+  its widest does and emit no more tokens for the same draws: a chooser that
+  knows it keeps to the widest. On a CPU, where width
+  costs time, a narrow n-gram arm would get dearer than it is alone, so there
+  the pipeline's n-gram arms step alone (`NgramDrafter.shares_step_body`).
+  Every other arm has its own body.
+  """
+  bodies: dict[Any, list[int]] = {}
+  for i, arm in enumerate(arms):
+    shared = arm.drafter is not None and arm.drafter.shares_step_body
+    bodies.setdefault(("drafter", arm.drafter) if shared else ("arm", i), []).append(i)
+  return tuple(map(tuple, bodies.values()))
+
+
+def host_waits(from_body, to_body, num_bodies: int):
+  """The waits for the host, beyond a step's own, when a step in body `to_body` follows
+  one in `from_body` (indices into `step_bodies`; ints or int arrays). The generation
+  loop (engine.SpeculativeDecoder.run_steps) runs one loop per body, in order, inside
+  an outer loop, and each loop entered or passed reads its predicate: moving forward
+  passes the bodies between the two; moving back goes round past the later bodies and
+  the outer loop's predicate, one more slot of the cycle."""
+  return (to_body - from_body) % (num_bodies + 1)
 
 
 def draft_log_q(sampler: Sampler, logits: jax.Array) -> jax.Array:
@@ -211,7 +247,7 @@ class NgramDrafter:
 
   Attributes:
     shares_step_body: its arms at several gammas share one step body, which drafts
-      and verifies the widest (engine.step_bodies). Drafting more costs nothing,
+      and verifies the widest (step_bodies). Drafting more costs nothing,
       and its drafts at gamma W begin with its drafts at any smaller gamma, but
       verifying more is free only where a target pass is launch-bound (a GPU);
       on a CPU a wider pass costs time, and each arm is better off alone.

@@ -38,7 +38,7 @@ from flax import struct
 
 from flashspec_jax.bandit.acceptance import by_context
 from flashspec_jax.bandit.strategies import BanditState, Feedback, Fixed, Strategy
-from flashspec_jax.drafters import Drafter, gather_window
+from flashspec_jax.drafters import Drafter, gather_window, step_bodies
 from flashspec_jax.generate import FIXED_KERNELS, Decoder, GenerationOutput, model_pass
 from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tokens,
                                      is_stop_token, loop_until_done, raise_on_nan,
@@ -100,29 +100,6 @@ class Arm:
   @property
   def name(self) -> str:
     return "ar" if self.drafter is None else f"{self.drafter.name}:g{self.gamma}"
-
-
-def step_bodies(arms: Sequence[Arm]) -> tuple[tuple[int, ...], ...]:
-  """The arms' indices, grouped by the piece of program that steps them.
-
-  The arms of one drafter with `shares_step_body` (n-gram lookup, whose drafts
-  cost nothing) share one, which drafts and verifies their widest gamma
-  (`SpeculativeDecoder.arm_step`): on a GPU a verify pass a few tokens wider
-  costs about the same (on the H200 the calibrated n-gram arms at gamma 2, 4
-  and 8 were within 1.5% of each other,
-  results/choosers_smollm2/2026-12-02T013755Z_da02342b.json), and each step
-  body costs every step a wait for the host (`run_steps`). The body's narrower
-  arms then cost what its widest does and emit no more tokens for the same
-  draws: a chooser that knows it keeps to the widest. On a CPU, where width
-  costs time, a narrow n-gram arm would get dearer than it is alone, so there
-  the pipeline's n-gram arms step alone (`NgramDrafter.shares_step_body`).
-  Every other arm has its own body.
-  """
-  bodies: dict[Any, list[int]] = {}
-  for i, arm in enumerate(arms):
-    shared = arm.drafter is not None and arm.drafter.shares_step_body
-    bodies.setdefault(("drafter", arm.drafter) if shared else ("arm", i), []).append(i)
-  return tuple(map(tuple, bodies.values()))
 
 
 @struct.dataclass(kw_only=True)

@@ -168,9 +168,11 @@ def check_checkpoints(config, target_flag: str = TARGET_FLAG,
 def strategy_for(name: str, config) -> Strategy:
   acceptance = dict(discount=config.bandit.acceptance_discount,
                     request_carry=config.bandit.request_carry)
+  # Hedge draws its arm from its weights: it has no cost of a step to add the switch to.
+  priced = dict(acceptance, wait_cost=config.bandit.wait_cost)
   kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
             "epsilon_greedy": dict(epsilon=config.bandit.epsilon),
-            **dict.fromkeys(ACCEPTANCE_STRATEGIES, acceptance)}.get(name, {})
+            **dict.fromkeys(ACCEPTANCE_STRATEGIES, priced), "hedge": acceptance}.get(name, {})
   return make_strategy(name, **kwargs)
 
 

@@ -420,13 +420,19 @@ def chooser_steps(data: dict) -> list[str]:
             "squares over the choosers' later calls in each run (call excess against "
             "steps and changes of body, one intercept per chooser), with standard errors. "
             "On a GPU a change leaves one body's loop and enters another's, each a wait "
-            "for the host.", "",
-            "| run | us per change of body | us per step | calls |", "|---|---|---|---|"]
+            "for the host. The last column fits the waits a change adds instead "
+            "(`drafters.host_waits`: one loop predicate for each loop between the two "
+            "bodies, more going back round than forward).", "",
+            "| run | us per change of body | us per step | calls | us per wait for the host |",
+            "|---|---|---|---|---|"]
   for run in data["runs"]:
     if fit := run["body_change_fit"]:
+      waits = run.get("host_wait_fit")  # absent from files written before it was fitted
       lines.append(f"| {_stream_run(run)} | {1e3 * fit['ms_per_change']:.0f} +- "
                    f"{1e3 * fit['ms_per_change_se']:.0f} | {1e3 * fit['ms_per_step']:.0f} +- "
-                   f"{1e3 * fit['ms_per_step_se']:.0f} | {fit['calls']} |")
+                   f"{1e3 * fit['ms_per_step_se']:.0f} | {fit['calls']} | "
+                   + (f"{1e3 * waits['ms_per_wait']:.0f} +- {1e3 * waits['ms_per_wait_se']:.0f}"
+                      if waits else "") + " |")
   return lines
 
 
@@ -478,12 +484,14 @@ def _plain_run(data: dict) -> bool:
 
 
 def _stream(temperature: float, order: str, request_carry: float = 1.0,
-            deterministic: bool = False) -> Callable[[dict], bool]:
-  # Runs from before config.bandit.request_carry carried all evidence over.
+            deterministic: bool = False, priced_waits: bool = False) -> Callable[[dict], bool]:
+  # Runs from before config.bandit.request_carry (wait_cost) carried all evidence over
+  # (priced no wait for the host).
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
                        and data["config"]["prompts"]["order"] == order
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
-                       and data["config"].get("deterministic", False) == deterministic)
+                       and data["config"].get("deterministic", False) == deterministic
+                       and (data["config"]["bandit"].get("wait_cost", 0.0) > 0) == priced_waits)
 
 
 def _with_reward_bandits(data: dict) -> bool:
@@ -506,11 +514,14 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
-def _stream_sections(device: str, name: str) -> list[Section]:
+def _stream_sections(device: str, name: str, priced_waits: bool = False) -> list[Section]:
   """The choosers' four streams on one device: greedy and at temperature 1, in blocks
-  and interleaved."""
-  return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling} "
-                  f"({name})", choosers, _stream(temperature, order))
+  and interleaved; with priced_waits, those whose choosers priced waits for the host
+  (config.bandit.wait_cost)."""
+  priced = ", waits for the host priced" if priced_waits else ""
+  return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling}"
+                  f"{priced} ({name})", choosers,
+                  _stream(temperature, order, priced_waits=priced_waits))
           for temperature, sampling in ((0, "greedy"), (1, "temperature 1"))
           for order, how in (("blocks", " in blocks of one set"), ("interleaved",
                                                                    ", sets interleaved"))]
@@ -570,6 +581,8 @@ SECTIONS = [
     # The H200 was not lent in the sessions after the prompt prior changed; the same
     # streams ran on an H100, with the H200's calibrated arm costs.
     *_stream_sections(H100, "H100"),
+    *_stream_sections(H200, "H200", priced_waits=True),
+    *_stream_sections(H100, "H100", priced_waits=True),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy (CPU)", choosers,
             lambda data: _stream(0, "blocks")(data) and _with_reward_bandits(data)),

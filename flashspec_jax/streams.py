@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from flashspec_jax.drafters import host_waits
+
 # A chooser has settled on an arm once it picks it this many times in a row.
 SETTLED_RUN = 5
 
@@ -127,7 +129,8 @@ def step_costs(run: dict) -> dict:
   call's excess been the best fixed arm's median (`at_mix_by_set`), or the chooser's
   own median, cutting its worst calls down (`at_own_median_by_set`). Last, each
   chooser's changes of step body per step, and over all the choosers' calls, what a
-  change of body and a step add to a call's excess (`body_change_fit`).
+  change of body and a step add to a call's excess (`body_change_fit`), and what a
+  wait for the host that a change adds does (`host_wait_fit`).
 
   Raises:
     ValueError: for a run at batch > 1 (its records are rows, not calls), or whose
@@ -152,7 +155,7 @@ def step_costs(run: dict) -> dict:
     for kind, rate in _rates_by_set(_calls(run, method)[1:]).items():
       best_by_set[kind] = max(rate, best_by_set.get(kind, 0.0))
   on_gpu = run["environment"]["device"].startswith("gpu")
-  choosers, fit_rows = [], []
+  choosers, change_rows, wait_rows = [], [], []
   for method, history in run["bandit_histories"].items():
     calls = _calls(run, method)
     first = _rate(calls[:1])[2]
@@ -165,8 +168,10 @@ def step_costs(run: dict) -> dict:
     steps_seconds = [sum(costs[arm] for arm in arms) for arms in arms_per_call]
     excess = _excess_ms(calls[1:], steps_seconds)
     changes = [_body_changes(arms, on_gpu) for arms in arms_per_call]
-    fit_rows += [(method, len(arms), n, ms)
-                 for arms, n, ms in zip(arms_per_call, changes, excess["calls"], strict=True)]
+    change_rows += [(method, len(arms), n, ms)
+                    for arms, n, ms in zip(arms_per_call, changes, excess["calls"], strict=True)]
+    wait_rows += [(method, len(arms), _host_waits(arms, history["arms"], on_gpu), ms)
+                  for arms, ms in zip(arms_per_call, excess["calls"], strict=True)]
     held = _held_call_overhead_ms(run, calls[1:], arms_per_call, fixed)
     priced = lambda excess_ms: {
         kind: rate / best_by_set[kind] for kind, rate in _rates_by_set(
@@ -184,7 +189,8 @@ def step_costs(run: dict) -> dict:
               best_fixed_first_call_ms_per_step=1e3 * _rate(_calls(run, best)[:1])[2],
               best_fixed_ms_per_step=1e3 * best_step, best_fixed_tau=best_tau,
               best_fixed_calibrated_ms=1e3 * costs[best_arm], best_fixed_call_excess_ms=best_excess,
-              choosers=choosers, body_change_fit=_body_change_fit(fit_rows))
+              choosers=choosers, body_change_fit=_excess_fit(change_rows, "change"),
+              host_wait_fit=_excess_fit(wait_rows, "wait"))
 
 
 def _body(arm: str, on_gpu: bool) -> str:
@@ -201,11 +207,20 @@ def _body_changes(arms: list[str], on_gpu: bool) -> int:
   return sum(a != b for a, b in zip(bodies, bodies[1:]))
 
 
-def _body_change_fit(rows: list[tuple[str, int, int, float]]) -> dict | None:
-  """Least squares over the choosers' later calls (method, steps, changes of body, excess
-  ms): each call's excess as a per-chooser intercept (prefill, call overhead) plus
-  ms_per_step for each step and ms_per_change for each change of body, with their
-  standard errors. None when the calls cannot tell the three apart."""
+def _host_waits(arms: list[str], bandit_arms: list[str], on_gpu: bool) -> int:
+  """The waits for the host a call's changes of step body added (drafters.host_waits),
+  with the bodies in the order of the bandit's arms, as the engine loops over them."""
+  order = list(dict.fromkeys(_body(arm, on_gpu) for arm in bandit_arms))
+  bodies = [order.index(_body(arm, on_gpu)) for arm in arms]
+  return sum(int(host_waits(a, b, len(order))) for a, b in zip(bodies, bodies[1:]))
+
+
+def _excess_fit(rows: list[tuple[str, int, int, float]], event: str) -> dict | None:
+  """Least squares over the choosers' later calls (method, steps, events, excess ms):
+  each call's excess as a per-chooser intercept (prefill, call overhead) plus
+  ms_per_step for each step and ms_per_<event> for each event (a change of step body,
+  or a wait for the host it added), with their standard errors. None when the calls
+  cannot tell the three apart."""
   methods = sorted({method for method, *_ in rows})
   design = np.zeros((len(rows), len(methods) + 2))
   for i, (method, steps, changes, _) in enumerate(rows):
@@ -218,9 +233,9 @@ def _body_change_fit(rows: list[tuple[str, int, int, float]]) -> dict | None:
   coef, *_ = np.linalg.lstsq(design, excess, rcond=None)
   residual = excess - design @ coef
   errors = np.sqrt(np.diag(np.linalg.inv(design.T @ design)) * (residual @ residual) / dof)
-  return dict(ms_per_step=float(coef[-2]), ms_per_step_se=float(errors[-2]),
-              ms_per_change=float(coef[-1]), ms_per_change_se=float(errors[-1]),
-              intercept_ms=dict(zip(methods, map(float, coef[:-2]))), calls=len(rows))
+  return {"ms_per_step": float(coef[-2]), "ms_per_step_se": float(errors[-2]),
+          f"ms_per_{event}": float(coef[-1]), f"ms_per_{event}_se": float(errors[-1]),
+          "intercept_ms": dict(zip(methods, map(float, coef[:-2]))), "calls": len(rows)}
 
 
 def _held_call_overhead_ms(run: dict, calls: list[dict], arms_per_call: list[list[str]],

@@ -84,13 +84,16 @@ def test_non_integer_ids_are_refused(prompts):
 
 def test_the_bandit_config_reaches_the_run_config_and_is_checked():
   drafters = ("ngram:2", "ar")
-  bandit = BanditConfig(strategy="kl_ucb", acceptance_discount=0.95, request_carry=0.25)
+  bandit = BanditConfig(strategy="kl_ucb", acceptance_discount=0.95, request_carry=0.25,
+                        wait_cost=1e-4)
   config = FlashSpecConfig(target="tiny_llama", drafters=drafters, bandit=bandit).to_config_dict()
   assert config.methods == "bandit:kl_ucb"
-  assert (config.bandit.acceptance_discount, config.bandit.request_carry) == (0.95, 0.25)
-  with pytest.raises(ValueError, match="bandit.request_carry"):
-    FlashSpecConfig(target="tiny_llama", drafters=drafters,
-                    bandit=BanditConfig(request_carry=0.0)).to_config_dict()
+  assert (config.bandit.acceptance_discount, config.bandit.request_carry,
+          config.bandit.wait_cost) == (0.95, 0.25, 1e-4)
+  for field, value in [("request_carry", 0.0), ("wait_cost", -1.0)]:
+    with pytest.raises(ValueError, match=f"bandit.{field}"):
+      FlashSpecConfig(target="tiny_llama", drafters=drafters,
+                      bandit=BanditConfig(**{field: value})).to_config_dict()
 
 
 def test_a_contextual_choosers_state_carries_from_call_to_call():

@@ -11,7 +11,7 @@ import pytest
 from conftest import spread_params, tiny_config
 from helpers import latest_longest_match
 
-from flashspec_jax import engine, pipeline, runner, streams
+from flashspec_jax import drafters, engine, pipeline, runner, streams
 from flashspec_jax.bench import ngram_contexts
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
@@ -151,7 +151,7 @@ SIMULATED = ((4, 1.05, 0.3), (4, 4.0, 0.6), (0, 1.0, 0.0), (4, 1.3, 0.55))
 
 
 class _Drafter:
-  scored_free = False
+  scored_free = shares_step_body = False
 
 
 class _Arm:
@@ -277,6 +277,59 @@ def test_a_contextual_chooser_runs_ngram_only_where_its_context_pays(strategy):
 
   assert picks([2]) == {0} and picks([0]) == {1} and picks([2, 2, 0]) == {0}
   assert {int(plain.select(pooled, jax.random.key(k))) for k in range(5)} == {1}
+
+
+def test_host_waits_follow_the_loops_between_two_step_bodies():
+  """Three bodies in one outer loop: forward passes the loops between, back goes round
+  through the outer loop's predicate too."""
+  waits = [[int(drafters.host_waits(i, j, 3)) for j in range(3)] for i in range(3)]
+  assert waits == [[0, 1, 2], [3, 0, 1], [2, 3, 0]]
+  np.testing.assert_array_equal(drafters.host_waits(jnp.int32(1), jnp.arange(3), 3), [3, 0, 1])
+
+
+@pytest.mark.parametrize("strategy", [AcceptanceKLUCB, AcceptanceThompson])
+def test_priced_waits_keep_a_close_choice_in_the_last_body(strategy):
+  """n-gram at gamma 2 and 4 share a step body; the model drafter and AR have their own.
+  The drafter yields 3% more tokens per cost: it wins from a fresh start, from its own
+  body, and when waits are free. With a wait priced at 5% of a step, one wait to reach
+  it from n-gram's body keeps the chooser on n-gram, at either gamma; a clear winner
+  still pays for it."""
+  arms = (engine.Arm(NGRAM, 2), engine.Arm(NGRAM, 4), engine.Arm(SELF, 4), engine.Arm())
+  # tau(4, 0.5) = 1.9375 for both drafters; AR's one token at cost 3 never wins.
+  priced = dataclasses.replace(strategy(wait_cost=0.05).bind(arms), costs=(1.0, 1.0, 0.97, 3.0))
+  assert priced.bodies == (0, 0, 1, 2)
+  free = dataclasses.replace(priced, wait_cost=0.0)
+  tested = jnp.array([[1e6], [0.0], [1e6], [0.0]])
+  state = priced.init(4).replace(accepted=tested / 2, tested=tested, pulls=jnp.int32(10**6))
+
+  def pick(chooser, last_arm):
+    return {int(chooser.select(state.replace(last_arm=jnp.int32(last_arm)), jax.random.key(k)))
+            for k in range(5)}
+
+  assert pick(free, 1) == pick(priced, -1) == pick(priced, 2) == {2}
+  assert pick(priced, 0) == pick(priced, 1) == {1}
+  np.testing.assert_allclose(priced.step_costs(state.replace(last_arm=jnp.int32(0))),
+                             [1.0, 1.0, 1.02, 3.1])
+  np.testing.assert_allclose(priced.step_costs(state.replace(last_arm=jnp.int32(2))),
+                             [1.15, 1.15, 0.97, 3.05])
+  assert pick(dataclasses.replace(priced, costs=(1.0, 1.0, 0.8, 3.0)), 1) == {2}
+  learned = priced.learn(state, jnp.int32(2), Feedback(
+      reward=1.0, accepted=jnp.zeros((4, 1)), tested=jnp.zeros((4, 1)), rows=1.0))
+  assert int(learned.last_arm) == 2
+
+
+def test_a_wait_cost_is_refused_where_it_cannot_be_priced():
+  with pytest.raises(ValueError, match="wait_cost must be >= 0"):
+    AcceptanceKLUCB(wait_cost=-1.0)
+  with pytest.raises(ValueError, match="Hedge .* prices no wait"):
+    Hedge(wait_cost=1e-4)
+
+
+def test_the_wait_cost_reaches_every_chooser_that_prices_it():
+  config = base_config()
+  config.bandit.wait_cost = 1.2e-4
+  for name in CHOOSERS:
+    assert pipeline.strategy_for(name, config).wait_cost == (0 if name == "hedge" else 1.2e-4)
 
 
 def test_free_scores_of_a_contextual_chooser_land_in_each_rows_context(params):
@@ -504,21 +557,25 @@ def test_the_prompt_prior_is_the_targets_acceptance_of_lookups_along_the_prompt(
   assert 0 < accepted.sum() < tested.sum() and np.count_nonzero(tested) > 1
 
 
+@pytest.mark.parametrize("event", ["change", "wait"])
 @pytest.mark.parametrize("device", ["gpu:test", "cpu:cpu"])
-def test_chooser_steps_fits_what_a_change_of_step_body_costs(device):
+def test_chooser_steps_fits_what_a_change_of_step_body_costs(device, event):
   """Calls whose excess is 3 ms per chooser, 0.05 ms a step and 0.2 ms a change of step
-  body give those back. On a GPU n-gram's arms at two gammas share a body, so moving
-  between them is no change; on a CPU each arm has its own."""
-  arms = ["ngram_3:g2", "ngram_3:g4", "eagle_smollm2:g4"]
-  costs = {"ngram_3:g2": 0.001, "ngram_3:g4": 0.001, "eagle_smollm2:g4": 0.002}
+  body, or a wait for the host that the changes add, give those back. On a GPU
+  n-gram's arms at two gammas share a body, so moving between them is no change; on a
+  CPU each arm has its own."""
+  arms = ["ngram_3:g2", "ngram_3:g4", "eagle_smollm2:g4", "ar"]
+  costs = {"ngram_3:g2": 0.001, "ngram_3:g4": 0.001, "eagle_smollm2:g4": 0.002, "ar": 0.001}
   on_gpu = device.startswith("gpu")
+  count = dict(change=lambda picked: streams._body_changes(picked, on_gpu),
+               wait=lambda picked: streams._host_waits(picked, arms, on_gpu))[event]
   records, histories = [], {}
   for method, intercept in (("bandit:kl_ucb", 3.0), ("bandit:hedge", 5.0)):
     steps = []
-    for call, pattern in enumerate([[0], [0, 1], [0, 2], [0, 1, 2, 2], [2, 0, 1], [1, 2]] * 2):
+    patterns = [[0], [0, 1], [0, 2], [0, 1, 2, 2], [2, 0, 1], [1, 2], [3, 2], [0, 3, 1]]
+    for call, pattern in enumerate(patterns * 2):
       picks = (pattern * 7)[:6 + call]
-      changes = streams._body_changes([arms[a] for a in picks], on_gpu)
-      ms = intercept + 0.05 * len(picks) + 0.2 * changes
+      ms = intercept + 0.05 * len(picks) + 0.2 * count([arms[a] for a in picks])
       seconds = sum(costs[arms[a]] for a in picks) + ms / 1e3
       records.append(dict(method=method, id=f"{method}/{call}", kind="chat", new_tokens=1,
                           loop_steps=len(picks), batch_seconds=seconds, batch_rows=1, text=""))
@@ -530,11 +587,15 @@ def test_chooser_steps_fits_what_a_change_of_step_body_costs(device):
              config=dict(sampling=dict(gamma=4, temperature=1.0), prompts=dict(order="blocks")),
              arm_costs=costs, records=records, bandit_histories=histories)
   out = streams.step_costs(run)
-  fit = out["body_change_fit"]
-  assert fit["ms_per_change"] == pytest.approx(0.2, abs=1e-9)
+  fit = out[dict(change="body_change_fit", wait="host_wait_fit")[event]]
+  assert fit[f"ms_per_{event}"] == pytest.approx(0.2, abs=1e-9)
   assert fit["ms_per_step"] == pytest.approx(0.05, abs=1e-9)
   # The first call of each chooser is left out, as everywhere in step_costs.
   assert fit["intercept_ms"] == pytest.approx({"bandit:hedge": 5.0, "bandit:kl_ucb": 3.0})
-  assert fit["calls"] == 22
+  assert fit["calls"] == 30
   # [0, 1] repeated: a change of body every step on a CPU, none on a GPU.
   assert streams._body_changes(arms[:2] * 3, on_gpu) == (0 if on_gpu else 5)
+  # n-gram to the drafter and back: on a GPU bodies (n-gram, drafter, AR), one wait
+  # forward and three back round; on a CPU the two n-gram arms' bodies come first.
+  assert streams._host_waits([arms[0], arms[2], arms[0]], arms, on_gpu) == (
+      1 + 3 if on_gpu else 2 + 3)

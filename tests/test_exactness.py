@@ -137,7 +137,8 @@ def random_acceptance_state(num_arms, num_contexts=1):
     counts = jnp.ones((num_arms,))
     return AcceptanceState(accepted=tested * jax.random.uniform(keys[1], shape),
                            tested=tested, gains=jax.random.normal(keys[2], (num_arms,)),
-                           counts=counts, sums=counts / 2, pulls=jnp.int32(num_arms))
+                           counts=counts, sums=counts / 2, pulls=jnp.int32(num_arms),
+                           last_arm=jax.random.randint(keys[2], (), -1, num_arms))
   return init
 
 
@@ -149,13 +150,13 @@ def random_contextual_state(num_arms):
 # One sampler kind per strategy: the grid covers the kinds, this test the choice of arm.
 # The acceptance choosers also learn from the n-gram arm scored for free at every step.
 CHOOSERS = [(UCB1(), "plain", random_bandit_state), (Thompson(), "top_p", random_bandit_state),
-            (AcceptanceThompson(), "top_k", random_acceptance_state),
+            (AcceptanceThompson(wait_cost=0.5), "top_k", random_acceptance_state),
             (Hedge(), "plain", random_acceptance_state),
             (AcceptanceKLUCB(contextual=True), "top_p", random_contextual_state)]
 
 
 @pytest.mark.parametrize("strategy, sampler_kind, initial_state", CHOOSERS,
-                         ids=["ucb1-plain", "thompson-top_p", "acceptance_thompson-top_k",
+                         ids=["ucb1-plain", "thompson-top_p", "acceptance_thompson_wait_cost-top_k",
                               "hedge-plain", "contextual_kl_ucb-top_p"])
 def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, sampler_kind,
                                                  initial_state):

@@ -30,6 +30,14 @@ moments; one that knows the context can run it where it has a long match and
 another drafter elsewhere, and so can beat every fixed arm within a domain, not
 only across domains.
 
+On a GPU a step that runs another step body than the last step's waits for
+the host more often than its arm's calibrated cost counts: once for each
+loop predicate between the two bodies (`drafters.host_waits`; from the n-gram
+body to the feature drafter's, one wait; back, four). With `wait_cost` > 0
+(the cost of one wait) the Thompson and KL-UCB choosers price those waits
+into the step's cost, so that a detour to another body is taken only where it
+pays for its waits, and the dearer way back is priced when leaving.
+
 | chooser             | rule                                                               |
 |---------------------|--------------------------------------------------------------------|
 | AcceptanceThompson  | alpha ~ Beta(1 + accepted, 1 + rejected) per drafter, sampled each |
@@ -53,6 +61,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from flashspec_jax.bandit.strategies import BanditState, Feedback, sample_beta
+from flashspec_jax.drafters import host_waits, step_bodies
 
 # Bisection steps of the KL-UCB bound: 2^-24 of the unit interval.
 _BISECTION_STEPS = 24
@@ -67,11 +76,13 @@ class AcceptanceState(BanditState):
       unless the chooser is contextual.
     tested: [K, C] f32, drafts tested per arm and context (discounted).
     gains: [K] f32, Hedge's discounted estimated gains (unused by the others).
+    last_arm: [] int32, the arm of the last step, -1 before the first.
   """
 
   accepted: jax.Array
   tested: jax.Array
   gains: jax.Array
+  last_arm: jax.Array
 
 
 def expected_tokens(gamma: jax.Array, alpha: jax.Array) -> jax.Array:
@@ -123,6 +134,10 @@ class _AcceptanceModel:
     request_carry: at each new request (`observe`), on the evidence carried from
       earlier ones; 1 keeps it whole.
     contextual: learn each drafter's acceptance per context (`Drafter.context`).
+    wait_cost: what one wait for the host costs, in the costs' unit; an arm's step
+      costs c_a plus wait_cost for each wait from the last step's body to its own
+      (`drafters.host_waits`); 0 prices none.
+    bodies: per arm, the index of its step body (`drafters.step_bodies`); set by `bind`.
   """
 
   gammas: tuple[int, ...] = ()
@@ -133,22 +148,30 @@ class _AcceptanceModel:
   discount: float = 1.0
   request_carry: float = 1.0
   contextual: bool = False
+  wait_cost: float = 0.0
+  bodies: tuple[int, ...] = ()
   uses_free_feedback = True
 
   def __post_init__(self):
     for name in ("discount", "request_carry"):
       if not 0 < getattr(self, name) <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+    if not self.wait_cost >= 0:
+      raise ValueError(f"wait_cost must be >= 0, got {self.wait_cost}")
 
   def bind(self, arms) -> _AcceptanceModel:
     drafters = [arm.drafter for arm in arms]
     groups = tuple(drafters.index(d) if d is not None else i for i, d in enumerate(drafters))
     arm_contexts = tuple(d.num_contexts if self.contextual and d is not None else 1
                          for d in drafters)
+    bodies = [0] * len(arms)
+    for index, body in enumerate(step_bodies(arms)):
+      for arm in body:
+        bodies[arm] = index
     return dataclasses.replace(
         self, gammas=tuple(a.gamma for a in arms), costs=tuple(a.cost for a in arms),
         groups=groups, free_arms=tuple(d is None or d.scored_free for d in drafters),
-        arm_contexts=arm_contexts)
+        arm_contexts=arm_contexts, bodies=tuple(bodies))
 
   @property
   def num_contexts(self) -> int:
@@ -163,7 +186,8 @@ class _AcceptanceModel:
     zeros = jnp.zeros((num_arms,), jnp.float32)
     evidence = jnp.zeros((num_arms, self.num_contexts), jnp.float32)
     return AcceptanceState(accepted=evidence, tested=evidence, gains=zeros, counts=zeros,
-                           sums=zeros, pulls=jnp.zeros((), jnp.int32))
+                           sums=zeros, pulls=jnp.zeros((), jnp.int32),
+                           last_arm=jnp.full((), -1, jnp.int32))
 
   def pooled(self, values: jax.Array) -> jax.Array:
     """[K, ...] each arm's drafter's total over the arms that share it."""
@@ -176,7 +200,8 @@ class _AcceptanceModel:
     return dataclasses.replace(
         state, accepted=d * state.accepted + feedback.accepted,
         tested=d * state.tested + feedback.tested, counts=state.counts + chosen,
-        sums=state.sums + chosen * feedback.reward, pulls=state.pulls + 1)
+        sums=state.sums + chosen * feedback.reward, pulls=state.pulls + 1,
+        last_arm=jnp.asarray(arm, jnp.int32))
 
   def observe(self, state: AcceptanceState, accepted: jax.Array,
               tested: jax.Array) -> AcceptanceState:
@@ -188,16 +213,27 @@ class _AcceptanceModel:
     return dataclasses.replace(state, accepted=c * state.accepted + accepted,
                                tested=c * state.tested + tested, gains=c * state.gains)
 
-  def tokens_per_cost(self, alpha: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  def step_costs(self, state: AcceptanceState) -> jax.Array:
+    """[K] each arm's cost if it ran the next step: c_a, plus wait_cost for each wait
+    for the host its body adds after the last step's (none before the first step)."""
+    costs = jnp.asarray(self.costs, jnp.float32)
+    if self.wait_cost == 0:
+      return costs
+    bodies = jnp.asarray(self.bodies)
+    waits = host_waits(bodies[jnp.maximum(state.last_arm, 0)], bodies, max(self.bodies) + 1)
+    return costs + self.wait_cost * jnp.where(state.last_arm >= 0, waits, 0)
+
+  def tokens_per_cost(self, alpha: jax.Array, weights: jax.Array | None = None,
+                      costs: jax.Array | None = None) -> jax.Array:
     """[K] tau(gamma_a, alpha_a) / c_a, alpha [K, C] per context averaged over the
-    contexts with weights [K, C] (None: one context)."""
+    contexts with weights [K, C] (None: one context); costs [K] (None: the arms')."""
     if weights is None:
       if alpha.shape[1] > 1:
         raise ValueError("a contextual chooser needs the rows' contexts (weights)")
       weights = jnp.ones_like(alpha)
     tau = expected_tokens(jnp.asarray(self.gammas, jnp.float32)[:, None], alpha)
     tokens = (tau * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1e-9)
-    return tokens / jnp.asarray(self.costs, jnp.float32)
+    return tokens / (jnp.asarray(self.costs, jnp.float32) if costs is None else costs)
 
   def select(self, state, key, weights=None):
     """The arm for the next step; weights [K, C]: how many rows are in each context
@@ -220,8 +256,8 @@ class AcceptanceThompson(_AcceptanceModel):
     return alpha[jnp.asarray(self.groups)]
 
   def choose(self, state, draws, weights=None):
-    del state
-    return jnp.argmax(self.tokens_per_cost(draws, weights)).astype(jnp.int32)
+    return jnp.argmax(self.tokens_per_cost(draws, weights, self.step_costs(state))
+                      ).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +271,8 @@ class AcceptanceKLUCB(_AcceptanceModel):
     mean = (accepted + 0.5) / (tested + 1.0)  # untried drafters start at 1/2, bounded at 1
     budget = jnp.log(jnp.maximum(state.pulls, 1).astype(jnp.float32) + 1.0)
     alpha = kl_upper_bound(mean, tested + 1.0, budget)
-    return jnp.argmax(self.tokens_per_cost(alpha, weights)).astype(jnp.int32)
+    return jnp.argmax(self.tokens_per_cost(alpha, weights, self.step_costs(state))
+                      ).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +292,8 @@ class Hedge(_AcceptanceModel):
     super().__post_init__()
     if self.contextual:
       raise ValueError("Hedge weighs arms, not contexts: it has no contextual variant")
+    if self.wait_cost:
+      raise ValueError("Hedge draws its arm from its weights and prices no wait for the host")
 
   def weights(self, state: AcceptanceState) -> jax.Array:
     return jax.nn.softmax(self.learning_rate * state.gains)

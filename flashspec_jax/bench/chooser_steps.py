@@ -75,6 +75,9 @@ def main(argv):
             f"+- {1e3 * fit['ms_per_change_se']:.0f} us to a call, each step "
             f"{1e3 * fit['ms_per_step']:.0f} +- {1e3 * fit['ms_per_step_se']:.0f} us "
             f"(least squares over {fit['calls']} calls)")
+    if fit := run["host_wait_fit"]:
+      print(f"{'':<34} each wait for the host a change adds costs {1e3 * fit['ms_per_wait']:.0f} "
+            f"+- {1e3 * fit['ms_per_wait_se']:.0f} us")
 
 
 def _excess(excess: dict) -> str:
