@@ -356,7 +356,7 @@ def calibrate_costs(arms: tuple[Arm, ...], setup: Setup, batch: list[Request],
                     steps: int) -> tuple[Arm, ...]:
   """Each arm's cost: its seconds per step, stepping alone from the first batch's prompts.
 
-  Timed once per step body (`engine.step_bodies`), whose arms all run the same
+  Timed once per step body (`drafters.step_bodies`), whose arms all run the same
   program (the widest gamma's), as the slope between loops of 2 and 2 + `steps`
   steps inside one compiled program, so neither the prefill nor dispatch counts.
   """

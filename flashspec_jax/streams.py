@@ -194,7 +194,7 @@ def step_costs(run: dict) -> dict:
 
 
 def _body(arm: str, on_gpu: bool) -> str:
-  """The step body that runs a bandit arm (engine.step_bodies): on a GPU n-gram lookup's
+  """The step body that runs a bandit arm (drafters.step_bodies): on a GPU n-gram lookup's
   arms at every gamma share one (drafters.NgramDrafter.shares_step_body); every other
   arm has its own."""
   return arm.partition(":")[0] if on_gpu and arm.startswith("ngram_") else arm

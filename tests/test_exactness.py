@@ -174,7 +174,7 @@ def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, 
 
 class SelfDraftingInASharedBody(ModelDrafter):
   """The target drafting for itself, its arms sharing one step body as n-gram arms do
-  (engine.step_bodies; its drafts keep the prefix contract, as autoregressive samples
+  (drafters.step_bodies; its drafts keep the prefix contract, as autoregressive samples
   do). The target accepts all it drafts, so a gamma-1 arm in a body of width 3 ends
   every step on the bonus token that the shared body samples after the arm's last
   draft, and the later drafts' tests, all passed, must leave no trace. Keeping the
