@@ -4,6 +4,7 @@
   python run.py --config=experiments/choosers_smollm2.py --config.prompts.order=interleaved
   python run.py --config=experiments/choosers_smollm2.py --config.sampling.temperature=1
   python run.py --config=experiments/choosers_smollm2.py --config.bandit.request_carry=0.25
+  python run.py --config=experiments/choosers_smollm2.py --config.bandit.wait_cost=0.0001
   python run.py --config=experiments/choosers_smollm2.py:tiny    # CI-sized
 
 SmolLM2-135M, batch 1, 128 new tokens, eight held-out prompts per set, in
@@ -32,7 +33,10 @@ H100 (25c7b046), the best chooser ran at 0.97-1.07x the drafter, by run, and at
 0.90-0.91x on chat in two of three runs; greedy on the H100 (d2517145), contextual
 KL-UCB ran at 1.20x n-gram interleaved and 1.24x in blocks, 1.04x or more on every
 set and 1.06x and 1.10x the per-set oracle (contextual Thompson 1.19x both, 0.99x
-on chat in blocks). With --config.deterministic off, each
+on chat in blocks). With waits for the host priced at 0.1 ms (--config.bandit.wait_cost,
+H100, a9206156), contextual Thompson ran at 1.20x n-gram interleaved and 1.23x in
+blocks, 1.02x or more on every set, and plain KL-UCB fell to 0.91x interleaved
+(docs/bandits.md, "Pricing the waits"). With --config.deterministic off, each
 compile times its kernels and the replies change between runs, and so do these
 ratios, by up to 0.11x (docs/bandits.md). On 2 CPU cores
 (--config.sampling.max_new_tokens=64 --config.methods=ar,ngram:3,eagle:smollm2,
