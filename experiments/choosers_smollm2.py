@@ -5,6 +5,7 @@
   python run.py --config=experiments/choosers_smollm2.py --config.sampling.temperature=1
   python run.py --config=experiments/choosers_smollm2.py --config.bandit.request_carry=0.25
   python run.py --config=experiments/choosers_smollm2.py --config.bandit.wait_cost=0.0001
+  python run.py --config=experiments/choosers_smollm2.py --config.bandit.step_context=True
   python run.py --config=experiments/choosers_smollm2.py:tiny    # CI-sized
 
 SmolLM2-135M, batch 1, 128 new tokens, eight held-out prompts per set, in
@@ -36,7 +37,9 @@ set and 1.06x and 1.10x the per-set oracle (contextual Thompson 1.19x both, 0.99
 on chat in blocks). With waits for the host priced at 0.1 ms (--config.bandit.wait_cost,
 H100, a9206156), contextual Thompson ran at 1.20x n-gram interleaved and 1.23x in
 blocks, 1.02x or more on every set, and plain KL-UCB fell to 0.91x interleaved
-(docs/bandits.md, "Pricing the waits"). With --config.deterministic off, each
+(docs/bandits.md, "Pricing the waits"). --config.bandit.step_context (the contextual
+choosers learn the feature drafter in n-gram lookup's context too) has not run on a GPU
+yet. With --config.deterministic off, each
 compile times its kernels and the replies change between runs, and so do these
 ratios, by up to 0.11x (docs/bandits.md). On 2 CPU cores
 (--config.sampling.max_new_tokens=64 --config.methods=ar,ngram:3,eagle:smollm2,

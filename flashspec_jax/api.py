@@ -72,6 +72,7 @@ class BanditConfig:
   acceptance_discount: float = 0.99
   request_carry: float = 1.0
   wait_cost: float = 0.0
+  step_context: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +119,7 @@ class FlashSpecConfig:
     else:
       config.methods = self.drafters[0] if self.drafters else "ar"
     for name in ("reward", "discount", "epsilon", "acceptance_discount", "request_carry",
-                 "wait_cost"):
+                 "wait_cost", "step_context"):
       config.bandit[name] = getattr(self.bandit, name)
     for field in dataclasses.fields(SamplingConfig):
       config.sampling[field.name] = getattr(self.sampling, field.name)

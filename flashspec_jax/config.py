@@ -133,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
   # waits to the arm's cost (bench/chooser_steps.py fits a wait's cost from stream
   # runs); 0 lets them change body for free.
   config.bandit.wait_cost = 0.0
+  # The contextual choosers: learn a model drafter's acceptance in n-gram lookup's
+  # context too, not as one mean (bandit/acceptance.py, step_context).
+  config.bandit.step_context = False
   # A results file of an earlier run: its bandit methods' final states are where this
   # run's same-named methods start ("" starts fresh).
   config.bandit.initial_state = ""

@@ -502,20 +502,23 @@ class SpeculativeDecoder:
     return by_context(values, contexts, self.chooser.num_contexts)
 
   def _context_of(self, arm_index: int, seqs: Sequences) -> jax.Array:
-    """[B] int32 arms[arm_index]'s drafter's context at the rows' current position; 0
-    where the chooser does not tell its contexts apart."""
-    if self.chooser.num_contexts == 1 or self.chooser.arm_contexts[arm_index] == 1:
+    """[B] int32 the context arms[arm_index] learns in at the rows' current position (its
+    chooser's context_arms: its own drafter's, or with step_context another's); 0 where
+    the chooser tells none apart."""
+    teller = self.chooser.context_arms[arm_index] if self.chooser.num_contexts > 1 else -1
+    if teller < 0:
       return jnp.zeros_like(seqs.seq_lens)
-    return self.arms[arm_index].drafter.context(seqs)
+    return self.arms[teller].drafter.context(seqs)
 
   def _contexts(self, seqs: Sequences) -> jax.Array:
-    """[B, K] int32 every arm's `_context_of`, once per drafter."""
+    """[B, K] int32 every arm's `_context_of`, once per drafter that tells it."""
     if self.chooser.num_contexts == 1:
       return jnp.zeros((seqs.seq_lens.shape[0], len(self.arms)), jnp.int32)
-    groups, columns = self.chooser.groups, []
-    for j in range(len(self.arms)):
-      columns.append(columns[groups[j]] if groups[j] != j else self._context_of(j, seqs))
-    return jnp.stack(columns, axis=1)
+    by_teller = {}
+    for j, teller in enumerate(self.chooser.context_arms):
+      if teller not in by_teller:
+        by_teller[teller] = self._context_of(j, seqs)
+    return jnp.stack([by_teller[teller] for teller in self.chooser.context_arms], axis=1)
 
   def _scored_for_free(self, params, state: SpecState, arm_index: int,
                        outcome: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -170,9 +170,11 @@ def strategy_for(name: str, config) -> Strategy:
                     request_carry=config.bandit.request_carry)
   # Hedge draws its arm from its weights: it has no cost of a step to add the switch to.
   priced = dict(acceptance, wait_cost=config.bandit.wait_cost)
+  contextual = dict(priced, step_context=config.bandit.step_context)
   kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),
             "epsilon_greedy": dict(epsilon=config.bandit.epsilon),
-            **dict.fromkeys(ACCEPTANCE_STRATEGIES, priced), "hedge": acceptance}.get(name, {})
+            **dict.fromkeys(ACCEPTANCE_STRATEGIES, priced), "hedge": acceptance,
+            "contextual_thompson": contextual, "contextual_kl_ucb": contextual}.get(name, {})
   return make_strategy(name, **kwargs)
 
 

@@ -212,6 +212,20 @@ def ngram_contexts(data: dict) -> list[str]:
   return lines
 
 
+def drafter_contexts(data: dict) -> list[str]:
+  lines = [f"{data['model']} answers {data['num_per_set']} held-out prompts per set with "
+           f"{data['arm']} at temperature {data['temperature']} ({data['max_new_tokens']} tokens, "
+           f"real weights in {data['dtype']}). Each step is counted in n-gram lookup's context "
+           f"(max_n {data['max_n']}) on the tokens committed when it began: the length of the "
+           f"match lookup would follow (0: none).", "",
+           "| set | context | share of steps | tokens per step |", "|---|---|---|---|"]
+  for kind, row in data["by_set"].items():
+    for context, cell in row["contexts"].items():
+      lines.append(f"| {kind} | {context} | {cell['share']:.2f} | {cell['mean_tokens']:.2f} |")
+    lines.append(f"| {kind} | all | 1.00 | {row['mean_tokens']:.2f} |")
+  return lines
+
+
 def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
   lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
@@ -600,6 +614,9 @@ SECTIONS = [
             lambda data: _stream(1, "interleaved")(data) and _contextual_against_plain(data)),
     Section("ngram_contexts", "cpu", "n-gram lookup's drafts by the match they follow, SmolLM2 "
             "(CPU)", ngram_contexts),
+    Section("drafter_contexts", "cpu", "eagle:smollm2's steps by n-gram lookup's context, "
+            "temperature 1 (CPU)", drafter_contexts,
+            lambda data: data["arm"] == "eagle:smollm2" and data["temperature"] == 1),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy, request_carry 0.25 (CPU)", choosers,
             _stream(0, "blocks", request_carry=0.25)),

@@ -12,7 +12,7 @@ from conftest import spread_params, tiny_config
 from helpers import latest_longest_match
 
 from flashspec_jax import drafters, engine, pipeline, runner, streams
-from flashspec_jax.bench import ngram_contexts
+from flashspec_jax.bench import drafter_contexts, ngram_contexts
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
 from flashspec_jax.bandit.acceptance import by_context
@@ -244,6 +244,17 @@ def test_ngram_contexts_bench_counts_the_drafts_the_text_confirms():
   assert confirmed[6:].tolist() == [0, 3, 2, 1, 0, 0]
 
 
+def test_drafter_contexts_bench_pairs_each_step_with_the_context_it_began_in():
+  """bench/drafter_contexts.py: after the prompt "5 6 7 5 6" and a first token 7, the
+  first step begins after "6 7", seen before (context 2), and emits one token; the
+  second begins after "7 1", never seen (context 0), and emits two."""
+  prompt, answer = [5, 6, 7, 5, 6], [7, 1, 5, 6]
+  steps = drafter_contexts.step_contexts(NgramDrafter(10, 2), prompt, answer, [1, 2], width=12)
+  assert steps == [(2, 1), (0, 2)]
+  full = prompt + answer
+  assert [latest_longest_match(full, t, 2)[1] for t in (6, 7)] == [2, 0]
+
+
 @pytest.mark.parametrize("name", ["contextual_thompson", "contextual_kl_ucb"])
 def test_contextual_choosers_are_configured_like_the_others(name):
   config = base_config()
@@ -325,11 +336,14 @@ def test_a_wait_cost_is_refused_where_it_cannot_be_priced():
     Hedge(wait_cost=1e-4)
 
 
-def test_the_wait_cost_reaches_every_chooser_that_prices_it():
+def test_the_wait_cost_and_step_context_reach_every_chooser_that_uses_them():
   config = base_config()
   config.bandit.wait_cost = 1.2e-4
+  config.bandit.step_context = True
   for name in CHOOSERS:
-    assert pipeline.strategy_for(name, config).wait_cost == (0 if name == "hedge" else 1.2e-4)
+    strategy = pipeline.strategy_for(name, config)
+    assert strategy.wait_cost == (0 if name == "hedge" else 1.2e-4)
+    assert strategy.step_context == name.startswith("contextual_")
 
 
 def test_free_scores_of_a_contextual_chooser_land_in_each_rows_context(params):
@@ -373,6 +387,29 @@ def test_a_contextual_choosers_own_step_lands_in_each_rows_context(params):
                                 np.bincount(contexts, stats["accepted"], NGRAM.num_contexts))
   assert len(set(contexts.tolist())) > 1, "the prompts should put rows in several contexts"
   np.testing.assert_array_equal(stats["arm_tested"][0], 0)
+
+
+def test_with_step_context_a_model_drafter_learns_in_ngram_lookups_context(params):
+  """step_context: the model drafter learns in n-gram lookup's context (AR in none), and
+  its own step's drafts land in the context each row was in when the step began."""
+  arms = (engine.Arm(SELF, 4), engine.Arm(NGRAM, 2), engine.Arm(NGRAM, 3), engine.Arm())
+  own = AcceptanceKLUCB(contextual=True).bind(arms)
+  shared = AcceptanceKLUCB(contextual=True, step_context=True).bind(arms)
+  assert own.context_arms == (-1, 1, 1, -1) and own.arm_contexts == (1, 3, 3, 1)
+  assert shared.context_arms == (1, 1, 1, -1) and shared.arm_contexts == (3, 3, 3, 1)
+  with pytest.raises(ValueError, match="step_context is for a contextual chooser"):
+    AcceptanceKLUCB(step_context=True)
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=shared)
+  samplers = Samplers.same(Greedy())
+  state = decoder.init(params, *decoder.ar_decoder.prepare(PROMPTS), jax.random.key(0),
+                       samplers.target)
+  contexts = np.asarray(NGRAM.context(state.seqs))
+  np.testing.assert_array_equal(state.contexts, np.stack([contexts] * 3 + [0 * contexts], 1))
+  _, stats = jax.jit(decoder.arm_step, static_argnums=2)(params, state, 0, samplers)
+  tested = np.asarray(stats["live"]) * np.minimum(np.asarray(stats["accepted"]) + 1, 4)
+  np.testing.assert_array_equal(stats["arm_tested"][0],
+                                [tested[contexts == c].sum() for c in range(3)])
+  assert len(set(contexts.tolist())) > 1, "the prompts should put rows in several contexts"
 
 
 def test_contextual_choosers_refuse_what_would_ignore_the_contexts():

@@ -152,12 +152,13 @@ def random_contextual_state(num_arms):
 CHOOSERS = [(UCB1(), "plain", random_bandit_state), (Thompson(), "top_p", random_bandit_state),
             (AcceptanceThompson(wait_cost=0.5), "top_k", random_acceptance_state),
             (Hedge(), "plain", random_acceptance_state),
-            (AcceptanceKLUCB(contextual=True), "top_p", random_contextual_state)]
+            (AcceptanceKLUCB(contextual=True, step_context=True), "top_p",
+             random_contextual_state)]
 
 
 @pytest.mark.parametrize("strategy, sampler_kind, initial_state", CHOOSERS,
                          ids=["ucb1-plain", "thompson-top_p", "acceptance_thompson_wait_cost-top_k",
-                              "hedge-plain", "contextual_kl_ucb-top_p"])
+                              "hedge-plain", "contextual_kl_ucb_step_context-top_p"])
 def test_exact_with_a_bandit_choosing_among_arms(params, exact_probs, strategy, sampler_kind,
                                                  initial_state):
   """Five arms (a small model, the target itself, n-gram lookup at two gammas in one

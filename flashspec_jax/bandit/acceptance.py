@@ -129,11 +129,20 @@ class _AcceptanceModel:
     groups: per arm, the first arm with the same drafter (itself if none before).
     free_arms: per arm, whether the engine scores it without running it (AR, and
       drafters with `scored_free`).
-    arm_contexts: per arm, the contexts its drafter tells apart (1 unless contextual).
+    context_arms: per arm, the first arm of the drafter whose context it learns in (its
+      own drafter's if that tells contexts; with step_context, else the first drafter
+      that does); -1 for none. Set by `bind`.
+    arm_contexts: per arm, the contexts it learns in apart (1 unless contextual).
     discount: per step, on all evidence; 1 keeps everything.
     request_carry: at each new request (`observe`), on the evidence carried from
       earlier ones; 1 keeps it whole.
     contextual: learn each drafter's acceptance per context (`Drafter.context`).
+    step_context: a contextual chooser also learns the drafters that tell no context of
+      their own (a model drafter's, not AR's, whose step emits one token whatever the
+      context) in the context of the first drafter that does (n-gram lookup's match
+      length): on real text a feature drafter's steps emit more where the text repeats
+      itself (bench/drafter_contexts.py), so one mean for it misprices it against n-gram
+      lookup in each context.
     wait_cost: what one wait for the host costs, in the costs' unit; an arm's step
       costs c_a plus wait_cost for each wait from the last step's body to its own
       (`drafters.host_waits`); 0 prices none.
@@ -144,10 +153,12 @@ class _AcceptanceModel:
   costs: tuple[float, ...] = ()
   groups: tuple[int, ...] = ()
   free_arms: tuple[bool, ...] = ()
+  context_arms: tuple[int, ...] = ()
   arm_contexts: tuple[int, ...] = ()
   discount: float = 1.0
   request_carry: float = 1.0
   contextual: bool = False
+  step_context: bool = False
   wait_cost: float = 0.0
   bodies: tuple[int, ...] = ()
   uses_free_feedback = True
@@ -158,12 +169,19 @@ class _AcceptanceModel:
         raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
     if not self.wait_cost >= 0:
       raise ValueError(f"wait_cost must be >= 0, got {self.wait_cost}")
+    if self.step_context and not self.contextual:
+      raise ValueError("step_context is for a contextual chooser")
 
   def bind(self, arms) -> _AcceptanceModel:
     drafters = [arm.drafter for arm in arms]
     groups = tuple(drafters.index(d) if d is not None else i for i, d in enumerate(drafters))
-    arm_contexts = tuple(d.num_contexts if self.contextual and d is not None else 1
-                         for d in drafters)
+    tellers = [groups[i] for i, d in enumerate(drafters)
+               if self.contextual and d is not None and d.num_contexts > 1]
+    context_arms = tuple(
+        groups[i] if groups[i] in tellers
+        else tellers[0] if self.step_context and d is not None and tellers else -1
+        for i, d in enumerate(drafters))
+    arm_contexts = tuple(drafters[t].num_contexts if t >= 0 else 1 for t in context_arms)
     bodies = [0] * len(arms)
     for index, body in enumerate(step_bodies(arms)):
       for arm in body:
@@ -171,7 +189,7 @@ class _AcceptanceModel:
     return dataclasses.replace(
         self, gammas=tuple(a.gamma for a in arms), costs=tuple(a.cost for a in arms),
         groups=groups, free_arms=tuple(d is None or d.scored_free for d in drafters),
-        arm_contexts=arm_contexts, bodies=tuple(bodies))
+        context_arms=context_arms, arm_contexts=arm_contexts, bodies=tuple(bodies))
 
   @property
   def num_contexts(self) -> int:
