@@ -498,14 +498,16 @@ def _plain_run(data: dict) -> bool:
 
 
 def _stream(temperature: float, order: str, request_carry: float = 1.0,
-            deterministic: bool = False, priced_waits: bool = False) -> Callable[[dict], bool]:
-  # Runs from before config.bandit.request_carry (wait_cost) carried all evidence over
-  # (priced no wait for the host).
+            deterministic: bool = False, priced_waits: bool = False,
+            step_context: bool = False) -> Callable[[dict], bool]:
+  # Runs from before config.bandit.request_carry (wait_cost, step_context) carried all
+  # evidence over (priced no wait for the host, learnt the drafter as one mean).
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
                        and data["config"]["prompts"]["order"] == order
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
                        and data["config"].get("deterministic", False) == deterministic
-                       and (data["config"]["bandit"].get("wait_cost", 0.0) > 0) == priced_waits)
+                       and (data["config"]["bandit"].get("wait_cost", 0.0) > 0) == priced_waits
+                       and data["config"]["bandit"].get("step_context", False) == step_context)
 
 
 def _with_reward_bandits(data: dict) -> bool:
@@ -612,6 +614,9 @@ SECTIONS = [
     Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
             "interleaved, temperature 1 (CPU)", choosers,
             lambda data: _stream(1, "interleaved")(data) and _contextual_against_plain(data)),
+    Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
+            "interleaved, temperature 1, the drafter learnt in n-gram lookup's context (CPU)",
+            choosers, _stream(1, "interleaved", step_context=True)),
     Section("ngram_contexts", "cpu", "n-gram lookup's drafts by the match they follow, SmolLM2 "
             "(CPU)", ngram_contexts),
     Section("drafter_contexts", "cpu", "eagle:smollm2's steps by n-gram lookup's context, "
