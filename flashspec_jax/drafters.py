@@ -76,12 +76,12 @@ def step_bodies(arms: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
   and 8 were within 1.5% of each other,
   results/choosers_smollm2/2026-12-02T013755Z_da02342b.json), and each step
   body costs every step a wait for the host (`engine.SpeculativeDecoder.run_steps`),
-  and a change of body costs more waits. The body's narrower arms then cost what
-  its widest does and emit no more tokens for the same draws: a chooser that
-  knows it keeps to the widest. On a CPU, where width
-  costs time, a narrow n-gram arm would get dearer than it is alone, so there
-  the pipeline's n-gram arms step alone (`NgramDrafter.shares_step_body`).
-  Every other arm has its own body.
+  and a change of body costs more waits (`host_waits`). The body's narrower arms
+  then cost what its widest does and emit no more tokens for the same draws: a
+  chooser that knows it keeps to the widest. On a CPU, where width costs time, a
+  narrow n-gram arm would get dearer than it is alone, so there the pipeline's
+  n-gram arms step alone (`NgramDrafter.shares_step_body`). Every other arm has
+  its own body.
   """
   bodies: dict[Any, list[int]] = {}
   for i, arm in enumerate(arms):

@@ -132,17 +132,17 @@ class _AcceptanceModel:
     context_arms: per arm, the first arm of the drafter whose context it learns in (its
       own drafter's if that tells contexts; with step_context, else the first drafter
       that does); -1 for none. Set by `bind`.
-    arm_contexts: per arm, the contexts it learns in apart (1 unless contextual).
+    arm_contexts: per arm, how many contexts it learns apart (1 unless contextual).
     discount: per step, on all evidence; 1 keeps everything.
     request_carry: at each new request (`observe`), on the evidence carried from
       earlier ones; 1 keeps it whole.
     contextual: learn each drafter's acceptance per context (`Drafter.context`).
-    step_context: a contextual chooser also learns the drafters that tell no context of
-      their own (a model drafter's, not AR's, whose step emits one token whatever the
-      context) in the context of the first drafter that does (n-gram lookup's match
+    step_context: a contextual chooser also learns each drafter that tells no context
+      of its own (a model drafter; not AR, whose step emits one token in any context)
+      in the context of the first drafter that tells one (n-gram lookup's match
       length): on real text a feature drafter's steps emit more where the text repeats
-      itself (bench/drafter_contexts.py), so one mean for it misprices it against n-gram
-      lookup in each context.
+      itself (bench/drafter_contexts.py), so one mean for it misprices it against
+      n-gram lookup in each context.
     wait_cost: what one wait for the host costs, in the costs' unit; an arm's step
       costs c_a plus wait_cost for each wait from the last step's body to its own
       (`drafters.host_waits`); 0 prices none.
