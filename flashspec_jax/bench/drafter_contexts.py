@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from flashspec_jax import environment, pipeline, results
-from flashspec_jax.bench.ngram_contexts import drafts_confirmed
+from flashspec_jax.bench.ngram_contexts import answer_flags, drafts_confirmed
 from flashspec_jax.config import base_config
 from flashspec_jax.drafters import NgramDrafter
 from flashspec_jax.prompts import PROMPT_SETS
@@ -85,29 +85,25 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       arm=flags.DEFINE_string("arm", "eagle:smollm2", "The drafter arm that decodes."),
       temperature=flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy).",
                                      lower_bound=0.0),
-      num_per_set=flags.DEFINE_integer("num_per_set", 4, "Held-out prompts per set.",
-                                       lower_bound=1),
-      max_new_tokens=flags.DEFINE_integer("max_new_tokens", 64, "Tokens per answer.",
-                                          lower_bound=1),
-      max_n=flags.DEFINE_integer("max_n", 3, "Longest match n-gram lookup tries.", lower_bound=1),
-      out=flags.DEFINE_string("out", "results", "Results directory."))
+      **answer_flags(num_per_set=4, max_new_tokens=64))
 
 
 def main(argv, options):
   del argv
   value = {name: holder.value for name, holder in options.items()}
-  results.check_writable(value["out"])
+  out = value.pop("out")
+  results.check_writable(out)
   env = environment.describe()
-  result = bench(value["arm"], value["temperature"], value["num_per_set"],
-                 value["max_new_tokens"], value["max_n"])
-  path = results.write("drafter_contexts", result, directory=value["out"], env=env)
+  result = bench(**value)
+  path = results.write("drafter_contexts", result, directory=out, env=env)
   print(f"\n{result['arm']} at temperature {result['temperature']}, answers of "
         f"{result['max_new_tokens']} tokens, n-gram max_n {result['max_n']} -> {path}")
+  rows = [(kind, context, f"{cell['share']:.2f}", cell["mean_tokens"])
+          for kind, row in result["by_set"].items()
+          for context, cell in [*row["contexts"].items(), ("all", dict(share=1.0, **row))]]
   print(f"{'set':<6} {'context':>8} {'share':>7} {'tokens/step':>12}")
-  for kind, row in result["by_set"].items():
-    for context, cell in row["contexts"].items():
-      print(f"{kind:<6} {context:>8} {cell['share']:>7.2f} {cell['mean_tokens']:>12.2f}")
-    print(f"{kind:<6} {'all':>8} {1:>7.2f} {row['mean_tokens']:>12.2f}")
+  for kind, context, share, tokens in rows:
+    print(f"{kind:<6} {context:>8} {share:>7} {tokens:>12.2f}")
 
 
 if __name__ == "__main__":

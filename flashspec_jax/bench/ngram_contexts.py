@@ -89,18 +89,25 @@ def bench(model_name: str, num_per_set: int, max_new_tokens: int, max_n: int,
               max_new_tokens=max_new_tokens, max_n=max_n, gamma=gamma, by_set=by_set)
 
 
+def answer_flags(num_per_set: int, max_new_tokens: int) -> dict[str, flags.FlagHolder]:
+  """The flags of a bench over held-out answers and n-gram lookup's contexts (this one
+  and drafter_contexts), with their defaults for how many answers and how long."""
+  return dict(
+      num_per_set=flags.DEFINE_integer("num_per_set", num_per_set, "Held-out prompts per set.",
+                                       lower_bound=1),
+      max_new_tokens=flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Tokens per answer.",
+                                          lower_bound=1),
+      max_n=flags.DEFINE_integer("max_n", 3, "Longest match n-gram lookup tries.", lower_bound=1),
+      out=flags.DEFINE_string("out", "results", "Results directory."))
+
+
 def define_flags() -> dict[str, flags.FlagHolder]:
   """The command line's flags; defined only when run as a program, so that tests can
   import bench() beside other benchmarks that define flags of the same names."""
   return dict(
       model=flags.DEFINE_string("model", "smollm2_135m", "Target model (real weights)."),
-      num_per_set=flags.DEFINE_integer("num_per_set", 8, "Held-out prompts per set.",
-                                       lower_bound=1),
-      max_new_tokens=flags.DEFINE_integer("max_new_tokens", 128, "Tokens per answer.",
-                                          lower_bound=1),
-      max_n=flags.DEFINE_integer("max_n", 3, "Longest match n-gram lookup tries.", lower_bound=1),
       gamma=flags.DEFINE_integer("gamma", 8, "Drafts per position.", lower_bound=1),
-      out=flags.DEFINE_string("out", "results", "Results directory."))
+      **answer_flags(num_per_set=8, max_new_tokens=128))
 
 
 def main(argv, options):
