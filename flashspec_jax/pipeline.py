@@ -168,7 +168,7 @@ def check_checkpoints(config, target_flag: str = TARGET_FLAG,
 def strategy_for(name: str, config) -> Strategy:
   acceptance = dict(discount=config.bandit.acceptance_discount,
                     request_carry=config.bandit.request_carry)
-  # Hedge draws its arm from its weights: it has no cost of a step to add the switch to.
+  # Hedge draws its arm from its weights: it has no step cost to add waits to.
   priced = dict(acceptance, wait_cost=config.bandit.wait_cost)
   contextual = dict(priced, step_context=config.bandit.step_context)
   kwargs = {"discounted_ucb": dict(discount=config.bandit.discount),

@@ -223,9 +223,9 @@ def _excess_fit(rows: list[tuple[str, int, int, float]], event: str) -> dict | N
   cannot tell the three apart."""
   methods = sorted({method for method, *_ in rows})
   design = np.zeros((len(rows), len(methods) + 2))
-  for i, (method, steps, changes, _) in enumerate(rows):
+  for i, (method, steps, events, _) in enumerate(rows):
     design[i, methods.index(method)] = 1.0
-    design[i, -2:] = steps, changes
+    design[i, -2:] = steps, events
   excess = np.asarray([ms for *_, ms in rows])
   dof = len(rows) - design.shape[1]
   if dof <= 0 or np.linalg.matrix_rank(design) < design.shape[1]:

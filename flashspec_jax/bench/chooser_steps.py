@@ -19,7 +19,8 @@ by some calls only. And per prompt set, the chooser's speed against the set's be
 fixed arm had each call cost its steps' calibrated costs plus the best fixed arm's
 median call excess, or plus the chooser's own median (its worst calls cut down).
 Per run, a least-squares fit of the choosers' call excess on their steps and their
-changes of step body tells what each change costs (on a GPU, waits for the host).
+changes of step body tells what each change costs (on a GPU, waits for the host), and
+a second fit on the waits those changes added (drafters.host_waits) what each wait costs.
 """
 
 from __future__ import annotations
@@ -69,8 +70,7 @@ def main(argv):
             + ", ".join(f"{kind} {ratio:.2f} / {c['at_own_median_by_set'][kind]:.2f}"
                         for kind, ratio in c["at_mix_by_set"].items())
             + f"; body changes per step {c['body_changes_per_step']:.2f}")
-    fit = run["body_change_fit"]
-    if fit:
+    if fit := run["body_change_fit"]:
       print(f"{'':<34} each change of step body adds {1e3 * fit['ms_per_change']:.0f} "
             f"+- {1e3 * fit['ms_per_change_se']:.0f} us to a call, each step "
             f"{1e3 * fit['ms_per_step']:.0f} +- {1e3 * fit['ms_per_step_se']:.0f} us "
