@@ -394,6 +394,42 @@ def _stream_run(run: dict) -> str:
           f"({pathlib.Path(run['run']).stem})")
 
 
+def stream_goals(data: dict) -> list[str]:
+  """Per recorded stream run, the chooser that met most of issue 14's goals; then per
+  chooser, the runs of each kind in which it met all four."""
+  goals = data["goals"]
+  lines = [f"Read from recorded stream runs. A chooser's goals: at least "
+           f"{goals['vs_best_fixed']:.2f}x the best fixed arm over the stream, at least "
+           f"{goals['worst_set_vs_best']:.2f}x each set's best fixed arm (its worst set "
+           f"shown), at least {goals['vs_oracle']:.2f}x the per-set oracle, and at least "
+           f"{goals['worst_set_vs_ar']:.2f}x AR on every set (its worst set shown). Each row "
+           "names the chooser that met the most goals in that run, the fastest of them "
+           "where several tie; the second table holds every chooser to all four in every "
+           "run.", "",
+           "| run | T | order | seed | options | chooser | vs best fixed | worst set vs its "
+           "best | vs oracle | worst set vs AR | goals met |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for run in data["runs"]:
+    name = run["best_chooser"]
+    c = run["choosers"][name]
+    lines.append(f"| {run['device']} ({pathlib.Path(run['run']).stem}) | "
+                 f"{run['temperature']:g} | {run['order']} | {run['seed']} | "
+                 f"{run['options']} | {name} | {c['vs_best_fixed']:.2f}x | "
+                 f"{c['worst_set_vs_best']:.2f}x ({c['worst_set']}) | {c['vs_oracle']:.2f}x | "
+                 f"{c['worst_set_vs_ar']:.2f}x ({c['worst_ar_set']}) | "
+                 f"{sum(c['met'].values())}/4 |")
+  names = list(dict.fromkeys(n for group in data["tally"] for n in group["all_met"]))
+  lines += ["", "Runs in which each chooser met all four goals:", "",
+            "| device | T | options | runs | " + " | ".join(names) + " |",
+            "|---|---|---|---|" + "---|" * len(names)]
+  for group in data["tally"]:
+    lines.append(f"| {group['device']} | {group['temperature']:g} | {group['options']} | "
+                 f"{group['runs']} | " + " | ".join(
+                     f"{group['all_met'][n]}" if n in group["all_met"] else "-" for n in names)
+                 + " |")
+  return lines
+
+
 def chooser_steps(data: dict) -> list[str]:
   """Per recorded stream run: first calls against later ones, and steps against the
   calibrated cost of the arms they ran."""
@@ -627,6 +663,8 @@ SECTIONS = [
             _stream(0, "blocks", request_carry=0.25)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream, sets interleaved, greedy, "
             "request_carry 0.25 (CPU)", choosers, _stream(0, "interleaved", request_carry=0.25)),
+    Section("stream_goals", "", "The choosers against the stream goals, run by run",
+            stream_goals),
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
     Section("trace_calls", H200, "A chooser's step against fixed arms' steps, traced (H200)",

@@ -8,6 +8,7 @@ arms other than the set's best, and the steps it took to settle on that arm
 after each change of set, come from its history. `step_costs` splits where a
 chooser's time went: its first calls, and calls that cost more than the steps of the
 arms they ran, and prices its choices per set at its arms' calibrated costs.
+`goals` checks a run against issue 14's four goals for a chooser.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from flashspec_jax.drafters import host_waits
 
 # A chooser has settled on an arm once it picks it this many times in a row.
 SETTLED_RUN = 5
+
+# What a chooser must reach on a stream (issue 14): its tok/s against the best fixed
+# arm over the stream, against each set's best fixed arm, against the per-set oracle,
+# and against AR on each set.
+GOALS = dict(vs_best_fixed=1.0, worst_set_vs_best=0.95, vs_oracle=0.9, worst_set_vs_ar=1.0)
 
 
 def seconds_and_tokens(records: Sequence[dict], method: str, kind: str) -> tuple[float, int]:
@@ -87,6 +93,29 @@ def compare(records: Sequence[dict], histories: dict[str, dict],
                      off_best_share=sum(off_best) / max(len(steps), 1),
                      settle_steps=settle_steps(steps, arm_index) if len(arm_index) == len(kinds)
                      else None)
+  return out
+
+
+def goals(run: dict) -> dict[str, dict[str, Any]]:
+  """Per chooser of a stream run (a results file's dict): the four ratios of GOALS,
+  the sets that set the worst two, and which goals it met."""
+  records = run["records"]
+  out = {}
+  for name, summary in run["summaries"].items():
+    if "stream" not in summary:
+      continue
+    by_set = summary["stream"]["by_set"]
+    vs_ar = {}
+    for kind, row in by_set.items():
+      seconds, tokens = seconds_and_tokens(records, "ar", kind)
+      vs_ar[kind] = row["tokens_per_second"] / (tokens / seconds)
+    worst_set = min(by_set, key=lambda kind: by_set[kind]["vs_best_fixed"])
+    worst_ar_set = min(vs_ar, key=vs_ar.get)
+    ratios = dict(vs_best_fixed=summary["vs_best_fixed"],
+                  worst_set_vs_best=by_set[worst_set]["vs_best_fixed"],
+                  vs_oracle=summary["stream"]["vs_oracle"], worst_set_vs_ar=vs_ar[worst_ar_set])
+    out[name] = ratios | dict(worst_set=worst_set, worst_ar_set=worst_ar_set,
+                              met={goal: ratios[goal] >= floor for goal, floor in GOALS.items()})
   return out
 
 

@@ -12,7 +12,7 @@ from conftest import spread_params, tiny_config
 from helpers import latest_longest_match
 
 from flashspec_jax import drafters, engine, pipeline, runner, streams
-from flashspec_jax.bench import drafter_contexts, ngram_contexts
+from flashspec_jax.bench import drafter_contexts, ngram_contexts, stream_goals
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
 from flashspec_jax.bandit.acceptance import by_context
@@ -493,6 +493,41 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   assert hedge["vs_best_fixed"] == pytest.approx((34 / 70) / (30 / 31))
   with pytest.raises(ValueError, match="batch > 1"):
     streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
+
+
+def test_stream_goals_hold_each_chooser_to_every_goal():
+  """streams.goals (bench/stream_goals.py) on a made-up stream: n-gram is the best fixed
+  arm over it (30 tokens in 2.25 s) and on chat, AR on code. The chooser beats n-gram
+  over the stream and stays within 10% of the oracle and at AR's speed on code, but
+  runs chat at 0.9x n-gram's, below the 0.95x a set needs."""
+
+  def call(method, kind, seconds, tokens):
+    return dict(method=method, id=f"{method}/{kind}", kind=kind, new_tokens=tokens,
+                batch_seconds=seconds, batch_rows=1)
+  records = [call("ngram:3", "chat", 1.0, 20), call("ngram:3", "code", 1.25, 10),
+             call("ar", "chat", 1.0, 10), call("ar", "code", 1.0, 10),
+             call("bandit:x", "chat", 1.0, 18), call("bandit:x", "code", 1.0, 10)]
+  histories = {"bandit:x": dict(arms=["ngram_3:g4", "ar"], steps=[["chat", 0], ["code", 1]])}
+  (stream,) = streams.compare(records, histories, {"ngram:3": "ngram_3:g4", "ar": "ar"}).values()
+  run = dict(records=records, summaries={
+      "ngram:3": {}, "bandit:x": dict(vs_best_fixed=14 / (30 / 2.25), stream=stream)})
+  (chooser,) = streams.goals(run).values()
+  assert chooser["worst_set"] == "chat" and chooser["worst_ar_set"] == "code"
+  assert chooser["worst_set_vs_best"] == pytest.approx(0.9)
+  assert chooser["vs_oracle"] == pytest.approx(14 / 15)
+  assert chooser["worst_set_vs_ar"] == pytest.approx(1.0)
+  assert chooser["met"] == dict(vs_best_fixed=True, worst_set_vs_best=False, vs_oracle=True,
+                                worst_set_vs_ar=True)
+  # The bench names the chooser that met most goals, and counts runs that met all four.
+  other = dict(chooser, vs_best_fixed=1.2, met=dict(chooser["met"], vs_best_fixed=False))
+  assert stream_goals.best_chooser({"bandit:x": chooser, "bandit:y": other}) == "bandit:x"
+  passing = dict(chooser, met=dict.fromkeys(chooser["met"], True))
+  runs = [dict(device="gpu:test", temperature=1.0, options="defaults",
+               choosers={"bandit:x": c}) for c in (chooser, passing, passing)]
+  (group,) = stream_goals.tally(runs)
+  assert group["runs"] == 3 and group["all_met"] == {"bandit:x": 2}
+  assert stream_goals.options(dict(bandit=dict(wait_cost=5e-5, step_context=True))) == (
+      "wait_cost 5e-05, step_context")
 
 
 def test_held_calls_price_the_chooser_program_against_the_same_steps_of_a_fixed_arm():
