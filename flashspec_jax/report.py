@@ -566,14 +566,18 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
-def _stream_sections(device: str, name: str, priced_waits: bool = False) -> list[Section]:
+def _stream_sections(device: str, name: str, priced_waits: bool = False,
+                     step_context: bool = False) -> list[Section]:
   """The choosers' four streams on one device: greedy and at temperature 1, in blocks
   and interleaved; with priced_waits, those whose choosers priced waits for the host
-  (config.bandit.wait_cost)."""
-  priced = ", waits for the host priced" if priced_waits else ""
+  (config.bandit.wait_cost), and with step_context, learnt the drafter in n-gram
+  lookup's context (config.bandit.step_context). A stream not run has no section."""
+  options = (", waits for the host priced" if priced_waits else "") + (
+      ", the drafter learnt in n-gram lookup's context" if step_context else "")
   return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling}"
-                  f"{priced} ({name})", choosers,
-                  _stream(temperature, order, priced_waits=priced_waits))
+                  f"{options} ({name})", choosers,
+                  _stream(temperature, order, priced_waits=priced_waits,
+                          step_context=step_context))
           for temperature, sampling in ((0, "greedy"), (1, "temperature 1"))
           for order, how in (("blocks", " in blocks of one set"), ("interleaved",
                                                                    ", sets interleaved"))]
@@ -635,6 +639,7 @@ SECTIONS = [
     *_stream_sections(H100, "H100"),
     *_stream_sections(H200, "H200", priced_waits=True),
     *_stream_sections(H100, "H100", priced_waits=True),
+    *_stream_sections(H100, "H100", priced_waits=True, step_context=True),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy (CPU)", choosers,
             lambda data: _stream(0, "blocks")(data) and _with_reward_bandits(data)),
