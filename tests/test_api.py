@@ -96,6 +96,15 @@ def test_the_bandit_config_reaches_the_run_config_and_is_checked():
                       bandit=BanditConfig(**{field: value})).to_config_dict()
 
 
+def test_the_defaults_are_the_drafter_and_chooser_that_paid():
+  """One drafter by default is prompt lookup (any target can run it; SmolLM2's layer-skip
+  drafter ran at 0.4x AR on the H200), and several are chosen among by contextual
+  Thompson, the chooser that met the stream goals most often."""
+  assert FlashSpecConfig(target="tiny_llama").to_config_dict().methods == "ngram:3"
+  config = FlashSpecConfig(target="tiny_llama", drafters=("ngram:2", "ar")).to_config_dict()
+  assert config.methods == "bandit:contextual_thompson"
+
+
 def test_a_contextual_choosers_state_carries_from_call_to_call():
   """Its evidence is per context ([K, C]): the state a call returns is what the next
   call's program was compiled for (a state shaped by the unbound chooser, [K, 1], made
