@@ -404,8 +404,10 @@ def stream_goals(data: dict) -> list[str]:
            f"shown), at least {goals['vs_oracle']:.2f}x the per-set oracle, and at least "
            f"{goals['worst_set_vs_ar']:.2f}x AR on every set (its worst set shown). Each row "
            "names the chooser that met the most goals in that run, the fastest of them "
-           "where several tie; the second table holds every chooser to all four in every "
-           "run.", "",
+           "where several tie (ratios to three places, so that a miss by a hair shows); "
+           "the second table counts, per kind of run (device, temperature, options; a "
+           "kind may span commits), the runs in which each chooser met all four, of "
+           "those it ran in.", "",
            "| run | T | order | seed | options | chooser | vs best fixed | worst set vs its "
            "best | vs oracle | worst set vs AR | goals met |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -414,19 +416,18 @@ def stream_goals(data: dict) -> list[str]:
     c = run["choosers"][name]
     lines.append(f"| {run['device']} ({pathlib.Path(run['run']).stem}) | "
                  f"{run['temperature']:g} | {run['order']} | {run['seed']} | "
-                 f"{run['options']} | {name} | {c['vs_best_fixed']:.2f}x | "
-                 f"{c['worst_set_vs_best']:.2f}x ({c['worst_set']}) | {c['vs_oracle']:.2f}x | "
-                 f"{c['worst_set_vs_ar']:.2f}x ({c['worst_ar_set']}) | "
+                 f"{run['options']} | {name} | {c['vs_best_fixed']:.3f}x | "
+                 f"{c['worst_set_vs_best']:.3f}x ({c['worst_set']}) | {c['vs_oracle']:.3f}x | "
+                 f"{c['worst_set_vs_ar']:.3f}x ({c['worst_ar_set']}) | "
                  f"{sum(c['met'].values())}/4 |")
   names = list(dict.fromkeys(n for group in data["tally"] for n in group["all_met"]))
-  lines += ["", "Runs in which each chooser met all four goals:", "",
-            "| device | T | options | runs | " + " | ".join(names) + " |",
-            "|---|---|---|---|" + "---|" * len(names)]
+  lines += ["", "Runs in which each chooser met all four goals, of the runs it ran in:", "",
+            "| device | T | options | " + " | ".join(names) + " |",
+            "|---|---|---|" + "---|" * len(names)]
   for group in data["tally"]:
     lines.append(f"| {group['device']} | {group['temperature']:g} | {group['options']} | "
-                 f"{group['runs']} | " + " | ".join(
-                     f"{group['all_met'][n]}" if n in group["all_met"] else "-" for n in names)
-                 + " |")
+                 + " | ".join(f"{group['all_met'][n]}/{group['ran'][n]}"
+                              if n in group["all_met"] else "-" for n in names) + " |")
   return lines
 
 

@@ -14,6 +14,9 @@ arms they ran, and prices its choices per set at its arms' calibrated costs.
 from __future__ import annotations
 
 import collections
+import glob
+import json
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,13 +41,15 @@ def seconds_and_tokens(records: Sequence[dict], method: str, kind: str) -> tuple
   return seconds, sum(r["new_tokens"] for r in rows)
 
 
+def tokens_per_second(records: Sequence[dict], method: str, kind: str) -> float:
+  seconds, tokens = seconds_and_tokens(records, method, kind)
+  return tokens / seconds
+
+
 def best_fixed_by_set(records: Sequence[dict], fixed: Sequence[str]) -> dict[str, str]:
   """The fixed method with the highest tok/s on each prompt set."""
   kinds = dict.fromkeys(r["kind"] for r in records)
-  def rate(method, kind):
-    seconds, tokens = seconds_and_tokens(records, method, kind)
-    return tokens / seconds
-  return {kind: max(fixed, key=lambda m: rate(m, kind)) for kind in kinds}
+  return {kind: max(fixed, key=lambda m: tokens_per_second(records, m, kind)) for kind in kinds}
 
 
 def settle_steps(steps: Sequence[tuple[str, int]], best_arm: dict[str, int]) -> list[int | None]:
@@ -97,18 +102,20 @@ def compare(records: Sequence[dict], histories: dict[str, dict],
 
 
 def goals(run: dict) -> dict[str, dict[str, Any]]:
-  """Per chooser of a stream run (a results file's dict): the four ratios of GOALS,
-  the sets that set the worst two, and which goals it met."""
+  """Per chooser of a stream run (a results file's dict): the four ratios of GOALS;
+  the set with the lowest ratio to its best fixed arm (`worst_set`) and the one with
+  the lowest ratio to AR (`worst_ar_set`); and which goals it met. Empty for a run
+  without choosers, or without AR to hold them to."""
   records = run["records"]
+  if not any(r["method"] == "ar" for r in records):
+    return {}
   out = {}
   for name, summary in run["summaries"].items():
     if "stream" not in summary:
       continue
     by_set = summary["stream"]["by_set"]
-    vs_ar = {}
-    for kind, row in by_set.items():
-      seconds, tokens = seconds_and_tokens(records, "ar", kind)
-      vs_ar[kind] = row["tokens_per_second"] / (tokens / seconds)
+    vs_ar = {kind: row["tokens_per_second"] / tokens_per_second(records, "ar", kind)
+             for kind, row in by_set.items()}
     worst_set = min(by_set, key=lambda kind: by_set[kind]["vs_best_fixed"])
     worst_ar_set = min(vs_ar, key=vs_ar.get)
     ratios = dict(vs_best_fixed=summary["vs_best_fixed"],
@@ -117,6 +124,13 @@ def goals(run: dict) -> dict[str, dict[str, Any]]:
     out[name] = ratios | dict(worst_set=worst_set, worst_ar_set=worst_ar_set,
                               met={goal: ratios[goal] >= floor for goal, floor in GOALS.items()})
   return out
+
+
+def read_runs(patterns: Sequence[str]) -> list[tuple[str, dict]]:
+  """The results files that match any of the globs, in name (so time) order, each with
+  its path."""
+  paths = sorted({path for pattern in patterns for path in glob.glob(pattern)})
+  return [(path, json.loads(pathlib.Path(path).read_text())) for path in paths]
 
 
 def _calls(run: dict, method: str) -> list[dict]:

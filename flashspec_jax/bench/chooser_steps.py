@@ -25,8 +25,6 @@ a second fit on the waits those changes added (drafters.host_waits) what each wa
 
 from __future__ import annotations
 
-import glob
-import json
 import pathlib
 
 from absl import app, flags
@@ -40,14 +38,11 @@ _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 def main(argv):
   del argv
-  paths = sorted({path for pattern in _RUNS.value for path in glob.glob(pattern)})
-  if not paths:
+  found = streams.read_runs(_RUNS.value)
+  if not found:
     raise app.UsageError(f"--runs: no file matches {','.join(_RUNS.value)!r}")
-  runs = []
-  for path in paths:
-    run = json.loads(pathlib.Path(path).read_text())
-    if run.get("bandit_histories"):
-      runs.append(streams.step_costs(run | {"_path": path}))
+  runs = [streams.step_costs(run | {"_path": path}) for path, run in found
+          if run.get("bandit_histories")]
   path = results.write("chooser_steps", dict(runs=runs), directory=_OUT.value)
   print(f"\nchooser steps -> {path}")
   print(f"{'run':<34} {'method':<28} {'1st ms/step':>11} {'ms/step':>8} {'mix ms':>7} "

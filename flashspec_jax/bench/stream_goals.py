@@ -6,14 +6,14 @@ Reads each run's summaries and per-call records (no device needed) and checks ev
 chooser against streams.GOALS: its tok/s at least the best fixed arm's over the
 stream, at least 0.95x each set's best fixed arm, within 10% of the per-set oracle,
 and at least AR's on every set. One run is one sample of the stream's sampling and
-timing noise, so the table sets runs of the same options side by side, and counts
-per chooser the runs in which it met all four.
+timing noise, so runs are listed by device, temperature and options (those of the
+same kind side by side, whatever commit ran them), and per kind of run each chooser
+is counted in how many of the runs it took part in it met all four. Runs without AR
+are left out.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import pathlib
 
 from absl import app, flags
@@ -40,30 +40,28 @@ def best_chooser(choosers: dict[str, dict]) -> str:
 
 
 def tally(runs: list[dict]) -> list[dict]:
-  """Runs grouped by device, temperature and options; per chooser, how many met all
-  four goals."""
+  """Runs grouped by device, temperature and options; per chooser, in how many of the
+  group's runs it met all four goals, and in how many it ran."""
   groups = {}
   for run in runs:
     key = (run["device"], run["temperature"], run["options"])
     group = groups.setdefault(key, dict(device=key[0], temperature=key[1], options=key[2],
-                                        runs=0, all_met={}))
-    group["runs"] += 1
+                                        all_met={}, ran={}))
     for name, chooser in run["choosers"].items():
       group["all_met"][name] = group["all_met"].get(name, 0) + all(chooser["met"].values())
+      group["ran"][name] = group["ran"].get(name, 0) + 1
   return list(groups.values())
 
 
 def main(argv):
   del argv
-  paths = sorted({path for pattern in _RUNS.value for path in glob.glob(pattern)})
-  if not paths:
+  found = streams.read_runs(_RUNS.value)
+  if not found:
     raise app.UsageError(f"--runs: no file matches {','.join(_RUNS.value)!r}")
-  runs = []
-  for path in paths:
-    run = json.loads(pathlib.Path(path).read_text())
-    if choosers := streams.goals(run):
-      runs.append(describe(path, run) | dict(choosers=choosers,
-                                             best_chooser=best_chooser(choosers)))
+  runs = [describe(path, run) | dict(choosers=choosers, best_chooser=best_chooser(choosers))
+          for path, run in found if (choosers := streams.goals(run))]
+  runs.sort(key=lambda run: (run["device"], run["temperature"], run["options"], run["order"],
+                             run["seed"]))
   groups = tally(runs)
   path = results.write("stream_goals", dict(goals=streams.GOALS, runs=runs, tally=groups),
                        directory=_OUT.value)
@@ -76,17 +74,18 @@ def main(argv):
     c = run["choosers"][name]
     print(f"{pathlib.Path(run['run']).name:<34} {run['device']:<22.22} "
           f"{run['temperature']:>3g} {run['order']:<11} {run['seed']:>4} "
-          f"{run['options']:<22} {name:<28} {c['vs_best_fixed']:>7.2f} "
-          f"{c['worst_set_vs_best']:>6.2f} ({c['worst_set']:<5}) {c['vs_oracle']:>9.2f} "
-          f"{c['worst_set_vs_ar']:>5.2f} ({c['worst_ar_set']}) {sum(c['met'].values()):>2}/4")
+          f"{run['options']:<22} {name:<28} {c['vs_best_fixed']:>7.3f} "
+          f"{c['worst_set_vs_best']:>6.3f} ({c['worst_set']:<5}) {c['vs_oracle']:>9.3f} "
+          f"{c['worst_set_vs_ar']:>5.3f} ({c['worst_ar_set']}) {sum(c['met'].values()):>2}/4")
   print("\nruns in which each chooser met all four goals:")
   for group in groups:
     print(f"  {group['device']}, T={group['temperature']:g}, {group['options']}: "
-          + ", ".join(f"{name} {n}/{group['runs']}" for name, n in group["all_met"].items()))
+          + ", ".join(f"{name} {n}/{group['ran'][name]}" for name, n in group["all_met"].items()))
 
 
 def options(config: dict) -> str:
-  """The chooser options a run's config set away from their defaults."""
+  """The chooser options, and the engine's deterministic mode, that a run's config set
+  away from their defaults."""
   bandit = config["bandit"]
   set_ = [f"wait_cost {bandit['wait_cost']:g}" if bandit.get("wait_cost") else "",
           "step_context" if bandit.get("step_context") else "",
