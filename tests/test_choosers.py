@@ -531,7 +531,7 @@ def test_stream_goals_hold_each_chooser_to_every_goal():
   (group,) = stream_goals.tally(runs)
   assert group["all_met"] == {"bandit:x": 2, "bandit:y": 1}
   assert group["ran"] == {"bandit:x": 3, "bandit:y": 1}
-  assert stream_goals.options(dict(bandit=dict(wait_cost=5e-5, step_context=True))) == (
+  assert stream_goals.run_options(dict(bandit=dict(wait_cost=5e-5, step_context=True))) == (
       "wait_cost 5e-05, step_context")
 
 

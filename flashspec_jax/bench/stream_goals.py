@@ -14,15 +14,13 @@ are left out.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 from absl import app, flags
 
 from flashspec_jax import results, streams
 
-_RUNS = flags.DEFINE_list("runs", ["results/choosers_smollm2/*.json"],
-                          "Runs to read: globs, comma-separated.")
-_OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
 def describe(path: str, run: dict) -> dict:
@@ -30,7 +28,7 @@ def describe(path: str, run: dict) -> dict:
   config = run["config"]
   return dict(run=path, device=run["environment"]["device"],
               temperature=config["sampling"]["temperature"], order=config["prompts"]["order"],
-              seed=config["seed"], options=options(config))
+              seed=config["seed"], options=run_options(config))
 
 
 def best_chooser(choosers: dict[str, dict]) -> str:
@@ -53,18 +51,27 @@ def tally(runs: list[dict]) -> list[dict]:
   return list(groups.values())
 
 
-def main(argv):
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags; defined only when run as a program, so that tests can
+  import this module beside other benchmarks that define flags of the same names."""
+  return dict(runs=flags.DEFINE_list("runs", ["results/choosers_smollm2/*.json"],
+                                     "Runs to read: globs, comma-separated."),
+              out=flags.DEFINE_string("out", "results", "Results directory."))
+
+
+def main(argv, options: dict[str, flags.FlagHolder]):
   del argv
-  found = streams.read_runs(_RUNS.value)
+  patterns = options["runs"].value
+  found = streams.read_runs(patterns)
   if not found:
-    raise app.UsageError(f"--runs: no file matches {','.join(_RUNS.value)!r}")
+    raise app.UsageError(f"--runs: no file matches {','.join(patterns)!r}")
   runs = [describe(path, run) | dict(choosers=choosers, best_chooser=best_chooser(choosers))
           for path, run in found if (choosers := streams.goals(run))]
   runs.sort(key=lambda run: (run["device"], run["temperature"], run["options"], run["order"],
                              run["seed"]))
   groups = tally(runs)
   path = results.write("stream_goals", dict(goals=streams.GOALS, runs=runs, tally=groups),
-                       directory=_OUT.value)
+                       directory=options["out"].value)
   print(f"\nstream goals -> {path}")
   print(f"{'run':<34} {'device':<22} {'T':>3} {'order':<11} {'seed':>4} {'options':<22} "
         f"{'best chooser':<28} {'vs best':>7} {'worst set':>14} {'vs oracle':>9} "
@@ -83,7 +90,7 @@ def main(argv):
           + ", ".join(f"{name} {n}/{group['ran'][name]}" for name, n in group["all_met"].items()))
 
 
-def options(config: dict) -> str:
+def run_options(config: dict) -> str:
   """The chooser options, and the engine's deterministic mode, that a run's config set
   away from their defaults."""
   bandit = config["bandit"]
@@ -96,4 +103,4 @@ def options(config: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(functools.partial(main, options=define_flags()))
