@@ -210,11 +210,11 @@ def step_costs(run: dict) -> dict:
     mix = sum(share * costs[arm] for arm, share in shares.items())
     steps_seconds = [sum(costs[arm] for arm in arms) for arms in arms_per_call]
     excess = _excess_ms(calls[1:], steps_seconds)
-    changes = [_body_changes(arms, on_gpu) for arms in arms_per_call]
-    change_rows += [(method, len(arms), n, ms)
-                    for arms, n, ms in zip(arms_per_call, changes, excess["calls"], strict=True)]
-    wait_rows += [(method, len(arms), _host_waits(arms, history["arms"], on_gpu), ms)
-                  for arms, ms in zip(arms_per_call, excess["calls"], strict=True)]
+    moves = [_body_moves(arms, history["arms"], on_gpu) for arms in arms_per_call]
+    changes = [n for n, _ in moves]
+    for arms, (n, waits), ms in zip(arms_per_call, moves, excess["calls"], strict=True):
+      change_rows.append((method, len(arms), n, ms))
+      wait_rows.append((method, len(arms), waits, ms))
     held = _held_call_overhead_ms(run, calls[1:], arms_per_call, fixed)
     priced = lambda excess_ms: {
         kind: rate / best_by_set[kind] for kind, rate in _rates_by_set(
@@ -243,19 +243,16 @@ def _body(arm: str, on_gpu: bool) -> str:
   return arm.partition(":")[0] if on_gpu and arm.startswith("ngram_") else arm
 
 
-def _body_changes(arms: list[str], on_gpu: bool) -> int:
-  """How often a call's steps moved from one step body to another: each move leaves a
-  body's loop and enters another's, a few more waits for the host on a GPU."""
-  bodies = [_body(arm, on_gpu) for arm in arms]
-  return sum(a != b for a, b in zip(bodies, bodies[1:]))
-
-
-def _host_waits(arms: list[str], bandit_arms: list[str], on_gpu: bool) -> int:
-  """The waits for the host a call's changes of step body added (drafters.host_waits),
-  with the bodies in the order of the bandit's arms, as the engine loops over them."""
+def _body_moves(arms: list[str], bandit_arms: list[str], on_gpu: bool) -> tuple[int, int]:
+  """How often a call's steps moved from one step body to another (each move leaves a
+  body's loop and enters another's), and the waits for the host those moves added
+  (drafters.host_waits), with the bodies in the order of the bandit's arms, as the
+  engine loops over them."""
   order = list(dict.fromkeys(_body(arm, on_gpu) for arm in bandit_arms))
   bodies = [order.index(_body(arm, on_gpu)) for arm in arms]
-  return sum(int(host_waits(a, b, len(order))) for a, b in zip(bodies, bodies[1:]))
+  pairs = list(zip(bodies, bodies[1:]))
+  return (sum(a != b for a, b in pairs),
+          sum(int(host_waits(a, b, len(order))) for a, b in pairs))
 
 
 def _excess_fit(rows: list[tuple[str, int, int, float]], event: str) -> dict | None:

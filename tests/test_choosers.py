@@ -644,8 +644,8 @@ def test_chooser_steps_fits_what_a_change_of_step_body_costs(device, event):
   arms = ["ngram_3:g2", "ngram_3:g4", "eagle_smollm2:g4", "ar"]
   costs = {"ngram_3:g2": 0.001, "ngram_3:g4": 0.001, "eagle_smollm2:g4": 0.002, "ar": 0.001}
   on_gpu = device.startswith("gpu")
-  count = dict(change=lambda picked: streams._body_changes(picked, on_gpu),
-               wait=lambda picked: streams._host_waits(picked, arms, on_gpu))[event]
+  # _body_moves gives (changes of body, waits for the host) per call.
+  count = lambda picked: streams._body_moves(picked, arms, on_gpu)[["change", "wait"].index(event)]
   records, histories = [], {}
   for method, intercept in (("bandit:kl_ucb", 3.0), ("bandit:hedge", 5.0)):
     steps = []
@@ -671,8 +671,8 @@ def test_chooser_steps_fits_what_a_change_of_step_body_costs(device, event):
   assert fit["intercept_ms"] == pytest.approx({"bandit:hedge": 5.0, "bandit:kl_ucb": 3.0})
   assert fit["calls"] == 30
   # [0, 1] repeated: a change of body every step on a CPU, none on a GPU.
-  assert streams._body_changes(arms[:2] * 3, on_gpu) == (0 if on_gpu else 5)
+  assert streams._body_moves(arms[:2] * 3, arms, on_gpu)[0] == (0 if on_gpu else 5)
   # n-gram to the drafter and back: on a GPU bodies (n-gram, drafter, AR), one wait
   # forward and three back round; on a CPU the two n-gram arms' bodies come first.
-  assert streams._host_waits([arms[0], arms[2], arms[0]], arms, on_gpu) == (
+  assert streams._body_moves([arms[0], arms[2], arms[0]], arms, on_gpu)[1] == (
       1 + 3 if on_gpu else 2 + 3)
