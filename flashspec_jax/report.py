@@ -204,12 +204,19 @@ def ngram_contexts(data: dict) -> list[str]:
            f"answer confirms, plus one.", "",
            "| set | context | share of positions | tokens per step | first draft confirmed |",
            "|---|---|---|---|---|"]
-  for kind, row in data["by_set"].items():
+  return lines + _context_rows(data["by_set"], extra="first_confirmed")
+
+
+def _context_rows(by_set: dict, extra: str | None = None) -> list[str]:
+  """Per set, a row for each n-gram context and one for all: the share and tokens per
+  step, and the cell's `extra` value where given (ngram_contexts, drafter_contexts)."""
+  rows = []
+  for kind, row in by_set.items():
     for context, cell in row["contexts"].items():
-      lines.append(f"| {kind} | {context} | {cell['share']:.2f} | {cell['mean_tokens']:.2f} | "
-                   f"{cell['first_confirmed']:.2f} |")
-    lines.append(f"| {kind} | all | 1.00 | {row['mean_tokens']:.2f} | |")
-  return lines
+      rows.append(f"| {kind} | {context} | {cell['share']:.2f} | {cell['mean_tokens']:.2f} |"
+                  + (f" {cell[extra]:.2f} |" if extra else ""))
+    rows.append(f"| {kind} | all | 1.00 | {row['mean_tokens']:.2f} |" + (" |" if extra else ""))
+  return rows
 
 
 def drafter_contexts(data: dict) -> list[str]:
@@ -219,11 +226,7 @@ def drafter_contexts(data: dict) -> list[str]:
            f"(max_n {data['max_n']}) on the tokens committed when it began: the length of the "
            f"match lookup would follow (0: none).", "",
            "| set | context | share of steps | tokens per step |", "|---|---|---|---|"]
-  for kind, row in data["by_set"].items():
-    for context, cell in row["contexts"].items():
-      lines.append(f"| {kind} | {context} | {cell['share']:.2f} | {cell['mean_tokens']:.2f} |")
-    lines.append(f"| {kind} | all | 1.00 | {row['mean_tokens']:.2f} |")
-  return lines
+  return lines + _context_rows(data["by_set"])
 
 
 def drafter_training(data: dict) -> list[str]:
