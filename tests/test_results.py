@@ -28,6 +28,18 @@ def test_runs_in_the_same_second_keep_their_own_files(tmp_path):
   assert len(files_in(tmp_path)) == 6
 
 
+def test_a_results_file_keeps_each_list_of_plain_values_on_one_line(tmp_path):
+  payload = {"summary": {"tok_s": 1.5, "arms": ["ngram", "ar"]}, "empty": {}, "steps": [],
+             "history": [[1, 2, 3], [4, 5]], "calls": [{"steps": [7, 8], "sha": None}],
+             "path": tmp_path, "ids": (np.int32(3),)}
+  path = results.write("exp", payload, directory=tmp_path, env=ENV)
+  text = path.read_text()
+  assert json.loads(text) == {"environment": ENV, **json.loads(json.dumps(payload, default=str))}
+  for line in ['"arms": ["ngram", "ar"]', '"empty": {}', '"steps": []', "  [1, 2, 3],",
+               '"steps": [7, 8]', f'"path": "{tmp_path}"', '"ids": ["3"]']:
+    assert line in text, line
+
+
 def test_a_failed_write_leaves_no_file(tmp_path):
   with pytest.raises(ZeroDivisionError):
     with results.open_atomic(tmp_path / "new.json") as f:
