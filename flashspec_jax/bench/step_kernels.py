@@ -1,0 +1,132 @@
+"""What a chooser's step runs beyond the fixed drafter's step, counted in the compiled
+program.
+
+  python -m flashspec_jax.bench.step_kernels --target=tiny_smollm2
+
+In the H100 streams a chooser's calls that held eagle:smollm2 at every step took a
+median 4.7 to 7.5 ms longer than the fixed drafter's calls with the same steps
+(results/chooser_steps/2026-12-05T222620Z_9ba71beb.json), and a trace counted about
+a dozen more kernels a step (docs/bandits.md). This compiles one step of the fixed
+feature-drafter program and, per chooser, the step the chooser program's loop takes
+while it keeps the drafter (the arm's step, the chooser learning from it, and its
+choice of the next arm), over experiments/choosers_smollm2.py's arms without
+layer-skip (n-gram at gamma 2, 4 and 8, the feature drafter, AR), and counts the
+top-level instructions of each compiled step by opcode. On a GPU each fusion,
+custom call and copy is a kernel launch and each while loop waits for the host, so
+the counts there are what a step launches; on a CPU they show which of the step's
+computations XLA could not fuse. Synthetic weights; no device time beyond the
+compiles.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from flashspec_jax import results
+from flashspec_jax.bandit import make_strategy
+from flashspec_jax.bench.synthetic import SyntheticTarget
+from flashspec_jax.drafters import NgramDrafter
+from flashspec_jax.engine import Arm, SpeculativeDecoder
+from flashspec_jax.sampling import Greedy, Samplers, Temperature
+
+CHOOSERS = ("ucb1", "thompson", "acceptance_thompson", "kl_ucb", "hedge", "contextual_thompson",
+            "contextual_kl_ucb")
+# Instructions that only name or regroup values: no kernel runs for them.
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?[\w.\-]+ = (?:\(.*?\)|\S+) ([\w\-]+)\(")
+
+
+def entry_opcodes(hlo_text: str) -> collections.Counter:
+  """Opcodes of the optimized program's entry computation, counted; nested computations
+  (fusion bodies, loop bodies) are not entered."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  opcodes = collections.Counter()
+  for line in entry.splitlines()[2:]:
+    if line.startswith("}"):
+      break
+    match = _INSTRUCTION.match(line)
+    if match and match.group(1) not in _NO_KERNEL:
+      opcodes[match.group(1)] += 1
+  return opcodes
+
+
+def step_opcodes(decoder: SpeculativeDecoder, params, state, samplers: Samplers,
+                 held: int | None) -> collections.Counter:
+  """The opcodes of one compiled step: the fixed decoder's `step`, or with `held`, the
+  step of the chooser program's loop that keeps arms[held] (run_steps' body_steps)."""
+  if held is None:
+    step = lambda params, state: decoder.step(params, state, samplers)
+  else:
+    body = next(body for body in decoder.bodies if held in body)
+
+    def step(params, state):
+      arm = jnp.int32(held)
+      state, stats = decoder.arm_step(params, state, arm, samplers, body)
+      return decoder.select(decoder.learn(state, arm, stats))
+  return entry_opcodes(jax.jit(step).lower(params, state).compile().as_text())
+
+
+def bench(target: SyntheticTarget, choosers: tuple[str, ...], gamma: int, context: int,
+          temperature: float) -> dict:
+  sampler = Temperature(temperature) if temperature > 0 else Greedy()
+  samplers = Samplers.same(sampler)
+  eagle = target.feature_drafter_arm(gamma)
+  ngram = NgramDrafter(target.config.vocab_size, 3)
+  arms = (Arm(ngram, 2), Arm(ngram, 4), Arm(ngram, 8), eagle, Arm())
+  prompt, lengths = target.prompts(1, context)
+  key = jax.random.key(0)
+
+  def count(decoder, held=None):
+    state = decoder.init(target.params, prompt, lengths, key, sampler)
+    return step_opcodes(decoder, target.params, state, samplers, held)
+
+  fixed = count(SpeculativeDecoder(target.model, (eagle,), 32, eos_ids=()))
+  rows = [dict(program="fixed eagle", opcodes=dict(fixed.most_common()),
+               instructions=fixed.total(), beyond_fixed=0)]
+  for name in choosers:
+    decoder = SpeculativeDecoder(target.model, arms, 32, eos_ids=(), strategy=make_strategy(name))
+    opcodes = count(decoder, held=arms.index(eagle))
+    rows.append(dict(program=f"bandit:{name} holding eagle", opcodes=dict(opcodes.most_common()),
+                     instructions=opcodes.total(), beyond_fixed=opcodes.total() - fixed.total()))
+  return dict(target=target.config.name, dtype=target.model.param_dtype.name,
+              synthetic_weights=True, arms=[arm.name for arm in arms], gamma=gamma,
+              context=context, temperature=temperature, rows=rows)
+
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags; defined only when run as a program, so that tests can
+  import this module beside other benchmarks that define flags of the same names."""
+  return dict(
+      target=flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/."),
+      choosers=flags.DEFINE_list("choosers", list(CHOOSERS), "Choosers to compile."),
+      gamma=flags.DEFINE_integer("gamma", 4, "The feature drafter's gamma."),
+      context=flags.DEFINE_integer("context", 256, "Prompt tokens."),
+      temperature=flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy).",
+                                     lower_bound=0.0),
+      out=flags.DEFINE_string("out", "results", "Results directory."))
+
+
+def main(argv, options: dict[str, flags.FlagHolder]):
+  del argv
+  unknown = set(options["choosers"].value) - set(CHOOSERS)
+  if unknown:
+    raise app.UsageError(f"--choosers: unknown {sorted(unknown)}; known: {list(CHOOSERS)}")
+  payload = bench(SyntheticTarget.create(options["target"].value), tuple(options["choosers"].value),
+                  options["gamma"].value, options["context"].value,
+                  options["temperature"].value)
+  path = results.write("step_kernels", payload, directory=options["out"].value)
+  print(f"\nstep kernels -> {path}")
+  print(f"{'program':<42} {'instructions':>12} {'beyond fixed':>12}  by opcode")
+  for row in payload["rows"]:
+    print(f"{row['program']:<42} {row['instructions']:>12} {row['beyond_fixed']:>+12}  "
+          + " ".join(f"{opcode} {n}" for opcode, n in row["opcodes"].items()))
+
+
+if __name__ == "__main__":
+  app.run(functools.partial(main, options=define_flags()))
