@@ -65,9 +65,14 @@ PROMPT_POSITIONS = 16
 
 def _reached(matches: jax.Array) -> jax.Array:
   """[B, W] bool: whether each draft of a chain is tested, that is whether every draft
-  before it matched (matches [B, W])."""
-  return jnp.cumprod(jnp.pad(matches, ((0, 0), (1, 0)), constant_values=True)[:, :-1],
-                     axis=1).astype(bool)
+  before it matched (matches [B, W]).
+
+  A running AND over the W (at most MAX_GAMMA) static columns, not a cumulative
+  product: a scan is a kernel of its own at every step, where the ANDs fuse."""
+  reached = [jnp.ones_like(matches[:, 0])]
+  for column in range(matches.shape[1] - 1):
+    reached.append(reached[-1] & matches[:, column])
+  return jnp.stack(reached, axis=1)
 
 
 @dataclasses.dataclass(frozen=True)

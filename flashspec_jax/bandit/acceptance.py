@@ -208,9 +208,14 @@ class _AcceptanceModel:
                            last_arm=jnp.full((), -1, jnp.int32))
 
   def pooled(self, values: jax.Array) -> jax.Array:
-    """[K, ...] each arm's drafter's total over the arms that share it."""
-    groups = jnp.asarray(self.groups)
-    return jnp.zeros_like(values).at[groups].add(values)[groups]
+    """[K, ...] each arm's drafter's total over the arms that share it.
+
+    Sums of static rows, not a scatter-add by group and a gather back: those are
+    a kernel each on a GPU, run at every step, where the sums fuse with the
+    arithmetic around them."""
+    totals = {group: sum(values[i] for i, other in enumerate(self.groups) if other == group)
+              for group in set(self.groups)}
+    return jnp.stack([totals[group] for group in self.groups])
 
   def learn(self, state: AcceptanceState, arm, feedback: Feedback) -> AcceptanceState:
     chosen = jnp.arange(state.num_arms) == arm
