@@ -73,23 +73,30 @@ _GAMMA_PROPOSALS = 8
 def _gamma(key: jax.Array, shape: jax.Array) -> jax.Array:
   """Gamma(shape) draws, shape > 0, by Marsaglia and Tsang's method with a fixed number
   of proposals; Gamma(a) = Gamma(a + 1) U^(1/a) for a < 1. If every proposal fails,
-  the draw is the proposal's centre d."""
-  normal_key, test_key, boost_key = jax.random.split(key, 3)
+  the draw is the proposal's centre d.
+
+  One draw of uniforms gives the proposals' normals (by the inverse error function, as
+  jax.random.normal makes them), their tests and the boost: in the decode step each
+  draw of its own is random-number work of its own (bench/step_kernels.py)."""
   d = shape + (shape < 1) - 1 / 3
   c = 1 / jnp.sqrt(9 * d)
-  x = jax.random.normal(normal_key, (_GAMMA_PROPOSALS, *shape.shape))
+  u = jax.random.uniform(key, (2 * _GAMMA_PROPOSALS + 1, *shape.shape),
+                         minval=jnp.finfo(jnp.float32).tiny)
+  x = jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(2 * u[:_GAMMA_PROPOSALS] - 1,
+                                                  jnp.nextafter(-1.0, 0.0)))
+  test, boost = u[_GAMMA_PROPOSALS:-1], u[-1]
   v = (1 + c * x) ** 3
-  u = jax.random.uniform(test_key, x.shape, minval=jnp.finfo(jnp.float32).tiny)
-  accepted = (v > 0) & (jnp.log(u) < x**2 / 2 + d - d * v + d * jnp.log(jnp.maximum(v, 1e-30)))
+  accepted = (v > 0) & (jnp.log(test) < x**2 / 2 + d - d * v
+                        + d * jnp.log(jnp.maximum(v, 1e-30)))
   first = jnp.argmax(accepted, axis=0)
   draw = jnp.where(accepted.any(axis=0),
                    d * jnp.take_along_axis(v, first[None], axis=0)[0], d)
-  boost = jax.random.uniform(boost_key, shape.shape, minval=jnp.finfo(jnp.float32).tiny)
   return jnp.where(shape < 1, draw * boost ** (1 / shape), draw)
 
 
 def sample_beta(key: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-  """Beta(a, b) draws as X / (X + Y), X ~ Gamma(a), Y ~ Gamma(b), without loops.
+  """Beta(a, b) draws as X / (X + Y), X ~ Gamma(a), Y ~ Gamma(b), without loops, both
+  Gammas from one draw of uniforms.
 
   jax.random.beta draws its Gammas in rejection loops, and on a GPU each turn of a
   loop inside the decode step waits for the host to test its condition. In the H200
@@ -97,8 +104,8 @@ def sample_beta(key: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   0.35-0.68 ms for Hedge, which chose much the same arms without a loop
   (streams.step_costs).
   """
-  a_key, b_key = jax.random.split(key)
-  x, y = _gamma(a_key, jnp.asarray(a, jnp.float32)), _gamma(b_key, jnp.asarray(b, jnp.float32))
+  a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  x, y = _gamma(key, jnp.stack([a, b]))
   return x / (x + y)
 
 
