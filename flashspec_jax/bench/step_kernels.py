@@ -14,8 +14,9 @@ layer-skip (n-gram at gamma 2, 4 and 8, the feature drafter, AR), and counts the
 top-level instructions of each compiled step by opcode. On a GPU each fusion,
 custom call and copy is a kernel launch and each while loop waits for the host, so
 the counts there are what a step launches; on a CPU they show which of the step's
-computations XLA could not fuse. Synthetic weights; no device time beyond the
-compiles.
+computations XLA could not fuse. The held arm is known when the step compiles, as the
+fixed program's is, so what differs is the chooser's learning and choice and the free
+scoring. Synthetic weights; no device time beyond the compiles.
 """
 
 from __future__ import annotations
