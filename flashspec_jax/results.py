@@ -70,7 +70,8 @@ def _json_text(value, indent: str = "") -> str:
   stream run's per-step lists, one number a line, made its file nearly twice as big."""
   inner = indent + "  "
   if isinstance(value, dict) and value:
-    entries = (f"{inner}{json.dumps(str(key))}: {_json_text(item, inner)}"
+    # A key as json.dumps writes one: True as "true", 1.5 as "1.5".
+    entries = (f"{inner}{json.dumps({key: 0})[1:-4]}: {_json_text(item, inner)}"
                for key, item in value.items())
     return "{\n" + ",\n".join(entries) + f"\n{indent}}}"
   if isinstance(value, (list, tuple)) and any(isinstance(item, (dict, list, tuple))

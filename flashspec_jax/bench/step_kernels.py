@@ -3,7 +3,7 @@ program.
 
   python -m flashspec_jax.bench.step_kernels --target=tiny_smollm2
 
-In the H100 streams a chooser's calls that held eagle:smollm2 at every step took a
+In the H100 streams KL-UCB's calls that held eagle:smollm2 at every step took a
 median 4.7 to 7.5 ms longer than the fixed drafter's calls with the same steps
 (results/chooser_steps/2026-12-05T222620Z_9ba71beb.json), and a trace counted about
 a dozen more kernels a step (docs/bandits.md). This compiles one step of the fixed
@@ -11,10 +11,10 @@ feature-drafter program and, per chooser, the step the chooser program's loop ta
 while it keeps the drafter (the arm's step, the chooser learning from it, and its
 choice of the next arm), over experiments/choosers_smollm2.py's arms without
 layer-skip (n-gram at gamma 2, 4 and 8, the feature drafter, AR), and counts the
-top-level instructions of each compiled step by opcode. On a GPU each fusion,
-custom call and copy is a kernel launch and each while loop waits for the host, so
-the counts there are what a step launches; on a CPU they show which of the step's
-computations XLA could not fuse. The held arm is known when the step compiles, as the
+top-level instructions of each compiled step by opcode; what runs inside a loop or
+a call counts as that one instruction. On a GPU each top-level fusion, custom call
+and copy is a kernel launch and each while loop waits for the host; on a CPU the
+counts show which of the step's computations XLA could not fuse. The held arm is known when the step compiles, as the
 fixed program's is, so what differs is the chooser's learning and choice and the free
 scoring. Synthetic weights; no device time beyond the compiles.
 """
