@@ -12,7 +12,8 @@ from conftest import spread_params, tiny_config
 from helpers import latest_longest_match
 
 from flashspec_jax import drafters, engine, pipeline, runner, streams
-from flashspec_jax.bench import drafter_contexts, ngram_contexts, step_kernels, stream_goals
+from flashspec_jax.bench import drafter_contexts, hlo, ngram_contexts, step_kernels, stream_goals
+from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
 from flashspec_jax.bandit.acceptance import by_context
@@ -495,12 +496,12 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
     streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
 
 
-def test_step_kernels_counts_the_instructions_of_the_entry_computation_alone():
+def test_entry_opcodes_counts_the_instructions_of_the_entry_computation_alone():
   def count_up(x):
     return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.sin(c[1]) * 2),
                               (0, x))[1]
-  hlo = jax.jit(count_up).lower(jnp.ones(4)).compile().as_text()
-  opcodes = step_kernels.entry_opcodes(hlo)
+  compiled = jax.jit(count_up).lower(jnp.ones(4)).compile().as_text()
+  opcodes = hlo.entry_opcodes(compiled)
   # The loop is one instruction (on a CPU a call of a computation holding it); its body's
   # sin and multiply are inside it.
   assert opcodes["while"] + opcodes["call"] == 1
@@ -510,7 +511,7 @@ def test_step_kernels_counts_the_instructions_of_the_entry_computation_alone():
 def test_a_chooser_holding_the_drafter_runs_more_than_the_fixed_drafter_step():
   """bench/step_kernels.py on the tiny target: KL-UCB's held step also scores the n-gram
   arms for free and updates its posteriors, so it has instructions the fixed step has not."""
-  target = step_kernels.SyntheticTarget.create("tiny_smollm2", jnp.float32)
+  target = SyntheticTarget.create("tiny_smollm2", jnp.float32)
   payload = step_kernels.bench(target, ("kl_ucb",), gamma=4, context=32, temperature=1.0)
   fixed, held = payload["rows"]
   assert fixed["program"] == "fixed eagle" and held["program"] == "bandit:kl_ucb holding eagle"

@@ -1,13 +1,18 @@
-"""Reading compiled programs: which buffers XLA copies."""
+"""Reading compiled programs: which buffers XLA copies, and what the entry computation
+runs."""
 
 from __future__ import annotations
 
+import collections
 import re
 
 import jax
 import jax.numpy as jnp
 
 _COPY = re.compile(r"= (\w+\[[\d,]*\])\S* copy(?:-start)?\(")
+# Instructions that only name or regroup values: no kernel runs for them.
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?[\w.\-]+ = (?:\(.*?\)|\S+) ([\w\-]+)\(")
 
 
 def hlo_shape(x: jax.Array) -> str:
@@ -42,3 +47,17 @@ def buffer_copies(hlo_text: str, shapes: set[str]) -> list[str]:
         and computation != "ENTRY"):
       copies.append(line.strip())
   return copies
+
+
+def entry_opcodes(hlo_text: str) -> collections.Counter:
+  """Opcodes of the optimized program's entry computation, counted; nested computations
+  (fusion bodies, loop bodies) are not entered."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  opcodes = collections.Counter()
+  for line in entry.splitlines()[2:]:
+    if line.startswith("}"):
+      break
+    match = _INSTRUCTION.match(line)
+    if match and match.group(1) not in _NO_KERNEL:
+      opcodes[match.group(1)] += 1
+  return opcodes

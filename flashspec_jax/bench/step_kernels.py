@@ -11,19 +11,19 @@ feature-drafter program and, per chooser, the step the chooser program's loop ta
 while it keeps the drafter (the arm's step, the chooser learning from it, and its
 choice of the next arm), over experiments/choosers_smollm2.py's arms without
 layer-skip (n-gram at gamma 2, 4 and 8, the feature drafter, AR), and counts the
-top-level instructions of each compiled step by opcode; what runs inside a loop or
-a call counts as that one instruction. On a GPU each top-level fusion, custom call
-and copy is a kernel launch and each while loop waits for the host; on a CPU the
-counts show which of the step's computations XLA could not fuse. The held arm is known when the step compiles, as the
-fixed program's is, so what differs is the chooser's learning and choice and the free
-scoring. Synthetic weights; no device time beyond the compiles.
+top-level instructions of each compiled step by opcode (bench.hlo.entry_opcodes);
+what runs inside a loop or a call counts as that one instruction. On a GPU each
+top-level fusion, custom call and copy is a kernel launch and each while loop waits
+for the host; on a CPU the counts show which of the step's computations XLA could not
+fuse. The held arm is known when the step compiles, as the fixed program's is, so
+what differs is the chooser's learning and choice and the free scoring. Synthetic
+weights; no device time beyond the compiles.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bandit import make_strategy
+from flashspec_jax.bench.hlo import entry_opcodes
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.drafters import NgramDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
@@ -38,23 +39,6 @@ from flashspec_jax.sampling import Greedy, Samplers, Temperature
 
 CHOOSERS = ("ucb1", "thompson", "acceptance_thompson", "kl_ucb", "hedge", "contextual_thompson",
             "contextual_kl_ucb")
-# Instructions that only name or regroup values: no kernel runs for them.
-_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?[\w.\-]+ = (?:\(.*?\)|\S+) ([\w\-]+)\(")
-
-
-def entry_opcodes(hlo_text: str) -> collections.Counter:
-  """Opcodes of the optimized program's entry computation, counted; nested computations
-  (fusion bodies, loop bodies) are not entered."""
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
-  opcodes = collections.Counter()
-  for line in entry.splitlines()[2:]:
-    if line.startswith("}"):
-      break
-    match = _INSTRUCTION.match(line)
-    if match and match.group(1) not in _NO_KERNEL:
-      opcodes[match.group(1)] += 1
-  return opcodes
 
 
 def step_opcodes(decoder: SpeculativeDecoder, params, state, samplers: Samplers,

@@ -22,7 +22,6 @@ from absl import app, flags
 from flashspec_jax import results, streams
 
 
-
 def describe(path: str, run: dict) -> dict:
   """What sets a stream run apart: device, sampling, order, seed and chooser options."""
   config = run["config"]
