@@ -60,8 +60,10 @@ class Drafter(Protocol):
   # are distributed as propose(..., gamma=g, ...)'s, with the same q.
   shares_step_body: bool
   # How many contexts a drafter tells apart before it drafts, at no cost: a drafter with
-  # more than one has a `context(seqs) -> [B] int32` in [0, num_contexts), and the
-  # contextual choosers learn its acceptance in each context apart (bandit/acceptance.py).
+  # more than one has a `lookup(seqs) -> (found [B] int32, context [B] int32)`, context in
+  # [0, num_contexts), and its propose takes `found=` to draft from that lookup without
+  # looking again. The contextual choosers learn its acceptance in each context apart
+  # (bandit/acceptance.py).
   num_contexts: int
 
 
@@ -274,7 +276,8 @@ class NgramDrafter:
 
   def lookup(self, seqs: Sequences) -> tuple[jax.Array, jax.Array]:
     """(continuation [B], match_length [B]): where the tokens after each row's latest
-    longest match start, and that match's length n (-1 and 0 where nothing matches)."""
+    longest match start, and that match's length n (-1 and 0 where nothing matches);
+    the match length is the drafter's context."""
     tokens, seq_lens = seqs.tokens, seqs.seq_lens
     batch, width = tokens.shape
     # A match of length n whose continuation starts at e has tokens[e - 1 - j] ==
@@ -306,11 +309,13 @@ class NgramDrafter:
     step after a 3-token match emits several times what one after none does."""
     return self.lookup(seqs)[1]
 
-  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler, rng):
+  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler, rng,
+              found: jax.Array | None = None):
+    """found: the continuation `lookup(seqs)` gave, where the caller looked already."""
     del params, sampler, rng
     tokens, seq_lens = seqs.tokens, seqs.seq_lens
     width = tokens.shape[1]
-    continuation, _ = self.lookup(seqs)
+    continuation = self.lookup(seqs)[0] if found is None else found
     last = seqs.last_tokens
     index = continuation[:, None] + jnp.arange(gamma)[None, :]
     proposed = jnp.take_along_axis(tokens, jnp.clip(index, 0, width - 1), axis=1)

@@ -171,8 +171,11 @@ class SpecState:
       between steps.
     bandit: the bandit's state.
     contexts: [B, K] int32, the context each arm's drafter is in at the rows' current
-      position (Drafter.context), as the chooser saw it when it chose the step's arm;
+      position (Drafter.lookup), as the chooser saw it when it chose the step's arm;
       0 unless the chooser is contextual.
+    found: [B, K] int32, what the lookup that told each arm's context found there
+      (`_lookups`), which the step's drafts of that lookup's drafter start from
+      instead of looking again; 0 unless the chooser is contextual.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     step: [] int32, loop iterations.
     metrics: SpecMetrics.
@@ -184,6 +187,7 @@ class SpecState:
   drafter_states: tuple
   bandit: BanditState
   contexts: jax.Array
+  found: jax.Array
   nan_arm: jax.Array
   step: jax.Array
   metrics: SpecMetrics
@@ -371,7 +375,7 @@ class SpeculativeDecoder:
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
-        contexts=self._contexts(ar.seqs),
+        **self._lookups(ar.seqs),
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
@@ -436,7 +440,8 @@ class SpeculativeDecoder:
       draft_nan = jnp.zeros((batch,), bool)
     else:
       drafter_states[body[0]], draft_tokens, draft_logq = arm.drafter.propose(
-          params, state.drafter_states[body[0]], seqs, width, samplers.draft, draft_key)
+          params, state.drafter_states[body[0]], seqs, width, samplers.draft, draft_key,
+          **self._found(state, body[0]))
       scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, W+1]
       logits, target_cache = self.target_forward(params, scored, state.target_cache,
                                                  drafter_states)
@@ -506,24 +511,39 @@ class SpeculativeDecoder:
     """[C] values [B] summed over the rows in each context (contexts [B])."""
     return by_context(values, contexts, self.chooser.num_contexts)
 
+  def _teller(self, arm_index: int) -> int:
+    """The arm whose drafter tells the context arms[arm_index] learns in (its chooser's
+    context_arms: its own drafter, or with step_context another); -1 where the chooser
+    tells none apart."""
+    return self.chooser.context_arms[arm_index] if self.chooser.num_contexts > 1 else -1
+
   def _context_of(self, arm_index: int, seqs: Sequences) -> jax.Array:
-    """[B] int32 the context arms[arm_index] learns in at the rows' current position (its
-    chooser's context_arms: its own drafter's, or with step_context another's); 0 where
-    the chooser tells none apart."""
-    teller = self.chooser.context_arms[arm_index] if self.chooser.num_contexts > 1 else -1
+    """[B] int32 the context arms[arm_index] learns in at the rows' current position; 0
+    where the chooser tells none apart."""
+    teller = self._teller(arm_index)
     if teller < 0:
       return jnp.zeros_like(seqs.seq_lens)
-    return self.arms[teller].drafter.context(seqs)
+    return self.arms[teller].drafter.lookup(seqs)[1]
 
-  def _contexts(self, seqs: Sequences) -> jax.Array:
-    """[B, K] int32 every arm's `_context_of`, once per drafter that tells it."""
+  def _lookups(self, seqs: Sequences) -> dict[str, jax.Array]:
+    """SpecState's `contexts` and `found` [B, K] at the rows' current position: one lookup
+    per drafter that tells a context, which the arms that learn in it share."""
+    none = jnp.zeros_like(seqs.seq_lens)
     if self.chooser.num_contexts == 1:
-      return jnp.zeros((seqs.seq_lens.shape[0], len(self.arms)), jnp.int32)
-    by_teller = {}
-    for j, teller in enumerate(self.chooser.context_arms):
-      if teller not in by_teller:
-        by_teller[teller] = self._context_of(j, seqs)
-    return jnp.stack([by_teller[teller] for teller in self.chooser.context_arms], axis=1)
+      return dict(contexts=jnp.stack([none] * len(self.arms), axis=1),
+                  found=jnp.stack([none] * len(self.arms), axis=1))
+    tellers = [self._teller(j) for j in range(len(self.arms))]
+    by_teller = {t: self.arms[t].drafter.lookup(seqs) for t in dict.fromkeys(tellers) if t >= 0}
+    found, contexts = zip(*(by_teller.get(t, (none, none)) for t in tellers))
+    return dict(contexts=jnp.stack(contexts, axis=1), found=jnp.stack(found, axis=1))
+
+  def _found(self, state: SpecState, arm_index: int) -> dict[str, jax.Array]:
+    """propose's `found=` for arms[arm_index] at state.seqs: the lookup the chooser made
+    there when its drafter tells the arm's context, so a step looks once; else none."""
+    teller = self._teller(arm_index)
+    if teller < 0 or self.arms[teller].drafter != self.arms[arm_index].drafter:
+      return {}
+    return dict(found=state.found[:, arm_index])
 
   def _scored_for_free(self, params, state: SpecState, arm_index: int,
                        outcome: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -554,7 +574,7 @@ class SpeculativeDecoder:
         tested.append(nothing)
         continue
       _, proposal, _ = arm.drafter.propose(params, state.drafter_states[j], state.seqs,
-                                           arm.gamma, None, None)
+                                           arm.gamma, None, None, **self._found(state, j))
       width = min(arm.gamma, outcome["logp"].shape[1])
       drafts = proposal[:, :width]
       position = jnp.arange(width)[None, :]
@@ -650,10 +670,10 @@ class SpeculativeDecoder:
     state = state.replace(seqs=state.seqs.replace(rng=rng))
     if self.chooser.num_contexts == 1:
       return state, self.chooser.select(state.bandit, select_key)
-    contexts = self._contexts(state.seqs)
+    lookups = self._lookups(state.seqs)
     live = (~state.seqs.done).astype(jnp.float32)[:, None]  # [B, 1] against contexts [B, K]
-    weights = by_context(live, contexts, self.chooser.num_contexts)
-    return state.replace(contexts=contexts), self.chooser.select(state.bandit, select_key, weights)
+    weights = by_context(live, lookups["contexts"], self.chooser.num_contexts)
+    return state.replace(**lookups), self.chooser.select(state.bandit, select_key, weights)
 
   def learn(self, state: SpecState, arm: jax.Array, stats: dict[str, jax.Array]) -> SpecState:
     """The chooser learns the reward of the step arms[arm] just took (its stats), and
