@@ -326,7 +326,10 @@ class Hedge(_AcceptanceModel):
 
   def choose(self, state, draws, weights=None):
     del weights  # Hedge weighs arms, not contexts
-    cumulative = jnp.cumsum(self.weights(state))
+    weights = self.weights(state)
+    # Running sums of static rows, not a cumsum: that is a loop of its own on a CPU and a
+    # kernel of its own on a GPU, run at every step, where the sums fuse.
+    cumulative = jnp.stack([weights[:i + 1].sum() for i in range(weights.shape[0])])
     return jnp.minimum(jnp.sum(cumulative < draws), state.num_arms - 1).astype(jnp.int32)
 
   def learn(self, state, arm, feedback):
