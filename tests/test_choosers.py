@@ -508,15 +508,34 @@ def test_entry_opcodes_counts_the_instructions_of_the_entry_computation_alone():
   assert not {"parameter", "tuple", "get-tuple-element", "sine", "multiply"} & set(opcodes)
 
 
+def test_loop_bodies_count_each_loops_body_and_its_copies():
+  def carried(x):
+    # The body reads the old x after writing a row of it: a copy at every turn.
+    def body(c):
+      i, x = c
+      return i + 1, x.at[i].set(x[0] * 2) + x[::-1]
+    return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+  (opcodes, copies), = hlo.loop_bodies(
+      jax.jit(carried).lower(jnp.ones((4, 8))).compile().as_text()).values()
+  assert opcodes.total() > 0 and not {"parameter", "tuple"} & set(opcodes)
+  assert sum(copies.values()) == opcodes["copy"]
+
+
 def test_a_chooser_holding_the_drafter_runs_more_than_the_fixed_drafter_step():
   """bench/step_kernels.py on the tiny target: KL-UCB's held step also scores the n-gram
   arms for free and updates its posteriors, so it has instructions the fixed step has not."""
   target = SyntheticTarget.create("tiny_smollm2", jnp.float32)
-  payload = step_kernels.bench(target, ("kl_ucb",), gamma=4, context=32, temperature=1.0)
+  payload = step_kernels.bench(target, ("kl_ucb",), gamma=4, context=32, temperature=1.0,
+                               loops=True)
   fixed, held = payload["rows"]
   assert fixed["program"] == "fixed eagle" and held["program"] == "bandit:kl_ucb holding eagle"
   assert fixed["opcodes"]["fusion"] > 0 and held["beyond_fixed"] > 0
   assert held["instructions"] == sum(held["opcodes"].values())
+  # The loop that steps the drafter in each whole program holds most of that step's work.
+  for row in (fixed, held):
+    assert row["loop_instructions"] == sum(row["loop_opcodes"].values())
+    assert row["loop_opcodes"]["fusion"] > row["opcodes"]["fusion"] / 2
+  assert held["loop_beyond_fixed"] > 0
 
 
 def test_stream_goals_hold_each_chooser_to_every_goal():

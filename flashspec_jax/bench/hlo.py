@@ -49,15 +49,42 @@ def buffer_copies(hlo_text: str, shapes: set[str]) -> list[str]:
   return copies
 
 
-def entry_opcodes(hlo_text: str) -> collections.Counter:
-  """Opcodes of the optimized program's entry computation, counted; nested computations
-  (fusion bodies, loop bodies) are not entered."""
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
+def _opcodes(lines) -> collections.Counter:
+  """The opcodes of a computation's instruction lines that launch work, counted."""
   opcodes = collections.Counter()
-  for line in entry.splitlines()[2:]:
-    if line.startswith("}"):
-      break
+  for line in lines:
     match = _INSTRUCTION.match(line)
     if match and match.group(1) not in _NO_KERNEL:
       opcodes[match.group(1)] += 1
   return opcodes
+
+
+def entry_opcodes(hlo_text: str) -> collections.Counter:
+  """Opcodes of the optimized program's entry computation, counted; nested computations
+  (fusion bodies, loop bodies) are not entered."""
+  return _opcodes(computations(hlo_text)["ENTRY"])
+
+
+def computations(hlo_text: str) -> dict[str, list[str]]:
+  """Each computation's instruction lines by name; the entry computation's as "ENTRY"."""
+  found, lines = {}, None
+  for line in hlo_text.splitlines():
+    if line.startswith("}"):
+      lines = None
+    elif line and not line.startswith(" ") and line.rstrip().endswith("{"):
+      words = line.split()
+      lines = found.setdefault("ENTRY" if words[0] == "ENTRY" else words[0].lstrip("%"), [])
+    elif lines is not None:
+      lines.append(line)
+  return found
+
+
+def loop_bodies(hlo_text: str) -> dict[str, tuple[collections.Counter, collections.Counter]]:
+  """Per while loop of an optimized program, by its body's name: the body's opcodes and
+  the shapes it copies, each counted; what runs inside a fusion, call or nested loop
+  counts as that one instruction."""
+  every = computations(hlo_text)
+  bodies = re.findall(r"\bbody=%?([\w.\-]+)", hlo_text)
+  return {body: (_opcodes(every[body]),
+                 collections.Counter(m.group(1) for m in map(_COPY.search, every[body]) if m))
+          for body in dict.fromkeys(bodies)}

@@ -16,8 +16,11 @@ what runs inside a loop or a call counts as that one instruction. On a GPU each
 top-level fusion, custom call and copy is a kernel launch and each while loop waits
 for the host; on a CPU the counts show which of the step's computations XLA could not
 fuse. The held arm is known when the step compiles, as the fixed program's is, so
-what differs is the chooser's learning and choice and the free scoring. Synthetic
-weights; no device time beyond the compiles.
+what differs is the chooser's learning and choice and the free scoring. With
+--loops (the default) it also compiles each whole program and counts the loop body
+that steps the held arm there, and the shapes that body copies: XLA compiles a step
+inside a loop apart from the same step alone, and may copy what the loop carries at
+every turn. Synthetic weights; no device time beyond the compiles.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from absl import app, flags
 
 from flashspec_jax import results
 from flashspec_jax.bandit import make_strategy
-from flashspec_jax.bench.hlo import entry_opcodes
+from flashspec_jax.bench.hlo import entry_opcodes, loop_bodies
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.drafters import NgramDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
@@ -57,8 +60,19 @@ def step_opcodes(decoder: SpeculativeDecoder, params, state, samplers: Samplers,
   return entry_opcodes(jax.jit(step).lower(params, state).compile().as_text())
 
 
+def held_loop(decoder: SpeculativeDecoder, params, inputs, step: collections.Counter
+              ) -> tuple[collections.Counter, collections.Counter]:
+  """(opcodes, copied shapes) of the loop body that steps the held arm in the whole
+  compiled program: of its loops, the one whose opcodes are nearest the standalone
+  step's (step). XLA compiles a step inside the program's loop apart from the same step
+  alone: values the loop carries may be copied at every turn."""
+  bodies = loop_bodies(decoder.lower(params, *inputs).compile().as_text())
+  distance = lambda counts: sum(((counts[0] - step) + (step - counts[0])).values())
+  return min(bodies.values(), key=distance)
+
+
 def bench(target: SyntheticTarget, choosers: tuple[str, ...], gamma: int, context: int,
-          temperature: float) -> dict:
+          temperature: float, loops: bool) -> dict:
   sampler = Temperature(temperature) if temperature > 0 else Greedy()
   samplers = Samplers.same(sampler)
   eagle = target.feature_drafter_arm(gamma)
@@ -67,21 +81,29 @@ def bench(target: SyntheticTarget, choosers: tuple[str, ...], gamma: int, contex
   prompt, lengths = target.prompts(1, context)
   key = jax.random.key(0)
 
-  def count(decoder, held=None):
+  def row(program, decoder, held=None):
     state = decoder.init(target.params, prompt, lengths, key, sampler)
-    return step_opcodes(decoder, target.params, state, samplers, held)
+    opcodes = step_opcodes(decoder, target.params, state, samplers, held)
+    row = dict(program=program, opcodes=dict(opcodes.most_common()),
+               instructions=opcodes.total())
+    if loops:
+      loop, copies = held_loop(decoder, target.params, (prompt, lengths, key, samplers, None),
+                               opcodes)
+      row |= dict(loop_opcodes=dict(loop.most_common()), loop_instructions=loop.total(),
+                  loop_copies=dict(copies.most_common()))
+    return row
 
-  fixed = count(SpeculativeDecoder(target.model, (eagle,), 32, eos_ids=()))
-  rows = [dict(program="fixed eagle", opcodes=dict(fixed.most_common()),
-               instructions=fixed.total(), beyond_fixed=0)]
+  rows = [row("fixed eagle", SpeculativeDecoder(target.model, (eagle,), 32, eos_ids=()))]
   for name in choosers:
     decoder = SpeculativeDecoder(target.model, arms, 32, eos_ids=(), strategy=make_strategy(name))
-    opcodes = count(decoder, held=arms.index(eagle))
-    rows.append(dict(program=f"bandit:{name} holding eagle", opcodes=dict(opcodes.most_common()),
-                     instructions=opcodes.total(), beyond_fixed=opcodes.total() - fixed.total()))
+    rows.append(row(f"bandit:{name} holding eagle", decoder, held=arms.index(eagle)))
+  for r in rows:
+    r["beyond_fixed"] = r["instructions"] - rows[0]["instructions"]
+    if loops:
+      r["loop_beyond_fixed"] = r["loop_instructions"] - rows[0]["loop_instructions"]
   return dict(target=target.config.name, dtype=target.model.param_dtype.name,
               synthetic_weights=True, arms=[arm.name for arm in arms], gamma=gamma,
-              context=context, temperature=temperature, rows=rows)
+              context=context, temperature=temperature, loops=loops, rows=rows)
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -94,6 +116,8 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       context=flags.DEFINE_integer("context", 256, "Prompt tokens."),
       temperature=flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy).",
                                      lower_bound=0.0),
+      loops=flags.DEFINE_bool("loops", True, "Also compile each whole program and count the "
+                              "loop body that steps the held arm (slower)."),
       out=flags.DEFINE_string("out", "results", "Results directory."))
 
 
@@ -104,13 +128,21 @@ def main(argv, options: dict[str, flags.FlagHolder]):
     raise app.UsageError(f"--choosers: unknown {sorted(unknown)}; known: {list(CHOOSERS)}")
   payload = bench(SyntheticTarget.create(options["target"].value), tuple(options["choosers"].value),
                   options["gamma"].value, options["context"].value,
-                  options["temperature"].value)
+                  options["temperature"].value, options["loops"].value)
   path = results.write("step_kernels", payload, directory=options["out"].value)
   print(f"\nstep kernels -> {path}")
-  print(f"{'program':<42} {'instructions':>12} {'beyond fixed':>12}  by opcode")
+  loops = payload["loops"]
+  print(f"{'program':<42} {'instructions':>12} {'beyond fixed':>12}"
+        + (f" {'in loop':>8} {'beyond':>7}" if loops else "") + "  by opcode")
   for row in payload["rows"]:
-    print(f"{row['program']:<42} {row['instructions']:>12} {row['beyond_fixed']:>+12}  "
-          + " ".join(f"{opcode} {n}" for opcode, n in row["opcodes"].items()))
+    print(f"{row['program']:<42} {row['instructions']:>12} {row['beyond_fixed']:>+12}"
+          + (f" {row['loop_instructions']:>8} {row['loop_beyond_fixed']:>+7}" if loops else "")
+          + "  " + " ".join(f"{opcode} {n}" for opcode, n in row["opcodes"].items()))
+  if loops:
+    print("\ncopies in the held loop, by shape")
+    for row in payload["rows"]:
+      print(f"{row['program']:<42} "
+            + " ".join(f"{shape} {n}" for shape, n in row["loop_copies"].items()))
 
 
 if __name__ == "__main__":
