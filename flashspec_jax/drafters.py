@@ -52,7 +52,9 @@ class Drafter(Protocol):
   # forward, with features [B, T, D] of the positions starts[b] + t.
   reads_features: bool
   # True for a deterministic drafter with no model, whose proposal the engine can
-  # score against the committed tokens at no cost (engine._scored_for_free).
+  # score against the committed tokens at no cost (engine._scored_for_free). Such a
+  # drafter has a `drafts(seqs, gamma, found=None) -> [B, gamma] int32`, its proposal's
+  # tokens, and its propose takes `drafts=` (at least gamma of them) to propose those.
   scored_free: bool
   # True where a wider step costs about what a narrower one does, so that arms of
   # this drafter at several gammas share one step body (step_bodies). Such a
@@ -61,7 +63,7 @@ class Drafter(Protocol):
   shares_step_body: bool
   # How many contexts a drafter tells apart before it drafts, at no cost: a drafter with
   # more than one has a `lookup(seqs) -> (found [B] int32, context [B] int32)`, context in
-  # [0, num_contexts), and its propose takes `found=` to draft from that lookup without
+  # [0, num_contexts), and its `drafts` takes `found=` to draft from that lookup without
   # looking again. The contextual choosers learn its acceptance in each context apart
   # (bandit/acceptance.py).
   num_contexts: int
@@ -309,19 +311,23 @@ class NgramDrafter:
     step after a 3-token match emits several times what one after none does."""
     return self.lookup(seqs)[1]
 
-  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler, rng,
-              found: jax.Array | None = None):
-    """found: the continuation `lookup(seqs)` gave, where the caller looked already."""
-    del params, sampler, rng
+  def drafts(self, seqs: Sequences, gamma: int, found: jax.Array | None = None) -> jax.Array:
+    """[B, gamma] the gamma tokens after each row's latest longest match; found: the
+    continuation `lookup(seqs)` gave, where the caller looked already."""
     tokens, seq_lens = seqs.tokens, seqs.seq_lens
     width = tokens.shape[1]
     continuation = self.lookup(seqs)[0] if found is None else found
-    last = seqs.last_tokens
     index = continuation[:, None] + jnp.arange(gamma)[None, :]
     proposed = jnp.take_along_axis(tokens, jnp.clip(index, 0, width - 1), axis=1)
     # Past the committed tokens (or with no match), repeat the last committed token.
-    draft_tokens = jnp.where((continuation[:, None] >= 0) & (index < seq_lens[:, None]), proposed,
-                             last[:, None])
+    return jnp.where((continuation[:, None] >= 0) & (index < seq_lens[:, None]), proposed,
+                     seqs.last_tokens[:, None])
+
+  def propose(self, params, state, seqs: Sequences, gamma: int, sampler: Sampler, rng,
+              drafts: jax.Array | None = None):
+    """drafts: [B, >= gamma] `drafts(seqs, ...)`, where the caller drafted already."""
+    del params, sampler, rng
+    draft_tokens = (self.drafts(seqs, gamma) if drafts is None else drafts)[:, :gamma]
     return state, draft_tokens, one_hot_log(draft_tokens, self.vocab_size)
 
   def rollback(self, state, seq_lens):

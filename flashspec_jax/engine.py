@@ -173,9 +173,11 @@ class SpecState:
     contexts: [B, K] int32, the context each arm's drafter is in at the rows' current
       position (Drafter.lookup), as the chooser saw it when it chose the step's arm;
       0 unless the chooser is contextual.
-    found: [B, K] int32, what the lookup that told each arm's context found there
-      (`_lookups`), which the step's drafts of that lookup's drafter start from
-      instead of looking again; 0 unless the chooser is contextual.
+    drafts: per arm, [B, W] int32 where the chooser learns from free feedback and the
+      arm is the first of a free-scored drafter (`_keeps_drafts`): that drafter's drafts
+      at the rows' current position, W its arms' widest gamma (`_lookups`); () for
+      every other arm. The step's own drafts and its free scoring read them, not the
+      token buffer that the step writes to.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     step: [] int32, loop iterations.
     metrics: SpecMetrics.
@@ -187,7 +189,7 @@ class SpecState:
   drafter_states: tuple
   bandit: BanditState
   contexts: jax.Array
-  found: jax.Array
+  drafts: tuple
   nan_arm: jax.Array
   step: jax.Array
   metrics: SpecMetrics
@@ -441,7 +443,7 @@ class SpeculativeDecoder:
     else:
       drafter_states[body[0]], draft_tokens, draft_logq = arm.drafter.propose(
           params, state.drafter_states[body[0]], seqs, width, samplers.draft, draft_key,
-          **self._found(state, body[0]))
+          **self._kept_drafts(state, body[0]))
       scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, W+1]
       logits, target_cache = self.target_forward(params, scored, state.target_cache,
                                                  drafter_states)
@@ -494,7 +496,7 @@ class SpeculativeDecoder:
     if self.chooser.uses_free_feedback:
       outcome = dict(logp=target_logp, accepted=num_accepted, tokens=new_tokens,
                      emitted=emitted, live=live)
-      arm_accepted, arm_tested = self._scored_for_free(params, state, body[0], outcome)
+      arm_accepted, arm_tested = self._scored_for_free(state, body[0], outcome)
       chosen = (jnp.arange(len(self.arms)) == arm_index)[:, None]
       own_context = jnp.take(state.contexts, arm_index, axis=1)
       stats |= dict(
@@ -525,32 +527,51 @@ class SpeculativeDecoder:
       return jnp.zeros_like(seqs.seq_lens)
     return self.arms[teller].drafter.lookup(seqs)[1]
 
-  def _lookups(self, seqs: Sequences) -> dict[str, jax.Array]:
-    """SpecState's `contexts` and `found` [B, K] at the rows' current position: one lookup
-    per drafter that tells a context, which the arms that learn in it share."""
+  def _keeps_drafts(self, arm_index: int) -> bool:
+    """Whether SpecState.drafts holds arms[arm_index]'s drafts: for a chooser that
+    scores free-scored drafters after every step, the first arm of each."""
+    arm = self.arms[arm_index]
+    return (self.chooser.uses_free_feedback and arm.drafter is not None
+            and arm.drafter.scored_free and self.chooser.groups[arm_index] == arm_index)
+
+  def _lookups(self, seqs: Sequences) -> dict[str, Any]:
+    """SpecState's `contexts` and `drafts` at the rows' current position: one lookup per
+    drafter that tells a context, which the arms that learn in it share and its drafts
+    start from.
+
+    The drafts are made here, after a step has written its tokens, rather than in the
+    next step beside the write of its own: there XLA copies the token buffer at every
+    step to keep the unwritten one for them (twice a step in the CPU program,
+    bench/step_kernels.py's held loops)."""
     none = jnp.zeros_like(seqs.seq_lens)
-    if self.chooser.num_contexts == 1:
-      return dict(contexts=jnp.stack([none] * len(self.arms), axis=1),
-                  found=jnp.stack([none] * len(self.arms), axis=1))
     tellers = [self._teller(j) for j in range(len(self.arms))]
-    by_teller = {t: self.arms[t].drafter.lookup(seqs) for t in dict.fromkeys(tellers) if t >= 0}
-    found, contexts = zip(*(by_teller.get(t, (none, none)) for t in tellers))
-    return dict(contexts=jnp.stack(contexts, axis=1), found=jnp.stack(found, axis=1))
+    looked = {t: self.arms[t].drafter.lookup(seqs) for t in dict.fromkeys(tellers) if t >= 0}
+    drafts = []
+    for j, (arm, teller) in enumerate(zip(self.arms, tellers)):
+      if not self._keeps_drafts(j):
+        drafts.append(())
+        continue
+      shares_lookup = teller >= 0 and self.arms[teller].drafter == arm.drafter
+      width = max(other.gamma for other in self.arms if other.drafter == arm.drafter)
+      drafts.append(arm.drafter.drafts(seqs, width, looked[teller][0] if shares_lookup else None))
+    contexts = [looked[t][1] if t >= 0 else none for t in tellers]
+    return dict(contexts=jnp.stack(contexts, axis=1), drafts=tuple(drafts))
 
-  def _found(self, state: SpecState, arm_index: int) -> dict[str, jax.Array]:
-    """propose's `found=` for arms[arm_index] at state.seqs: the lookup the chooser made
-    there when its drafter tells the arm's context, so a step looks once; else none."""
-    teller = self._teller(arm_index)
-    if teller < 0 or self.arms[teller].drafter != self.arms[arm_index].drafter:
+  def _kept_drafts(self, state: SpecState, arm_index: int) -> dict[str, jax.Array]:
+    """propose's `drafts=` for arms[arm_index]: its drafter's drafts kept in the state
+    (`_keeps_drafts`); none where they are not kept."""
+    if not self.chooser.uses_free_feedback:
       return {}
-    return dict(found=state.found[:, arm_index])
+    first = self.chooser.groups[arm_index]
+    return dict(drafts=state.drafts[first]) if self._keeps_drafts(first) else {}
 
-  def _scored_for_free(self, params, state: SpecState, arm_index: int,
+  def _scored_for_free(self, state: SpecState, arm_index: int,
                        outcome: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """[K, C] drafts accepted and tested, summed over live rows in each context, by the
     arms whose drafters can be scored without running them (`scored_free`:
-    deterministic, no model), had they proposed at this step instead of
-    arms[arm_index]; a row's context is its drafter's when the step began.
+    deterministic, no model), had they proposed their drafts kept in the state
+    (`_keeps_drafts`) at this step instead of arms[arm_index]; a row's context is its
+    drafter's when the step began.
 
     Draft i of such an arm is a trial when its earlier drafts match the committed
     tokens and the target's log p at its position was computed on the committed
@@ -567,16 +588,12 @@ class SpeculativeDecoder:
     nothing = jnp.zeros((self.chooser.num_contexts,))
     accepted, tested = [], []
     for j, arm in enumerate(self.arms):
-      skip = (arm.drafter is None or not arm.drafter.scored_free or groups[j] != j
-              or groups[j] == groups[arm_index])
-      if skip:
+      if not self._keeps_drafts(j) or groups[j] == groups[arm_index]:
         accepted.append(nothing)
         tested.append(nothing)
         continue
-      _, proposal, _ = arm.drafter.propose(params, state.drafter_states[j], state.seqs,
-                                           arm.gamma, None, None, **self._found(state, j))
       width = min(arm.gamma, outcome["logp"].shape[1])
-      drafts = proposal[:, :width]
+      drafts = state.drafts[j][:, :width]
       position = jnp.arange(width)[None, :]
       matches = drafts == outcome["tokens"][:, :width]
       trials = (_reached(matches) & (position <= outcome["accepted"][:, None])
@@ -668,12 +685,13 @@ class SpeculativeDecoder:
     (and, for a contextual chooser, the context each drafter is in now)."""
     rng, select_key = jax.random.split(state.seqs.rng)
     state = state.replace(seqs=state.seqs.replace(rng=rng))
+    if self.chooser.uses_free_feedback:
+      state = state.replace(**self._lookups(state.seqs))
     if self.chooser.num_contexts == 1:
       return state, self.chooser.select(state.bandit, select_key)
-    lookups = self._lookups(state.seqs)
     live = (~state.seqs.done).astype(jnp.float32)[:, None]  # [B, 1] against contexts [B, K]
-    weights = by_context(live, lookups["contexts"], self.chooser.num_contexts)
-    return state.replace(**lookups), self.chooser.select(state.bandit, select_key, weights)
+    weights = by_context(live, state.contexts, self.chooser.num_contexts)
+    return state, self.chooser.select(state.bandit, select_key, weights)
 
   def learn(self, state: SpecState, arm: jax.Array, stats: dict[str, jax.Array]) -> SpecState:
     """The chooser learns the reward of the step arms[arm] just took (its stats), and
