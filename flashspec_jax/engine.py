@@ -377,7 +377,8 @@ class SpeculativeDecoder:
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
-        **self._lookups(ar.seqs),
+        **(dict(contexts=jnp.zeros((prompt_tokens.shape[0], len(self.arms)), jnp.int32))
+           | self._lookups(ar.seqs)),
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
@@ -535,9 +536,10 @@ class SpeculativeDecoder:
             and arm.drafter.scored_free and self.chooser.groups[arm_index] == arm_index)
 
   def _lookups(self, seqs: Sequences) -> dict[str, Any]:
-    """SpecState's `contexts` and `drafts` at the rows' current position: one lookup per
-    drafter that tells a context, which the arms that learn in it share and its drafts
-    start from.
+    """SpecState's `drafts` at the rows' current position, and its `contexts` where the
+    chooser tells contexts apart (else they stay 0, and a loop that wrote them anew
+    would copy them at every step): one lookup per drafter that tells a context, which
+    the arms that learn in it share and its drafts start from.
 
     The drafts are made here, after a step has written its tokens, rather than in the
     next step beside the write of its own: there XLA copies the token buffer at every
@@ -554,6 +556,8 @@ class SpeculativeDecoder:
       shares_lookup = teller >= 0 and self.arms[teller].drafter == arm.drafter
       width = max(other.gamma for other in self.arms if other.drafter == arm.drafter)
       drafts.append(arm.drafter.drafts(seqs, width, looked[teller][0] if shares_lookup else None))
+    if self.chooser.num_contexts == 1:
+      return dict(drafts=tuple(drafts))
     contexts = [looked[t][1] if t >= 0 else none for t in tellers]
     return dict(contexts=jnp.stack(contexts, axis=1), drafts=tuple(drafts))
 
