@@ -54,7 +54,8 @@ class Drafter(Protocol):
   # True for a deterministic drafter with no model, whose proposal the engine can
   # score against the committed tokens at no cost (engine._scored_for_free). Such a
   # drafter has a `drafts(seqs, gamma, found=None) -> [B, gamma] int32`, its proposal's
-  # tokens, and its propose takes `drafts=` (at least gamma of them) to propose those.
+  # tokens, and its propose takes `drafts=` (at least gamma of them, made earlier at
+  # the same tokens) to propose those.
   scored_free: bool
   # True where a wider step costs about what a narrower one does, so that arms of
   # this drafter at several gammas share one step body (step_bodies). Such a
@@ -63,8 +64,8 @@ class Drafter(Protocol):
   shares_step_body: bool
   # How many contexts a drafter tells apart before it drafts, at no cost: a drafter with
   # more than one has a `lookup(seqs) -> (found [B] int32, context [B] int32)`, context in
-  # [0, num_contexts), and its `drafts` takes `found=` to draft from that lookup without
-  # looking again. The contextual choosers learn its acceptance in each context apart
+  # [0, num_contexts); if it is also scored_free, its `drafts` takes `found=` to draft
+  # from that lookup without looking again. The contextual choosers learn its acceptance in each context apart
   # (bandit/acceptance.py).
   num_contexts: int
 

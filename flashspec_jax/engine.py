@@ -175,8 +175,8 @@ class SpecState:
       0 unless the chooser is contextual.
     drafts: per arm, [B, W] int32 where the chooser learns from free feedback and the
       arm is the first of a free-scored drafter (`_keeps_drafts`): that drafter's drafts
-      at the rows' current position, W its arms' widest gamma (`_lookups`); () for
-      every other arm. The step's own drafts and its free scoring read them, not the
+      at the position the next step starts from, made by `init` or `select`, W its
+      arms' widest gamma (`_lookups`); () for every other arm. The step's own drafts and its free scoring read them, not the
       token buffer that the step writes to.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     step: [] int32, loop iterations.
@@ -374,11 +374,14 @@ class SpeculativeDecoder:
         for arm in self.arms]
     if self.feature_arms:
       self._observe(drafter_states, features, jnp.zeros_like(prompt_lens))
+    # The state's shape needs them, and a step run without a select first reads them.
+    lookups = self._lookups(ar.seqs)
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
-        **(dict(contexts=jnp.zeros((prompt_tokens.shape[0], len(self.arms)), jnp.int32))
-           | self._lookups(ar.seqs)),
+        contexts=lookups.get("contexts", jnp.zeros((prompt_tokens.shape[0], len(self.arms)),
+                                                   jnp.int32)),
+        drafts=lookups["drafts"],
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
@@ -419,6 +422,8 @@ class SpeculativeDecoder:
 
     Rows already done do not change. Returns the new state and the step's
     per-row `emitted`, `accepted` and `live` arrays, from which rewards are made.
+    state's contexts and kept drafts must be those of its tokens: from `init`, or from
+    `select` after the last step.
     """
     body = body or (arm_index,)
     if len(body) == 1:
@@ -545,7 +550,6 @@ class SpeculativeDecoder:
     next step beside the write of its own: there XLA copies the token buffer at every
     step to keep the unwritten one for them (twice a step in the CPU program,
     bench/step_kernels.py's held loops)."""
-    none = jnp.zeros_like(seqs.seq_lens)
     tellers = [self._teller(j) for j in range(len(self.arms))]
     looked = {t: self.arms[t].drafter.lookup(seqs) for t in dict.fromkeys(tellers) if t >= 0}
     drafts = []
@@ -558,6 +562,7 @@ class SpeculativeDecoder:
       drafts.append(arm.drafter.drafts(seqs, width, looked[teller][0] if shares_lookup else None))
     if self.chooser.num_contexts == 1:
       return dict(drafts=tuple(drafts))
+    none = jnp.zeros_like(seqs.seq_lens)
     contexts = [looked[t][1] if t >= 0 else none for t in tellers]
     return dict(contexts=jnp.stack(contexts, axis=1), drafts=tuple(drafts))
 
@@ -689,7 +694,7 @@ class SpeculativeDecoder:
     (and, for a contextual chooser, the context each drafter is in now)."""
     rng, select_key = jax.random.split(state.seqs.rng)
     state = state.replace(seqs=state.seqs.replace(rng=rng))
-    if self.chooser.uses_free_feedback:
+    if self.chooser.uses_free_feedback or self.chooser.num_contexts > 1:
       state = state.replace(**self._lookups(state.seqs))
     if self.chooser.num_contexts == 1:
       return state, self.chooser.select(state.bandit, select_key)

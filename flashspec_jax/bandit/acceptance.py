@@ -22,7 +22,7 @@ fades it once more at each new request, where a stream changes domain if at
 all, so that a request's own first steps outweigh the last request's sooner.
 
 `contextual` choosers learn alpha apart in each context a drafter tells before
-it drafts (`Drafter.context`): n-gram lookup's match length. After no match
+it drafts (`Drafter.lookup`): n-gram lookup's match length. After no match
 it proposes the last token again, which is almost never right; after a long
 match it often copies several tokens (bench/ngram_contexts.py measures both on
 real text). A chooser that knows only the drafter's mean runs it at the wrong
@@ -136,7 +136,7 @@ class _AcceptanceModel:
     discount: per step, on all evidence; 1 keeps everything.
     request_carry: at each new request (`observe`), on the evidence carried from
       earlier ones; 1 keeps it whole.
-    contextual: learn each drafter's acceptance per context (`Drafter.context`).
+    contextual: learn each drafter's acceptance per context (`Drafter.lookup`).
     step_context: a contextual chooser also learns each drafter that tells no context
       of its own (a model drafter; not AR, whose step emits one token in any context)
       in the context of the first drafter that tells one (n-gram lookup's match
@@ -327,8 +327,8 @@ class Hedge(_AcceptanceModel):
   def choose(self, state, draws, weights=None):
     del weights  # Hedge weighs arms, not contexts
     weights = self.weights(state)
-    # Running sums of static rows, not a cumsum: that is a loop of its own on a CPU and a
-    # kernel of its own on a GPU, run at every step, where the sums fuse.
+    # Prefix sums of static slices, not a cumsum: that is a loop of its own on a CPU and
+    # a kernel of its own on a GPU, run at every step, where the sums fuse.
     cumulative = jnp.stack([weights[:i + 1].sum() for i in range(weights.shape[0])])
     return jnp.minimum(jnp.sum(cumulative < draws), state.num_arms - 1).astype(jnp.int32)
 
