@@ -65,8 +65,8 @@ class Drafter(Protocol):
   # How many contexts a drafter tells apart before it drafts, at no cost: a drafter with
   # more than one has a `lookup(seqs) -> (found [B] int32, context [B] int32)`, context in
   # [0, num_contexts); if it is also scored_free, its `drafts` takes `found=` to draft
-  # from that lookup without looking again. The contextual choosers learn its acceptance in each context apart
-  # (bandit/acceptance.py).
+  # from that lookup without looking again. The contextual choosers learn its
+  # acceptance in each context apart (bandit/acceptance.py).
   num_contexts: int
 
 

@@ -176,8 +176,8 @@ class SpecState:
     drafts: per arm, [B, W] int32 where the chooser learns from free feedback and the
       arm is the first of a free-scored drafter (`_keeps_drafts`): that drafter's drafts
       at the position the next step starts from, made by `init` or `select`, W its
-      arms' widest gamma (`_lookups`); () for every other arm. The step's own drafts and its free scoring read them, not the
-      token buffer that the step writes to.
+      arms' widest gamma (`_lookups`); () for every other arm. The step's own drafts
+      and its free scoring read them, not the token buffer that the step writes to.
     nan_arm: [B] int32, the arm whose drafter's logits were NaN; -1 where none were.
     step: [] int32, loop iterations.
     metrics: SpecMetrics.
