@@ -390,7 +390,7 @@ class SpeculativeDecoder:
       # earlier requests taught faded by the chooser's request_carry.
       prompt_logp = self._prompt_log_probs(params, ar.seqs, features, target_sampler)
       state = state.replace(bandit=self.chooser.observe(
-          state.bandit, *self._scored_on_prompt(params, state, prompt_logp)))
+          state.bandit, *self._scored_on_prompt(state, prompt_logp)))
     return state
 
   def _prompt_log_probs(self, params, seqs: Sequences, features: jax.Array,
@@ -525,14 +525,6 @@ class SpeculativeDecoder:
     tells none apart."""
     return self.chooser.context_arms[arm_index] if self.chooser.num_contexts > 1 else -1
 
-  def _context_of(self, arm_index: int, seqs: Sequences) -> jax.Array:
-    """[B] int32 the context arms[arm_index] learns in at the rows' current position; 0
-    where the chooser tells none apart."""
-    teller = self._teller(arm_index)
-    if teller < 0:
-      return jnp.zeros_like(seqs.seq_lens)
-    return self.arms[teller].drafter.lookup(seqs)[1]
-
   def _keeps_drafts(self, arm_index: int) -> bool:
     """Whether SpecState.drafts holds arms[arm_index]'s drafts: for a chooser that
     scores free-scored drafters after every step, the first arm of each."""
@@ -614,12 +606,12 @@ class SpeculativeDecoder:
       tested.append(self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context))
     return jnp.stack(accepted), jnp.stack(tested)
 
-  def _scored_on_prompt(self, params, state: SpecState,
+  def _scored_on_prompt(self, state: SpecState,
                         prompt_logp: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[K, C] drafts accepted and tested, summed over rows in each context, had each
-    free-scored drafter (`scored_free`, once per drafter, as in `_scored_for_free`)
-    drafted at each of the last PROMPT_POSITIONS positions of the committed tokens
-    (the prompt and the first token).
+    free-scored drafter (`scored_free`, once per drafter, as in `_scored_for_free`; its
+    drafts and contexts as `_lookups` makes them) drafted at each of the last
+    PROMPT_POSITIONS positions of the committed tokens (the prompt and the first token).
 
     Draft i is tested when the drafts before it match the tokens that followed in
     the prompt, and accepted with the target's probability of it there (prompt_logp,
@@ -629,21 +621,20 @@ class SpeculativeDecoder:
     target would copy it: counting matches alone overstates a copy's acceptance
     wherever the target would not copy surely, above all when it samples.
     """
-    seqs, groups = state.seqs, self.chooser.groups
+    seqs = state.seqs
     nothing = jnp.zeros((self.chooser.num_contexts,))
     rows = jnp.arange(seqs.tokens.shape[0])[:, None]
-    accepted, tested = [], []
-    for j, arm in enumerate(self.arms):
-      if arm.drafter is None or not arm.drafter.scored_free or groups[j] != j:
-        accepted.append(nothing)
-        tested.append(nothing)
-        continue
+    no_context = jnp.zeros_like(seqs.seq_lens)
 
-      def score(back, arm=arm, j=j):
-        ends = seqs.seq_lens - back  # draft as if only the tokens before `ends` were known
-        known = seqs.replace(seq_lens=jnp.maximum(ends, 1))
-        _, drafts, _ = arm.drafter.propose(params, state.drafter_states[j], known, arm.gamma,
-                                           None, None)
+    def score(back):
+      ends = seqs.seq_lens - back  # draft as if only the tokens before `ends` were known
+      known = seqs.replace(seq_lens=jnp.maximum(ends, 1))
+      lookups = self._lookups(known)
+      accepted, tested = [nothing] * len(self.arms), [nothing] * len(self.arms)
+      for j, arm in enumerate(self.arms):
+        if not self._keeps_drafts(j):
+          continue
+        drafts = lookups["drafts"][j][:, :arm.gamma]
         matches = drafts == gather_window(seqs.tokens, jnp.maximum(ends, 0), arm.gamma)
         depth = jnp.arange(arm.gamma)
         trials = _reached(matches) & (depth[None, :] < back) & (ends >= 1)[:, None]
@@ -651,14 +642,13 @@ class SpeculativeDecoder:
         # PROMPT_POSITIONS - back + i.
         scored_at = jnp.clip(PROMPT_POSITIONS - back + depth, 0, PROMPT_POSITIONS - 1)
         p = jnp.exp(prompt_logp[rows, scored_at[None, :], drafts])
-        context = self._context_of(j, known)
-        return (self._by_context(jnp.sum(jnp.where(trials, p, 0.0), axis=1), context),
-                self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context))
+        context = lookups["contexts"][:, j] if "contexts" in lookups else no_context
+        accepted[j] = self._by_context(jnp.sum(jnp.where(trials, p, 0.0), axis=1), context)
+        tested[j] = self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context)
+      return jnp.stack(accepted), jnp.stack(tested)
 
-      by_position = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
-      accepted.append(by_position[0].sum(0))
-      tested.append(by_position[1].sum(0))
-    return jnp.stack(accepted), jnp.stack(tested)
+    accepted, tested = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
+    return accepted.sum(0), tested.sum(0)
 
   def dispatch(self, params, state: SpecState, arm: jax.Array,
                samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:
