@@ -38,15 +38,10 @@ def buffer_copies(hlo_text: str, shapes: set[str]) -> list[str]:
   """Copies of buffers of the given shapes made inside loops or branches of an optimized
   program, i.e. at every step. Copies inside fusions are layout changes of values in
   registers, and those in the entry computation happen once per call, so neither counts."""
-  copies, computation = [], None
-  for line in hlo_text.splitlines():
-    if line and not line.startswith(" "):
-      computation = line.split(" ")[0]
-    match = _COPY.search(line)
-    if (match and match.group(1) in shapes and "fused" not in computation
-        and computation != "ENTRY"):
-      copies.append(line.strip())
-  return copies
+  return [line.strip()
+          for name, lines in computations(hlo_text).items()
+          if name != "ENTRY" and "fused" not in name
+          for line in lines if (match := _COPY.search(line)) and match.group(1) in shapes]
 
 
 def _opcodes(lines) -> collections.Counter:

@@ -84,14 +84,14 @@ def bench(target: SyntheticTarget, choosers: tuple[str, ...], gamma: int, contex
   def row(program, decoder, held=None):
     state = decoder.init(target.params, prompt, lengths, key, sampler)
     opcodes = step_opcodes(decoder, target.params, state, samplers, held)
-    row = dict(program=program, opcodes=dict(opcodes.most_common()),
-               instructions=opcodes.total())
+    counts = dict(program=program, opcodes=dict(opcodes.most_common()),
+                  instructions=opcodes.total())
     if loops:
       loop, copies = held_loop(decoder, target.params, (prompt, lengths, key, samplers, None),
                                opcodes)
-      row |= dict(loop_opcodes=dict(loop.most_common()), loop_instructions=loop.total(),
-                  loop_copies=dict(copies.most_common()))
-    return row
+      counts |= dict(loop_opcodes=dict(loop.most_common()), loop_instructions=loop.total(),
+                     loop_copies=dict(copies.most_common()))
+    return counts
 
   rows = [row("fixed eagle", SpeculativeDecoder(target.model, (eagle,), 32, eos_ids=()))]
   for name in choosers:
