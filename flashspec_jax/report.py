@@ -338,14 +338,15 @@ def compile_time(data: dict) -> list[str]:
            f"cache, its whole first call (tracing unless the program store held the program, "
            f"loading it, generating).", "",
            "| program | XLA options | cold compile (s) | cached: load (s) | cached: first call (s) "
-           "| of which generating (s) | compiled again | untraced |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| of which generating (s) | compiled again | untraced | same tokens |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in data["rows"]:
     lowering = f" ({r['cold_lower_seconds']:.2f} lowering)" if "cold_lower_seconds" in r else ""
-    untraced = {True: "yes", False: "no"}.get(r.get("cached_untraced"), "(not recorded)")
+    untraced, same = ({True: "yes", False: "no"}.get(r.get(field), "(not recorded)")
+                      for field in ("cached_untraced", "cached_same_tokens"))
     lines.append(f"| {r['method']} | {r['variant']} | {r['cold_compile_seconds']:.2f}{lowering} | "
                  f"{r['cached_load_seconds']:.2f} | {r['cached_call_seconds']:.2f} | "
-                 f"{r['cached_run_seconds']:.3f} | {r['compiles_with_warm_cache']} | {untraced} |")
+                 f"{r['cached_run_seconds']:.3f} | {r['compiles_with_warm_cache']} | {untraced} | {same} |")
   return lines
 
 

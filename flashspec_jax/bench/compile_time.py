@@ -10,8 +10,10 @@ first call: loading the program from disk (whole from the program store,
 executables.py, so untraced) plus generating. What that process compiled anyway
 is counted too (should be nothing). On a GPU each program is also compiled under
 other XLA options (`--variants`, named in VARIANTS): without the autotuning of
-matrix products, with cuBLAS in place of Triton's matrix products, or both; each
-variant's run seconds weigh what it costs in run time.
+matrix products, with cuBLAS in place of Triton's matrix products, or both, or
+with XLA's thunks serialized beside the program's kernels; each variant's run
+seconds weigh what it costs in run time. Each row says whether the second
+process's call generated the same tokens as the first's.
 """
 
 from __future__ import annotations
@@ -44,10 +46,14 @@ _VARIANTS = flags.DEFINE_list("variants", "default,no_autotune,cublas",
 # Compiler options to compare, by name. XLA emits each matrix product it fuses as a
 # Triton kernel of its own unless told to call cuBLAS instead. (jaxlib 0.11 always
 # splits a GPU program's LLVM module across threads: the option to ask for that is gone.)
+# A GPU executable serializes as its optimized HLO and kernels, and loading it emits
+# its thunks (the runtime's list of launches) from the HLO again; with aot_thunks the
+# thunks are serialized too.
 VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0},
             "cublas": {"xla_gpu_enable_triton_gemm": False},
             "cublas_no_autotune": {"xla_gpu_enable_triton_gemm": False,
-                                   "xla_gpu_autotune_level": 0}}
+                                   "xla_gpu_autotune_level": 0},
+            "aot_thunks": {"xla_gpu_experimental_aot_compiled_thunks": True}}
 
 
 def run_config(target: str, arms: str, prompt_length: int, max_new_tokens: int):
@@ -89,7 +95,8 @@ def time_programs(config, variant: str) -> list[dict]:
                      call_seconds=time.perf_counter() - start,
                      cache_misses=events.count("/jax/compilation_cache/cache_misses"),
                      cache_hits=events.count("/jax/compilation_cache/cache_hits"),
-                     store_loads=events.count("/flashspec/executables/hits")))
+                     store_loads=events.count("/flashspec/executables/hits"),
+                     tokens=run.output.token_lists()))
     jax.clear_caches()
   return rows
 
@@ -117,6 +124,7 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
                cached_lower_seconds=w["lower_seconds"], cached_call_seconds=w["call_seconds"],
                cached_run_seconds=w["run_seconds"], compiles_with_warm_cache=w["cache_misses"],
                cached_untraced=w["store_loads"] > 0,
+               cached_same_tokens=w["tokens"] == c["tokens"],
                raw=dict(cold=c, warm=w))
           for c, w in zip(cold, warm)]
   return dict(target=target, dtype=jax.numpy.dtype(pipeline.param_dtype(config)).name,
@@ -141,13 +149,13 @@ def main(argv):
         f"{result['prompt_length']}-token prompt, {result['max_new_tokens']} new tokens -> {path}")
   print(f"{'method':<14} {'variant':<12} {'cold compile s':>14} {'lowering s':>10} "
         f"{'cached load s':>13} {'cached call s':>13} {'run s':>7} {'recompiled':>10} "
-        f"{'untraced':>8}")
+        f"{'untraced':>8} {'same tokens':>11}")
   for row in result["rows"]:
     print(f"{row['method']:<14} {row['variant']:<12} {row['cold_compile_seconds']:>14.2f} "
           f"{row['cold_lower_seconds']:>10.2f} "
           f"{row['cached_load_seconds']:>13.2f} {row['cached_call_seconds']:>13.2f} "
           f"{row['cached_run_seconds']:>7.3f} {row['compiles_with_warm_cache']:>10} "
-          f"{str(row['cached_untraced']):>8}")
+          f"{str(row['cached_untraced']):>8} {str(row['cached_same_tokens']):>11}")
 
 
 if __name__ == "__main__":
