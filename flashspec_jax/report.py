@@ -496,13 +496,17 @@ def trace_calls(data: dict) -> list[str]:
            "(`bench/trace_calls.py`); the profiler slows every call, so wall and idle "
            "times are the traced run's, not a plain run's. Device-to-host copies are "
            "mostly the predicates of the loop's while loops, each a wait for the host; "
-           "graphs are command-buffer (CUDA graph) launches.", "",
+           "graphs are command-buffer (CUDA graph) launches; updates, where recorded, are "
+           "the host's recordings of a command buffer again because its buffers moved.", "",
            "| method | calls | wall (us) | GPU busy (us) | idle (us) | kernels | "
-           "device-to-host copies | graphs |", "|---|---|---|---|---|---|---|---|"]
+           "device-to-host copies | graphs | updates (us) |", "|---|---|---|---|---|---|---|---|---|"]
   for name, m in data["methods"].items():
+    # Files written before updates were counted lack them.
+    updates = (f"{m['graph_updates']:.2f} ({m['graph_update_us']:.0f})"
+               if "graph_updates" in m else "(not recorded)")
     lines.append(f"| {name} | {m['calls']} | {m['wall_us']:.0f} | {m['busy_us']:.0f} | "
                  f"{m['idle_us']:.0f} | {m['kernels']:.0f} | {m['device_to_host']:.2f} | "
-                 f"{m['graph_launches']:.2f} |")
+                 f"{m['graph_launches']:.2f} | {updates} |")
   if "per_call" in data:
     lines += ["", "Per call, median over each method's calls: the GPU's first activity after "
               "the call began (lead) and the call's end after the GPU's last (tail).", "",

@@ -1,5 +1,5 @@
 """bench/traces reads a profiler trace back: kernels, busy time, device-to-host
-copies and command-buffer launches per loop step, each call within its annotation,
+copies, command-buffer launches and updates per loop step, each call within its annotation,
 and per call the time around its GPU activity and the host's spans."""
 
 import gzip
@@ -17,12 +17,14 @@ def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
       dict(ph="M", pid=host, name="process_name", args=dict(name="/host:CPU")),
       dict(ph="M", pid=gpu, tid=stream, name="thread_name", args=dict(name="Stream #14(Compute)")),
       dict(ph="M", pid=gpu, tid=other, name="thread_name", args=dict(name="XLA Ops")),
-      # Call 0: 1,000 us, 2 steps; two kernels overlapping by 10 us, one D2H copy, two graphs.
+      # Call 0: 1,000 us, 2 steps; two kernels overlapping by 10 us, one D2H copy, two
+      # graphs, the first recorded again (40 us) before its launch.
       dict(ph="X", pid=host, tid=1, ts=0, dur=1000, name=traces.ANNOTATION + "0"),
       dict(ph="X", pid=gpu, tid=stream, ts=100, dur=50, name="loop_fusion"),
       dict(ph="X", pid=gpu, tid=stream, ts=140, dur=30, name="gemm_fusion"),
       dict(ph="X", pid=gpu, tid=stream, ts=300, dur=2, name="MemcpyD2H"),
       dict(ph="X", pid=gpu, tid=other, ts=100, dur=70, name="loop_fusion"),  # a derived line
+      dict(ph="X", pid=host, tid=1, ts=40, dur=40, name="command_buffer::update"),
       dict(ph="X", pid=host, tid=1, ts=90, dur=5, name="command_buffer::execute"),
       dict(ph="X", pid=host, tid=1, ts=290, dur=5, name="command_buffer::execute"),
       # Call 1: 400 us, 1 step; one kernel. Events outside both calls count for neither.
@@ -37,12 +39,15 @@ def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
   summary = traces.summarise(tmp_path, calls)
   a, b = summary["methods"]["a"], summary["methods"]["b"]
   assert a == pytest.approx(dict(wall_us=500, busy_us=36, idle_us=464, kernels=1,
-                                 device_to_host=0.5, graph_launches=1, calls=1))
+                                 device_to_host=0.5, graph_launches=1, graph_updates=0.5,
+                                 graph_update_us=20, calls=1))
   assert b == pytest.approx(dict(wall_us=400, busy_us=100, idle_us=300, kernels=1,
-                                 device_to_host=0, graph_launches=0, calls=1))
+                                 device_to_host=0, graph_launches=0, graph_updates=0,
+                                 graph_update_us=0, calls=1))
   # Per call: 100 us before call 0's first kernel, 698 after its D2H copy; the host's
   # two graph launches, 5 us each, add up under one name.
   per_call = summary["per_call"]["a"]
   assert (per_call["lead_us"], per_call["tail_us"]) == pytest.approx((100, 698))
-  assert per_call["host_us"] == pytest.approx({"command_buffer::execute": 10})
+  assert per_call["host_us"] == pytest.approx({"command_buffer::execute": 10,
+                                               "command_buffer::update": 40})
   assert summary["per_call"]["b"]["host_us"] == {}

@@ -90,11 +90,11 @@ def main(argv):
                        env=env)
   print(f"\nGPU time per loop step, median over calls -> {path}")
   print(f"{'method':<28} {'calls':>5} {'wall us':>8} {'busy us':>8} {'idle us':>8} "
-        f"{'kernels':>8} {'DtoH':>6} {'graphs':>7}")
+        f"{'kernels':>8} {'DtoH':>6} {'graphs':>7} {'updates':>7} {'update us':>9}")
   for name, s in summary["methods"].items():
     print(f"{name:<28} {s['calls']:>5} {s['wall_us']:>8.1f} {s['busy_us']:>8.1f} "
           f"{s['idle_us']:>8.1f} {s['kernels']:>8.1f} {s['device_to_host']:>6.2f} "
-          f"{s['graph_launches']:>7.2f}")
+          f"{s['graph_launches']:>7.2f} {s['graph_updates']:>7.2f} {s['graph_update_us']:>9.1f}")
   print(f"\nPer call, median over calls\n{'method':<28} {'wall ms':>8} {'busy ms':>8} "
         f"{'lead us':>8} {'tail us':>8}  longest host spans (ms)")
   for name, s in summary["per_call"].items():

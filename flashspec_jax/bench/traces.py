@@ -1,5 +1,6 @@
 """Reading a JAX profiler trace of generation calls back: per call, the GPU kernels,
-their busy time, the device-to-host copies and the command-buffer launches; and what
+their busy time, the device-to-host copies, the command-buffer launches and the
+host's re-recordings of command buffers; and what
 a step count cannot explain: the time before the first and after the last GPU
 activity, and the host's own spans by name.
 
@@ -34,8 +35,9 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
-  """Per call and per method: GPU kernels, busy time, device-to-host copies and
-  command-buffer (CUDA graph) launches, each per loop step; and per call (medians per
+  """Per call and per method: GPU kernels, busy time, device-to-host copies,
+  command-buffer (CUDA graph) launches and updates, and the host's microseconds in
+  those updates, each per loop step; and per call (medians per
   method under "per_call"): microseconds from the call's start to its first GPU
   activity (lead_us) and from its last to its end (tail_us), and the host's spans,
   summed by name (nested spans each count), the HOST_SPANS longest."""
@@ -54,6 +56,9 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   device = [e for e in spans if "GPU" in process.get(e["pid"], "")
             and thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
   graph_launches = [e for e in spans if e["name"] == "command_buffer::execute"]
+  # XLA records a command buffer again, on the host, when the buffers its commands
+  # read or write have moved since its last launch; a step that does so pays it.
+  graph_updates = [e for e in spans if e["name"] == "command_buffer::update"]
   host = sorted((e for e in spans if "GPU" not in process.get(e["pid"], "")
                  and not e["name"].startswith(ANNOTATION)), key=lambda e: e["ts"])
   host_starts = [e["ts"] for e in host]
@@ -65,7 +70,9 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
     counts = dict(
         kernels=len(inside) - len(copies),
         device_to_host=sum("d2h" in e["name"].lower() for e in copies),
-        graph_launches=sum(start <= e["ts"] < stop for e in graph_launches))
+        graph_launches=sum(start <= e["ts"] < stop for e in graph_launches),
+        graph_updates=sum(start <= e["ts"] < stop for e in graph_updates),
+        graph_update_us=sum(e["dur"] for e in graph_updates if start <= e["ts"] < stop))
     wall_us = stop - start
     busy_us = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in inside])
     steps = max(call["steps"], 1)
