@@ -10,6 +10,7 @@ the newest results file of its experiment, which it names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -23,11 +24,23 @@ RESULTS = REPO / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
+def load(path: pathlib.Path) -> dict:
+  """A results file's contents, parsed once per process and version of the file: the
+  sections read many of the same files, some of them near a megabyte."""
+  return _parsed(path, path.stat().st_mtime_ns)
+
+
+@functools.cache
+def _parsed(path: pathlib.Path, mtime_ns: int) -> dict:
+  del mtime_ns  # part of the cache's key only
+  return json.loads(path.read_text())
+
+
 def newest(name: str, device: str = "",
            select: Callable[[dict], bool] = lambda data: True) -> tuple[pathlib.Path, dict] | None:
   """The newest results file of experiment `name` whose device starts with `device` and
   whose contents `select` accepts."""
-  loaded = [(f, json.loads(f.read_text())) for f in sorted(RESULTS.glob(f"{name}/*.json"))]
+  loaded = [(f, load(f)) for f in sorted(RESULTS.glob(f"{name}/*.json"))]
   loaded = [item for item in loaded
             if item[1]["environment"]["device"].startswith(device) and select(item[1])]
   if not loaded:
@@ -742,7 +755,7 @@ def results_index() -> str:
            "beside it.", "", "| file | backs | command | device | date |",
            "|---|---|---|---|---|"]
   for path in sorted(RESULTS.glob("*/*.json")):
-    data = json.loads(path.read_text())
+    data = load(path)
     env = data["environment"]
     lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | "
                  f"{claim(path, data)} | `{env['command']}` | {env['device']} | {env['date']} |")

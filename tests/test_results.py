@@ -1,6 +1,7 @@
 """Results files: unique names, whole files or none, and the report's choice of the newest."""
 
 import json
+import os
 import re
 
 import matplotlib.figure
@@ -109,3 +110,13 @@ def test_sections_that_name_a_gpu_draw_only_its_runs(tmp_path, monkeypatch):
     (tmp_path / "exp" / f"{stem}.json").write_text(json.dumps({"environment": env}))
   assert report.newest("exp", report.H200)[0].stem == "2026-11-29T060000Z_aaaaaaaa"
   assert report.newest("exp", "gpu")[0].stem == "2026-11-29T070000Z_bbbbbbbb"
+
+
+def test_report_parses_a_results_file_once_until_it_changes(tmp_path):
+  path = tmp_path / "run.json"
+  path.write_text(json.dumps({"rows": [1]}))
+  first = report.load(path)
+  assert report.load(path) is first  # parsed once, however many sections read it
+  path.write_text(json.dumps({"rows": [2]}))
+  os.utime(path, ns=(0, path.stat().st_mtime_ns + 1))  # rewritten within one clock tick
+  assert report.load(path) == {"rows": [2]}
