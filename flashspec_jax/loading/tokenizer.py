@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import gguf
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from flashspec_jax.loading.gguf import read_gguf, required_field
 from flashspec_jax.loading.params import CheckpointError
+
+if TYPE_CHECKING:
+  from transformers import PreTrainedTokenizerFast
 
 _CONTROL = int(gguf.TokenType.CONTROL)
 _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
@@ -54,6 +57,9 @@ def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
     return None if field is None else tokens[int(field.contents())]
 
   template = reader.get_field("tokenizer.chat_template")
+  # Imported here: transformers (and torch, where installed) takes seconds to import,
+  # which every process that never tokenizes would pay (error exits, synthetic runs).
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
   return PreTrainedTokenizerFast(
       tokenizer_object=bpe,
       bos_token=special("bos"), eos_token=special("eos"), unk_token=special("unknown"),
@@ -68,6 +74,7 @@ def load_tokenizer(source: str | pathlib.Path) -> PreTrainedTokenizerFast:
     return tokenizer_from_gguf(source)
   if not (source / "tokenizer.json").exists():
     raise CheckpointError(f"no tokenizer.json in {source}")
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   return AutoTokenizer.from_pretrained(source)
 
 
