@@ -374,14 +374,10 @@ class SpeculativeDecoder:
         for arm in self.arms]
     if self.feature_arms:
       self._observe(drafter_states, features, jnp.zeros_like(prompt_lens))
-    # The state's shape needs them, and a step run without a select first reads them.
-    lookups = self._lookups(ar.seqs)
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
-        contexts=lookups.get("contexts", jnp.zeros((prompt_tokens.shape[0], len(self.arms)),
-                                                   jnp.int32)),
-        drafts=lookups["drafts"],
+        **self._lookups(ar.seqs),
         nan_arm=jnp.full_like(prompt_lens, -1), step=jnp.zeros((), jnp.int32),
         metrics=SpecMetrics.zeros(prompt_tokens.shape[0], self.max_gamma),
         history=ArmHistory.empty(self.max_new_tokens))
@@ -533,10 +529,9 @@ class SpeculativeDecoder:
             and arm.drafter.scored_free and self.chooser.groups[arm_index] == arm_index)
 
   def _lookups(self, seqs: Sequences) -> dict[str, Any]:
-    """SpecState's `drafts` at the rows' current position, and its `contexts` where the
-    chooser tells contexts apart (else they stay 0, and a loop that wrote them anew
-    would copy them at every step): one lookup per drafter that tells a context, which
-    the arms that learn in it share and its drafts start from.
+    """SpecState's `contexts` and `drafts` at the rows' current position (contexts all
+    0 where the chooser tells none apart): one lookup per drafter that tells a context,
+    which the arms that learn in it share and its drafts start from.
 
     The drafts are made here, after a step has written its tokens, rather than in the
     next step beside the write of its own: there XLA copies the token buffer at every
@@ -552,8 +547,6 @@ class SpeculativeDecoder:
       shares_lookup = teller >= 0 and self.arms[teller].drafter == arm.drafter
       width = max(other.gamma for other in self.arms if other.drafter == arm.drafter)
       drafts.append(arm.drafter.drafts(seqs, width, looked[teller][0] if shares_lookup else None))
-    if self.chooser.num_contexts == 1:
-      return dict(drafts=tuple(drafts))
     none = jnp.zeros_like(seqs.seq_lens)
     contexts = [looked[t][1] if t >= 0 else none for t in tellers]
     return dict(contexts=jnp.stack(contexts, axis=1), drafts=tuple(drafts))
@@ -624,7 +617,6 @@ class SpeculativeDecoder:
     seqs = state.seqs
     nothing = jnp.zeros((self.chooser.num_contexts,))
     rows = jnp.arange(seqs.tokens.shape[0])[:, None]
-    no_context = jnp.zeros_like(seqs.seq_lens)
 
     def score(back):
       ends = seqs.seq_lens - back  # draft as if only the tokens before `ends` were known
@@ -642,7 +634,7 @@ class SpeculativeDecoder:
         # PROMPT_POSITIONS - back + i.
         scored_at = jnp.clip(PROMPT_POSITIONS - back + depth, 0, PROMPT_POSITIONS - 1)
         p = jnp.exp(prompt_logp[rows, scored_at[None, :], drafts])
-        context = lookups["contexts"][:, j] if "contexts" in lookups else no_context
+        context = lookups["contexts"][:, j]
         accepted[j] = self._by_context(jnp.sum(jnp.where(trials, p, 0.0), axis=1), context)
         tested[j] = self._by_context(jnp.sum(trials, axis=1).astype(jnp.float32), context)
       return jnp.stack(accepted), jnp.stack(tested)
@@ -685,7 +677,11 @@ class SpeculativeDecoder:
     rng, select_key = jax.random.split(state.seqs.rng)
     state = state.replace(seqs=state.seqs.replace(rng=rng))
     if self.chooser.uses_free_feedback or self.chooser.num_contexts > 1:
-      state = state.replace(**self._lookups(state.seqs))
+      lookups = self._lookups(state.seqs)
+      # Contexts that are all 0 stay as init made them: a loop that wrote them anew
+      # would copy them at every step.
+      state = state.replace(drafts=lookups["drafts"], **(
+          {"contexts": lookups["contexts"]} if self.chooser.num_contexts > 1 else {}))
     if self.chooser.num_contexts == 1:
       return state, self.chooser.select(state.bandit, select_key)
     live = (~state.seqs.done).astype(jnp.float32)[:, None]  # [B, 1] against contexts [B, K]
