@@ -67,12 +67,13 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
     start, stop = windows[index]
     inside = [e for e in device if start <= e["ts"] < stop]
     copies = [e for e in inside if "memcpy" in e["name"].lower()]
+    updates = [e for e in graph_updates if start <= e["ts"] < stop]
     counts = dict(
         kernels=len(inside) - len(copies),
         device_to_host=sum("d2h" in e["name"].lower() for e in copies),
         graph_launches=sum(start <= e["ts"] < stop for e in graph_launches),
-        graph_updates=sum(start <= e["ts"] < stop for e in graph_updates),
-        graph_update_us=sum(e["dur"] for e in graph_updates if start <= e["ts"] < stop))
+        graph_updates=len(updates),
+        graph_update_us=sum(e["dur"] for e in updates))
     wall_us = stop - start
     busy_us = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in inside])
     steps = max(call["steps"], 1)
