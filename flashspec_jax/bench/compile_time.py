@@ -10,9 +10,8 @@ first call: loading the program from disk (whole from the program store,
 executables.py, so untraced) plus generating. What that process compiled anyway
 is counted too (should be nothing). On a GPU each program is also compiled under
 other XLA options (`--variants`, named in VARIANTS): without the autotuning of
-matrix products, with cuBLAS in place of Triton's matrix products, or both, or
-with XLA's thunks serialized beside the program's kernels; each variant's run
-seconds weigh what it costs in run time. Each row says whether the second
+matrix products, with cuBLAS in place of Triton's matrix products, or both; each
+variant's run seconds weigh what it costs in run time. Each row says whether the second
 process's call generated the same tokens as the first's.
 """
 
@@ -46,14 +45,10 @@ _VARIANTS = flags.DEFINE_list("variants", "default,no_autotune,cublas",
 # Compiler options to compare, by name. XLA emits each matrix product it fuses as a
 # Triton kernel of its own unless told to call cuBLAS instead. (jaxlib 0.11 always
 # splits a GPU program's LLVM module across threads: the option to ask for that is gone.)
-# A GPU executable serializes as its optimized HLO and kernels, and loading it emits
-# its thunks (the runtime's list of launches) from the HLO again; with aot_thunks the
-# thunks are serialized too.
 VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0},
             "cublas": {"xla_gpu_enable_triton_gemm": False},
             "cublas_no_autotune": {"xla_gpu_enable_triton_gemm": False,
-                                   "xla_gpu_autotune_level": 0},
-            "aot_thunks": {"xla_gpu_experimental_aot_compiled_thunks": True}}
+                                   "xla_gpu_autotune_level": 0}}
 
 
 def run_config(target: str, arms: str, prompt_length: int, max_new_tokens: int):
