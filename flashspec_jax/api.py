@@ -184,7 +184,13 @@ class FlashSpec:
       if self._costs_pending:
         self.method = dataclasses.replace(self.method, arms=self._arm_costs(batch))
         self._costs_pending = False
-      run = compile_and_run(self.method, self.setup, batch, key, self.bandit)
+      try:
+        run = compile_and_run(self.method, self.setup, batch, key, self.bandit)
+      except FloatingPointError:
+        # The call was handed the bandit's state (donated, SpeculativeDecoder.generate),
+        # and what it learned from NaN logits is not worth keeping: the next starts afresh.
+        self.bandit = None
+        raise
     out, seconds = run.output, run.seconds
     if self.method.is_bandit:
       self.bandit = out.bandit

@@ -753,7 +753,8 @@ class SpeculativeDecoder:
       prompt_lens: [B] int32.
       rng: PRNG key.
       samplers: pytrees; the target's defines the output distribution.
-      bandit: the bandit's state to start from; None starts fresh.
+      bandit: the bandit's state to start from; None starts fresh. It is donated: the
+        arrays passed are deleted, and the output's `bandit` takes their place.
     """
     return self._program(self, params, prompt_tokens, prompt_lens, rng, samplers, bandit)
 
@@ -785,8 +786,12 @@ def _generate_body(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_le
                     bandit=state.bandit, history=state.history)
 
 
-_generate = jax.jit(_generate_body, static_argnums=0)
-_generate_fixed_kernels = jax.jit(_generate_body, static_argnums=0,
+# The bandit's state is donated: each call writes its state where it was handed, so a
+# chooser's calls find their buffers where the previous call left them, as a fixed
+# drafter's fresh state does. A state that moved between calls made the GPU record the
+# loop's command buffer again on some calls (docs/bandits.md).
+_generate = jax.jit(_generate_body, static_argnums=0, donate_argnames="bandit")
+_generate_fixed_kernels = jax.jit(_generate_body, static_argnums=0, donate_argnames="bandit",
                                   compiler_options=FIXED_KERNELS)
 
 

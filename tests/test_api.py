@@ -120,6 +120,26 @@ def test_a_contextual_choosers_state_carries_from_call_to_call():
   assert float(engine.bandit.tested.sum()) > tested
 
 
+def test_a_call_that_finds_nan_logits_leaves_the_engine_usable():
+  """The program takes the bandit's state donated: after a call that raised, the next
+  call starts afresh instead of handing over the deleted arrays."""
+  config = FlashSpecConfig(target="tiny_llama", drafters=("ngram:2", "ar"), sampling=GREEDY,
+                           max_new_tokens=6, synthetic_weights=True, device="cpu",
+                           bandit=BanditConfig(strategy="kl_ucb", costs=(1.0, 1.0)))
+  engine = FlashSpec(config)
+  expected = engine.generate(PROMPTS).token_ids
+  donated = engine.bandit
+  engine.generate(PROMPTS)
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated))
+  params = engine.setup.params
+  engine.setup.params = {**params, "target": jax.tree.map(lambda x: x * jnp.nan, params["target"])}
+  with pytest.raises(FloatingPointError, match="the target model produced NaN logits"):
+    engine.generate(PROMPTS)
+  engine.setup.params = params
+  assert engine.bandit is None
+  assert engine.generate(PROMPTS).token_ids == expected
+
+
 def test_bandit_costs_are_timed_once_then_read_from_the_user_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("FLASHSPEC_CACHE_DIR", str(tmp_path))
   first = tiny_engine(("ngram:2", "layer_skip:2", "ar"))

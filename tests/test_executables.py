@@ -68,7 +68,11 @@ for mesh in ("", "tp:2"):
     if sys.argv[1] == "ahead":
       pipeline.compile_ahead([(method, requests)], setup, threads=2)
     run = pipeline.compile_and_run(method, setup, requests, jax.random.key(0))
-  out[mesh] = dict(lower_seconds=run.lower_seconds, tokens=np.asarray(run.output.tokens).tolist())
+  # The next call takes the bandit's state donated, from a loaded program too.
+  handed = run.output.bandit
+  pipeline.compile_and_run(method, setup, requests, jax.random.key(1), handed)
+  out[mesh] = dict(lower_seconds=run.lower_seconds, tokens=np.asarray(run.output.tokens).tolist(),
+                   donated=all(leaf.is_deleted() for leaf in jax.tree.leaves(handed)))
 print(json.dumps(out))
 """
 
@@ -85,19 +89,20 @@ def probe(cache_dir, mode="run"):
 
 def test_a_stored_program_loads_untraced_in_a_new_process_and_runs_as_compiled(tmp_path):
   """Each process has a fresh JAX: a program compiled in the first is stored; the next
-  two load it without tracing (through compile_and_run, then compile_ahead); the last
+  two load it without tracing (through compile_and_run, then compile_ahead), and take the bandit's state donated
+as the compiled program does; the last
   finds the files damaged, says so, removes them and compiles again, twice, and stores
   nothing: JAX now gives it the programs from its own cache, and the second time from
   memory, whose executables would not run once serialized again."""
   store = tmp_path / "flashspec_programs"
   compiled, _ = probe(tmp_path)
-  assert all(run["lower_seconds"] > 0 for run in compiled.values())
+  assert all(run["lower_seconds"] > 0 and run["donated"] for run in compiled.values())
   assert len(list(store.iterdir())) == 2
 
   for mode in ("untraced", "ahead"):
     loaded, _ = probe(tmp_path, mode)
     for mesh in compiled:
-      assert loaded[mesh]["lower_seconds"] == 0
+      assert loaded[mesh]["lower_seconds"] == 0 and loaded[mesh]["donated"]
       assert loaded[mesh]["tokens"] == compiled[mesh]["tokens"]
 
   for path in store.iterdir():

@@ -201,10 +201,12 @@ class _AcceptanceModel:
     if self.contextual and not self.arm_contexts:
       # Unbound, it cannot know its arms' contexts, and its state would have the wrong shape.
       raise ValueError("a contextual chooser's state needs the chooser bound to its arms")
-    zeros = jnp.zeros((num_arms,), jnp.float32)
-    evidence = jnp.zeros((num_arms, self.num_contexts), jnp.float32)
-    return AcceptanceState(accepted=evidence, tested=evidence, gains=zeros, counts=zeros,
-                           sums=zeros, pulls=jnp.zeros((), jnp.int32),
+    # A buffer each: the engine's program takes the state donated, and may not take one
+    # buffer twice.
+    accepted, tested = (jnp.zeros((num_arms, self.num_contexts), jnp.float32) for _ in range(2))
+    gains, counts, sums = (jnp.zeros((num_arms,), jnp.float32) for _ in range(3))
+    return AcceptanceState(accepted=accepted, tested=tested, gains=gains, counts=counts,
+                           sums=sums, pulls=jnp.zeros((), jnp.int32),
                            last_arm=jnp.full((), -1, jnp.int32))
 
   def pooled(self, values: jax.Array) -> jax.Array:
