@@ -541,6 +541,17 @@ def test_a_chooser_holding_the_drafter_runs_more_than_the_fixed_drafter_step():
   assert held["loop_beyond_fixed"] > 0
 
 
+def test_calls_carrying_a_held_choosers_state_take_the_fixed_drafters_steps():
+  """bench/carried_state.py on the tiny target: the held chooser's programs, donated and
+  not, step as the fixed drafter does, call after call, on the state the last returned."""
+  from flashspec_jax.bench import carried_state  # pylint: disable=import-outside-toplevel
+  target = SyntheticTarget.create("tiny_smollm2", jnp.float32)
+  payload = carried_state.bench(target, target.prompts(1, 16), new_tokens=12, calls=2)
+  assert [row["program"] for row in payload["rows"]] == ["fixed", "donated", "not donated"]
+  assert len({row["steps"] for row in payload["rows"]}) == 1
+  assert all(len(row["times"]) == 2 and row["call_ms"] > 0 for row in payload["rows"])
+
+
 def test_stream_goals_hold_each_chooser_to_every_goal():
   """streams.goals (bench/stream_goals.py) on a made-up stream: n-gram is the best fixed
   arm over it (30 tokens in 2.25 s) and on chat, AR on code. The chooser beats n-gram
