@@ -14,6 +14,7 @@ import functools
 import json
 import pathlib
 import re
+import statistics
 import sys
 from collections.abc import Callable
 
@@ -319,6 +320,22 @@ def idle_arms(data: dict) -> list[str]:
            "| idle model arms | step (ms) | vs none |", "|---|---|---|"]
   for r in data["rows"]:
     lines.append(f"| {r['idle_arms']} | {r['step_ms']:.3f} | {r['relative_to_no_idle']:.3f} |")
+  return lines
+
+
+def carried_state(data: dict) -> list[str]:
+  lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, batch 1, prompt "
+           f"{data['context']} tokens, {data['new_tokens']} new tokens, temperature 1, the "
+           f"arms {', '.join(data['arms'])}. KL-UCB is held on the feature drafter, and each "
+           f"of its calls is handed the state the last returned; the three programs' calls "
+           f"alternate, {data['calls']} timed each.", "",
+           "| program | steps | call (ms, median) | 10th-90th percentile (ms) | vs fixed (ms) |",
+           "|---|---|---|---|---|"]
+  for r in data["rows"]:
+    deciles = statistics.quantiles([t * 1e3 for t in r["times"]], n=10)
+    low, high = deciles[0], deciles[-1]
+    lines.append(f"| {r['program']} | {r['steps']} | {r['call_ms']:.2f} | {low:.2f}-{high:.2f} | "
+                 f"{r['vs_fixed_ms']:+.2f} |")
   return lines
 
 
@@ -710,6 +727,8 @@ SECTIONS = [
             bandit_call, lambda data: not _has_cycle(data)),
     Section("bandit_call", H200, "Moving between arms on a fixed schedule (H200)", bandit_call,
             _has_cycle),
+    Section("carried_state", H100, "Calls that hand the chooser's state on, donated and not "
+            "(H100)", carried_state),
     Section("numerics", H200, "Verify-pass and decode-step logits against f32, SmolLM2 (H200)",
             numerics, _model("smollm2_135m")),
     Section("numerics", H200, "Verify-pass and decode-step logits against f32, Llama-3-8B "
