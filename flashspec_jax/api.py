@@ -186,10 +186,12 @@ class FlashSpec:
         self._costs_pending = False
       try:
         run = compile_and_run(self.method, self.setup, batch, key, self.bandit)
-      except FloatingPointError:
-        # The call was handed the bandit's state (donated, SpeculativeDecoder.generate),
-        # and what it learned from NaN logits is not worth keeping: the next starts afresh.
-        self.bandit = None
+      except BaseException:
+        # A call that ran took the bandit's state (donated, SpeculativeDecoder.generate)
+        # and, raising (NaN logits, out of memory, Ctrl-C), returned none: the next call
+        # starts afresh, and what the bandit had learned is lost.
+        if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.bandit)):
+          self.bandit = None
         raise
     out, seconds = run.output, run.seconds
     if self.method.is_bandit:

@@ -121,8 +121,9 @@ def test_a_contextual_choosers_state_carries_from_call_to_call():
 
 
 def test_a_call_that_finds_nan_logits_leaves_the_engine_usable():
-  """The program takes the bandit's state donated: after a call that raised, the next
-  call starts afresh instead of handing over the deleted arrays."""
+  """The program takes the bandit's state donated: after a call that ran and raised, the
+  next call starts afresh instead of handing over the deleted arrays; a call refused
+  before it ran keeps the state."""
   config = FlashSpecConfig(target="tiny_llama", drafters=("ngram:2", "ar"), sampling=GREEDY,
                            max_new_tokens=6, synthetic_weights=True, device="cpu",
                            bandit=BanditConfig(strategy="kl_ucb", costs=(1.0, 1.0)))
@@ -131,6 +132,10 @@ def test_a_call_that_finds_nan_logits_leaves_the_engine_usable():
   donated = engine.bandit
   engine.generate(PROMPTS)
   assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated))
+  kept = engine.bandit
+  with pytest.raises(ValueError, match="exceeds"):
+    engine.generate([[5] * 5000])
+  assert engine.bandit is kept and not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept))
   params = engine.setup.params
   engine.setup.params = {**params, "target": jax.tree.map(lambda x: x * jnp.nan, params["target"])}
   with pytest.raises(FloatingPointError, match="the target model produced NaN logits"):

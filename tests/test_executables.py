@@ -89,9 +89,9 @@ def probe(cache_dir, mode="run"):
 
 def test_a_stored_program_loads_untraced_in_a_new_process_and_runs_as_compiled(tmp_path):
   """Each process has a fresh JAX: a program compiled in the first is stored; the next
-  two load it without tracing (through compile_and_run, then compile_ahead), and take the bandit's state donated
-as the compiled program does; the last
-  finds the files damaged, says so, removes them and compiles again, twice, and stores
+  two load it without tracing (through compile_and_run, then compile_ahead), and it
+  takes the bandit's state donated as the compiled program does; the last finds the
+  files damaged, says so, removes them and compiles again, twice, and stores
   nothing: JAX now gives it the programs from its own cache, and the second time from
   memory, whose executables would not run once serialized again."""
   store = tmp_path / "flashspec_programs"

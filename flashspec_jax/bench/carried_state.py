@@ -1,17 +1,16 @@
 """Whole calls that hand a chooser's state on from one call to the next, as a stream
 does, with the state donated (the engine's program) and not, against the fixed
-drafter's program, alternating in one process.
+drafter's program, in one process.
 
   python -m flashspec_jax.bench.carried_state --target=smollm2_135m
 
-In the temperature-1 streams before 319f6a31, calls in which KL-UCB held the feature
-drafter at every step took a median 4.7 to 7.5 ms (H100) and 4.8 to 6.9 ms (H200)
-longer than the fixed drafter's calls with the same steps; at 319f6a31, whose program
-takes the chooser's state donated, -2.2 to +2.0 ms (docs/bandits.md). Those figures
+In the GPU streams, calls in which KL-UCB held the feature drafter at every step took
+several ms longer than the fixed drafter's calls with the same steps, until the
+engine's program took the chooser's state donated (docs/bandits.md); those figures
 come from different sessions and machines. Here the six arms of
 experiments/choosers_smollm2.py run on synthetic weights, KL-UCB held on the feature
 drafter by its evidence, so that every program takes the same steps (recorded), and
-the three programs' calls alternate: fixed, donated, not donated.
+the three programs take turns call by call, each round in another order.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ def bench(target: SyntheticTarget, prompts, new_tokens: int, calls: int) -> dict
   fixed = dataclasses.replace(held, arms=arms[:1], strategy=Fixed(0))
   samplers, key = Samplers.same(Temperature(1.0)), jax.random.key(2)
   args = (target.params, *prompts, key, samplers)
-  # The engine's program without the donation.
+  # The engine's program without the donation (pass_width is None: no compiler options).
   undonated = jax.jit(engine._generate_body, static_argnums=0)  # pylint: disable=protected-access
   states = {"donated": held_state(held), "not donated": held_state(held)}
   lowered = {"fixed": fixed.lower(*args, None), "donated": held.lower(*args, states["donated"]),
@@ -78,10 +77,12 @@ def bench(target: SyntheticTarget, prompts, new_tokens: int, calls: int) -> dict
     compiled = dict(zip(lowered, pool.map(lambda program: program.compile(), lowered.values())))
   times = {name: [] for name in compiled}
   steps = {}
+  names = list(compiled)
   for call in range(calls + 2):  # the first two warm up
-    for name, program in compiled.items():
+    # Rotated, so that no program always runs right after the same other.
+    for name in names[call % 3:] + names[:call % 3]:
       start = time.perf_counter()
-      out = jax.block_until_ready(program(*args, states.get(name)))
+      out = jax.block_until_ready(compiled[name](*args, states.get(name)))
       if call >= 2:
         times[name].append(time.perf_counter() - start)
       steps[name] = int(out.steps)
