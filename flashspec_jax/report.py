@@ -327,8 +327,8 @@ def carried_state(data: dict) -> list[str]:
   lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, batch 1, prompt "
            f"{data['context']} tokens, {data['new_tokens']} new tokens, temperature 1, the "
            f"arms {', '.join(data['arms'])}. KL-UCB is held on the feature drafter, and each "
-           f"of its calls is handed the state the last returned; the three programs' calls "
-           f"alternate, {data['calls']} timed each.", "",
+           f"of its calls is handed the state the last returned; the three programs take "
+           f"turns call by call, {data['calls']} timed each.", "",
            "| program | steps | call (ms, median) | 10th-90th percentile (ms) | vs fixed (ms) |",
            "|---|---|---|---|---|"]
   for r in data["rows"]:
