@@ -75,12 +75,12 @@ def bench(target: SyntheticTarget, prompts, new_tokens: int, calls: int) -> dict
   # XLA compiles outside Python's lock: the programs compile side by side.
   with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
     compiled = dict(zip(lowered, pool.map(lambda program: program.compile(), lowered.values())))
-  times = {name: [] for name in compiled}
-  steps = {}
   names = list(compiled)
+  times, steps = {name: [] for name in names}, {}
   for call in range(calls + 2):  # the first two warm up
     # Rotated, so that no program always runs right after the same other.
-    for name in names[call % 3:] + names[:call % 3]:
+    turn = call % len(names)
+    for name in names[turn:] + names[:turn]:
       start = time.perf_counter()
       out = jax.block_until_ready(compiled[name](*args, states.get(name)))
       if call >= 2:
