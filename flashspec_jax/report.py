@@ -578,11 +578,18 @@ def _stream(temperature: float, order: str, request_carry: float = 1.0,
   # Runs from before config.bandit.request_carry (wait_cost, step_context) carried all
   # evidence over (priced no wait for the host, learnt the drafter as one mean).
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
+                       and _whole_stream(data)
                        and data["config"]["prompts"]["order"] == order
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
                        and data["config"].get("deterministic", False) == deterministic
                        and (data["config"]["bandit"].get("wait_cost", 0.0) > 0) == priced_waits
                        and data["config"]["bandit"].get("step_context", False) == step_context)
+
+
+def _whole_stream(data: dict) -> bool:
+  """A stream run with AR among its methods, whose table the goals need; not a run of a
+  few methods, such as the A/B of two source trees in docs/bandits.md."""
+  return "ar" in data["config"]["methods"].split(",")
 
 
 def _with_reward_bandits(data: dict) -> bool:

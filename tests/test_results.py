@@ -120,3 +120,22 @@ def test_report_parses_a_results_file_once_until_it_changes(tmp_path):
   path.write_text(json.dumps({"rows": [2]}))
   os.utime(path, ns=(0, path.stat().st_mtime_ns + 1))  # rewritten within one clock tick
   assert report.load(path) == {"rows": [2]}
+
+
+def test_stream_sections_skip_a_run_of_a_few_methods(tmp_path, monkeypatch):
+  """A newer run of a few methods without AR (an A/B of two trees) would otherwise
+  replace a stream's table, and the goals need AR on every set."""
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  (tmp_path / "choosers_smollm2").mkdir()
+  config = {"sampling": {"temperature": 1.0}, "prompts": {"order": "interleaved"},
+            "bandit": {}}
+  for stem, methods in {"2026-11-29T060000Z_aaaaaaaa": "ar,eagle:smollm2,bandit:kl_ucb",
+                        "2026-11-29T070000Z_bbbbbbbb": "eagle:smollm2,bandit:kl_ucb"}.items():
+    env = dict(ENV, date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00",
+               device="gpu:NVIDIA H100 80GB HBM3")
+    run = {"environment": env, "config": dict(config, methods=methods)}
+    (tmp_path / "choosers_smollm2" / f"{stem}.json").write_text(json.dumps(run))
+  section, = [s for s in report.SECTIONS if s.title == (
+      "Choosers on a held-out stream, sets interleaved, temperature 1 (H100)")]
+  assert report.newest(section.experiment, section.device,
+                       section.select)[0].stem == "2026-11-29T060000Z_aaaaaaaa"
