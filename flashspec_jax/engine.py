@@ -753,8 +753,9 @@ class SpeculativeDecoder:
       prompt_lens: [B] int32.
       rng: PRNG key.
       samplers: pytrees; the target's defines the output distribution.
-      bandit: the bandit's state to start from; None starts fresh. It is donated: the
-        arrays passed are deleted, and the output's `bandit` takes their place.
+      bandit: the bandit's state to start from; None starts fresh. A chooser's is
+        donated: the arrays passed are deleted, and the output's `bandit` takes their
+        place. A Fixed strategy's is not.
     """
     return self._program(self, params, prompt_tokens, prompt_lens, rng, samplers, bandit)
 
@@ -764,7 +765,7 @@ class SpeculativeDecoder:
 
   @property
   def _program(self):
-    return _generate if self.pass_width is None else _generate_fixed_kernels
+    return _PROGRAMS[not isinstance(self.strategy, Fixed), self.pass_width is not None]
 
   def checked(self, out: SpecOutput) -> SpecOutput:
     """`out`, once the host has seen no NaN rows in it.
@@ -786,13 +787,16 @@ def _generate_body(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_le
                     bandit=state.bandit, history=state.history)
 
 
-# The bandit's state is donated: each call writes its state where it was handed, so a
-# chooser's calls find their buffers where the previous call left them, as a fixed
-# drafter's fresh state does. A state that moved between calls made the GPU record the
-# loop's command buffer again on some calls (docs/bandits.md).
-_generate = jax.jit(_generate_body, static_argnums=0, donate_argnames="bandit")
-_generate_fixed_kernels = jax.jit(_generate_body, static_argnums=0, donate_argnames="bandit",
-                                  compiler_options=FIXED_KERNELS)
+# A chooser's state is donated: each call writes its state where it was handed, so a
+# chooser's calls find their buffers where the previous call left them. In the A/B of
+# docs/bandits.md, KL-UCB's calls that held the drafter then took 1.0 to 2.5 ms longer
+# than the drafter's own calls, against 2.8 to 6.5 ms undonated. A Fixed strategy's state is made afresh for each call and dropped after it; donated,
+# it made the fixed drafter's calls 1 to 3% slower on the H100 (docs/bandits.md), so
+# it is not. Keyed by (donated, fixed kernels).
+_PROGRAMS = {(donated, fixed_kernels): jax.jit(
+    _generate_body, static_argnums=0, donate_argnames="bandit" if donated else (),
+    compiler_options=FIXED_KERNELS if fixed_kernels else None)
+             for donated in (False, True) for fixed_kernels in (False, True)}
 
 
 def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Sequence[int]], rng,

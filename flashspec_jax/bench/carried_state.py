@@ -68,7 +68,7 @@ def bench(target: SyntheticTarget, prompts, new_tokens: int, calls: int) -> dict
   samplers, key = Samplers.same(Temperature(1.0)), jax.random.key(2)
   args = (target.params, *prompts, key, samplers)
   # The engine's program without the donation (pass_width is None: no compiler options).
-  undonated = jax.jit(engine._generate_body, static_argnums=0)  # pylint: disable=protected-access
+  undonated = engine._PROGRAMS[False, False]  # pylint: disable=protected-access
   states = {"donated": held_state(held), "not donated": held_state(held)}
   lowered = {"fixed": fixed.lower(*args, None), "donated": held.lower(*args, states["donated"]),
              "not donated": undonated.lower(held, *args, states["not donated"])}
