@@ -788,15 +788,17 @@ def _generate_body(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_le
 
 
 # A chooser's state is donated: each call writes its state where it was handed, so a
-# chooser's calls find their buffers where the previous call left them. In the A/B of
-# docs/bandits.md, KL-UCB's calls that held the drafter then took 1.0 to 2.5 ms longer
-# than the drafter's own calls, against 2.8 to 6.5 ms undonated. A Fixed strategy's state is made afresh for each call and dropped after it; donated,
-# it made the fixed drafter's calls 1 to 3% slower on the H100 (docs/bandits.md), so
-# it is not. Keyed by (donated, fixed kernels).
-_PROGRAMS = {(donated, fixed_kernels): jax.jit(
-    _generate_body, static_argnums=0, donate_argnames="bandit" if donated else (),
-    compiler_options=FIXED_KERNELS if fixed_kernels else None)
-             for donated in (False, True) for fixed_kernels in (False, True)}
+# chooser's calls find their buffers where the previous call left them. In the H100 A/B
+# of docs/bandits.md, KL-UCB's calls that held the drafter then took 0.2 to 2.5 ms longer
+# than the (donated) drafter's calls, against 2.8 to 6.9 ms undonated. A Fixed strategy's
+# state is made afresh for each call and dropped after it; donated, it made the fixed
+# drafter 0.9 to 3% slower in the same A/B, so it is not. Keyed by (donated, fixed
+# kernels).
+_PROGRAMS = {
+    (donated, fixed_kernels): jax.jit(
+        _generate_body, static_argnums=0, donate_argnames="bandit" if donated else (),
+        compiler_options=FIXED_KERNELS if fixed_kernels else None)
+    for donated in (False, True) for fixed_kernels in (False, True)}
 
 
 def run_speculative(params, decoder: SpeculativeDecoder, prompts: Sequence[Sequence[int]], rng,
