@@ -792,7 +792,7 @@ def _generate_body(decoder: SpeculativeDecoder, params, prompt_tokens, prompt_le
 # of docs/bandits.md, KL-UCB's calls that held the drafter then took 0.2 to 2.5 ms longer
 # than the (donated) drafter's calls, against 2.8 to 6.9 ms undonated. A Fixed strategy's
 # state is made afresh for each call and dropped after it; donated, it made the fixed
-# drafter 0.9 to 3% slower in the same A/B, so it is not. Keyed by (donated, fixed
+# drafter 0.9 to 2.3% slower in the same A/B, so it is not. Keyed by (donated, fixed
 # kernels).
 _PROGRAMS = {
     (donated, fixed_kernels): jax.jit(
