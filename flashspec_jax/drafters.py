@@ -473,35 +473,54 @@ class FeatureDrafter:
         self.net_params(params), features, embeds, cache.layers[0], starts, positions)
     return hidden, normed, KVCache(layers=(layer_cache,), lengths=starts + num_valid)
 
-  def catch_up(self, params, state: FeatureDrafterState, tokens,
-               seq_lens) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Reads every committed pair the cache lacks (the last is that of the newest
-    token); returns the logits [B, V] and output [B, D] after the last pair."""
-    def pairs_at(cache, width):  # the pairs from each row's cache length
-      return (gather_window(state.features, cache.lengths, width),
-              gather_window(tokens, cache.lengths + 1, width))
+  def _pairs_at(self, state: FeatureDrafterState, tokens, cache: KVCache, width: int):
+    """The committed pairs (features, tokens) [B, width, ...] from each row's cache length."""
+    return (gather_window(state.features, cache.lengths, width),
+            gather_window(tokens, cache.lengths + 1, width))
 
+  def settle(self, params, state: FeatureDrafterState, tokens,
+             seq_lens) -> FeatureDrafterState:
+    """Reads the missing pairs, `wide_chunk` at a time, until at most `chunk` are left.
+
+    A step leaves gamma + 1 or fewer missing, so an engine that settles the drafter
+    where it starts to run it (after the prompt, after idle steps) may propose with
+    `settled=True` while it keeps running it, when gamma + 1 <= `chunk`: on a GPU the
+    loop's predicate is a wait for the host, once per step when it sits in `propose`.
+    """
     def missing(cache):
       return seq_lens - 1 - cache.lengths
 
     def feed_wide(cache):  # all but the last missing pair, up to wide_chunk of them
       num_valid = jnp.clip(missing(cache) - 1, 0, self.wide_chunk)
-      return self.forward(params, cache, *pairs_at(cache, self.wide_chunk), num_valid)[2]
+      return self.forward(params, cache, *self._pairs_at(state, tokens, cache, self.wide_chunk),
+                          num_valid)[2]
 
-    cache = jax.lax.while_loop(lambda cache: jnp.any(missing(cache) > self.chunk), feed_wide,
-                               state.cache)
-    num_valid = jnp.maximum(missing(cache), 0)
-    hidden, normed, cache = self.forward(params, cache, *pairs_at(cache, self.chunk), num_valid)
+    return state.replace(cache=jax.lax.while_loop(
+        lambda cache: jnp.any(missing(cache) > self.chunk), feed_wide, state.cache))
+
+  def catch_up(self, params, state: FeatureDrafterState, tokens, seq_lens,
+               settled: bool = False) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Reads every committed pair the cache lacks (the last is that of the newest
+    token); returns the logits [B, V] and output [B, D] after the last pair. settled:
+    at most `chunk` are missing (`settle`)."""
+    if not settled:
+      state = self.settle(params, state, tokens, seq_lens)
+    cache = state.cache
+    num_valid = jnp.maximum(seq_lens - 1 - cache.lengths, 0)
+    hidden, normed, cache = self.forward(
+        params, cache, *self._pairs_at(state, tokens, cache, self.chunk), num_valid)
     last = jnp.maximum(num_valid - 1, 0)[:, None, None]
     # Only the last pair's logits are drafted from: the head reads one row, not a chunk.
     return (self.head(params, jnp.take_along_axis(normed, last, axis=1)[:, 0]),
             jnp.take_along_axis(hidden, last, axis=1)[:, 0], cache)
 
   def propose(self, params, state: FeatureDrafterState, seqs: Sequences, gamma: int,
-              sampler: Sampler, rng) -> tuple[FeatureDrafterState, jax.Array, jax.Array]:
+              sampler: Sampler, rng, settled: bool = False
+              ) -> tuple[FeatureDrafterState, jax.Array, jax.Array]:
     """Drafts gamma tokens per row; returns the state, draft_tokens [B, gamma] and
-    draft_logq [B, gamma, V]."""
-    logits, hidden, cache = self.catch_up(params, state, seqs.tokens, seqs.seq_lens)
+    draft_logq [B, gamma, V]. settled: as `catch_up`'s."""
+    logits, hidden, cache = self.catch_up(params, state, seqs.tokens, seqs.seq_lens,
+                                          settled)
     keys = jax.random.split(rng, gamma)
     first = sampler.get_next_tokens(logits, keys[0])
     ones = jnp.ones_like(seqs.seq_lens)

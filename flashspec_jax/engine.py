@@ -28,6 +28,7 @@ returned never overshoots max_new_tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -404,12 +405,13 @@ class SpeculativeDecoder:
     return step_bodies(self.arms)
 
   def arm_step(self, params, state: SpecState, arm_index: int | jax.Array,
-               samplers: Samplers, body: tuple[int, ...] | None = None
-               ) -> tuple[SpecState, dict[str, jax.Array]]:
+               samplers: Samplers, body: tuple[int, ...] | None = None,
+               settled: bool = False) -> tuple[SpecState, dict[str, jax.Array]]:
     """One step of arms[arm_index]: draft, verify with one target pass, append, roll back.
 
     body: the arms that share this step's program (one of `bodies`), arm_index
-    among them, traced or not; None is arm_index alone. A
+    among them, traced or not; None is arm_index alone. settled: the body's drafter
+    was settled (`settle`) and has run every step since. A
     shared body drafts and verifies the widest gamma among its arms and keeps
     the chosen arm's: its accept test over that arm's drafts, and when all of
     them pass, a bonus token sampled from p at the position after them. The
@@ -445,7 +447,7 @@ class SpeculativeDecoder:
     else:
       drafter_states[body[0]], draft_tokens, draft_logq = arm.drafter.propose(
           params, state.drafter_states[body[0]], seqs, width, samplers.draft, draft_key,
-          **self._kept_drafts(state, body[0]))
+          **self._kept_drafts(state, body[0]), **({"settled": True} if settled else {}))
       scored = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, W+1]
       logits, target_cache = self.target_forward(params, scored, state.target_cache,
                                                  drafter_states)
@@ -642,8 +644,24 @@ class SpeculativeDecoder:
     accepted, tested = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
     return accepted.sum(0), tested.sum(0)
 
+  def _settles(self, body: tuple[int, ...]) -> bool:
+    """Whether the body's drafter catches up in wide chunks (`settle`) and its steps
+    leave few enough tokens missing for a settled proposal."""
+    drafter = self.arms[body[0]].drafter
+    return (hasattr(drafter, "settle")
+            and max(self.arms[i].gamma for i in body) + 1 <= drafter.chunk)
+
+  def settle(self, params, state: SpecState, body: tuple[int, ...]) -> SpecState:
+    """The body's drafter fed the tokens it missed (the prompt, idle steps) but a
+    step's worth (`FeatureDrafter.settle`)."""
+    drafter_states = list(state.drafter_states)
+    drafter_states[body[0]] = self.arms[body[0]].drafter.settle(
+        params, drafter_states[body[0]], state.seqs.tokens, state.seqs.seq_lens)
+    return state.replace(drafter_states=tuple(drafter_states))
+
   def dispatch(self, params, state: SpecState, arm: jax.Array,
-               samplers: Samplers) -> tuple[SpecState, dict[str, jax.Array]]:
+               samplers: Samplers, settled: bool = False
+               ) -> tuple[SpecState, dict[str, jax.Array]]:
     """Runs the step of arms[arm] alone.
 
     Not `lax.switch`: XLA copies every buffer a conditional's branches return,
@@ -656,7 +674,7 @@ class SpeculativeDecoder:
     """
     bodies = self.bodies
     if len(bodies) == 1:
-      return self.arm_step(params, state, arm, samplers, bodies[0])
+      return self.arm_step(params, state, arm, samplers, bodies[0], settled)
     batch = state.seqs.tokens.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = dict(emitted=zeros, accepted=zeros, live=jnp.zeros((batch,), bool))
@@ -704,10 +722,12 @@ class SpeculativeDecoder:
     return dataclasses.replace(state, bandit=self.chooser.learn(state.bandit, arm, feedback),
                                history=history, step=state.step + 1)
 
-  def step(self, params, state: SpecState, samplers: Samplers) -> SpecState:
-    """The bandit picks an arm, that arm steps, and the bandit learns the step's reward."""
+  def step(self, params, state: SpecState, samplers: Samplers,
+           settled: bool = False) -> SpecState:
+    """The bandit picks an arm, that arm steps, and the bandit learns the step's reward.
+    settled: as `arm_step`'s, with one step body."""
     state, arm = self.select(state)
-    state, stats = self.dispatch(params, state, arm, samplers)
+    state, stats = self.dispatch(params, state, arm, samplers, settled)
     return self.learn(state, arm, stats)
 
   def run_steps(self, params, state: SpecState, samplers: Samplers) -> SpecState:
@@ -720,24 +740,41 @@ class SpeculativeDecoder:
     `step` costs one per body (docs/bandits.md); only a change of body costs
     more. The chooser picks each step's arm after the step before it, from the
     same key, so the steps are `step`'s, in the same order.
+
+    A drafter that catches up in a loop of its own (`_settles`) is settled where its
+    body starts to run, and its steps in the loop that follows skip that loop: one
+    wait for the host at each start instead of one at every step.
     """
     bodies = self.bodies
     if len(bodies) == 1:
-      return loop_until_done(state, lambda state: self.step(params, state, samplers),
+      settled = self._settles(bodies[0])
+      if settled:
+        state = self.settle(params, state, bodies[0])
+      return loop_until_done(state, lambda state: self.step(params, state, samplers, settled),
                              self.max_new_tokens)
 
     def running(carry):
       return still_running(carry[0], self.max_new_tokens)
 
+    def body_loop(carry, body):
+      def in_body(carry):
+        return running(carry) & jnp.isin(carry[1], jnp.asarray(body))
+
+      def body_steps(carry, settled=False):
+        state, arm = carry
+        state, stats = self.arm_step(params, state, arm, samplers, body, settled)
+        return self.select(self.learn(state, arm, stats))
+
+      def settled_steps(carry):  # runs once each time the body starts
+        state, arm = carry
+        return jax.lax.while_loop(in_body, functools.partial(body_steps, settled=True),
+                                  (self.settle(params, state, body), arm))
+      return jax.lax.while_loop(in_body, settled_steps if self._settles(body) else body_steps,
+                                carry)
+
     def each_body(carry):
       for body in bodies:
-        def body_steps(carry, body=body):
-          state, arm = carry
-          state, stats = self.arm_step(params, state, arm, samplers, body)
-          return self.select(self.learn(state, arm, stats))
-        carry = jax.lax.while_loop(
-            lambda carry, body=body: running(carry) & jnp.isin(carry[1], jnp.asarray(body)),
-            body_steps, carry)
+        carry = body_loop(carry, body)
       return carry
 
     state, _ = jax.lax.while_loop(running, each_body, self.select(state))
