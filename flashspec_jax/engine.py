@@ -742,8 +742,9 @@ class SpeculativeDecoder:
     same key, so the steps are `step`'s, in the same order.
 
     A drafter that catches up in a loop of its own (`_settles`) is settled where its
-    body starts to run, and its steps in the loop that follows skip that loop: one
-    wait for the host at each start instead of one at every step.
+    body starts to run, and its steps in the loop that follows skip that loop: on a
+    GPU, three waits for the host at each start of a run of its steps (the settling
+    loop, and the loop around the run entered and left) instead of one at every step.
     """
     bodies = self.bodies
     if len(bodies) == 1:
