@@ -644,7 +644,7 @@ class SpeculativeDecoder:
     accepted, tested = jax.vmap(score)(jnp.arange(1, PROMPT_POSITIONS + 1))
     return accepted.sum(0), tested.sum(0)
 
-  def _settles(self, body: tuple[int, ...]) -> bool:
+  def settles(self, body: tuple[int, ...]) -> bool:
     """Whether the body's drafter catches up in wide chunks (`settle`) and its steps
     leave few enough tokens missing for a settled proposal."""
     drafter = self.arms[body[0]].drafter
@@ -741,14 +741,14 @@ class SpeculativeDecoder:
     more. The chooser picks each step's arm after the step before it, from the
     same key, so the steps are `step`'s, in the same order.
 
-    A drafter that catches up in a loop of its own (`_settles`) is settled where its
+    A drafter that catches up in a loop of its own (`settles`) is settled where its
     body starts to run, and its steps in the loop that follows skip that loop: on a
     GPU, three waits for the host at each start of a run of its steps (the settling
     loop, and the loop around the run entered and left) instead of one at every step.
     """
     bodies = self.bodies
     if len(bodies) == 1:
-      settled = self._settles(bodies[0])
+      settled = self.settles(bodies[0])
       if settled:
         state = self.settle(params, state, bodies[0])
       return loop_until_done(state, lambda state: self.step(params, state, samplers, settled),
@@ -770,7 +770,7 @@ class SpeculativeDecoder:
         state, arm = carry
         return jax.lax.while_loop(in_body, functools.partial(body_steps, settled=True),
                                   (self.settle(params, state, body), arm))
-      return jax.lax.while_loop(in_body, settled_steps if self._settles(body) else body_steps,
+      return jax.lax.while_loop(in_body, settled_steps if self.settles(body) else body_steps,
                                 carry)
 
     def each_body(carry):
