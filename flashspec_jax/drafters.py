@@ -68,6 +68,10 @@ class Drafter(Protocol):
   # from that lookup without looking again. The contextual choosers learn its
   # acceptance in each context apart (bandit/acceptance.py).
   num_contexts: int
+  # A drafter that catches up on the tokens it missed in loops of its own may have a
+  # `settle(params, state, tokens, seq_lens) -> state` that runs them, and a propose
+  # that takes `settled=True` to skip them (engine.SpeculativeDecoder.settles says
+  # when the engine may ask).
 
 
 def step_bodies(arms: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
@@ -101,7 +105,9 @@ def host_waits(from_body, to_body, num_bodies: int):
   loop (engine.SpeculativeDecoder.run_steps) runs one loop per body, in order, inside
   an outer loop, and each loop entered or passed reads its predicate: moving forward
   passes the bodies between the two; moving back goes round past the later bodies and
-  the outer loop's predicate, one more slot of the cycle."""
+  the outer loop's predicate, one more slot of the cycle. Not counted: a body whose
+  drafter the engine settles (`engine.SpeculativeDecoder.settles`) adds three at each
+  start and saves its drafter's own loops at every step."""
   return (to_body - from_body) % (num_bodies + 1)
 
 
@@ -173,14 +179,15 @@ class ModelDrafter:
     return KVCache.init(self.model.config, prompt_tokens.shape[0], capacity,
                         dtype=self.model.param_dtype, num_layers=self.model.num_layers)
 
-  def catch_up(self, params, cache: KVCache, tokens, seq_lens) -> tuple[jax.Array, KVCache]:
-    """Feeds every committed token the cache lacks; returns logits after the last one [B, V].
+  def settle(self, params, cache: KVCache, tokens, seq_lens) -> KVCache:
+    """Feeds the committed tokens the cache lacks but the last one or two: `wide_chunk`
+    at a time while more than `chunk` remain (the prompt, long idle spans), then
+    `chunk` at a time.
 
-    The usual lag is one token (the last committed) or two (the target also
-    accepted the last draft, which the drafter never fed itself): one forward
-    of two tokens. Longer lags are first fed `wide_chunk` tokens at a time while
-    more than `chunk` remain (the prompt, long idle spans), then `chunk` at a time.
-    """
+    A step it runs leaves only the last one or two, so an engine that settles it
+    where it starts to run it may propose with `settled=True` while it keeps
+    running it: on a GPU each loop's predicate is a wait for the host, two a step
+    when they sit in `propose`."""
     def to_feed(cache):  # the tokens to feed before the last one or two
       return seq_lens - 2 - cache.lengths
 
@@ -195,8 +202,18 @@ class ModelDrafter:
 
     cache = jax.lax.while_loop(lambda cache: jnp.any(to_feed(cache) > self.chunk),
                                feeder(self.wide_chunk), cache)
-    cache = jax.lax.while_loop(lambda cache: jnp.any(to_feed(cache) > 0), feeder(self.chunk),
-                               cache)
+    return jax.lax.while_loop(lambda cache: jnp.any(to_feed(cache) > 0), feeder(self.chunk),
+                              cache)
+
+  def catch_up(self, params, cache: KVCache, tokens, seq_lens,
+               settled: bool = False) -> tuple[jax.Array, KVCache]:
+    """Feeds every committed token the cache lacks; returns logits after the last one [B, V].
+
+    The usual lag is one token (the last committed) or two (the target also
+    accepted the last draft, which the drafter never fed itself): one forward
+    of two tokens, after `settle` unless settled (no longer lag)."""
+    if not settled:
+      cache = self.settle(params, cache, tokens, seq_lens)
     num_valid = seq_lens - cache.lengths  # 1 or 2
     window = gather_window(tokens, cache.lengths, 2)
     logits, cache = self.model.apply(self.params(params), window, cache, num_valid=num_valid,
@@ -204,15 +221,15 @@ class ModelDrafter:
     return logits, cache
 
   def propose(self, params, cache: KVCache, seqs: Sequences, gamma: int, sampler: Sampler,
-              rng) -> tuple[KVCache, jax.Array, jax.Array]:
-    """Drafts gamma tokens per row.
+              rng, settled: bool = False) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Drafts gamma tokens per row; settled: as `catch_up`'s.
 
     Returns:
       cache: holding the committed tokens and all drafts but the last.
       draft_tokens: [B, gamma] int32.
       draft_logq: [B, gamma, V] f32, the log q each draft was sampled from.
     """
-    logits, cache = self.catch_up(params, cache, seqs.tokens, seqs.seq_lens)
+    logits, cache = self.catch_up(params, cache, seqs.tokens, seqs.seq_lens, settled)
     keys = jax.random.split(rng, gamma)
     first = sampler.get_next_tokens(logits, keys[0])
 

@@ -645,15 +645,18 @@ class SpeculativeDecoder:
     return accepted.sum(0), tested.sum(0)
 
   def settles(self, body: tuple[int, ...]) -> bool:
-    """Whether the body's drafter catches up in wide chunks (`settle`) and its steps
-    leave few enough tokens missing for a settled proposal."""
+    """Whether the body's drafter catches up in loops of its own (`settle`) and its
+    steps leave few enough tokens missing for a settled proposal: a feature drafter's
+    gamma + 1 at most its `chunk`; a model drafter's one or two, always."""
     drafter = self.arms[body[0]].drafter
-    return (hasattr(drafter, "settle")
-            and max(self.arms[i].gamma for i in body) + 1 <= drafter.chunk)
+    if not hasattr(drafter, "settle"):
+      return False
+    return (not drafter.reads_features
+            or max(self.arms[i].gamma for i in body) + 1 <= drafter.chunk)
 
   def settle(self, params, state: SpecState, body: tuple[int, ...]) -> SpecState:
     """The body's drafter fed the tokens it missed (the prompt, idle steps) but a
-    step's worth (`FeatureDrafter.settle`)."""
+    step's worth (`ModelDrafter.settle`, `FeatureDrafter.settle`)."""
     drafter_states = list(state.drafter_states)
     drafter_states[body[0]] = self.arms[body[0]].drafter.settle(
         params, drafter_states[body[0]], state.seqs.tokens, state.seqs.seq_lens)

@@ -6,9 +6,13 @@ Test modules never import each other: a module-level skip in one, such as
 
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import transformers
 from safetensors.numpy import save_file
+
+from flashspec_jax.sequences import prepare_prompts
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -77,3 +81,27 @@ def latest_longest_match(tokens, length, max_n):
         if tokens[start:start + n] == suffix:
           return start + n, n
   return -1, 0
+
+
+def _while_loops(jaxpr) -> int:
+  """While loops in a jaxpr, nested ones included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "while"
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          count += _while_loops(getattr(sub, "jaxpr", sub))
+  return count
+
+
+def loops_per_step(decoder, params, prompts, vocab_size, samplers) -> int:
+  """While loops inside the step loop of decoder.run_steps after prefilling prompts
+  (on a GPU each loop's predicate is a wait for the host), for a one-body decoder
+  whose step loop is the last loop at the top of the program."""
+  tokens, lengths = prepare_prompts(prompts, vocab_size)
+  state = decoder.init(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
+                       samplers.target)
+  program = jax.make_jaxpr(decoder.run_steps)(params, state, samplers).jaxpr
+  step_loop = [eqn for eqn in program.eqns if eqn.primitive.name == "while"][-1]
+  return _while_loops(step_loop.params["body_jaxpr"].jaxpr)

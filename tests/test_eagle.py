@@ -12,6 +12,7 @@ import pytest
 import safetensors.numpy
 from conftest import spread_params, tiny_config
 from flax import traverse_util
+from helpers import loops_per_step
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import distill, engine, prompts
@@ -24,7 +25,6 @@ from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models import eagle
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.prompts import load_prompts, split_size
-from flashspec_jax.sequences import prepare_prompts
 from flashspec_jax.sampling import Greedy, Samplers
 
 CONFIG = tiny_config(num_layers=4, name="tiny_eagle_target")
@@ -68,31 +68,14 @@ def test_greedy_speculation_equals_greedy_ar_on_a_ragged_batch(params, gamma):
   np.testing.assert_array_equal(out.tokens, greedy_ar(params).tokens)
 
 
-def _while_loops(jaxpr) -> int:
-  """While loops in a jaxpr, nested ones included."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == "while"
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
-          count += _while_loops(getattr(sub, "jaxpr", sub))
-  return count
-
-
-@pytest.mark.parametrize("gamma, loops_per_step", [(3, 0), (4, 1)])
-def test_a_running_feature_drafter_steps_without_a_loop_of_its_own(params, gamma,
-                                                                   loops_per_step):
+@pytest.mark.parametrize("gamma, loops", [(3, 0), (4, 1)])
+def test_a_running_feature_drafter_steps_without_a_loop_of_its_own(params, gamma, loops):
   """Settled once before the step loop, the feature drafter's steps hold no loop of
   their own (on a GPU each is a wait for the host) when a step leaves at most `chunk`
   pairs missing (gamma + 1 <= 4); past that the loop stays in each step."""
-  tokens, lengths = prepare_prompts(PROMPTS, CONFIG.vocab_size)
   decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTER, gamma),), 16)
-  state = decoder.init(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
-                       Greedy())
-  program = jax.make_jaxpr(decoder.run_steps)(params, state, Samplers.same(Greedy())).jaxpr
-  step_loop = [eqn for eqn in program.eqns if eqn.primitive.name == "while"][-1]
-  assert _while_loops(step_loop.params["body_jaxpr"].jaxpr) == loops_per_step
+  assert loops_per_step(decoder, params, PROMPTS, CONFIG.vocab_size,
+                        Samplers.same(Greedy())) == loops
 
 
 def test_an_idle_feature_drafter_catches_up_in_a_bandit(params):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import run_as_one_program, spread_params, tiny_config
-from helpers import latest_longest_match
+from helpers import latest_longest_match, loops_per_step
 
 from flashspec_jax import engine
 from flashspec_jax.bandit import UCB1, EpsilonGreedy, Fixed, Thompson
@@ -250,6 +250,16 @@ def test_switching_arms_keeps_greedy_output(params, strategy):
   rewards = np.asarray(out.history.reward[:int(out.steps)])
   assert ((rewards >= 0) & (rewards <= 1)).all()
   np.testing.assert_allclose(out.bandit.counts.sum(), int(out.steps))
+
+
+@pytest.mark.parametrize("name", ["small", "layer_skip"])
+def test_a_running_model_drafter_steps_without_loops_of_its_own(params, name):
+  """Settled once before the step loop, a model drafter's steps hold neither of its
+  catch-up loops (on a GPU each is a wait for the host): a step it ran leaves it only
+  the last one or two tokens to feed."""
+  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTERS[name], 3),), 16)
+  assert loops_per_step(decoder, params, PROMPTS, CONFIG.vocab_size,
+                        Samplers.same(Greedy())) == 0
 
 
 def prefilled_bandit(params, arms, strategy):
