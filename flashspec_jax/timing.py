@@ -98,7 +98,8 @@ def held_step_seconds(decoder: SpeculativeDecoder, params, prompts: tuple[jax.Ar
 
   The decoder is made to run that long: a greedy strategy, a budget and cache
   for `steps[1]` steps of its longest arm, no EOS. Returns the timing and the
-  state after the prompts' prefill, which the loops start from.
+  state after the prompts' prefill, which the loops start from (with one step body,
+  its drafter settled as `run_steps` settles it, and the steps settled too).
   """
   tokens, lengths = prompts
   capacity = tokens.shape[1] + steps[1] * (decoder.max_gamma + 1) + decoder.max_gamma + 2
@@ -107,5 +108,10 @@ def held_step_seconds(decoder: SpeculativeDecoder, params, prompts: tuple[jax.Ar
   state = jax.jit(decoder.init)(params, tokens, lengths, jax.random.key(0), sampler,
                                 held_on_first_arm(len(decoder.arms)))
   samplers = Samplers.same(sampler)
-  return per_step(lambda p, s: decoder.step(p, s, samplers), params, state, steps,
+  # Stepped as run_steps steps it: a drafter of the one step body settled first.
+  (body, *others) = decoder.bodies
+  settled = not others and decoder.settles(body)
+  if settled:
+    state = jax.jit(lambda params, state: decoder.settle(params, state, body))(params, state)
+  return per_step(lambda p, s: decoder.step(p, s, samplers, settled), params, state, steps,
                   repeats), state
