@@ -69,9 +69,10 @@ class Drafter(Protocol):
   # acceptance in each context apart (bandit/acceptance.py).
   num_contexts: int
   # A drafter that catches up on the tokens it missed in loops of its own may have a
-  # `settle(params, state, tokens, seq_lens) -> state` that runs them, and a propose
-  # that takes `settled=True` to skip them (engine.SpeculativeDecoder.settles says
-  # when the engine may ask).
+  # `settle(params, state, tokens, seq_lens) -> state` that runs them, a
+  # `settles(gamma) -> bool` that says whether its steps at gamma leave it nothing for
+  # them, and a propose that then takes `settled=True` to skip them
+  # (engine.SpeculativeDecoder.run_steps).
 
 
 def step_bodies(arms: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
@@ -204,6 +205,11 @@ class ModelDrafter:
                                feeder(self.wide_chunk), cache)
     return jax.lax.while_loop(lambda cache: jnp.any(to_feed(cache) > 0), feeder(self.chunk),
                               cache)
+
+  def settles(self, gamma: int) -> bool:
+    """Always: a step leaves only the last one or two tokens, whatever its gamma."""
+    del gamma
+    return True
 
   def catch_up(self, params, cache: KVCache, tokens, seq_lens,
                settled: bool = False) -> tuple[jax.Array, KVCache]:
@@ -501,7 +507,7 @@ class FeatureDrafter:
 
     A step leaves gamma + 1 or fewer missing, so an engine that settles the drafter
     where it starts to run it (after the prompt, after idle steps) may propose with
-    `settled=True` while it keeps running it, when gamma + 1 <= `chunk`: on a GPU the
+    `settled=True` while it keeps running it, when `settles(gamma)`: on a GPU the
     loop's predicate is a wait for the host, once per step when it sits in `propose`.
     """
     def missing(cache):
@@ -514,6 +520,10 @@ class FeatureDrafter:
 
     return state.replace(cache=jax.lax.while_loop(
         lambda cache: jnp.any(missing(cache) > self.chunk), feed_wide, state.cache))
+
+  def settles(self, gamma: int) -> bool:
+    """Whether a step at gamma leaves at most `chunk` pairs missing (gamma + 1)."""
+    return gamma + 1 <= self.chunk
 
   def catch_up(self, params, state: FeatureDrafterState, tokens, seq_lens,
                settled: bool = False) -> tuple[jax.Array, jax.Array, KVCache]:

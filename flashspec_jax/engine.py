@@ -645,14 +645,11 @@ class SpeculativeDecoder:
     return accepted.sum(0), tested.sum(0)
 
   def settles(self, body: tuple[int, ...]) -> bool:
-    """Whether the body's drafter catches up in loops of its own (`settle`) and its
-    steps leave few enough tokens missing for a settled proposal: a feature drafter's
-    gamma + 1 at most its `chunk`; a model drafter's one or two, always."""
+    """Whether the body's drafter catches up in loops of its own (`settle`) that its
+    steps at the body's gamma leave nothing for (its `settles`)."""
     drafter = self.arms[body[0]].drafter
-    if not hasattr(drafter, "settle"):
-      return False
-    return (not drafter.reads_features
-            or max(self.arms[i].gamma for i in body) + 1 <= drafter.chunk)
+    return (hasattr(drafter, "settle")
+            and drafter.settles(max(self.arms[i].gamma for i in body)))
 
   def settle(self, params, state: SpecState, body: tuple[int, ...]) -> SpecState:
     """The body's drafter fed the tokens it missed (the prompt, idle steps) but a
