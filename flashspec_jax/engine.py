@@ -651,6 +651,13 @@ class SpeculativeDecoder:
     return (hasattr(drafter, "settle")
             and drafter.settles(max(self.arms[i].gamma for i in body)))
 
+  @property
+  def lone_settling_body(self) -> tuple[int, ...] | None:
+    """The step body, where there is one and its drafter `settles`: `run_steps`
+    settles it before its loop, and every step after runs settled."""
+    (body, *others) = self.bodies
+    return None if others or not self.settles(body) else body
+
   def settle(self, params, state: SpecState, body: tuple[int, ...]) -> SpecState:
     """The body's drafter fed the tokens it missed (the prompt, idle steps) but a
     step's worth (`ModelDrafter.settle`, `FeatureDrafter.settle`)."""
@@ -748,10 +755,11 @@ class SpeculativeDecoder:
     """
     bodies = self.bodies
     if len(bodies) == 1:
-      settled = self.settles(bodies[0])
-      if settled:
-        state = self.settle(params, state, bodies[0])
-      return loop_until_done(state, lambda state: self.step(params, state, samplers, settled),
+      body = self.lone_settling_body
+      if body is not None:
+        state = self.settle(params, state, body)
+      return loop_until_done(state,
+                             lambda state: self.step(params, state, samplers, body is not None),
                              self.max_new_tokens)
 
     def running(carry):

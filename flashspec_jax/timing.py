@@ -108,10 +108,8 @@ def held_step_seconds(decoder: SpeculativeDecoder, params, prompts: tuple[jax.Ar
   state = jax.jit(decoder.init)(params, tokens, lengths, jax.random.key(0), sampler,
                                 held_on_first_arm(len(decoder.arms)))
   samplers = Samplers.same(sampler)
-  # Stepped as run_steps steps it: a drafter of the one step body settled first.
-  (body, *others) = decoder.bodies
-  settled = not others and decoder.settles(body)
-  if settled:
+  body = decoder.lone_settling_body  # stepped as run_steps steps it
+  if body is not None:
     state = jax.jit(lambda params, state: decoder.settle(params, state, body))(params, state)
-  return per_step(lambda p, s: decoder.step(p, s, samplers, settled), params, state, steps,
-                  repeats), state
+  return per_step(lambda p, s: decoder.step(p, s, samplers, body is not None), params, state,
+                  steps, repeats), state

@@ -50,7 +50,7 @@ def step_opcodes(decoder: SpeculativeDecoder, params, state, samplers: Samplers,
   step of the chooser program's loop that keeps arms[held] (run_steps' body_steps);
   settled where run_steps settles the drafter."""
   if held is None:
-    settled = decoder.settles(decoder.bodies[0])
+    settled = decoder.lone_settling_body is not None
     step = lambda params, state: decoder.step(params, state, samplers, settled)
   else:
     body = next(body for body in decoder.bodies if held in body)
