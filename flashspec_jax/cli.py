@@ -3,7 +3,8 @@
   error: <message>    exit 1; with --verbose, the traceback instead
   interrupted         exit 130 (128 + SIGINT), leaving no results file half written
 
-run.py calls install() once its imports are done.
+run.py calls install() once its imports are done; the benchmarks (flashspec_jax/bench/)
+start through run(main), which does the same.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import signal
 import sys
 import threading
 import types
+from collections.abc import Callable
 
-from absl import flags
+from absl import app, flags
 
 from flashspec_jax import results
 
@@ -27,6 +29,12 @@ EXPECTED = (flags.Error, ValueError, FloatingPointError, OSError)
 def install() -> None:
   sys.excepthook = print_error
   exit_on_interrupt()
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """absl's app.run(main) with install()'s errors and Ctrl-C."""
+  install()
+  app.run(main)
 
 
 def print_error(kind: type[BaseException], error: BaseException,

@@ -74,6 +74,17 @@ def test_errors_are_one_line_and_verbose_adds_the_traceback():
   assert "config.sampling.top_p = 1.5 is invalid" in verbose.stderr.splitlines()[-1]
 
 
+def test_a_benchmark_reports_bad_input_as_run_py_does():
+  bench = [sys.executable, "-m", "flashspec_jax.bench.idle_arms", "--target=no_such_shape"]
+  result = subprocess.run(bench, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  [line] = message_lines(result.stderr)
+  assert line.startswith("error: unknown model config 'no_such_shape'; known: [")
+  verbose = subprocess.run([*bench, "--verbose"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+  assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
 @pytest.mark.parametrize("wait_for, delay", [
     (None, 1.0),  # during the imports
     ("target:", 0.0),  # while the program compiles

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import results, sharding, timing
+from flashspec_jax import cli, results, sharding, timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.generate import Decoder
 from flashspec_jax.sampling import Greedy
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

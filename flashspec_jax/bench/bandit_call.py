@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from flashspec_jax import results
+from flashspec_jax import cli, results
 from flashspec_jax.bandit import UCB1, Cycle, EpsilonGreedy, Fixed, Thompson, initial_state
 from flashspec_jax import timing
 from flashspec_jax.bench.hlo import buffer_copies, cache_shapes
@@ -214,4 +214,4 @@ def main(argv):
           f"{alone:>8} {p['ms_per_call']:>8.2f} {p['cache_copies_in_loop']:>21}")
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,9 +22,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import engine, results
+from flashspec_jax import cli, engine, results
 from flashspec_jax.bandit import AcceptanceKLUCB, Fixed
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.drafters import NgramDrafter
@@ -111,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

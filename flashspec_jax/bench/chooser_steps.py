@@ -29,7 +29,7 @@ import pathlib
 
 from absl import app, flags
 
-from flashspec_jax import results, streams
+from flashspec_jax import cli, results, streams
 
 _RUNS = flags.DEFINE_list("runs", ["results/choosers_smollm2/*.json"],
                           "Runs to read: globs, comma-separated.")
@@ -80,4 +80,4 @@ def _excess(excess: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -29,7 +29,7 @@ from absl import app, flags
 from jax import monitoring
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, pipeline, results, runner
+from flashspec_jax import cli, environment, pipeline, results, runner
 from flashspec_jax.loading import load_model
 
 _TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
@@ -154,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -21,9 +21,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import environment, pipeline, results
+from flashspec_jax import cli, environment, pipeline, results
 from flashspec_jax.bench.ngram_contexts import answer_flags, drafts_confirmed
 from flashspec_jax.config import base_config
 from flashspec_jax.drafters import NgramDrafter
@@ -107,4 +107,4 @@ def main(argv, options):
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(main, options=define_flags()))
+  cli.run(functools.partial(main, options=define_flags()))

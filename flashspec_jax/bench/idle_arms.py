@@ -13,9 +13,9 @@ and pays no such loops while the bandit stays on one body.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import results
+from flashspec_jax import cli, results
 from flashspec_jax import timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.engine import SpeculativeDecoder
@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,9 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import environment, results
+from flashspec_jax import cli, environment, results
 from flashspec_jax.drafters import NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import load_model
@@ -129,4 +129,4 @@ def main(argv, options):
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(main, options=define_flags()))
+  cli.run(functools.partial(main, options=define_flags()))

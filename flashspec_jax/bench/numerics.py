@@ -22,9 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import results
+from flashspec_jax import cli, results
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import load_model
 from flashspec_jax.models.llama import KVCache, Llama
@@ -120,4 +120,4 @@ def main(argv, options):
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(main, options=define_flags()))
+  cli.run(functools.partial(main, options=define_flags()))

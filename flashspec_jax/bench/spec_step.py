@@ -25,9 +25,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import results, sharding, timing
+from flashspec_jax import cli, results, sharding, timing
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.engine import Arm, SpeculativeDecoder
@@ -154,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from flashspec_jax import results
+from flashspec_jax import cli, results
 from flashspec_jax.bandit import make_strategy
 from flashspec_jax.bench.hlo import entry_opcodes, loop_bodies
 from flashspec_jax.bench.synthetic import SyntheticTarget
@@ -148,4 +148,4 @@ def main(argv, options: dict[str, flags.FlagHolder]):
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(main, options=define_flags()))
+  cli.run(functools.partial(main, options=define_flags()))

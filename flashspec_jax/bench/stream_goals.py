@@ -19,7 +19,7 @@ import pathlib
 
 from absl import app, flags
 
-from flashspec_jax import results, streams
+from flashspec_jax import cli, results, streams
 
 
 def describe(path: str, run: dict) -> dict:
@@ -102,4 +102,4 @@ def run_options(config: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(main, options=define_flags()))
+  cli.run(functools.partial(main, options=define_flags()))

@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import environment, results
+from flashspec_jax import cli, environment, results
 from flashspec_jax.bench import traces
 from flashspec_jax.pipeline import compile_and_run
 from flashspec_jax.runner import prepare_generation
@@ -104,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

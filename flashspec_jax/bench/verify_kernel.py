@@ -22,9 +22,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from flashspec_jax import results
+from flashspec_jax import cli, results
 from flashspec_jax import timing
 from flashspec_jax.kernels.verify import VerifyTiling, verify_pallas, verify_reference
 
@@ -127,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
