@@ -1,4 +1,4 @@
-"""run.py at the terminal: an error is one or two lines, and so is Ctrl-C.
+"""run.py and the benchmarks at the terminal: an error is one or two lines, and so is Ctrl-C.
 
   error: <message>    exit 1; with --verbose, the traceback instead
   interrupted         exit 130 (128 + SIGINT), leaving no results file half written
