@@ -737,6 +737,13 @@ class SpeculativeDecoder:
     state, stats = self.dispatch(params, state, arm, samplers, settled)
     return self.learn(state, arm, stats)
 
+  def body_turn(self, params, state: SpecState, arm: jax.Array, samplers: Samplers,
+                body: tuple[int, ...], settled: bool = False) -> tuple[SpecState, jax.Array]:
+    """One turn of `run_steps`' loop over a step body: arms[arm] steps (`arm_step`), the
+    chooser learns from it and picks the next arm."""
+    state, stats = self.arm_step(params, state, arm, samplers, body, settled)
+    return self.select(self.learn(state, arm, stats))
+
   def run_steps(self, params, state: SpecState, samplers: Samplers) -> SpecState:
     """`step` until every row is done or the steps reach max_new_tokens.
 
@@ -770,9 +777,7 @@ class SpeculativeDecoder:
         return running(carry) & jnp.isin(carry[1], jnp.asarray(body))
 
       def body_steps(carry, settled=False):
-        state, arm = carry
-        state, stats = self.arm_step(params, state, arm, samplers, body, settled)
-        return self.select(self.learn(state, arm, stats))
+        return self.body_turn(params, *carry, samplers, body, settled)
 
       def settled_steps(carry):  # runs once each time the body starts
         state, arm = carry

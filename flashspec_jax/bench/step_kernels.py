@@ -47,8 +47,8 @@ CHOOSERS = ("ucb1", "thompson", "acceptance_thompson", "kl_ucb", "hedge", "conte
 def step_opcodes(decoder: SpeculativeDecoder, params, state, samplers: Samplers,
                  held: int | None) -> collections.Counter:
   """The opcodes of one compiled step: the fixed decoder's `step`, or with `held`, the
-  step of the chooser program's loop that keeps arms[held] (run_steps' body_steps);
-  settled where run_steps settles the drafter."""
+  step of the chooser program's loop that keeps arms[held] (`body_turn`); settled where
+  run_steps settles the drafter."""
   if held is None:
     settled = decoder.lone_settling_body is not None
     step = lambda params, state: decoder.step(params, state, samplers, settled)
@@ -56,9 +56,8 @@ def step_opcodes(decoder: SpeculativeDecoder, params, state, samplers: Samplers,
     body = next(body for body in decoder.bodies if held in body)
 
     def step(params, state):
-      arm = jnp.int32(held)
-      state, stats = decoder.arm_step(params, state, arm, samplers, body, decoder.settles(body))
-      return decoder.select(decoder.learn(state, arm, stats))
+      return decoder.body_turn(params, state, jnp.int32(held), samplers, body,
+                               decoder.settles(body))
   return entry_opcodes(jax.jit(step).lower(params, state).compile().as_text())
 
 
