@@ -49,6 +49,8 @@ def describe() -> dict:
       "flax": flax.__version__,
       "python": platform.python_version(),
       "host": platform.node(),
+      # XLA's options change what a program compiles to, and so its timings.
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 
