@@ -57,6 +57,13 @@ def recency(path: pathlib.Path, data: dict) -> tuple[str, int]:
   return data["environment"]["date"], int(suffix[1]) if suffix else 1
 
 
+def command(env: dict) -> str:
+  """The command as it ran, with XLA_FLAGS in front where the run had any (files from
+  before 2026-12-06 do not record them)."""
+  flags = env.get("xla_flags")
+  return f"XLA_FLAGS='{flags}' {env['command']}" if flags else env["command"]
+
+
 def provenance(path: pathlib.Path, data: dict) -> str:
   env = data["environment"]
   dirty = ", uncommitted changes present" if env["git_dirty"] else ""
@@ -65,7 +72,7 @@ def provenance(path: pathlib.Path, data: dict) -> str:
                     *path.parent.glob(f"{path.stem}_*.png")])
   plots = "".join(f" Figure: [`{f.name}`]({f.relative_to(REPO)})." for f in figures)
   return (f"Source: [`{path.relative_to(REPO)}`]({path.relative_to(REPO)}), written by "
-          f"`{env['command']}` at `{env['git_sha'][:8]}`{dirty} on {env['device']}, "
+          f"`{command(env)}` at `{env['git_sha'][:8]}`{dirty} on {env['device']}, "
           f"jax {env['jax']}, {env['date']}.{plots}")
 
 
@@ -784,7 +791,7 @@ def results_index() -> str:
     data = load(path)
     env = data["environment"]
     lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | "
-                 f"{claim(path, data)} | `{env['command']}` | {env['device']} | {env['date']} |")
+                 f"{claim(path, data)} | `{command(env)}` | {env['device']} | {env['date']} |")
   return "\n".join(lines) + "\n"
 
 

@@ -139,3 +139,12 @@ def test_stream_sections_skip_a_run_of_a_few_methods(tmp_path, monkeypatch):
       "Choosers on a held-out stream, sets interleaved, temperature 1 (H100)")]
   assert report.newest(section.experiment, section.device,
                        section.select)[0].stem == "2026-11-29T060000Z_aaaaaaaa"
+
+
+def test_a_run_under_xla_flags_is_cited_with_them(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+  env = results.environment.describe()
+  assert report.command(env) == f"XLA_FLAGS='--xla_gpu_autotune_level=0' {env['command']}"
+  # Files from before XLA_FLAGS were recorded, and runs without them, cite the command alone.
+  assert report.command({"command": "python run.py"}) == "python run.py"
+  assert report.command({"command": "python run.py", "xla_flags": ""}) == "python run.py"
