@@ -189,17 +189,19 @@ def prediction_mask(lengths, prompt_lens, width: int, step: int) -> jax.Array:
   return (j - step >= prompt_lens[:, None] - 1) & (j + 2 < lengths[:, None])
 
 
-def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array],
-                 steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array], steps: int,
+                 keep_chains: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean soft cross-entropy of the target's p against the drafter's q over all draft
-  steps, and per step the loss and the greedy chain acceptance."""
+  steps, and per step the loss and the greedy chain acceptance; with keep_chains, also
+  `step_chains` [steps, B, T]: whether step k at j ends a chain of greedy matches (one
+  that started at j - k) at a draft the engine would make."""
   tokens, lengths, prompt_lens = batch["tokens"], batch["lengths"], batch["prompt_lens"]
   features, target_logp = target_outputs(drafter.target, params, tokens, lengths)
   # Step k at j predicts t_{j+2}, which the target's distribution at j + 1 gives.
   target_logp = jnp.pad(target_logp[:, 1:], ((0, 0), (0, 1), (0, 0)))
   target_top = jnp.argmax(target_logp, axis=-1)
   normed = drafter.rollout(params, features, tokens, steps)
-  losses, accepted, counts = [], [], []
+  losses, accepted, counts, chains = [], [], [], []
   chain = jnp.ones(tokens.shape, bool)
   for step in range(steps):
     logq = jax.nn.log_softmax(drafter.head(params, normed[step]))
@@ -214,9 +216,11 @@ def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array],
     chain = jnp.pad(chain[:, :-1], ((0, 0), (1, 0))) if step else chain
     chain = chain & (jnp.argmax(logq, axis=-1) == target_top)
     accepted.append(jnp.sum(chain * mask) / jnp.maximum(mask.sum(), 1))
+    chains.append(chain & mask)
   losses = jnp.stack(losses)
-  return losses.mean(), dict(step_loss=losses, step_acceptance=jnp.stack(accepted),
-                             step_predictions=jnp.stack(counts))
+  stats = dict(step_loss=losses, step_acceptance=jnp.stack(accepted),
+               step_predictions=jnp.stack(counts))
+  return losses.mean(), stats | (dict(step_chains=jnp.stack(chains)) if keep_chains else {})
 
 
 def frequent_tokens(data: TrainingData, count: int) -> np.ndarray:
@@ -291,16 +295,20 @@ def batches(data: TrainingData, batch_size: int, seed: int, start_step: int):
 
 
 def evaluate(drafter: FeatureDrafter, params, data: TrainingData, batch_size: int,
-             steps: int) -> dict[str, list[float]]:
+             steps: int, keep_chains: bool = False) -> dict[str, Any]:
   """Loss and greedy chain acceptance per draft position on `data`: means over every
-  prediction, whatever batch it fell in."""
-  evaluate_batch = jax.jit(lambda p, b: rollout_loss(drafter, p, b, steps)[1])
+  prediction, whatever batch it fell in; with keep_chains, also every row's
+  `step_chains` [steps, N, T] (rollout_loss)."""
+  evaluate_batch = jax.jit(lambda p, b: rollout_loss(drafter, p, b, steps, keep_chains)[1])
   per_batch = [jax.tree.map(np.asarray, evaluate_batch(params, data.take(
       np.arange(start, min(start + batch_size, len(data.ids)))).batch()))
                for start in range(0, len(data.ids), batch_size)]
   count = np.maximum(sum(b["step_predictions"] for b in per_batch), 1)
-  return {name: (sum(b["step_predictions"] * b[name] for b in per_batch) / count).tolist()
-          for name in ("step_loss", "step_acceptance")}
+  means = {name: (sum(b["step_predictions"] * b[name] for b in per_batch) / count).tolist()
+           for name in ("step_loss", "step_acceptance")}
+  if keep_chains:
+    means["step_chains"] = np.concatenate([b["step_chains"] for b in per_batch], axis=1)
+  return means
 
 
 def expected_tokens_per_step(acceptance: list[float]) -> float:

@@ -16,6 +16,7 @@ from helpers import loops_per_step
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import distill, engine, prompts
+from flashspec_jax.bench import teacher_forced
 from flashspec_jax.bandit import UCB1
 from flashspec_jax.drafters import FeatureDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
@@ -311,3 +312,27 @@ def test_shipped_drafter_speculates_exactly_on_smollm2(smollm2, smollm2_heldout)
   out = engine.run_speculative(params, decoder, ids, jax.random.key(0), Samplers.same(Greedy()))
   np.testing.assert_array_equal(out.tokens, ar_tokens)
   assert all(np.asarray(out.metrics.accept_hist).sum(axis=0) > 0), out.metrics.accept_hist
+
+
+def test_replayed_steps_accept_each_chain_and_stop_at_the_answers_end():
+  """bench/teacher_forced.py on a prompt of 3 tokens: chains [gamma=3, T]; the first step
+  drafts from position 2."""
+  chains = np.zeros((3, 14), bool)
+  chains[0, 2] = chains[1, 3] = True  # the step starting at 2 accepts 2 drafts, emits 3
+  chains[0, 5] = chains[1, 6] = chains[2, 7] = True  # the one at 5 accepts all 3, emits 4
+  chains[0, 9] = True  # the one at 9 accepts 1
+  # In 12 tokens that draft is the answer's last token: no bonus follows it.
+  assert teacher_forced.replay(chains, prompt_len=3, length=12) == [3, 4, 1]
+  assert teacher_forced.replay(chains, prompt_len=3, length=14) == [3, 4, 2, 1]
+  assert teacher_forced.replay(chains, prompt_len=3, length=9) == [3, 2]  # 2 tokens were left
+
+
+@pytest.mark.skipif(not shipped_path("smollm2").exists(), reason="eagle:smollm2 is not trained yet")
+def test_the_engine_drafts_as_training_scores_held_out_answers(tmp_path):
+  """Each greedy step eagle:smollm2 takes on real prompts (f32) emits what the training
+  rollout's chains, replayed over the same answer, say it should."""
+  result = teacher_forced.bench("eagle:smollm2", num_per_set=1, max_new_tokens=24, gamma=4,
+                                batch_size=4)
+  for kind, row in result["by_set"].items():
+    assert row["engine_steps"] == row["replayed_steps"], kind
+    assert row["same_steps"] == row["sequences"] == 1
