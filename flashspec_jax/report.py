@@ -250,6 +250,22 @@ def drafter_contexts(data: dict) -> list[str]:
   return lines + _context_rows(data["by_set"])
 
 
+def teacher_forced(data: dict) -> list[str]:
+  lines = [f"{data['model']} answers {data['num_per_set']} held-out prompts per set greedily "
+           f"with {data['arm']} (gamma {data['gamma']}, {data['max_new_tokens']} tokens, real "
+           f"weights in {data['dtype']}); each answer is then scored whole as training scores "
+           f"its validation answers (acceptance of draft position k: the whole chain before it "
+           f"accepted too, over every start position), and the engine's steps are replayed on "
+           f"those scores.", "",
+           "| set | answers | engine tau | replayed tau | answers whose steps all match | "
+           "tau, every start | acceptance per draft position |", "|---|---|---|---|---|---|---|"]
+  for kind, v in data["by_set"].items():
+    accept = ", ".join(f"{a:.2f}" for a in v["acceptance"])
+    lines.append(f"| {kind} | {v['sequences']} | {v['engine_tau']:.2f} | {v['replayed_tau']:.2f} "
+                 f"| {v['same_steps']} | {v['tau_every_start']:.2f} | {accept} |")
+  return lines
+
+
 def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
   lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
@@ -672,6 +688,8 @@ SECTIONS = [
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set, _plain_run),
+    Section("teacher_forced", "cpu", "eagle:smollm2 on held-out answers, scored as training "
+            "scores them (CPU)", teacher_forced),
     *_stream_sections(H200, "H200"),
     Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "greedy, deterministic mode (H200)", choosers,
