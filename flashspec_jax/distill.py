@@ -25,6 +25,7 @@ curve and per-position acceptance (JSON and PNG).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -49,7 +50,8 @@ from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.eagle import init_params, restrict_vocabulary
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.pipeline import Method, Request, compile_and_run, make_setup, param_dtype
-from flashspec_jax.prompts import load_later_chat_turns, load_prompts, split_of, split_size
+from flashspec_jax.prompts import (conversation_of, load_later_chat_turns, load_prompts,
+                                   split_of, split_size)
 
 DRAFTER_KEY = "training"
 
@@ -166,10 +168,21 @@ def generate_sequences(config: ml_collections.ConfigDict, model: LoadedModel) ->
 
 def split_validation(data: TrainingData, fraction: float, seed: int) -> tuple[TrainingData,
                                                                          TrainingData]:
-  """(train, validation), split by a seeded permutation of the rows."""
-  order = np.random.default_rng(seed).permutation(len(data.ids))
-  cut = max(1, int(round(len(order) * fraction)))
-  return data.take(np.sort(order[cut:])), data.take(np.sort(order[:cut]))
+  """(train, validation). Validation takes whole conversations (`conversation_of`), by a
+  seeded permutation, until it holds `fraction` of the rows: drawn row by row, a chat's
+  other turns trained the drafter, and its chat validation gave tau 3.14 where the
+  held-out chats give 2.16 (bench/teacher_forced.py, MODEL_CARD.md)."""
+  rows_of = collections.defaultdict(list)
+  for row, prompt_id in enumerate(data.ids):
+    rows_of[conversation_of(prompt_id)].append(row)
+  conversations = sorted(rows_of)
+  wanted, validation = max(1, int(round(len(data.ids) * fraction))), []
+  for i in np.random.default_rng(seed).permutation(len(conversations)):
+    if len(validation) >= wanted:
+      break
+    validation += rows_of[conversations[i]]
+  validation = np.sort(validation)
+  return data.take(np.setdiff1d(np.arange(len(data.ids)), validation)), data.take(validation)
 
 
 def target_outputs(target: Llama, params, tokens, lengths) -> tuple[jax.Array, jax.Array]:

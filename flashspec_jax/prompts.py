@@ -101,9 +101,14 @@ def _chat_pool() -> tuple[Prompt, ...]:
   return _sharegpt()[0]
 
 
-def _conversation(record_id: str) -> str:
-  """ShareGPT cuts long conversations into records "<conversation>_<part>"."""
-  return record_id.rpartition("_")[0]
+def conversation_of(prompt_id: str) -> str:
+  """The conversation a prompt comes from: ShareGPT cuts long conversations into
+  records "<conversation>_<part>", whose later turns are "<record>#<turn>"; any other
+  prompt is its own."""
+  source, _, record = prompt_id.partition("/")
+  if source != "sharegpt":
+    return prompt_id
+  return "sharegpt/" + record.partition("#")[0].rpartition("_")[0]
 
 
 def load_later_chat_turns(num: int, seed: int = 0) -> list[Prompt]:
@@ -112,9 +117,9 @@ def load_later_chat_turns(num: int, seed: int = 0) -> list[Prompt]:
   conversation any part of which is held out; word-for-word repeats of held-out
   prompts are training's to drop (distill.training_requests), as for first turns."""
   _, later_turns, ids = _sharegpt()
-  held_out = {_conversation(i) for i in ids if split_of(f"sharegpt/{i}") == "heldout"}
-  pool = [p for p in later_turns
-          if _conversation(p.id.removeprefix("sharegpt/").partition("#")[0]) not in held_out]
+  held_out = {conversation_of(f"sharegpt/{i}") for i in ids
+              if split_of(f"sharegpt/{i}") == "heldout"}
+  pool = [p for p in later_turns if conversation_of(p.id) not in held_out]
   order = np.random.default_rng(seed).permutation(len(pool))
   return [pool[i] for i in order[:num]]
 

@@ -336,3 +336,19 @@ def test_the_engine_drafts_as_training_scores_held_out_answers(tmp_path):
   for kind, row in result["by_set"].items():
     assert row["engine_steps"] == row["replayed_steps"], kind
     assert row["same_steps"] == row["sequences"] == 1
+
+
+def test_validation_takes_whole_conversations():
+  """A chat's first turn, its later turns and ShareGPT's other parts of it fall on one
+  side of the split; other prompts are each their own conversation."""
+  ids = [f"sharegpt/c{c}_{part}" + (f"#{turn}" if turn else "")
+         for c in range(8) for part in range(2) for turn in range(3)]
+  ids += [f"human_eval/HumanEval/{i}" for i in range(12)]
+  data = distill.TrainingData(np.zeros((len(ids), 4), np.int32), np.full(len(ids), 4, np.int32),
+                              np.ones(len(ids), np.int32), tuple(ids), ("chat",) * len(ids))
+  conversation = lambda i: i.partition("_")[0] if i.startswith("sharegpt/") else i
+  for seed in range(4):
+    train, validation = distill.split_validation(data, 0.25, seed)
+    assert sorted(train.ids + validation.ids) == sorted(ids)
+    assert not {conversation(i) for i in train.ids} & {conversation(i) for i in validation.ids}
+    assert 15 <= len(validation.ids) < 15 + 6  # a quarter of 60, plus at most a conversation
