@@ -165,6 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.max_prompt_tokens = 384  # longer prompts are left out
   config.train.answer_tokens = 256
   config.train.answer_temperature = 0.0  # how the target answers (0 is greedy)
+  config.train.sampled_answers = 0  # more answers to each prompt, sampled at temperature 1
   config.train.generate_batch = 64
   config.train.max_tokens = 640  # sequences are cut to this many tokens
   config.train.validation_fraction = 0.05
@@ -394,6 +395,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "max_tokens", "rollout_steps", "steps", "batch_size", "log_every",
           "checkpoint_every")],
       ("train.later_chat_turns", config.train.later_chat_turns >= 0, ">= 0"),
+      ("train.sampled_answers", config.train.sampled_answers >= 0, ">= 0"),
       ("train.answer_temperature", config.train.answer_temperature >= 0, ">= 0 (0 is greedy)"),
       ("train.validation_fraction", 0 < config.train.validation_fraction < 1, "in (0, 1)"),
       ("train.learning_rate", config.train.learning_rate > 0, "> 0"),

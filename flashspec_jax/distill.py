@@ -142,21 +142,24 @@ def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Requ
 
 
 def generate_sequences(config: ml_collections.ConfigDict, model: LoadedModel) -> TrainingData:
-  """The target's answers to the training prompts, from this engine's AR decoder."""
+  """The target's answers to the training prompts, from this engine's AR decoder: one
+  at train.answer_temperature, then train.sampled_answers more at temperature 1, which
+  show the drafter more of the target's ways to go on from the same prompts."""
   t = config.train
   dtype = param_dtype(config)
   gen_config = config.copy_and_resolve_references()
   gen_config.sampling.max_new_tokens = t.answer_tokens
-  gen_config.sampling.temperature = t.answer_temperature
-  setup = make_setup(gen_config, model, {"target": model.params}, dtype)
   requests = training_requests(config, model.tokenizer)
   rows, rng = [], jax.random.key(config.seed)
-  for start in tqdm.trange(0, len(requests), t.generate_batch, desc="target answers",
-                           unit="batch"):
-    batch = requests[start:start + t.generate_batch]
-    rng, key = jax.random.split(rng)
-    answers = compile_and_run(Method("ar"), setup, batch, key).output.token_lists()
-    rows += list(zip(batch, answers))
+  for temperature in [t.answer_temperature] + [1.0] * t.sampled_answers:
+    gen_config.sampling.temperature = temperature
+    setup = make_setup(gen_config, model, {"target": model.params}, dtype)
+    for start in tqdm.trange(0, len(requests), t.generate_batch, unit="batch",
+                             desc=f"target answers at temperature {temperature:g}"):
+      batch = requests[start:start + t.generate_batch]
+      rng, key = jax.random.split(rng)
+      answers = compile_and_run(Method("ar"), setup, batch, key).output.token_lists()
+      rows += list(zip(batch, answers))
   width = max(len(request.token_ids) + len(answer) for request, answer in rows)
   tokens = np.zeros((len(rows), width), np.int32)
   for i, (request, answer) in enumerate(rows):
@@ -341,7 +344,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
       target=config.target, weights=model.source, dtype=str(dtype), seed=config.seed,
       prompt_sets=config.prompts.sets, prompt_seed=config.prompts.seed,
       **{name: t[name] for name in ("prompts_per_set", "later_chat_turns", "max_prompt_tokens",
-                                    "answer_tokens", "answer_temperature", "generate_batch")}),
+                                    "answer_tokens", "answer_temperature", "sampled_answers",
+                                    "generate_batch")}),
       sort_keys=True)
   started = time.perf_counter()
   data, sequences_kept = kept_sequences(workdir / "sequences.npz" if workdir else None,

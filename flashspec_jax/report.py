@@ -270,7 +270,9 @@ def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
   lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
            f"tune-split prompts ({data['config']['prompts']['sets']}, up to "
-           f"{t['answer_tokens']} tokens, temperature {t['answer_temperature']}) "
+           f"{t['answer_tokens']} tokens, temperature {t['answer_temperature']}"
+           + (f", and {t['sampled_answers']} more each at temperature 1"
+              if t.get("sampled_answers") else "") + ") "
            + ("in an earlier run" if data.get("sequences_kept")
               else f"in {data['seconds']['generate']:.0f} s")
            + f"; {data['steps']} steps of batch "

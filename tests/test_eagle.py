@@ -24,6 +24,7 @@ from flashspec_jax.loading import CheckpointError
 from flashspec_jax.loading.eagle import load_drafter, save_drafter, shipped_path
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models import eagle
+from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.prompts import load_prompts, split_size
 from flashspec_jax.sampling import Greedy, Samplers
@@ -352,3 +353,25 @@ def test_validation_takes_whole_conversations():
     assert sorted(train.ids + validation.ids) == sorted(ids)
     assert not {conversation(i) for i in train.ids} & {conversation(i) for i in validation.ids}
     assert 15 <= len(validation.ids) < 15 + 6  # a quarter of 60, plus at most a conversation
+
+
+def test_sampled_answers_follow_the_greedy_ones(monkeypatch):
+  """train.sampled_answers = 2: each prompt is answered greedily, as without them, then
+  twice more at temperature 1."""
+  from flashspec_jax.loading import LoadedModel
+  from flashspec_jax.pipeline import Request
+  requests = [Request(f"sharegpt/c{i}_0", "chat", list(range(3 + i, 9 + 2 * i))) for i in range(3)]
+  monkeypatch.setattr(distill, "training_requests", lambda config, tokenizer: requests)
+  config = config_lib.base_config()
+  config.target, config.synthetic_weights = "tiny_smollm2", True
+  config.train.answer_tokens, config.train.generate_batch = 6, 2
+  shape = model_config(config.target)
+  # Small weights give a near-flat next-token distribution, whose samples are not greedy's.
+  model = LoadedModel(shape, spread_params(shape, 0, scale=0.05), None, True, "random")
+  greedy = distill.generate_sequences(config, model)
+  config.train.sampled_answers = 2
+  data = distill.generate_sequences(config, model)
+  assert data.ids == greedy.ids * 3 and data.kinds == ("chat",) * 9
+  np.testing.assert_array_equal(data.tokens[:3, :greedy.tokens.shape[1]], greedy.tokens)
+  answers = [tuple(row[p:n]) for row, p, n in zip(data.tokens, data.prompt_lens, data.lengths)]
+  assert len(set(answers)) > 3  # sampled answers are not all the greedy ones
