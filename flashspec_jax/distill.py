@@ -10,8 +10,9 @@
    minimises the soft cross-entropy -sum p log q at every step, so that
    errors compound in training as they do when drafting. AdamW with warm-up
    and cosine decay (optax).
-3. A validation split of the generated sequences gives, per draft position,
-   the greedy acceptance of a chain (all earlier drafts of the chain accepted).
+3. A validation split of the generated sequences, whole conversations that
+   training never sees, gives per draft position the greedy acceptance of a
+   chain (all earlier drafts of the chain accepted).
 
 With `train.workdir` set it keeps the generated sequences there, and a
 checkpoint every `train.checkpoint_every` steps and when `train.max_seconds`
@@ -368,9 +369,12 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   vocabulary = (restrict_vocabulary(drafter_params, model.params,
                                     frequent_tokens(train_data, t.draft_vocabulary))["vocabulary"]
                 if t.draft_vocabulary else {})
-  trained_from = json.dumps(dict(data=made_from, **{name: t[name] for name in (
-      "max_tokens", "validation_fraction", "rollout_steps", "steps", "batch_size",
-      "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "draft_vocabulary")}),
+  # `validation` names the split's rule: a checkpoint trained on another split's rows
+  # (they were drawn one by one before) does not resume.
+  trained_from = json.dumps(dict(data=made_from, validation="conversations", **{
+      name: t[name] for name in (
+          "max_tokens", "validation_fraction", "rollout_steps", "steps", "batch_size",
+          "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "draft_vocabulary")}),
       sort_keys=True)
   state = Checkpoint(0, drafter_params, tx.init(drafter_params), [], 0.0, trained_from)
   checkpoint_path = workdir / "checkpoint.msgpack" if workdir else None
