@@ -443,6 +443,7 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
                  drafter=t.output or "beside this file, as <its name>.safetensors",
                  sequences=dict(train=len(train_data.ids), validation=len(validation.ids),
                                 max_tokens=width),
+                 validation_split="whole conversations",
                  sequences_kept=sequences_kept, steps=steps_done, stopped_early=stopped_early,
                  seconds=dict(generate=generate_seconds, train=train_seconds),
                  curve=curve, validation=by_kind)

@@ -268,7 +268,9 @@ def teacher_forced(data: dict) -> list[str]:
 
 def drafter_training(data: dict) -> list[str]:
   t, sequences, curve = data["config"]["train"], data["sequences"], data["curve"]
-  lines = [f"{data['config']['target']} answers {sequences['train'] + sequences['validation']} "
+  answers_per_prompt = 1 + t.get("sampled_answers", 0)
+  prompts = (sequences["train"] + sequences["validation"]) // answers_per_prompt
+  lines = [f"{data['config']['target']} answers {prompts} "
            f"tune-split prompts ({data['config']['prompts']['sets']}, up to "
            f"{t['answer_tokens']} tokens, temperature {t['answer_temperature']}"
            + (f", and {t['sampled_answers']} more each at temperature 1"
@@ -281,7 +283,10 @@ def drafter_training(data: dict) -> list[str]:
            + (" (stopped by train.max_seconds)" if data["stopped_early"] else "")
            + f"; loss {curve[0]['loss']:.3f} at step {curve[0]['step']}, "
            f"{curve[-1]['loss']:.3f} at step {curve[-1]['step']}. Validation: "
-           f"{sequences['validation']} held-back answers; acceptance of draft position k is "
+           f"{sequences['validation']} held-back answers "
+           # Runs before the split took whole conversations do not name it.
+           f"({data.get('validation_split', 'rows drawn one by one')}); acceptance of draft "
+           f"position k is "
            f"greedy, with the whole chain before it accepted.", "",
            "| set | sequences | loss | greedy tau | acceptance per draft position |",
            "|---|---|---|---|---|"]

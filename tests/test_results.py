@@ -148,3 +148,17 @@ def test_a_run_under_xla_flags_is_cited_with_them(monkeypatch):
   # Files from before XLA_FLAGS were recorded, and runs without them, cite the command alone.
   assert report.command({"command": "python run.py"}) == "python run.py"
   assert report.command({"command": "python run.py", "xla_flags": ""}) == "python run.py"
+
+
+def test_a_training_run_is_described_by_its_prompts_answers_and_split():
+  train = dict(answer_tokens=16, answer_temperature=0.0, batch_size=4, rollout_steps=3)
+  data = dict(config=dict(target="t", prompts=dict(sets="chat"), train=train),
+              sequences=dict(train=6, validation=2), curve=[dict(step=1, loss=2.0)],
+              seconds=dict(generate=1.0, train=2.0), steps=1, stopped_early=False,
+              validation={})
+  before = report.drafter_training(data)[0]  # a run from before sampled answers and the split
+  assert "answers 8 tune-split prompts" in before and "(rows drawn one by one)" in before
+  train["sampled_answers"] = 1
+  after = report.drafter_training(data | dict(validation_split="whole conversations"))[0]
+  assert "answers 4 tune-split prompts" in after and "and 1 more each at temperature 1" in after
+  assert "(whole conversations)" in after
