@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from flashspec_jax import cli, environment, pipeline, results
+from flashspec_jax import cli, pipeline
+from flashspec_jax.bench import run_and_write
 from flashspec_jax.bench.ngram_contexts import answer_flags, drafts_confirmed
 from flashspec_jax.config import base_config
 from flashspec_jax.drafters import NgramDrafter
@@ -90,12 +91,7 @@ def define_flags() -> dict[str, flags.FlagHolder]:
 
 def main(argv, options):
   del argv
-  value = {name: holder.value for name, holder in options.items()}
-  out = value.pop("out")
-  results.check_writable(out)
-  env = environment.describe()
-  result = bench(**value)
-  path = results.write("drafter_contexts", result, directory=out, env=env)
+  result, path = run_and_write("drafter_contexts", bench, options)
   print(f"\n{result['arm']} at temperature {result['temperature']}, answers of "
         f"{result['max_new_tokens']} tokens, n-gram max_n {result['max_n']} -> {path}")
   rows = [(kind, context, f"{cell['share']:.2f}", cell["mean_tokens"])

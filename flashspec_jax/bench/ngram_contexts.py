@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from flashspec_jax import cli, environment, results
+from flashspec_jax import cli
+from flashspec_jax.bench import run_and_write
 from flashspec_jax.drafters import NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import load_model
@@ -56,16 +57,15 @@ def drafts_confirmed(drafter: NgramDrafter, gamma: int, tokens: jax.Array, start
   return jax.vmap(at)(jnp.arange(length))
 
 
-def bench(model_name: str, num_per_set: int, max_new_tokens: int, max_n: int,
-          gamma: int) -> dict:
-  model = load_model(model_name, dtype=jnp.float32)
-  decoder = Decoder(Llama(model.config, param_dtype=jnp.float32), max_new_tokens)
-  drafter = NgramDrafter(model.config.vocab_size, max_n)
+def bench(model: str, num_per_set: int, max_new_tokens: int, max_n: int, gamma: int) -> dict:
+  loaded = load_model(model, dtype=jnp.float32)
+  decoder = Decoder(Llama(loaded.config, param_dtype=jnp.float32), max_new_tokens)
+  drafter = NgramDrafter(loaded.config.vocab_size, max_n)
   by_set = {}
   for kind in PROMPT_SETS:
-    ids = encode_chat(model.tokenizer, [p.conversation
-                                        for p in load_prompts(kind, num_per_set, "heldout")])
-    out = run_generate(model.params, decoder, ids, jax.random.key(0), Greedy())
+    ids = encode_chat(loaded.tokenizer, [p.conversation
+                                         for p in load_prompts(kind, num_per_set, "heldout")])
+    out = run_generate(loaded.params, decoder, ids, jax.random.key(0), Greedy())
     answers, lengths = np.asarray(out.tokens), np.asarray(out.num_tokens)
     # One width for every text, so that one program serves them all.
     width = max(map(len, ids)) + max_new_tokens
@@ -85,7 +85,7 @@ def bench(model_name: str, num_per_set: int, max_new_tokens: int, max_n: int,
                                mean_tokens=float(confirmed[contexts == c].mean() + 1),
                                first_confirmed=float(np.mean(confirmed[contexts == c] > 0)))
                   for c in range(drafter.num_contexts) if np.any(contexts == c)})
-  return dict(model=model_name, weights="real", dtype="float32", num_per_set=num_per_set,
+  return dict(model=model, weights="real", dtype="float32", num_per_set=num_per_set,
               max_new_tokens=max_new_tokens, max_n=max_n, gamma=gamma, by_set=by_set)
 
 
@@ -112,12 +112,7 @@ def define_flags() -> dict[str, flags.FlagHolder]:
 
 def main(argv, options):
   del argv
-  value = {name: holder.value for name, holder in options.items()}
-  results.check_writable(value["out"])
-  env = environment.describe()
-  result = bench(value["model"], value["num_per_set"], value["max_new_tokens"], value["max_n"],
-                 value["gamma"])
-  path = results.write("ngram_contexts", result, directory=value["out"], env=env)
+  result, path = run_and_write("ngram_contexts", bench, options)
   print(f"\n{result['model']}, greedy answers of {result['max_new_tokens']} tokens, n-gram "
         f"max_n {result['max_n']}, gamma {result['gamma']} -> {path}")
   print(f"{'set':<6} {'context':>8} {'share':>7} {'tokens/step':>12} {'1st draft ok':>13}")

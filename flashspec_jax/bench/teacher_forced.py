@@ -29,7 +29,8 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from flashspec_jax import cli, distill, environment, pipeline, results
+from flashspec_jax import cli, distill, pipeline
+from flashspec_jax.bench import run_and_write
 from flashspec_jax.config import base_config
 from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.runner import build_requests
@@ -119,12 +120,7 @@ def define_flags() -> dict[str, flags.FlagHolder]:
 
 def main(argv, options):
   del argv
-  value = {name: holder.value for name, holder in options.items()}
-  out = value.pop("out")
-  results.check_writable(out)
-  env = environment.describe()
-  result = bench(**value)
-  path = results.write("teacher_forced", result, directory=out, env=env)
+  result, path = run_and_write("teacher_forced", bench, options)
   print(f"\n{result['arm']}, greedy answers of {result['max_new_tokens']} tokens to held-out "
         f"prompts, gamma {result['gamma']} -> {path}")
   print(f"{'set':<6} {'answers':>7} {'engine tau':>10} {'replayed':>9} {'same steps':>10} "
