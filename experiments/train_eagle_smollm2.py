@@ -23,10 +23,9 @@ recipe in two parts, stopped by --config.train.max_seconds and resumed from
 greedy tau 3.14 on chat; the model card beside them says what they give, and
 why that figure was too high). --config.train.sampled_answers=N adds N answers
 to each prompt sampled at temperature 1 (not yet run at this size).
-The :tiny variant answers a few short chat prompts with 16 tokens, greedily and
-once sampled, and trains for 12 steps on CPU (about a minute) a drafter
-restricted to the answers' 4,096 most frequent tokens
-(--config.train.draft_vocabulary); its loss falls.
+The :tiny variant answers a few short chat prompts with 16 tokens and trains
+for 12 steps on CPU (about a minute) a drafter restricted to the answers'
+4,096 most frequent tokens (--config.train.draft_vocabulary); its loss falls.
 """
 
 from flashspec_jax.config import base_config, is_tiny
@@ -52,7 +51,6 @@ def get_config(arg=None):
     config.train.later_chat_turns = 0
     config.train.max_prompt_tokens = 64
     config.train.answer_tokens = 16
-    config.train.sampled_answers = 1
     config.train.generate_batch = 12
     config.train.max_tokens = 80
     config.train.validation_fraction = 0.25

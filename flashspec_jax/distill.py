@@ -240,6 +240,10 @@ def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array], s
   return losses.mean(), stats | (dict(step_chains=jnp.stack(chains)) if keep_chains else {})
 
 
+# One program per drafter and shape, whichever call of `evaluate` asks for it.
+_rollout_loss = jax.jit(rollout_loss, static_argnums=(0, 3, 4))
+
+
 def frequent_tokens(data: TrainingData, count: int) -> np.ndarray:
   """The `count` tokens most frequent in the answers (EAGLE-3's draft vocabulary),
   sorted by id; ties go to the lower id."""
@@ -316,10 +320,9 @@ def evaluate(drafter: FeatureDrafter, params, data: TrainingData, batch_size: in
   """Loss and greedy chain acceptance per draft position on `data`: means over every
   prediction, whatever batch it fell in; with keep_chains, also every row's
   `step_chains` [steps, N, T] (rollout_loss)."""
-  evaluate_batch = jax.jit(lambda p, b: rollout_loss(drafter, p, b, steps, keep_chains)[1])
-  per_batch = [jax.tree.map(np.asarray, evaluate_batch(params, data.take(
-      np.arange(start, min(start + batch_size, len(data.ids)))).batch()))
-               for start in range(0, len(data.ids), batch_size)]
+  per_batch = [jax.tree.map(np.asarray, _rollout_loss(
+      drafter, params, data.take(np.arange(start, min(start + batch_size, len(data.ids))))
+      .batch(), steps, keep_chains)[1]) for start in range(0, len(data.ids), batch_size)]
   count = np.maximum(sum(b["step_predictions"] for b in per_batch), 1)
   means = {name: (sum(b["step_predictions"] * b[name] for b in per_batch) / count).tolist()
            for name in ("step_loss", "step_acceptance")}
