@@ -31,7 +31,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.serialization
@@ -74,6 +74,17 @@ class TrainingData:
   prompt_lens: np.ndarray
   ids: tuple[str, ...]
   kinds: tuple[str, ...]
+
+  @classmethod
+  def from_answers(cls, rows: Sequence[tuple[Request, Sequence[int]]]) -> TrainingData:
+    """Each request's prompt followed by its answer, right-padded to the longest."""
+    width = max(len(request.token_ids) + len(answer) for request, answer in rows)
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, (request, answer) in enumerate(rows):
+      tokens[i, :len(request.token_ids) + len(answer)] = [*request.token_ids, *answer]
+    return cls(tokens, np.array([len(r.token_ids) + len(a) for r, a in rows], np.int32),
+               np.array([len(r.token_ids) for r, _ in rows], np.int32),
+               tuple(r.id for r, _ in rows), tuple(r.kind for r, _ in rows))
 
   def take(self, rows) -> TrainingData:
     return TrainingData(self.tokens[rows], self.lengths[rows], self.prompt_lens[rows],
@@ -161,13 +172,7 @@ def generate_sequences(config: ml_collections.ConfigDict, model: LoadedModel) ->
       rng, key = jax.random.split(rng)
       answers = compile_and_run(Method("ar"), setup, batch, key).output.token_lists()
       rows += list(zip(batch, answers))
-  width = max(len(request.token_ids) + len(answer) for request, answer in rows)
-  tokens = np.zeros((len(rows), width), np.int32)
-  for i, (request, answer) in enumerate(rows):
-    tokens[i, :len(request.token_ids) + len(answer)] = request.token_ids + answer
-  return TrainingData(tokens, np.array([len(r.token_ids) + len(a) for r, a in rows], np.int32),
-                      np.array([len(r.token_ids) for r, _ in rows], np.int32),
-                      tuple(r.id for r, _ in rows), tuple(r.kind for r, _ in rows))
+  return TrainingData.from_answers(rows)
 
 
 def split_validation(data: TrainingData, fraction: float, seed: int) -> tuple[TrainingData,

@@ -286,8 +286,7 @@ def drafter_training(data: dict) -> list[str]:
            f"{sequences['validation']} held-back answers "
            # Runs before the split took whole conversations do not name it.
            f"({data.get('validation_split', 'rows drawn one by one')}); acceptance of draft "
-           f"position k is "
-           f"greedy, with the whole chain before it accepted.", "",
+           f"position k is greedy, with the whole chain before it accepted.", "",
            "| set | sequences | loss | greedy tau | acceptance per draft position |",
            "|---|---|---|---|---|"]
   for kind, v in data["validation"].items():

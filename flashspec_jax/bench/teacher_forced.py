@@ -77,14 +77,7 @@ def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
     answers.append(out.token_lists()[0])
     engine_steps.append([int(e) for e in np.asarray(out.history.emitted) if e > 0])
   # One width for every sequence, so that one scoring program serves them all.
-  width = max(len(r.token_ids) + len(a) for r, a in zip(requests, answers))
-  tokens = np.zeros((len(requests), width), np.int32)
-  for row, (request, answer) in enumerate(zip(requests, answers)):
-    tokens[row, :len(request.token_ids) + len(answer)] = list(request.token_ids) + answer
-  data = distill.TrainingData(
-      tokens, np.array([len(r.token_ids) + len(a) for r, a in zip(requests, answers)], np.int32),
-      np.array([len(r.token_ids) for r in requests], np.int32),
-      tuple(r.id for r in requests), tuple(r.kind for r in requests))
+  data = distill.TrainingData.from_answers(list(zip(requests, answers)))
   by_set = {}
   for kind in dict.fromkeys(data.kinds):
     rows = [i for i, k in enumerate(data.kinds) if k == kind]
