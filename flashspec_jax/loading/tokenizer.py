@@ -35,11 +35,11 @@ _PRE_TOKENIZERS = {
 
 
 def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
-  reader = read_gguf(path)
-  required = lambda key: required_field(reader, path, f"tokenizer.ggml.{key}").contents()
+  header = read_gguf(path)
+  fields = header.fields
+  required = lambda key: required_field(header, path, f"tokenizer.ggml.{key}")
   kind = required("model")
-  pre = reader.get_field("tokenizer.ggml.pre")
-  pre = pre.contents() if pre is not None else "gpt2"
+  pre = fields.get("tokenizer.ggml.pre", "gpt2")
   if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
     raise CheckpointError(f"{path}: GGUF tokenizer {kind!r}/{pre!r} is not supported; supported: "
                           f"'gpt2' BPE with pre-tokenizer {sorted(_PRE_TOKENIZERS)}")
@@ -53,10 +53,10 @@ def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
   bpe.add_special_tokens([t for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)])
 
   def special(key: str) -> str | None:
-    field = reader.get_field(f"tokenizer.ggml.{key}_token_id")
-    return None if field is None else tokens[int(field.contents())]
+    token_id = fields.get(f"tokenizer.ggml.{key}_token_id")
+    return None if token_id is None else tokens[int(token_id)]
 
-  template = reader.get_field("tokenizer.chat_template")
+  template = fields.get("tokenizer.chat_template")
   # Imported here: transformers (and torch, where installed) takes seconds to import,
   # which every process that never tokenizes would pay (error exits, synthetic runs).
   from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
@@ -64,7 +64,7 @@ def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
       tokenizer_object=bpe,
       bos_token=special("bos"), eos_token=special("eos"), unk_token=special("unknown"),
       pad_token=special("padding"),
-      chat_template=None if template is None else template.contents())
+      chat_template=template)
 
 
 def load_tokenizer(source: str | pathlib.Path) -> PreTrainedTokenizerFast:
