@@ -10,8 +10,7 @@ import pathlib
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 # Every program, not only those that took a second to compile (JAX's default): compiling
-# was 60% of the suite's time on two cores (backend compile alone 1,046 of 2,299 worker
-# seconds, tracing and lowering 345 more), and the workers compile many of the same
+# is most of the suite's time on two cores, and the workers compile many of the same
 # short programs.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # On a GPU every xdist worker (and every process a test starts) would otherwise take 75%
