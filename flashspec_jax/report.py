@@ -178,6 +178,31 @@ def by_prompt_set(data: dict) -> list[str]:
   return lines
 
 
+def batch_steps(data: dict) -> list[str]:
+  """by_prompt_set, then where a batch's steps went: a batch steps until its slowest row
+  is done, so rows that finish sooner wait, and each loop step costs what it costs."""
+  lines = by_prompt_set(data) + [
+      "", "Steps of the batches (a batch steps until its last row is done):", "",
+      "| method | set | loop steps | a row's mean steps | loop / mean | ms per loop step |",
+      "|---|---|---|---|---|---|"]
+  batch_size = data["config"]["batch_size"]
+  for name in data["summaries"]:
+    for kind in dict.fromkeys(r["kind"] for r in data["records"]):
+      rows = [r for r in data["records"] if r["method"] == name and r["kind"] == kind]
+      if not rows:
+        continue
+      # A batch's rows are consecutive records sharing its loop steps and seconds.
+      batches = [rows[i] for i in range(0, len(rows), rows[0].get("batch_rows", batch_size))]
+      loop_steps = sum(b["loop_steps"] for b in batches)
+      ms = 1e3 * sum(b["batch_seconds"] for b in batches) / loop_steps
+      mean = ratio = "-"  # AR's records hold no steps of their own
+      if "steps" in rows[0]:
+        row_steps = sum(r["steps"] for r in rows) / len(rows) * len(batches)
+        mean, ratio = f"{row_steps:.1f}", f"{loop_steps / row_steps:.2f}"
+      lines.append(f"| {name} | {kind} | {loop_steps} | {mean} | {ratio} | {ms:.2f} |")
+  return lines
+
+
 def choosers(data: dict) -> list[str]:
   """by_prompt_set, then each chooser against the best fixed arms and the per-set oracle."""
   lines = by_prompt_set(data)
@@ -688,8 +713,12 @@ SECTIONS = [
     Section("eagle_smollm2", H200, "eagle:smollm2 at temperature 1 (H200)", by_prompt_set,
             lambda data: data["config"]["sampling"]["temperature"] == 1 and not
             data["config"]["sweep"]),
-    Section("eagle_smollm2", H200, "eagle:smollm2 at batch 8 (H200)", by_prompt_set,
+    Section("eagle_smollm2", H200, "eagle:smollm2 at batch 8 (H200)", batch_steps,
             lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]),
+    # The newest batch-8 run, of the shipped weights (the H100's runs compared retrained ones).
+    Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
+            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
+            and not data["config"]["eagle_checkpoint"]),
     Section("eagle_smollm2", H200, "eagle:smollm2 against gamma (H200)", sweep,
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "

@@ -162,3 +162,22 @@ def test_a_training_run_is_described_by_its_prompts_answers_and_split():
   after = report.drafter_training(data | dict(validation_split="whole conversations"))[0]
   assert "answers 4 tune-split prompts" in after and "and 1 more each at temperature 1" in after
   assert "(whole conversations)" in after
+
+
+def test_a_batch_takes_the_steps_of_its_slowest_row():
+  """Two batches of two rows: the drafter's rows took 3 and 5 steps, then 2 and 2."""
+  config = dict(target="t", batch_size=2, sampling=dict(temperature=0.0, gamma=4, max_new_tokens=8),
+                prompts=dict(sets="chat", num_per_set=4))
+
+  def row(method, loop_steps, seconds, **steps):
+    return dict(method=method, kind="chat", new_tokens=8, batch_rows=2, loop_steps=loop_steps,
+                batch_seconds=seconds, **steps)
+  records = [row("ar", 7, 0.7), row("ar", 7, 0.7), row("ar", 7, 0.7), row("ar", 7, 0.7),
+             row("d", 5, 1.0, steps=3), row("d", 5, 1.0, steps=5),
+             row("d", 2, 0.4, steps=2), row("d", 2, 0.4, steps=2)]
+  summaries = {name: dict(tokens_per_second=1.0, step_ms_p50=1.0) for name in ("ar", "d")}
+  lines = report.batch_steps(dict(config=config, synthetic_weights=True, summaries=summaries,
+                                  records=records))
+  # 5 + 2 loop steps where the batches' mean rows took 4 + 2; 1.4 s over 7 loop steps.
+  assert "| d | chat | 7 | 6.0 | 1.17 | 200.00 |" in lines
+  assert "| ar | chat | 14 | - | - | 100.00 |" in lines
