@@ -84,9 +84,12 @@ def latest_longest_match(tokens, length, max_n):
 
 
 def _while_loops(jaxpr) -> int:
-  """While loops in a jaxpr, nested ones included."""
+  """While loops in a jaxpr, nested ones included, but not those inside a Pallas kernel
+  (the GPU's verify kernel loops over the vocabulary within one kernel launch)."""
   count = 0
   for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      continue
     count += eqn.primitive.name == "while"
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):

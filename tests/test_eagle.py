@@ -333,7 +333,7 @@ def test_the_engine_drafts_as_training_scores_held_out_answers(tmp_path):
   """Each greedy step eagle:smollm2 takes on real prompts (f32) emits what the training
   rollout's chains, replayed over the same answer, say it should."""
   result = teacher_forced.bench("eagle:smollm2", num_per_set=1, max_new_tokens=16, gamma=4,
-                                batch_size=4)
+                                batch_size=4, dtype="float32")
   for kind, row in result["by_set"].items():
     assert row["engine_steps"] == row["replayed_steps"], kind
     assert row["same_steps"] == row["sequences"] == 1

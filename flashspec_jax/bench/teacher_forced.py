@@ -57,8 +57,13 @@ def replay(chains: np.ndarray, prompt_len: int, length: int) -> list[int]:
 
 
 def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
-          batch_size: int) -> dict:
+          batch_size: int, dtype: str = "auto") -> dict:
+  """dtype: the target's and drafter's ('auto': bfloat16 on a GPU, else float32). In
+  bfloat16 on the H200 the engine's steps and the replayed ones differed (the engine
+  drafts a token at a time, the scoring takes whole answers, and each rounds its own
+  way), so float32 is what tells whether the engine drafts as training scores."""
   config = base_config()
+  config.dtype = dtype
   config.methods, config.arms = arm, arm
   config.sampling.temperature = 0.0
   config.sampling.max_new_tokens, config.sampling.gamma = max_new_tokens, gamma
@@ -108,6 +113,8 @@ def define_flags() -> dict[str, flags.FlagHolder]:
                                           lower_bound=1),
       gamma=flags.DEFINE_integer("gamma", 4, "Drafts per step.", lower_bound=1),
       batch_size=flags.DEFINE_integer("batch_size", 4, "Answers scored at once.", lower_bound=1),
+      dtype=flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                              "Weights' dtype ('auto': bfloat16 on a GPU)."),
       out=flags.DEFINE_string("out", "results", "Results directory."))
 
 
