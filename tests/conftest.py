@@ -24,7 +24,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
 
 # Eight CPU devices for the tensor-parallel tests (tests/test_tensor_parallel.py); every
 # other test runs on the first, as it would alone. CPU programs compile without XLA's
-# MLIR fusion emitters, where perf found most of a chooser program's compile time: the
+# MLIR fusion emitters, where perf found the largest part of a chooser program's compile: the
 # older emitter's code runs the real-model tests slower, but the time it saves
 # compiling is more. GPU programs compile as before.
 os.environ["XLA_FLAGS"] = " ".join(
