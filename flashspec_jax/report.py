@@ -145,6 +145,16 @@ def method_table(data: dict) -> list[str]:
   return lines
 
 
+def _by_method_and_set(data: dict):
+  """(method, prompt set, its records) for each method of the run and each set it ran."""
+  kinds = dict.fromkeys(r["kind"] for r in data["records"])
+  for name in data["summaries"]:
+    for kind in kinds:
+      rows = [r for r in data["records"] if r["method"] == name and r["kind"] == kind]
+      if rows:
+        yield name, kind, rows
+
+
 def by_prompt_set(data: dict) -> list[str]:
   """method_table, then each method per prompt set, with its speedup against AR's on
   the same prompts."""
@@ -153,28 +163,20 @@ def by_prompt_set(data: dict) -> list[str]:
                                 "|---|---|---|---|---|---|"]
   batch_size = data["config"]["batch_size"]
 
-  def rows_of(name, kind):
-    return [r for r in data["records"] if r["method"] == name and r["kind"] == kind]
-
   def rate(rows):
     # Each row's share of its batch's time (rows of full batches share it evenly).
     seconds = sum(r["batch_seconds"] / r.get("batch_rows", batch_size) for r in rows)
     return sum(r["new_tokens"] for r in rows) / seconds
 
-  kinds = list(dict.fromkeys(r["kind"] for r in data["records"]))
-  base = {kind: rate(rows_of("ar", kind)) for kind in kinds if rows_of("ar", kind)}
-  for name in data["summaries"]:
-    for kind in kinds:
-      rows = rows_of(name, kind)
-      if not rows:
-        continue
-      speedup = f"{rate(rows) / base[kind]:.2f}x" if kind in base else "-"
-      alpha = tau = "-"
-      if "accepted" in rows[0]:
-        totals = {k: sum(r[k] for r in rows) for k in ("steps", "tested", "accepted", "emitted")}
-        alpha, tau = f"{totals['accepted'] / totals['tested']:.3f}", \
-            f"{totals['emitted'] / totals['steps']:.2f}"
-      lines.append(f"| {name} | {kind} | {rate(rows):.1f} | {speedup} | {alpha} | {tau} |")
+  base = {kind: rate(rows) for name, kind, rows in _by_method_and_set(data) if name == "ar"}
+  for name, kind, rows in _by_method_and_set(data):
+    speedup = f"{rate(rows) / base[kind]:.2f}x" if kind in base else "-"
+    alpha = tau = "-"
+    if "accepted" in rows[0]:
+      totals = {k: sum(r[k] for r in rows) for k in ("steps", "tested", "accepted", "emitted")}
+      alpha, tau = f"{totals['accepted'] / totals['tested']:.3f}", \
+          f"{totals['emitted'] / totals['steps']:.2f}"
+    lines.append(f"| {name} | {kind} | {rate(rows):.1f} | {speedup} | {alpha} | {tau} |")
   return lines
 
 
@@ -185,21 +187,18 @@ def batch_steps(data: dict) -> list[str]:
       "", "Steps of the batches (a batch steps until its last row is done):", "",
       "| method | set | loop steps | a row's mean steps | loop / mean | ms per loop step |",
       "|---|---|---|---|---|---|"]
-  batch_size = data["config"]["batch_size"]
-  for name in data["summaries"]:
-    for kind in dict.fromkeys(r["kind"] for r in data["records"]):
-      rows = [r for r in data["records"] if r["method"] == name and r["kind"] == kind]
-      if not rows:
-        continue
-      # A batch's rows are consecutive records sharing its loop steps and seconds.
-      batches = [rows[i] for i in range(0, len(rows), rows[0].get("batch_rows", batch_size))]
-      loop_steps = sum(b["loop_steps"] for b in batches)
-      ms = 1e3 * sum(b["batch_seconds"] for b in batches) / loop_steps
-      mean = ratio = "-"  # AR's records hold no steps of their own
-      if "steps" in rows[0]:
-        row_steps = sum(r["steps"] for r in rows) / len(rows) * len(batches)
-        mean, ratio = f"{row_steps:.1f}", f"{loop_steps / row_steps:.2f}"
-      lines.append(f"| {name} | {kind} | {loop_steps} | {mean} | {ratio} | {ms:.2f} |")
+  for name, kind, rows in _by_method_and_set(data):
+    # A batch's rows are consecutive records sharing its loop steps and seconds; the
+    # first batches are full, the last may not be.
+    width = rows[0].get("batch_rows", data["config"]["batch_size"])
+    batches = [rows[i:i + width] for i in range(0, len(rows), width)]
+    loop_steps = sum(batch[0]["loop_steps"] for batch in batches)
+    ms = 1e3 * sum(batch[0]["batch_seconds"] for batch in batches) / loop_steps
+    mean = ratio = "-"  # AR's records hold no steps of their own
+    if "steps" in rows[0]:
+      row_steps = sum(statistics.mean(r["steps"] for r in batch) for batch in batches)
+      mean, ratio = f"{row_steps:.1f}", f"{loop_steps / row_steps:.2f}"
+    lines.append(f"| {name} | {kind} | {loop_steps} | {mean} | {ratio} | {ms:.2f} |")
   return lines
 
 
