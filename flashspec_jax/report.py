@@ -433,6 +433,28 @@ def compile_time(data: dict) -> list[str]:
   return lines
 
 
+def compile_profile(data: dict) -> list[str]:
+  """The host's own seconds by span name, per program, its cold compile beside its load
+  from the disk cache, each call under the profiler (so slower than compile_time's)."""
+  lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, as in the compile-time "
+           f"table, each call under JAX's profiler (slower than unprofiled). Per program, the "
+           f"host's spans (XLA's passes and phases) by their own time, less their children's, "
+           f"summed over threads, so CPU seconds rather than wall seconds; the "
+           f"{PROFILE_SPANS} largest of each call.", "",
+           "| program | call | wall (s) | host threads | span: own seconds |", "|---|---|---|---|---|"]
+  for r in data["rows"]:
+    for call, wall in (("cold", r["cold_compile_seconds"]), ("cached", r["cached_load_seconds"])):
+      profile = r[f"{call}_host_profile"]
+      spans = ", ".join(f"`{name}` {seconds:.2f}" for name, seconds
+                        in list(profile["self_seconds"].items())[:PROFILE_SPANS])
+      lines.append(f"| {r['method']} | {call} | {wall:.2f} | {profile['threads']} | {spans} |")
+  return lines
+
+
+# Spans named per call in the compile profile's table.
+PROFILE_SPANS = 8
+
+
 def sweep(data: dict) -> list[str]:
   field = data["sweep_field"]
   methods = list(data["points"][0]["summaries"])
@@ -682,6 +704,10 @@ def _stream_sections(device: str, name: str, priced_waits: bool = False,
                                                                    ", sets interleaved"))]
 
 
+def _unprofiled(data: dict) -> bool:
+  return not data.get("profiled", False)
+
+
 # Every GPU section's title names its GPU, and the section draws only that GPU's runs: a
 # run on another would pass for one (tests/test_results.py checks both).
 H200 = "gpu:NVIDIA H200"
@@ -805,8 +831,12 @@ SECTIONS = [
             deterministic, lambda data: data["config"]["batch_size"] == 8),
     Section("deterministic_smollm2", "cpu", "Deterministic mode off and on (CPU)",
             deterministic),
-    Section("compile_time", H200, "Compile time and the disk cache (H200)", compile_time),
-    Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time),
+    Section("compile_time", H200, "Compile time and the disk cache (H200)", compile_time,
+            _unprofiled),
+    Section("compile_time", H200, "Where a compile and a load from the disk cache spend "
+            "their time (H200)", compile_profile, lambda data: data.get("profiled", False)),
+    Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time,
+            _unprofiled),
     Section("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),
     Section("baselines", "", "Baselines on held-out prompts", bandit_run),
 ]

@@ -51,3 +51,29 @@ def test_a_trace_is_split_by_call_and_counted_per_step(tmp_path):
   assert per_call["host_us"] == pytest.approx({"command_buffer::execute": 10,
                                                "command_buffer::update": 40})
   assert summary["per_call"]["b"]["host_us"] == {}
+
+
+def test_host_spans_are_summed_by_their_own_time(tmp_path):
+  gpu, host = 1, 2
+  events = [
+      dict(ph="M", pid=gpu, name="process_name", args=dict(name="/device:GPU:0")),
+      dict(ph="M", pid=host, name="process_name", args=dict(name="/host:CPU")),
+      # One thread: compile encloses passes, one of which encloses a sub-pass.
+      dict(ph="X", pid=host, tid=1, ts=0, dur=100, name="compile"),
+      dict(ph="X", pid=host, tid=1, ts=10, dur=30, name="pass"),
+      dict(ph="X", pid=host, tid=1, ts=20, dur=10, name="sub-pass"),
+      dict(ph="X", pid=host, tid=1, ts=50, dur=10, name="pass"),
+      # Another thread's span of the same name adds up; the GPU's lines count for nothing.
+      dict(ph="X", pid=host, tid=2, ts=0, dur=10, name="compile"),
+      dict(ph="X", pid=gpu, tid=7, ts=0, dur=500, name="loop_fusion"),
+  ]
+  with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as file:
+    json.dump(dict(traceEvents=events), file)
+  spans = traces.host_self_times(tmp_path)
+  assert spans["threads"] == 2
+  assert spans["self_seconds"] == pytest.approx({"compile": 70e-6, "pass": 30e-6,
+                                                 "sub-pass": 10e-6})
+  assert list(spans["self_seconds"]) == ["compile", "pass", "sub-pass"]
+  assert spans["inclusive_seconds"] == pytest.approx({"compile": 110e-6, "pass": 40e-6,
+                                                      "sub-pass": 10e-6})
+  assert list(traces.host_self_times(tmp_path, top=1)["self_seconds"]) == ["compile"]

@@ -13,6 +13,12 @@ other XLA options (`--variants`, named in VARIANTS): without the autotuning of
 matrix products, with cuBLAS in place of Triton's matrix products, or both; each
 variant's run seconds weigh what it costs in run time. Each row says whether the second
 process's call generated the same tokens as the first's.
+
+With --profile, both processes run each call under JAX's profiler and each row keeps
+the host's time by span name (bench/traces.host_self_times): XLA names its passes
+and compile phases, so this says where a compile's and a load's seconds go. The
+profiler slows what it watches, so such a run's seconds are not the goal's figures;
+its file says profiled and the report keeps it out of the compile-time tables.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import dataclasses
 import json
 import subprocess
 import sys
+import contextlib
+import pathlib
 import tempfile
 import time
 
@@ -30,6 +38,7 @@ from jax import monitoring
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import cli, environment, pipeline, results, runner
+from flashspec_jax.bench import traces
 from flashspec_jax.loading import load_model
 
 _TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
@@ -39,12 +48,16 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per call.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _CACHE = flags.DEFINE_string("cache_dir", "", "Internal: the cache a second process reads.")
 _VARIANT = flags.DEFINE_string("variant", "default", "Internal: the second process's variant.")
+_PROFILE = flags.DEFINE_bool("profile", False,
+                              "Trace each call and keep the host's time by span name.")
 _VARIANTS = flags.DEFINE_list("variants", "default,no_autotune,cublas",
                               "Compiler options to compare on a GPU (CPU runs default only).")
 
 # Compiler options to compare, by name. XLA emits each matrix product it fuses as a
 # Triton kernel of its own unless told to call cuBLAS instead. (jaxlib 0.11 always
 # splits a GPU program's LLVM module across threads: the option to ask for that is gone.)
+# Spans printed per profiled call; the file keeps traces.host_self_times' default.
+_SPANS_SHOWN = 12
 VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0},
             "cublas": {"xla_gpu_enable_triton_gemm": False},
             "cublas_no_autotune": {"xla_gpu_enable_triton_gemm": False,
@@ -69,7 +82,23 @@ _EVENTS = []
 monitoring.register_event_listener(lambda event, **kwargs: _EVENTS.append(event))
 
 
-def time_programs(config, variant: str) -> list[dict]:
+@contextlib.contextmanager
+def _host_profile(row: dict, profile: bool):
+  """Runs the block under the profiler when asked, then adds the host's spans to row."""
+  if not profile:
+    yield
+    return
+  # Without Python's spans: tracing a generation program makes millions of them,
+  # which crowd XLA's out of the trace, and the lowering is timed on its own anyway.
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
+      yield
+    row["host_profile"] = traces.host_self_times(pathlib.Path(trace_dir))
+
+
+def time_programs(config, variant: str, profile: bool = False) -> list[dict]:
   """Compiles and runs each method's program once; seconds of each, and cache events."""
   events = _EVENTS
   dtype = pipeline.param_dtype(config)
@@ -82,32 +111,34 @@ def time_programs(config, variant: str) -> list[dict]:
   rows = []
   for method in methods:
     del events[:]
+    row = dict(method=method.name, variant=variant, arms=[a.name for a in method.arms])
     start = time.perf_counter()
-    run = pipeline.compile_and_run(method, setup, [request], jax.random.key(0))
-    rows.append(dict(method=method.name, variant=variant, arms=[a.name for a in method.arms],
-                     lower_seconds=run.lower_seconds, compile_seconds=run.compile_seconds,
-                     run_seconds=run.seconds,
-                     call_seconds=time.perf_counter() - start,
-                     cache_misses=events.count("/jax/compilation_cache/cache_misses"),
-                     cache_hits=events.count("/jax/compilation_cache/cache_hits"),
-                     store_loads=events.count("/flashspec/executables/hits"),
-                     tokens=run.output.token_lists()))
+    with _host_profile(row, profile):
+      run = pipeline.compile_and_run(method, setup, [request], jax.random.key(0))
+    row |= dict(lower_seconds=run.lower_seconds, compile_seconds=run.compile_seconds,
+                run_seconds=run.seconds, call_seconds=time.perf_counter() - start,
+                cache_misses=events.count("/jax/compilation_cache/cache_misses"),
+                cache_hits=events.count("/jax/compilation_cache/cache_hits"),
+                store_loads=events.count("/flashspec/executables/hits"),
+                tokens=run.output.token_lists())
+    rows.append(row)
     jax.clear_caches()
   return rows
 
 
 def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
-          variants: list[str]) -> dict:
+          variants: list[str], profile: bool = False) -> dict:
   config = run_config(target, arms, prompt_length, max_new_tokens)
   cold, warm = [], []
   with tempfile.TemporaryDirectory() as cache:
     environment.enable_compilation_cache(cache)
     for variant in variants if environment.on_gpu() else ["default"]:
-      cold += time_programs(config, variant)
+      cold += time_programs(config, variant, profile)
       child = subprocess.run(
           [sys.executable, "-m", "flashspec_jax.bench.compile_time", f"--target={target}",
            f"--arms={arms}", f"--prompt_length={prompt_length}",
-           f"--max_new_tokens={max_new_tokens}", f"--cache_dir={cache}", f"--variant={variant}"],
+           f"--max_new_tokens={max_new_tokens}", f"--cache_dir={cache}", f"--variant={variant}",
+           f"--profile={profile}"],
           capture_output=True, text=True, check=True)
       warm += json.loads(child.stdout.splitlines()[-1])
   # compile and load seconds include the lowering, as a user waits for both.
@@ -121,11 +152,14 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
                cached_untraced=w["store_loads"] > 0,
                cached_same_tokens=w["tokens"] == c["tokens"],
                raw=dict(cold=c, warm=w))
+          | ({"cold_host_profile": c.pop("host_profile"),
+              "cached_host_profile": w.pop("host_profile")} if profile else {})
           for c, w in zip(cold, warm)]
   return dict(target=target, dtype=jax.numpy.dtype(pipeline.param_dtype(config)).name,
               synthetic_weights=True, batch=1, prompt_length=prompt_length,
               prompt_bucket=pipeline.bucket_width(prompt_length, config.prompts.bucket),
-              max_new_tokens=max_new_tokens, unrolled_drafts=environment.on_gpu(), rows=rows)
+              max_new_tokens=max_new_tokens, unrolled_drafts=environment.on_gpu(),
+              profiled=profile, rows=rows)
 
 
 def main(argv):
@@ -133,13 +167,21 @@ def main(argv):
   if _CACHE.value:  # the second process: read the parent's cache, report as JSON
     environment.enable_compilation_cache(_CACHE.value)
     print(json.dumps(time_programs(run_config(_TARGET.value, _ARMS.value, _PROMPT.value,
-                                              _NEW.value), _VARIANT.value)))
+                                              _NEW.value), _VARIANT.value, _PROFILE.value)))
     return
   unknown = set(_VARIANTS.value) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"--variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
-  result = bench(_TARGET.value, _ARMS.value, _PROMPT.value, _NEW.value, _VARIANTS.value)
+  result = bench(_TARGET.value, _ARMS.value, _PROMPT.value, _NEW.value, _VARIANTS.value,
+                 _PROFILE.value)
   path = results.write("compile_time", result, directory=_OUT.value)
+  for row in result["rows"] if result["profiled"] else []:
+    for call in ("cold", "cached"):
+      profile = row[f"{call}_host_profile"]
+      print(f"\n{row['method']} ({row['variant']}), {call}: the host's own seconds by span, "
+            f"summed over {profile['threads']} threads")
+      for name, seconds in list(profile["self_seconds"].items())[:_SPANS_SHOWN]:
+        print(f"  {seconds:8.2f}  {name}")
   print(f"\ncompile time, {result['target']} shape ({result['dtype']}, synthetic weights), "
         f"{result['prompt_length']}-token prompt, {result['max_new_tokens']} new tokens -> {path}")
   print(f"{'method':<14} {'variant':<12} {'cold compile s':>14} {'lowering s':>10} "

@@ -2,7 +2,8 @@
 their busy time, the device-to-host copies, the command-buffer launches and the
 host's re-recordings of command buffers; and what
 a step count cannot explain: the time before the first and after the last GPU
-activity, and the host's own spans by name.
+activity, and the host's own spans by name. And, for any trace, the host's time by
+span name (host_self_times), which under a compile names XLA's passes and phases.
 
 Kept apart from bench/trace_calls.py, which defines absl flags on import, so that
 tests and other tools can read traces.
@@ -34,6 +35,42 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
   return busy
 
 
+def _load(trace_dir: pathlib.Path) -> list[dict]:
+  path = next(trace_dir.glob("**/perfetto_trace.json.gz"))
+  events = json.load(gzip.open(path))
+  return events["traceEvents"] if isinstance(events, dict) else events
+
+
+def host_self_times(trace_dir: pathlib.Path, top: int = 30) -> dict:
+  """Where the host's time went, by span name: each span's own time (its duration
+  less its children's on the same thread), summed over the host's threads, the `top`
+  largest, and the same names' inclusive sums. XLA names its compile passes and
+  phases as spans, so under a compile this says which of them the seconds went to;
+  across threads the sums are CPU time, not wall time."""
+  events = _load(trace_dir)
+  process = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and "GPU" not in process.get(e["pid"], ""):
+      threads[e["pid"], e["tid"]].append(e)
+  own, inclusive = collections.Counter(), collections.Counter()
+  for spans in threads.values():
+    stack = []  # the open spans enclosing the current one, innermost last
+    for e in sorted(spans, key=lambda e: (e["ts"], -e["dur"])):
+      while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+        stack.pop()
+      if stack:
+        own[stack[-1]["name"]] -= e["dur"]
+      own[e["name"]] += e["dur"]
+      inclusive[e["name"]] += e["dur"]
+      stack.append(e)
+  names = [name for name, _ in own.most_common(top)]
+  return dict(threads=len(threads),
+              self_seconds={name: own[name] / 1e6 for name in names},
+              inclusive_seconds={name: inclusive[name] / 1e6 for name in names})
+
+
 def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   """Per call and per method: GPU kernels, busy time, device-to-host copies,
   command-buffer (CUDA graph) launches and updates, and the host's microseconds in
@@ -41,9 +78,7 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   method under "per_call"): microseconds from the call's start to its first GPU
   activity (lead_us) and from its last to its end (tail_us), and the host's spans,
   summed by name (nested spans each count), the HOST_SPANS longest."""
-  path = next(trace_dir.glob("**/perfetto_trace.json.gz"))
-  events = json.load(gzip.open(path))
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  events = _load(trace_dir)
   process = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
   thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
