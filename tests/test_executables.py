@@ -144,3 +144,25 @@ def test_nothing_is_stored_with_the_cache_off(store):
   method, new_setup, batch = tiny("ngram:2")
   pipeline.compile_and_run(method, new_setup(), batch, jax.random.key(0))
   assert not store.exists()
+
+
+def test_the_compile_time_bench_loads_each_program_untraced_and_profiles_its_compile(tmp_path):
+  """bench.compile_time, profiled, on the tiny shape: a second process loads each of the
+  three programs from the store and generates the first's tokens; each call's host
+  spans are summed by name, the cold compile's naming XLA's own."""
+  run = subprocess.run(
+      [sys.executable, "-m", "flashspec_jax.bench.compile_time", "--target=tiny_llama",
+       "--arms=ngram:2,ar", "--prompt_length=10", "--max_new_tokens=6", "--profile",
+       f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr
+  (path,) = (tmp_path / "compile_time").glob("*.json")
+  result = json.loads(path.read_text())
+  assert result["profiled"]
+  assert [row["method"] for row in result["rows"]] == ["ar", "ngram:2", "bandit:ucb1"]
+  for row in result["rows"]:
+    assert row["cached_untraced"] and row["cached_same_tokens"], row["method"]
+    assert row["compiles_with_warm_cache"] == 0, row["method"]
+    cold = row["cold_host_profile"]
+    assert cold["threads"] >= 1 and "backend_compile_and_load" in cold["inclusive_seconds"]
+    assert all(seconds >= 0 for seconds in cold["self_seconds"].values())
+    assert "cached_host_profile" in row
