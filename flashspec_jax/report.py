@@ -433,14 +433,18 @@ def compile_time(data: dict) -> list[str]:
   return lines
 
 
+# Spans named per call in the compile profile's table.
+PROFILE_SPANS = 8
+
+
 def compile_profile(data: dict) -> list[str]:
   """The host's own seconds by span name, per program, its cold compile beside its load
-  from the disk cache, each call under the profiler (so slower than compile_time's)."""
+  from the disk cache, each under the profiler (so slower than compile_time's)."""
   lines = [f"{data['target']} shape, synthetic {data['dtype']} weights, as in the compile-time "
-           f"table, each call under JAX's profiler (slower than unprofiled). Per program, the "
-           f"host's spans (XLA's passes and phases) by their own time, less their children's, "
-           f"summed over threads, so CPU seconds rather than wall seconds; the "
-           f"{PROFILE_SPANS} largest of each call.", "",
+           f"table, each compile or load under JAX's profiler (slower than unprofiled). Per "
+           f"program, the host's spans by their own time (open, waiting included, less their "
+           f"children's on the same thread), summed over threads: thread-seconds, not wall "
+           f"seconds; the {PROFILE_SPANS} largest of each.", "",
            "| program | call | wall (s) | host threads | span: own seconds |", "|---|---|---|---|---|"]
   for r in data["rows"]:
     for call, wall in (("cold", r["cold_compile_seconds"]), ("cached", r["cached_load_seconds"])):
@@ -450,9 +454,6 @@ def compile_profile(data: dict) -> list[str]:
       lines.append(f"| {r['method']} | {call} | {wall:.2f} | {profile['threads']} | {spans} |")
   return lines
 
-
-# Spans named per call in the compile profile's table.
-PROFILE_SPANS = 8
 
 
 def sweep(data: dict) -> list[str]:
@@ -704,8 +705,12 @@ def _stream_sections(device: str, name: str, priced_waits: bool = False,
                                                                    ", sets interleaved"))]
 
 
+def _profiled(data: dict) -> bool:
+  return data.get("profiled", False)
+
+
 def _unprofiled(data: dict) -> bool:
-  return not data.get("profiled", False)
+  return not _profiled(data)
 
 
 # Every GPU section's title names its GPU, and the section draws only that GPU's runs: a
@@ -834,7 +839,7 @@ SECTIONS = [
     Section("compile_time", H200, "Compile time and the disk cache (H200)", compile_time,
             _unprofiled),
     Section("compile_time", H200, "Where a compile and a load from the disk cache spend "
-            "their time (H200)", compile_profile, lambda data: data.get("profiled", False)),
+            "their time (H200)", compile_profile, _profiled),
     Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time,
             _unprofiled),
     Section("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),

@@ -65,15 +65,22 @@ def test_host_spans_are_summed_by_their_own_time(tmp_path):
       dict(ph="X", pid=host, tid=1, ts=50, dur=10, name="pass"),
       # Another thread's span of the same name adds up; the GPU's lines count for nothing.
       dict(ph="X", pid=host, tid=2, ts=0, dur=10, name="compile"),
+      # A span that outlives the one it starts in takes only their overlap from it; an
+      # empty span takes nothing.
+      dict(ph="X", pid=host, tid=3, ts=0, dur=10, name="wait"),
+      dict(ph="X", pid=host, tid=3, ts=5, dur=10, name="straddle"),
+      dict(ph="X", pid=host, tid=3, ts=7, dur=0, name="empty"),
       dict(ph="X", pid=gpu, tid=7, ts=0, dur=500, name="loop_fusion"),
   ]
   with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as file:
     json.dump(dict(traceEvents=events), file)
   spans = traces.host_self_times(tmp_path)
-  assert spans["threads"] == 2
+  assert spans["threads"] == 3
   assert spans["self_seconds"] == pytest.approx({"compile": 70e-6, "pass": 30e-6,
-                                                 "sub-pass": 10e-6})
-  assert list(spans["self_seconds"]) == ["compile", "pass", "sub-pass"]
+                                                 "sub-pass": 10e-6, "straddle": 10e-6,
+                                                 "wait": 5e-6, "empty": 0})
+  assert list(spans["self_seconds"])[:3] == ["compile", "pass", "sub-pass"]
   assert spans["inclusive_seconds"] == pytest.approx({"compile": 110e-6, "pass": 40e-6,
-                                                      "sub-pass": 10e-6})
+                                                      "sub-pass": 10e-6, "straddle": 10e-6,
+                                                      "wait": 10e-6, "empty": 0})
   assert list(traces.host_self_times(tmp_path, top=1)["self_seconds"]) == ["compile"]

@@ -17,21 +17,22 @@ process's call generated the same tokens as the first's.
 With --profile, both processes compile (or load) each program under JAX's profiler
 and each row keeps the host's time by span name (bench/traces.host_self_times): XLA
 names its passes and compile phases, so this says where a compile's and a load's
-seconds go. The profiler slows what it watches, so such a run's seconds are not the
-goal's figures; its file says profiled and the report keeps it out of the
-compile-time tables.
+seconds go. The profiler slows what it watches, and a call's seconds then include
+its own start, stop and export, so such a run's seconds are not the goal's figures;
+its file says profiled (its lowering, timed with the compile, is None) and the
+report keeps it out of the compile-time tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import subprocess
 import sys
-import contextlib
-import pathlib
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 from absl import app, flags
@@ -49,16 +50,17 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per call.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _CACHE = flags.DEFINE_string("cache_dir", "", "Internal: the cache a second process reads.")
 _VARIANT = flags.DEFINE_string("variant", "default", "Internal: the second process's variant.")
-_PROFILE = flags.DEFINE_bool("profile", False,
-                              "Trace each call and keep the host's time by span name.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Profile each program's compile (or load) and "
+                             "keep the host's time by span name.")
 _VARIANTS = flags.DEFINE_list("variants", "default,no_autotune,cublas",
                               "Compiler options to compare on a GPU (CPU runs default only).")
+
+# Spans printed per profiled call; the file keeps traces.host_self_times' default.
+_SPANS_SHOWN = 12
 
 # Compiler options to compare, by name. XLA emits each matrix product it fuses as a
 # Triton kernel of its own unless told to call cuBLAS instead. (jaxlib 0.11 always
 # splits a GPU program's LLVM module across threads: the option to ask for that is gone.)
-# Spans printed per profiled call; the file keeps traces.host_self_times' default.
-_SPANS_SHOWN = 12
 VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0},
             "cublas": {"xla_gpu_enable_triton_gemm": False},
             "cublas_no_autotune": {"xla_gpu_enable_triton_gemm": False,
@@ -83,20 +85,16 @@ _EVENTS = []
 monitoring.register_event_listener(lambda event, **kwargs: _EVENTS.append(event))
 
 
-@contextlib.contextmanager
-def _host_profile(row: dict, profile: bool):
-  """Runs the block under the profiler when asked, then adds the host's spans to row."""
-  if not profile:
-    yield
-    return
+def _profiled(prepare: Callable[[], float]) -> tuple[float, dict]:
+  """prepare() under JAX's profiler: what it returns, and the host's spans by name."""
   # Without Python's spans: tracing a generation program makes millions of them,
-  # which crowd XLA's out of the trace, and the lowering is timed on its own anyway.
+  # which crowd XLA's out of the trace.
   options = jax.profiler.ProfileOptions()
   options.python_tracer_level = 0
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
-      yield
-    row["host_profile"] = traces.host_self_times(pathlib.Path(trace_dir))
+      seconds = prepare()
+    return seconds, traces.host_self_times(pathlib.Path(trace_dir))
 
 
 def time_programs(config, variant: str, profile: bool = False) -> list[dict]:
@@ -105,6 +103,9 @@ def time_programs(config, variant: str, profile: bool = False) -> list[dict]:
   dtype = pipeline.param_dtype(config)
   model = load_model(config.target, synthetic=True, dtype=dtype, seed=config.seed)
   methods, params = pipeline.build_methods(config, model, dtype)
+  # The random weights are made asynchronously: done before the first compile, they
+  # take no cores from it and no spans in its profile.
+  jax.block_until_ready(params)
   setup = dataclasses.replace(pipeline.make_setup(config, model, params, dtype),
                               compiler_options=VARIANTS[variant])
   methods = pipeline.with_arm_costs(methods, config, setup)
@@ -114,14 +115,15 @@ def time_programs(config, variant: str, profile: bool = False) -> list[dict]:
     del events[:]
     row = dict(method=method.name, variant=variant, arms=[a.name for a in method.arms])
     start = time.perf_counter()
-    with _host_profile(row, profile):
-      # The profiler watches the program's compile (or load) alone, which it then runs
+    if profile:
+      # The profiler watches the program's compile (or load) alone, which then runs
       # unwatched: the one H100 run that traced a bandit program's run too failed in
       # it (CUDA_ERROR_LAUNCH_FAILED), and the run is not what this profiles.
-      ahead = pipeline.compile_ahead([(method, [request])], setup, threads=1) if profile else 0.0
+      ahead, row["host_profile"] = _profiled(
+          lambda: pipeline.compile_ahead([(method, [request])], setup, threads=1))
     run = pipeline.compile_and_run(method, setup, [request], jax.random.key(0))
-    # Profiled, the lowering is inside the compile's seconds.
-    row |= dict(lower_seconds=run.lower_seconds, compile_seconds=run.compile_seconds + ahead,
+    row |= dict(lower_seconds=None if profile else run.lower_seconds,
+                compile_seconds=ahead if profile else run.compile_seconds,
                 run_seconds=run.seconds, call_seconds=time.perf_counter() - start,
                 cache_misses=events.count("/jax/compilation_cache/cache_misses"),
                 cache_hits=events.count("/jax/compilation_cache/cache_hits"),
@@ -147,20 +149,21 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
            f"--profile={profile}"],
           capture_output=True, text=True, check=True)
       warm += json.loads(child.stdout.splitlines()[-1])
+  profiles = [dict(cold_host_profile=c.pop("host_profile"),
+                   cached_host_profile=w.pop("host_profile")) if profile else {}
+              for c, w in zip(cold, warm)]
   # compile and load seconds include the lowering, as a user waits for both.
   rows = [dict(method=c["method"], variant=c["variant"], arms=c["arms"],
-               cold_compile_seconds=c["lower_seconds"] + c["compile_seconds"],
+               cold_compile_seconds=(c["lower_seconds"] or 0.0) + c["compile_seconds"],
                cold_lower_seconds=c["lower_seconds"],
                cold_call_seconds=c["call_seconds"], run_seconds=c["run_seconds"],
-               cached_load_seconds=w["lower_seconds"] + w["compile_seconds"],
+               cached_load_seconds=(w["lower_seconds"] or 0.0) + w["compile_seconds"],
                cached_lower_seconds=w["lower_seconds"], cached_call_seconds=w["call_seconds"],
                cached_run_seconds=w["run_seconds"], compiles_with_warm_cache=w["cache_misses"],
                cached_untraced=w["store_loads"] > 0,
-               cached_same_tokens=w["tokens"] == c["tokens"],
+               cached_same_tokens=w["tokens"] == c["tokens"], **profile_of,
                raw=dict(cold=c, warm=w))
-          | ({"cold_host_profile": c.pop("host_profile"),
-              "cached_host_profile": w.pop("host_profile")} if profile else {})
-          for c, w in zip(cold, warm)]
+          for c, w, profile_of in zip(cold, warm, profiles)]
   return dict(target=target, dtype=jax.numpy.dtype(pipeline.param_dtype(config)).name,
               synthetic_weights=True, batch=1, prompt_length=prompt_length,
               prompt_bucket=pipeline.bucket_width(prompt_length, config.prompts.bucket),
@@ -194,8 +197,9 @@ def main(argv):
         f"{'cached load s':>13} {'cached call s':>13} {'run s':>7} {'recompiled':>10} "
         f"{'untraced':>8} {'same tokens':>11}")
   for row in result["rows"]:
+    lowering = "-" if row["cold_lower_seconds"] is None else f"{row['cold_lower_seconds']:.2f}"
     print(f"{row['method']:<14} {row['variant']:<12} {row['cold_compile_seconds']:>14.2f} "
-          f"{row['cold_lower_seconds']:>10.2f} "
+          f"{lowering:>10} "
           f"{row['cached_load_seconds']:>13.2f} {row['cached_call_seconds']:>13.2f} "
           f"{row['cached_run_seconds']:>7.3f} {row['compiles_with_warm_cache']:>10} "
           f"{str(row['cached_untraced']):>8} {str(row['cached_same_tokens']):>11}")

@@ -35,21 +35,26 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
   return busy
 
 
-def _load(trace_dir: pathlib.Path) -> list[dict]:
-  path = next(trace_dir.glob("**/perfetto_trace.json.gz"))
-  events = json.load(gzip.open(path))
-  return events["traceEvents"] if isinstance(events, dict) else events
+def _load(trace_dir: pathlib.Path) -> tuple[list[dict], dict[int, str]]:
+  """The trace's events, and its processes' names by pid."""
+  path = next(trace_dir.glob("**/perfetto_trace.json.gz"), None)
+  if path is None:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+  with gzip.open(path, "rt") as file:
+    events = json.load(file)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  return events, {e["pid"]: e["args"]["name"] for e in events
+                  if e.get("ph") == "M" and e.get("name") == "process_name"}
 
 
 def host_self_times(trace_dir: pathlib.Path, top: int = 30) -> dict:
-  """Where the host's time went, by span name: each span's own time (its duration
-  less its children's on the same thread), summed over the host's threads, the `top`
-  largest, and the same names' inclusive sums. XLA names its compile passes and
-  phases as spans, so under a compile this says which of them the seconds went to;
-  across threads the sums are CPU time, not wall time."""
-  events = _load(trace_dir)
-  process = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  """Where the host's time went, by span name: each span's own time (how long it was
+  open, waiting included, less the time its children on the same thread were open),
+  summed over the host's threads, the `top` largest, and the same names' inclusive
+  sums. XLA names its compile passes and phases as spans, so under a compile this
+  says which of them the seconds went to. Summed over threads these are
+  thread-seconds: a thread that waits for others counts its wait as its own."""
+  events, process = _load(trace_dir)
   threads = collections.defaultdict(list)
   for e in events:
     if e.get("ph") == "X" and "GPU" not in process.get(e["pid"], ""):
@@ -60,8 +65,9 @@ def host_self_times(trace_dir: pathlib.Path, top: int = 30) -> dict:
     for e in sorted(spans, key=lambda e: (e["ts"], -e["dur"])):
       while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
         stack.pop()
-      if stack:
-        own[stack[-1]["name"]] -= e["dur"]
+      if stack:  # a span that outlives its parent takes only their overlap from it
+        parent_end = stack[-1]["ts"] + stack[-1]["dur"]
+        own[stack[-1]["name"]] -= min(e["ts"] + e["dur"], parent_end) - e["ts"]
       own[e["name"]] += e["dur"]
       inclusive[e["name"]] += e["dur"]
       stack.append(e)
@@ -78,9 +84,7 @@ def summarise(trace_dir: pathlib.Path, calls: list[dict]) -> dict:
   method under "per_call"): microseconds from the call's start to its first GPU
   activity (lead_us) and from its last to its end (tail_us), and the host's spans,
   summed by name (nested spans each count), the HOST_SPANS longest."""
-  events = _load(trace_dir)
-  process = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  events, process = _load(trace_dir)
   thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
             if e.get("ph") == "M" and e.get("name") == "thread_name"}
   spans = [e for e in events if e.get("ph") == "X"]
