@@ -168,15 +168,17 @@ def by_prompt_set(data: dict) -> list[str]:
     seconds = sum(r["batch_seconds"] / r.get("batch_rows", batch_size) for r in rows)
     return sum(r["new_tokens"] for r in rows) / seconds
 
-  base = {kind: rate(rows) for name, kind, rows in _by_method_and_set(data) if name == "ar"}
-  for name, kind, rows in _by_method_and_set(data):
-    speedup = f"{rate(rows) / base[kind]:.2f}x" if kind in base else "-"
+  groups = list(_by_method_and_set(data))
+  rates = [rate(rows) for _, _, rows in groups]
+  base = {kind: r for (name, kind, _), r in zip(groups, rates) if name == "ar"}
+  for (name, kind, rows), tokens_per_second in zip(groups, rates):
+    speedup = f"{tokens_per_second / base[kind]:.2f}x" if kind in base else "-"
     alpha = tau = "-"
     if "accepted" in rows[0]:
       totals = {k: sum(r[k] for r in rows) for k in ("steps", "tested", "accepted", "emitted")}
       alpha, tau = f"{totals['accepted'] / totals['tested']:.3f}", \
           f"{totals['emitted'] / totals['steps']:.2f}"
-    lines.append(f"| {name} | {kind} | {rate(rows):.1f} | {speedup} | {alpha} | {tau} |")
+    lines.append(f"| {name} | {kind} | {tokens_per_second:.1f} | {speedup} | {alpha} | {tau} |")
   return lines
 
 
@@ -453,7 +455,6 @@ def compile_profile(data: dict) -> list[str]:
                         in list(profile["self_seconds"].items())[:PROFILE_SPANS])
       lines.append(f"| {r['method']} | {call} | {wall:.2f} | {profile['threads']} | {spans} |")
   return lines
-
 
 
 def sweep(data: dict) -> list[str]:
