@@ -171,6 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.validation_fraction = 0.05
   config.train.rollout_steps = 4  # draft steps trained at once (training-time test)
   config.train.draft_vocabulary = 0  # > 0: draft only the answers' most frequent tokens
+  # The target layers the drafter reads, fused (EAGLE-3), e.g. "2,15,27": comma-separated,
+  # 0-based, the layer count for the final-normed state; "" reads that state alone (EAGLE).
+  config.train.feature_layers = ""
   config.train.steps = 2000
   config.train.max_seconds = 0.0  # > 0: stop training after this long, whatever the step
   config.train.batch_size = 16
@@ -259,6 +262,11 @@ def _parses(parse, text) -> bool:
   except (ValueError, KeyError, AttributeError):
     return False
   return True
+
+
+def feature_layers(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """config.train.feature_layers, as FeatureDrafter.feature_layers takes them."""
+  return tuple(int(x) for x in split_list(config.train.feature_layers))
 
 
 def _ints(text: str) -> list[int]:
@@ -418,6 +426,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sharding.sharded_config(model_config(config.target), sharding.parse_mesh(config.mesh))
   except ValueError as error:
     raise ValueError(f"config.mesh = {config.mesh!r} is invalid: {error}") from None
+  num_layers = model_config(config.target).num_layers
+  layers = feature_layers(config) if _parses(feature_layers, config) else None
+  if layers is None or len(set(layers)) < len(layers) or any(
+      not 0 <= i <= num_layers for i in layers):
+    raise ValueError(f"config.train.feature_layers = {config.train.feature_layers!r} is invalid: "
+                     f"expected distinct comma-separated layers of {config.target} in "
+                     f"[0, {num_layers}] ({num_layers}: its final-normed state), or empty")
   vocab_size = model_config(config.target).vocab_size
   if not 0 <= config.train.draft_vocabulary <= vocab_size:
     raise ValueError(f"config.train.draft_vocabulary = {config.train.draft_vocabulary} is "

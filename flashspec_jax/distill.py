@@ -194,11 +194,13 @@ def split_validation(data: TrainingData, fraction: float, seed: int) -> tuple[Tr
   return data.take(np.setdiff1d(np.arange(len(data.ids)), validation)), data.take(validation)
 
 
-def target_outputs(target: Llama, params, tokens, lengths) -> tuple[jax.Array, jax.Array]:
-  """The target's features [B, T, D] and log p [B, T, V] over whole sequences."""
+def target_outputs(target: Llama, params, tokens, lengths, feature_layers: tuple[int, ...]
+                   ) -> tuple[jax.Array, jax.Array]:
+  """The target's features [B, T, D or F] (Llama's, for feature_layers) and log p [B, T, V]
+  over whole sequences."""
   cache = KVCache.init(target.config, tokens.shape[0], tokens.shape[1], target.param_dtype)
   logits, _, features = target.apply(params["target"], tokens, cache, num_valid=lengths,
-                                     return_features=True)
+                                     return_features=True, feature_layers=feature_layers)
   return jax.lax.stop_gradient(features), jax.nn.log_softmax(jax.lax.stop_gradient(logits))
 
 
@@ -218,7 +220,8 @@ def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array], s
   `step_chains` [steps, B, T]: whether step k at j ends a chain of greedy matches (one
   that started at j - k) at a draft the engine would make."""
   tokens, lengths, prompt_lens = batch["tokens"], batch["lengths"], batch["prompt_lens"]
-  features, target_logp = target_outputs(drafter.target, params, tokens, lengths)
+  features, target_logp = target_outputs(drafter.target, params, tokens, lengths,
+                                         drafter.feature_layers)
   # Step k at j predicts t_{j+2}, which the target's distribution at j + 1 gives.
   target_logp = jnp.pad(target_logp[:, 1:], ((0, 0), (0, 1), (0, 0)))
   target_top = jnp.argmax(target_logp, axis=-1)
@@ -369,9 +372,11 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
                                        else f"answered in {generate_seconds:.0f} s"))
 
   target = Llama(model.config, param_dtype=dtype)
-  drafter = FeatureDrafter(target, DRAFTER_KEY)
+  layers = config_lib.feature_layers(config)
+  drafter = FeatureDrafter(target, DRAFTER_KEY, feature_layers=layers)
   tx = optimizer(t)
-  drafter_params = init_params(model.config, jax.random.key(config.seed), jnp.float32)
+  drafter_params = init_params(model.config, jax.random.key(config.seed), jnp.float32,
+                               len(layers))
   # The head rows of a restricted drafter are the frozen target's: they go beside the
   # trained params into every step, and are never trained.
   vocabulary = (restrict_vocabulary(drafter_params, model.params,
@@ -382,7 +387,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   trained_from = json.dumps(dict(data=made_from, validation="conversations", **{
       name: t[name] for name in (
           "max_tokens", "validation_fraction", "rollout_steps", "steps", "batch_size",
-          "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "draft_vocabulary")}),
+          "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "draft_vocabulary",
+          "feature_layers")}),
       sort_keys=True)
   state = Checkpoint(0, drafter_params, tx.init(drafter_params), [], 0.0, trained_from)
   checkpoint_path = workdir / "checkpoint.msgpack" if workdir else None
@@ -459,7 +465,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   output = save_drafter(output or path.with_suffix(".safetensors"), drafter_params,
                         config.target, metadata=dict(
                             steps=str(steps_done), seed=str(config.seed), results=path.name,
-                            git_sha=env["git_sha"], device=env["device"], command=env["command"]))
+                            git_sha=env["git_sha"], device=env["device"], command=env["command"]),
+                        feature_layers=layers)
   plots.training(curve, by_kind, path.with_suffix(".png"))
   print_summary(curve, by_kind)
   print(f"drafter: {output}\nresults: {path}")

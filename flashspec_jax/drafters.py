@@ -372,8 +372,10 @@ class FeatureDrafterState:
   """Attributes:
     cache: the drafter's one-layer KVCache; slot j holds the pair (f_j, t_{j+1}).
       Between steps it holds at most seq_lens - 1 pairs, all from target features.
-    features: [B, S, D] the target's features f_j of the positions it has scored;
-      those of committed positions (j < seq_lens - 1) are final.
+    features: [B, S, D] the target's features f_j of the positions it has scored,
+      as the target returns them for the drafter's feature layers ([B, S, F], one
+      model width per layer, when it has some); those of committed positions
+      (j < seq_lens - 1) are final.
   """
 
   cache: KVCache
@@ -399,6 +401,8 @@ class FeatureDrafter:
       and the pairs of long idle spans. On a GPU a forward of 128 pairs costs about
       what one of 16 does, and each forward of the loop waits for the host once.
     unroll: unroll the gamma draft steps in XLA (fastest on GPU).
+    feature_layers: the target layers (0-based) whose residual streams it reads,
+      fused (EAGLE-3); empty reads the target's final-normed hidden state (EAGLE).
   """
 
   target: Llama
@@ -406,6 +410,7 @@ class FeatureDrafter:
   chunk: int = 16
   wide_chunk: int = 128
   unroll: bool = True
+  feature_layers: tuple[int, ...] = ()
   reads_features = True
   scored_free = False
   shares_step_body = False
@@ -421,7 +426,8 @@ class FeatureDrafter:
 
   @property
   def net(self) -> FeatureDrafterNet:
-    return FeatureDrafterNet(self.target.config, self.target.param_dtype)
+    return FeatureDrafterNet(self.target.config, self.target.param_dtype,
+                             len(self.feature_layers))
 
   def init(self, params, prompt_tokens, prompt_lens, capacity: int) -> FeatureDrafterState:
     """Empty: the prompts' pairs are read at the first proposal, once observed."""
@@ -431,7 +437,8 @@ class FeatureDrafter:
     dtype = self.target.param_dtype
     return FeatureDrafterState(
         cache=KVCache.init(c, batch, capacity, dtype=dtype, num_layers=1),
-        features=jnp.zeros((batch, capacity, c.hidden_size), dtype))
+        features=jnp.zeros((batch, capacity, max(len(self.feature_layers), 1) * c.hidden_size),
+                           dtype))
 
   def observe(self, state: FeatureDrafterState, features, starts) -> FeatureDrafterState:
     return state.replace(features=write_rows(state.features, features, starts))
@@ -460,7 +467,8 @@ class FeatureDrafter:
 
     Args:
       params: {"target": ..., "drafters": {params_key: ...}}.
-      features: [B, T, D] the target's features at positions 0..T-1.
+      features: [B, T, D or F] the target's features at positions 0..T-1, as the
+        target returns them for `feature_layers`.
       tokens: [B, T] the tokens t_0..t_{T-1}.
       steps: draft steps to run.
     """
@@ -476,7 +484,8 @@ class FeatureDrafter:
     for step in range(steps):
       hidden, normed, layer_cache = self.net.apply(
           self.net_params(params), features, embeds, layer_cache,
-          jnp.full((batch,), step * width), positions, rollout_visibility(width, steps, step))
+          jnp.full((batch,), step * width), positions, rollout_visibility(width, steps, step),
+          from_target=step == 0)
       outputs.append(normed)
       features = jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))[:, :width]
     return jnp.stack(outputs)
@@ -484,16 +493,18 @@ class FeatureDrafter:
   def net_params(self, params) -> dict:
     return {"params": params["drafters"][self.params_key]["params"]}
 
-  def forward(self, params, cache: KVCache, features, tokens,
-              num_valid) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Reads pairs (features [B, T, D], tokens [B, T]) at each row's cache length;
-    returns the outputs [B, T, D], the same final-normed (`head` reads them) and the
-    cache grown by num_valid."""
+  def forward(self, params, cache: KVCache, features, tokens, num_valid,
+              from_target: bool) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Reads pairs (features, tokens [B, T]) at each row's cache length; returns the
+    outputs [B, T, D], the same final-normed (`head` reads them) and the cache grown by
+    num_valid. from_target: the features are the target's (state.features), else the
+    drafter's own outputs [B, T, D]."""
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(tokens.shape[1])[None, :]
     embeds = jnp.take(params["target"]["params"]["embedding"], tokens, axis=0)
     hidden, normed, layer_cache = self.net.apply(
-        self.net_params(params), features, embeds, cache.layers[0], starts, positions)
+        self.net_params(params), features, embeds, cache.layers[0], starts, positions,
+        from_target=from_target)
     return hidden, normed, KVCache(layers=(layer_cache,), lengths=starts + num_valid)
 
   def _pairs_at(self, state: FeatureDrafterState, tokens, cache: KVCache, width: int):
@@ -516,7 +527,7 @@ class FeatureDrafter:
     def feed_wide(cache):  # all but the last missing pair, up to wide_chunk of them
       num_valid = jnp.clip(missing(cache) - 1, 0, self.wide_chunk)
       return self.forward(params, cache, *self._pairs_at(state, tokens, cache, self.wide_chunk),
-                          num_valid)[2]
+                          num_valid, from_target=True)[2]
 
     return state.replace(cache=jax.lax.while_loop(
         lambda cache: jnp.any(missing(cache) > self.chunk), feed_wide, state.cache))
@@ -535,7 +546,8 @@ class FeatureDrafter:
     cache = state.cache
     num_valid = jnp.maximum(seq_lens - 1 - cache.lengths, 0)
     hidden, normed, cache = self.forward(
-        params, cache, *self._pairs_at(state, tokens, cache, self.chunk), num_valid)
+        params, cache, *self._pairs_at(state, tokens, cache, self.chunk), num_valid,
+        from_target=True)
     last = jnp.maximum(num_valid - 1, 0)[:, None, None]
     # Only the last pair's logits are drafted from: the head reads one row, not a chunk.
     return (self.head(params, jnp.take_along_axis(normed, last, axis=1)[:, 0]),
@@ -554,7 +566,8 @@ class FeatureDrafter:
 
     def draft_one(carry, key):
       cache, hidden, previous, logq = carry
-      hidden, normed, cache = self.forward(params, cache, hidden[:, None], previous[:, None], ones)
+      hidden, normed, cache = self.forward(params, cache, hidden[:, None], previous[:, None], ones,
+                                           from_target=False)
       logits = self.head(params, normed[:, 0])
       token = sampler.get_next_tokens(logits, key)
       return (cache, hidden[:, 0], token, draft_log_q(sampler, logits)), (previous, logq)

@@ -303,6 +303,11 @@ class SpeculativeDecoder:
         raise ValueError(f"drafter vocabulary ({arm.drafter.vocab_size}) differs from the "
                          f"target's ({self.target.config.vocab_size}); speculative decoding "
                          f"needs one vocabulary")
+    if len({self.arms[i].drafter.feature_layers for i in self.feature_arms}) > 1:
+      raise ValueError("the feature drafters read different target layers ("
+                       + ", ".join(f"{self.arms[i].name}: {self.arms[i].drafter.feature_layers}"
+                                   for i in self.feature_arms)
+                       + "); each target pass returns one kind of feature")
     # Binding checks the strategy against the arms: an arm index outside them would
     # match no step body, and the loop would never end.
     self.strategy.bind(self.arms)
@@ -338,6 +343,12 @@ class SpeculativeDecoder:
     return tuple(i for i, arm in enumerate(self.arms)
                  if arm.drafter is not None and arm.drafter.reads_features)
 
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    """What the feature drafters read of the target: Llama's feature_layers, one for all
+    (__post_init__ checks), empty for its final-normed state."""
+    return self.arms[self.feature_arms[0]].drafter.feature_layers if self.feature_arms else ()
+
   def target_forward(self, params, tokens, cache: KVCache,
                      drafter_states: list) -> tuple[jax.Array, KVCache]:
     """The target's logits [B, T, V] for tokens [B, T] at each row's cache length; the
@@ -345,14 +356,15 @@ class SpeculativeDecoder:
     starts = cache.lengths
     logits, cache, *features = model_pass(self.target, params["target"], tokens, cache,
                                           self.pass_width,
-                                          return_features=bool(self.feature_arms))
+                                          return_features=bool(self.feature_arms),
+                                          feature_layers=self.feature_layers)
     if features:
       self._observe(drafter_states, features[0], starts)
     return logits, cache
 
   def _observe(self, drafter_states: list, features, starts) -> None:
-    """Hands the target's features [B, T, D] at positions starts[b] + t to every drafter
-    that reads them (in drafter_states, in place)."""
+    """Hands the target's features [B, T, D or F] at positions starts[b] + t to every
+    drafter that reads them (in drafter_states, in place)."""
     for i in self.feature_arms:
       drafter_states[i] = self.arms[i].drafter.observe(drafter_states[i], features, starts)
 
@@ -365,16 +377,24 @@ class SpeculativeDecoder:
     """
     ar_decoder = self.ar_decoder
     scores_prompt = self.chooser.uses_free_feedback
+    # Scoring the prompt reads the target's final-normed state, which fused features
+    # may lack: the prefill then also returns it, last.
+    final = self.target.num_layers or self.target.config.num_layers
+    layers = self.feature_layers
+    with_final = layers + (final,) if scores_prompt and layers and final not in layers else layers
     ar, features = ar_decoder.prefill(params["target"], prompt_tokens, prompt_lens, rng,
                                       target_sampler,
-                                      with_features=bool(self.feature_arms) or scores_prompt)
+                                      with_features=bool(self.feature_arms) or scores_prompt,
+                                      feature_layers=with_final)
     capacity = ar_decoder.cache_capacity(prompt_tokens.shape[1])
     drafter_states = [
         () if arm.drafter is None
         else arm.drafter.init(params, prompt_tokens, prompt_lens, capacity)
         for arm in self.arms]
+    width = self.target.config.hidden_size
     if self.feature_arms:
-      self._observe(drafter_states, features, jnp.zeros_like(prompt_lens))
+      self._observe(drafter_states, features[..., :max(len(layers), 1) * width],
+                    jnp.zeros_like(prompt_lens))
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
         bandit=self.chooser.init(len(self.arms)) if bandit is None else bandit,
@@ -385,7 +405,9 @@ class SpeculativeDecoder:
     if scores_prompt:
       # The first arm is chosen knowing how much this prompt repeats itself, with what
       # earlier requests taught faded by the chooser's request_carry.
-      prompt_logp = self._prompt_log_probs(params, ar.seqs, features, target_sampler)
+      at = with_final.index(final) if with_final else 0
+      prompt_logp = self._prompt_log_probs(
+          params, ar.seqs, features[..., at * width:(at + 1) * width], target_sampler)
       state = state.replace(bandit=self.chooser.observe(
           state.bandit, *self._scored_on_prompt(state, prompt_logp)))
     return state

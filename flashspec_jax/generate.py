@@ -152,15 +152,16 @@ class Decoder:
     return self.prefill(params, prompt_tokens, prompt_lens, rng, sampler)[0]
 
   def prefill(self, params, prompt_tokens, prompt_lens, rng, sampler: Sampler,
-              with_features: bool = False) -> tuple[DecodeState, jax.Array | None]:
-    """`init`, also returning the model's features [B, P, D] of the prompts if asked
-    (see Llama's return_features)."""
+              with_features: bool = False, feature_layers: tuple[int, ...] = ()
+              ) -> tuple[DecodeState, jax.Array | None]:
+    """`init`, also returning the model's features [B, P, D or F] of the prompts if asked
+    (see Llama's return_features and feature_layers)."""
     batch, width = prompt_tokens.shape
     cache = KVCache.init(self.model.config, batch, self.cache_capacity(width),
                          dtype=self.model.param_dtype)
     logits, cache, *features = self.model.apply(
         params, prompt_tokens, cache, num_valid=prompt_lens, logits_index=prompt_lens - 1,
-        return_features=with_features)
+        return_features=with_features, feature_layers=feature_layers)
     rng, key = jax.random.split(rng)
     first = sampler.get_next_tokens(logits, key)
     nan_rows = jnp.isnan(logits).any(axis=-1)

@@ -33,7 +33,7 @@ from flashspec_jax.generate import Decoder, slots_past_budget
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, check_checkpoint,
                                    load_model)
-from flashspec_jax.loading.eagle import load_drafter, shipped_path
+from flashspec_jax.loading.eagle import feature_layers, load_drafter, shipped_path
 from flashspec_jax.models import eagle
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import Llama
@@ -125,13 +125,15 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
     return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg), shares_step_body=on_gpu),
                gamma)
   if spec.kind == "eagle":
+    layers = (() if spec.arg == "random"
+              else feature_layers(eagle_weights(spec.arg, config), target.config))
     if spec.arg not in params["drafters"]:
       params["drafters"][spec.arg] = (
           eagle.init_params(target.config, jax.random.key(config.seed + 2), dtype)
           if spec.arg == "random" else load_drafter(eagle_weights(spec.arg, config), target.config,
                                                     dtype, params["target"]))
-    return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=on_gpu),
-               gamma)
+    return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=on_gpu,
+                              feature_layers=layers), gamma)
   if spec.arg not in drafter_configs:
     # load_target has checked the checkpoint, naming the draft flag (check_checkpoints).
     drafter = load_model(spec.arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,

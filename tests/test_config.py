@@ -47,6 +47,10 @@ def no_loading(monkeypatch):
                         "'tp:<n>'"),
     (dict(target="llama3_8b", mesh="tp:3"), "config.mesh = 'tp:3' is invalid: llama3_8b: "
                                             "num_kv_heads=8 does not split over 3"),
+    *[(dict(**{"train.feature_layers": bad}), f"config.train.feature_layers = '{bad}' is "
+                                              f"invalid: expected distinct comma-separated "
+                                              f"layers of smollm2_135m in \\[0, 30\\]")
+      for bad in ("2,31", "-1", "2,2", "two")],
 ])
 def test_bad_values_are_refused_before_weights_load(tmp_path, no_loading, overrides, message):
   with pytest.raises(ValueError, match=message):

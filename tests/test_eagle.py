@@ -17,23 +17,25 @@ from helpers import loops_per_step
 from flashspec_jax import config as config_lib
 from flashspec_jax import distill, engine, prompts
 from flashspec_jax.bench import teacher_forced
-from flashspec_jax.bandit import UCB1
+from flashspec_jax.bandit import UCB1, AcceptanceKLUCB
 from flashspec_jax.drafters import FeatureDrafter, NgramDrafter
 from flashspec_jax.generate import Decoder, run_generate
 from flashspec_jax.loading import CheckpointError
-from flashspec_jax.loading.eagle import load_drafter, save_drafter, shipped_path
+from flashspec_jax.loading.eagle import feature_layers, load_drafter, save_drafter, shipped_path
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models import eagle
 from flashspec_jax.models.config import model_config
-from flashspec_jax.models.llama import KVCache, Llama
+from flashspec_jax.models.llama import KVCache, Llama, RMSNorm
 from flashspec_jax.prompts import load_prompts, split_size
-from flashspec_jax.sampling import Greedy, Samplers
+from flashspec_jax.sampling import Greedy, Samplers, Temperature
 
 CONFIG = tiny_config(num_layers=4, name="tiny_eagle_target")
 TARGET = Llama(CONFIG, param_dtype=jnp.float32)
 # The longest prompt (12 tokens) lacks 12 pairs at the first proposal: wide chunks of 6
 # and 5, then the last pair.
 DRAFTER = FeatureDrafter(TARGET, "eagle", chunk=4, wide_chunk=6, unroll=False)
+# EAGLE-3's fused features, without the final-normed state that scoring a prompt reads.
+FUSED = FeatureDrafter(TARGET, "fused", chunk=4, wide_chunk=6, unroll=False, feature_layers=(0, 2))
 VOCABULARY = np.arange(0, CONFIG.vocab_size, 3)  # a restricted drafter's tokens
 PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(30, 39)),
            [4] * 6, [60, 61, 62, 63, 0]]  # batch 8, lengths 1 to 12
@@ -42,7 +44,9 @@ PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(
 @pytest.fixture(scope="module")
 def params():
   return {"target": spread_params(CONFIG, seed=0),
-          "drafters": {"eagle": eagle.init_params(CONFIG, jax.random.key(3), jnp.float32)}}
+          "drafters": {"eagle": eagle.init_params(CONFIG, jax.random.key(3), jnp.float32),
+                       "fused": eagle.init_params(CONFIG, jax.random.key(4), jnp.float32,
+                                                  len(FUSED.feature_layers))}}
 
 
 def greedy_ar(params, max_new_tokens=16):
@@ -62,9 +66,33 @@ def test_features_are_what_the_head_reads_and_change_no_logit(params):
   np.testing.assert_allclose(scored, logits[:, 3], rtol=1e-5, atol=1e-5)
 
 
+def test_fused_features_are_the_layers_streams_side_by_side(params):
+  """Layer i's entry is the residual stream after it: normed by the final norm, the one
+  after layer 1 is what a 2-layer model's head reads; the layer count's entry is the
+  final-normed state."""
+  tokens = jnp.asarray([[5, 9, 3, 17, 2, 8]])
+  cache = KVCache.init(CONFIG, 1, 8, jnp.float32)
+  logits, _, final = TARGET.apply(params["target"], tokens, cache, return_features=True)
+  fused_logits, _, fused = TARGET.apply(params["target"], tokens, cache, return_features=True,
+                                        feature_layers=(1, CONFIG.num_layers))
+  width = CONFIG.hidden_size
+  assert fused.shape == (1, 6, 2 * width)
+  np.testing.assert_array_equal(fused_logits, logits)
+  np.testing.assert_array_equal(fused[..., width:], final)
+  _, _, two_layers = Llama(CONFIG, num_layers=2, param_dtype=jnp.float32).apply(
+      params["target"], tokens, KVCache.init(CONFIG, 1, 8, jnp.float32, num_layers=2),
+      return_features=True)
+  final_norm = RMSNorm(CONFIG.rms_norm_eps, jnp.float32).apply(
+      {"params": params["target"]["params"]["final_norm"]}, fused[..., :width])
+  np.testing.assert_allclose(final_norm, two_layers, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"feature layers \(5,\) outside \[0, 4\]"):
+    TARGET.apply(params["target"], tokens, cache, return_features=True, feature_layers=(5,))
+
+
+@pytest.mark.parametrize("drafter", [DRAFTER, FUSED], ids=["final", "fused"])
 @pytest.mark.parametrize("gamma", [1, 4])
-def test_greedy_speculation_equals_greedy_ar_on_a_ragged_batch(params, gamma):
-  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTER, gamma),), 16)
+def test_greedy_speculation_equals_greedy_ar_on_a_ragged_batch(params, gamma, drafter):
+  decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(drafter, gamma),), 16)
   out = engine.run_speculative(params, decoder, PROMPTS, jax.random.key(0),
                                Samplers.same(Greedy()))
   np.testing.assert_array_equal(out.tokens, greedy_ar(params).tokens)
@@ -92,46 +120,77 @@ def test_an_idle_feature_drafter_catches_up_in_a_bandit(params):
   assert chosen[:3] == [0, 1, 2] and chosen.count(0) >= 2
 
 
-def test_training_rollout_is_what_drafting_computes(params):
+def test_a_fused_drafter_beside_a_chooser_that_scores_the_prompt(params):
+  """The prefill returns the fused features and, after them, the final-normed state that
+  scoring the prompt reads: the chooser's prompt prior (here at temperature 1, where
+  every probability counts) is the one it gets beside a final-feature drafter, and
+  greedy speculation is greedy AR."""
+  ngram = engine.Arm(NgramDrafter(CONFIG.vocab_size, 2), 3)
+  outs = []
+  for drafter in (DRAFTER, FUSED):
+    decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(drafter, 3), ngram, engine.Arm()), 16,
+                                        strategy=AcceptanceKLUCB())
+    outs.append(engine.run_speculative(params, decoder, PROMPTS, jax.random.key(0),
+                                       Samplers.same(Greedy())))
+    np.testing.assert_array_equal(outs[-1].tokens, greedy_ar(params).tokens)
+    state = decoder.init(params, *decoder.ar_decoder.prepare(PROMPTS), jax.random.key(0),
+                         Temperature(1.0))
+    if drafter is DRAFTER:
+      prior = state.bandit
+  jax.tree.map(np.testing.assert_array_equal, state.bandit, prior)
+
+
+def test_feature_drafters_of_different_layers_are_refused_together():
+  with pytest.raises(ValueError, match=r"eagle_eagle:g3: \(\), eagle_fused:g3: \(0, 2\)"):
+    engine.SpeculativeDecoder(TARGET, (engine.Arm(DRAFTER, 3), engine.Arm(FUSED, 3)), 16)
+
+
+@pytest.mark.parametrize("drafter", [DRAFTER, FUSED], ids=["final", "fused"])
+def test_training_rollout_is_what_drafting_computes(params, drafter):
   """Draft step k at position j of the rollout gives the logits that drafting gives
   with L = j + 2 - k committed tokens and the true tokens as its earlier drafts."""
   sequence = jnp.asarray([[5, 9, 3, 17, 2, 8, 11, 4, 6, 1, 30, 22]])
   width, steps = sequence.shape[1], 3
   _, _, features = TARGET.apply(params["target"], sequence,
-                                KVCache.init(CONFIG, 1, width, jnp.float32), return_features=True)
-  rollout = DRAFTER.head(params, DRAFTER.rollout(params, features, sequence, steps))
+                                KVCache.init(CONFIG, 1, width, jnp.float32), return_features=True,
+                                feature_layers=drafter.feature_layers)
+  rollout = drafter.head(params, drafter.rollout(params, features, sequence, steps))
   padded = jnp.pad(sequence, ((0, 0), (0, steps)))
   for length in (2, 6, 9):
-    state = DRAFTER.init(params, sequence[:, :length], jnp.array([length]), width + steps)
-    state = DRAFTER.observe(state, features[:, :length - 1], jnp.zeros((1,), jnp.int32))
-    logits, hidden, cache = DRAFTER.catch_up(params, state, padded, jnp.array([length]))
+    state = drafter.init(params, sequence[:, :length], jnp.array([length]), width + steps)
+    state = drafter.observe(state, features[:, :length - 1], jnp.zeros((1,), jnp.int32))
+    logits, hidden, cache = drafter.catch_up(params, state, padded, jnp.array([length]))
     np.testing.assert_allclose(logits[0], rollout[0, 0, length - 2], rtol=1e-4, atol=1e-4)
     for step in range(1, steps):
       true_draft = sequence[:, length - 1 + step]
-      hidden, normed, cache = DRAFTER.forward(params, cache, hidden[:, None], true_draft[:, None],
-                                              jnp.ones((1,), jnp.int32))
+      hidden, normed, cache = drafter.forward(params, cache, hidden[:, None], true_draft[:, None],
+                                              jnp.ones((1,), jnp.int32), from_target=False)
       hidden = hidden[:, 0]
-      np.testing.assert_allclose(DRAFTER.head(params, normed[0, 0]),
+      np.testing.assert_allclose(drafter.head(params, normed[0, 0]),
                                  rollout[step, 0, length - 2 + step], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("restricted", [False, True], ids=["whole_vocabulary", "restricted"])
-def test_the_rollout_loss_trains_the_drafter_towards_the_target(params, restricted):
+@pytest.mark.parametrize("drafter, restricted", [(DRAFTER, False), (DRAFTER, True),
+                                                 (FUSED, False)],
+                         ids=["whole_vocabulary", "restricted", "fused"])
+def test_the_rollout_loss_trains_the_drafter_towards_the_target(params, drafter, restricted):
   """A few steps of gradient descent on the rollout loss lower it, at every draft step,
-  also for a drafter restricted to a vocabulary, whose loss is over its tokens."""
+  also for a drafter restricted to a vocabulary, whose loss is over its tokens, and for
+  one of fused features."""
   batch = dict(tokens=jnp.asarray([list(range(3, 15)), [7, 1, 9, 2, 8, 3] * 2]),
                lengths=jnp.array([12, 10]), prompt_lens=jnp.array([3, 2]))
-  vocabulary = (eagle.restrict_vocabulary(params["drafters"]["eagle"], params["target"],
+  key = drafter.params_key
+  vocabulary = (eagle.restrict_vocabulary(params["drafters"][key], params["target"],
                                           VOCABULARY)["vocabulary"] if restricted else None)
 
   def loss(drafter_params):
     drafter_params = drafter_params | ({"vocabulary": vocabulary} if restricted else {})
-    return distill.rollout_loss(DRAFTER, params | {"drafters": {"eagle": drafter_params}}, batch,
+    return distill.rollout_loss(drafter, params | {"drafters": {key: drafter_params}}, batch,
                                 steps=3)
 
   grad = jax.jit(jax.grad(lambda p: loss(p)[0]))
-  before = np.asarray(loss(params["drafters"]["eagle"])[1]["step_loss"])
-  trained = params["drafters"]["eagle"]
+  before = np.asarray(loss(params["drafters"][key])[1]["step_loss"])
+  trained = params["drafters"][key]
   for _ in range(20):
     trained = jax.tree.map(lambda p, g: p - 0.05 * g, trained, grad(trained))
   after = np.asarray(loss(trained)[1]["step_loss"])
@@ -190,6 +249,26 @@ def test_weights_round_trip_and_bad_files_are_named(params, tmp_path):
     load_drafter(broken, CONFIG, jnp.float32, params["target"])
   with pytest.raises(CheckpointError, match="no feature-drafter weights at .*missing"):
     load_drafter(tmp_path / "missing.safetensors", CONFIG, jnp.float32, params["target"])
+
+
+def test_a_fused_drafter_keeps_its_layers_in_its_weights_file(params, tmp_path):
+  path = save_drafter(tmp_path / "fused.safetensors", params["drafters"]["fused"], CONFIG.name,
+                      feature_layers=FUSED.feature_layers)
+  assert feature_layers(path, CONFIG) == FUSED.feature_layers
+  loaded = load_drafter(path, CONFIG, jnp.float32, params["target"])
+  assert jax.tree.structure(loaded) == jax.tree.structure(params["drafters"]["fused"])
+  # Read as a final-feature drafter, its tensors do not fit.
+  plain = save_drafter(tmp_path / "plain.safetensors", params["drafters"]["fused"], CONFIG.name)
+  with pytest.raises(CheckpointError, match="plain.safetensors does not hold the drafter .*combine"):
+    load_drafter(plain, CONFIG, jnp.float32, params["target"])
+  tensors = safetensors.numpy.load_file(path)
+  for bad in ("[0, 5]", "[1.5]", "two", "[true]"):
+    safetensors.numpy.save_file(tensors, path, metadata={"target": CONFIG.name,
+                                                         "dtype": "bfloat16",
+                                                         "feature_layers": bad})
+    with pytest.raises(CheckpointError, match=r"fused.safetensors: feature_layers must be a JSON "
+                                              r"list of integers in \[0, 4\]"):
+      load_drafter(path, CONFIG, jnp.float32, params["target"])
 
 
 def test_a_restricted_drafter_keeps_its_vocabulary_in_its_weights_file(params, tmp_path):

@@ -10,7 +10,10 @@ import pytest
 import safetensors.numpy
 from nbclient import NotebookClient
 
+from flashspec_jax import config as config_lib
 from flashspec_jax import runner
+from flashspec_jax.loading import eagle
+from flashspec_jax.models.config import model_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py"))
@@ -43,6 +46,8 @@ def test_tiny_variant_runs_and_writes_results(name, tmp_path):
     assert saved["steps"] == config.train.steps and max(losses[-3:]) < losses[0], losses
     ids = safetensors.numpy.load_file(out["output"]).get("vocabulary.ids")
     assert (0 if ids is None else len(ids)) == config.train.draft_vocabulary
+    assert (eagle.feature_layers(out["output"], model_config(config.target))
+            == config_lib.feature_layers(config))
 
 
 def test_unknown_config_argument_is_refused():

@@ -67,7 +67,7 @@ def feature_draft_loop(drafter: FeatureDrafter, params, state, tokens, num_steps
 
   def body(_, carry):
     cache, hidden, checksum = carry
-    hidden, normed, cache = drafter.forward(params, cache, hidden, tokens, ones)
+    hidden, normed, cache = drafter.forward(params, cache, hidden, tokens, ones, from_target=False)
     cache = dataclasses.replace(cache, lengths=cache.lengths - 1)
     return cache, hidden, checksum + jnp.argmax(drafter.head(params, normed[:, -1]), axis=-1)
 

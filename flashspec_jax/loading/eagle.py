@@ -1,13 +1,16 @@
 """Feature-drafter weights: one safetensors file per drafter, checked against its target.
 
 Tensors are named by their path in the parameter tree ("block.attn.qkv", ...);
-the header's metadata names the target shape the drafter was trained for. A
-drafter restricted to a vocabulary (models/eagle.py) also holds its token ids,
-int32 "vocabulary.ids"; the head rows are the target's, taken at load time.
+the header's metadata names the target shape the drafter was trained for and,
+for a drafter of fused features, the target layers it reads ("feature_layers",
+a JSON list; absent or empty, the final-normed state). A drafter restricted to
+a vocabulary (models/eagle.py) also holds its token ids, int32
+"vocabulary.ids"; the head rows are the target's, taken at load time.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -32,7 +35,8 @@ def shipped_path(name: str) -> pathlib.Path:
 
 
 def save_drafter(path: str | pathlib.Path, params: dict, target: str,
-                 metadata: dict[str, str] | None = None) -> pathlib.Path:
+                 metadata: dict[str, str] | None = None,
+                 feature_layers: tuple[int, ...] = ()) -> pathlib.Path:
   """Writes {"params": ...} as bf16 safetensors; metadata adds to the header."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,11 +45,41 @@ def save_drafter(path: str | pathlib.Path, params: dict, target: str,
              for name, value in flat.items()}
   if "vocabulary" in params:
     tensors[VOCABULARY_IDS] = np.asarray(params["vocabulary"]["ids"], np.int32)
-  header = {"target": target, "dtype": "bfloat16"} | (metadata or {})
+  header = ({"target": target, "dtype": "bfloat16", "feature_layers": json.dumps(feature_layers)}
+            | (metadata or {}))
   temporary = path.with_name(path.name + ".partial")
   safetensors.numpy.save_file(tensors, temporary, metadata=header)
   temporary.replace(path)
   return path
+
+
+def _read_header(path: pathlib.Path) -> dict[str, str]:
+  if not path.is_file():
+    raise CheckpointError(f"no feature-drafter weights at {path}")
+  try:
+    with safetensors.safe_open(str(path), "numpy") as file:
+      return file.metadata() or {}
+  except Exception as error:  # safetensors raises its own error types for broken files
+    raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def feature_layers(path: str | pathlib.Path, config: LlamaConfig) -> tuple[int, ...]:
+  """The target layers the drafter in `path` reads (FeatureDrafter.feature_layers).
+
+  Raises:
+    CheckpointError: naming the file if it is missing or unreadable, or its layers
+      are not integers in [0, config.num_layers].
+  """
+  path = pathlib.Path(path)
+  text = _read_header(path).get("feature_layers", "[]")
+  try:
+    layers = tuple(json.loads(text))
+  except (ValueError, TypeError):
+    layers = None
+  if layers is None or any(type(i) is not int or not 0 <= i <= config.num_layers for i in layers):
+    raise CheckpointError(f"{path}: feature_layers must be a JSON list of integers in "
+                          f"[0, {config.num_layers}], got {text!r}")
+  return layers
 
 
 def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any,
@@ -58,8 +92,7 @@ def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any,
       another target, or holds missing or misshapen tensors.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise CheckpointError(f"no feature-drafter weights at {path}")
+  layers = feature_layers(path, config)
   try:
     with safetensors.safe_open(str(path), "numpy") as file:
       metadata = file.metadata() or {}
@@ -75,7 +108,8 @@ def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any,
     raise CheckpointError(f"{path} holds a drafter for {metadata.get('target')!r}, not for the "
                           f"target {config.name!r}")
   expected = traverse_util.flatten_dict(
-      jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))["params"], sep=".")
+      jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype, len(layers)))["params"],
+      sep=".")
   wrong = sorted(set(expected) ^ set(tensors)) + [
       f"{name} {tensors[name].shape} != {expected[name].shape}"
       for name in sorted(set(expected) & set(tensors))

@@ -2,8 +2,11 @@
 block over the target's own hidden states.
 
 Slot j of the drafter reads a pair (f_j, t_{j+1}): the target's feature after
-token j (its final-normed hidden state, the vector its head reads) and the
-embedding of the token that followed. The block's output h_j predicts t_{j+2}
+token j and the embedding of the token that followed. The feature is the
+target's final-normed hidden state, the vector its head reads (EAGLE), or the
+residual streams after a few of its layers, low, middle and high, each normed and
+projected together to one model width (EAGLE-3's fused features: what the
+target knows before its head has narrowed it to the next token). The block's output h_j predicts t_{j+2}
 through the target's frozen head. Drafting further, the drafter reads its own
 output where the target's feature is not known yet: (h_j, d_{j+2}) at slot
 j + 1, and so on. Its own weights are two input norms, a projection fusing
@@ -21,7 +24,8 @@ and to its own chain's slots, exactly what it sees when drafting (EAGLE-3's
 "training-time test").
 
 Axis letters used in this module:
-  B batch, T tokens, S cache slots, D model width, E two model widths, V vocab.
+  B batch, T tokens, S cache slots, D model width, E two model widths, F the fused
+  features' widths (one model width per target layer), V vocab.
 
 Params of a drafter: {"params": the network's} and, for a drafter restricted
 to a subset of the vocabulary, "vocabulary": {"ids": [V'] int32 sorted token
@@ -31,6 +35,8 @@ ids, "head": [V', D] those rows of the target's head} (`restrict_vocabulary`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,21 +51,38 @@ class FeatureDrafterNet(nn.Module):
 
   config: LlamaConfig
   param_dtype: jnp.dtype = jnp.bfloat16
+  # 0: the target's feature is its final-normed hidden state; k: the residual streams
+  # after k of its layers, fused.
+  num_feature_layers: int = 0
 
   @nn.compact
   def __call__(
       self,
-      features: jax.Array,  # [B, T, D] the target's features, or the drafter's own outputs
+      features: jax.Array,  # [B, T, D] or from_target [B, T, F]; see from_target
       token_embeds: jax.Array,  # [B, T, D] embeddings of the tokens that followed
       layer_cache: LayerCache,
       starts: jax.Array,  # [B] int32, the slot of the first pair
       positions: jax.Array,  # [B, T] int32, rotary positions
       visible: jax.Array | None = None,  # [B or 1, T, S] bool; None is causal
+      from_target: bool = False,
   ) -> tuple[jax.Array, jax.Array, LayerCache]:
     """Returns the block's output [B, T, D] (the next slot's feature), the same after
-    the final norm (what the target's head reads) and the updated cache."""
+    the final norm (what the target's head reads) and the updated cache.
+
+    from_target: features are the target's, as Llama returns them for this drafter's
+    feature layers; otherwise they are the drafter's own outputs, one model width.
+    """
     c = self.config
     eps = c.rms_norm_eps
+    if from_target and self.num_feature_layers:
+      # Each layer's stream is normed apart: deeper layers' are far larger.
+      layers = jnp.split(features, self.num_feature_layers, axis=-1)
+      fused = jnp.concatenate([RMSNorm(eps, self.param_dtype, name=f"layer_norm_{i}")(layer)
+                               for i, layer in enumerate(layers)], axis=-1)
+      combine = self.param("combine", nn.initializers.normal(0.02),
+                           (self.num_feature_layers * c.hidden_size, c.hidden_size),
+                           self.param_dtype)
+      features = jnp.einsum("BTF,FD->BTD", fused.astype(self.param_dtype), combine)
     fuse = self.param("fuse", nn.initializers.normal(0.02), (2 * c.hidden_size, c.hidden_size),
                       self.param_dtype)
     pair = jnp.concatenate([RMSNorm(eps, self.param_dtype, name="feature_norm")(features),
@@ -89,14 +112,18 @@ def rollout_visibility(width: int, steps: int, step: int) -> jax.Array:
   return visible.reshape(1, width, steps * width)
 
 
-def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16) -> dict:
-  """Random (untrained) drafter parameters for a target of this config."""
-  net = FeatureDrafterNet(config, param_dtype)
+def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16,
+                num_feature_layers: int = 0) -> dict:
+  """Random (untrained) drafter parameters for a target of this config, reading its
+  final-normed features or the streams of `num_feature_layers` of its layers."""
+  net = FeatureDrafterNet(config, param_dtype, num_feature_layers)
   shape = (1, config.num_kv_heads, 1, config.head_dim)
   cache = LayerCache(k=jnp.zeros(shape, param_dtype), v=jnp.zeros(shape, param_dtype))
   x = jnp.zeros((1, 1, config.hidden_size), param_dtype)
+  features = jnp.zeros((1, 1, max(num_feature_layers, 1) * config.hidden_size), param_dtype)
   zeros = jnp.zeros((1,), jnp.int32)
-  return jax.jit(net.init)(rng, x, x, cache, zeros, zeros[:, None])
+  return jax.jit(functools.partial(net.init, from_target=True))(
+      rng, features, x, cache, zeros, zeros[:, None])
 
 
 def restrict_vocabulary(drafter_params: dict, target_params: dict, ids) -> dict:

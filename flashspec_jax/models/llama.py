@@ -226,14 +226,18 @@ class Llama(nn.Module):
       num_valid: jax.Array | None = None,  # [B] int32, real tokens per row; default T
       logits_index: jax.Array | None = None,  # [B] int32, the one position to score per row
       return_features: bool = False,
+      feature_layers: tuple[int, ...] = (),
   ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
     """Appends tokens to the cache and returns f32 logits.
 
     Returns:
       logits: [B, T, V], or [B, V] when logits_index is given.
       cache: the updated cache; each row's length grows by num_valid.
-      features: only with return_features: [B, T, D], the hidden state the head
-        reads (after the final norm) at every position, for feature drafters.
+      features: only with return_features, at every position, for feature drafters:
+        [B, T, D] the hidden state the head reads (after the final norm); or, given
+        feature_layers, [B, T, len(feature_layers) * D] one such state per entry, side
+        by side (EAGLE-3's fused features): for i < the model's layers, the residual
+        stream after layer i (0-based); for i equal to it, the final-normed state.
     """
     c = self.config
     num_layers = self.num_layers or c.num_layers
@@ -245,12 +249,17 @@ class Llama(nn.Module):
     positions = starts[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
     inv_freq = rope_inverse_frequencies(c)
 
+    if any(not 0 <= i <= num_layers for i in feature_layers):
+      raise ValueError(f"feature layers {feature_layers} outside [0, {num_layers}] (the "
+                       f"model's layers, then its final-normed state)")
     x = jnp.take(embedding, tokens, axis=0)
-    layers = []
+    layers, hidden = [], {}
     for i in range(num_layers):
       x, layer_cache = Block(c, self.param_dtype, name=f"layer_{i}")(
           x, positions, cache.layers[i], starts, inv_freq)
       layers.append(layer_cache)
+      if i in feature_layers:
+        hidden[i] = x
     if num_valid is None:
       num_valid = jnp.full_like(starts, tokens.shape[1])
     cache = KVCache(layers=tuple(layers), lengths=starts + num_valid)
@@ -259,7 +268,10 @@ class Llama(nn.Module):
     # head, and the same way whether or not features are asked for: logits never
     # depend on it (deterministic mode compares programs that differ in this).
     final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")
-    features = final_norm(x) if return_features else None
+    features = None
+    if return_features:
+      hidden[num_layers] = final_norm(x)
+      features = jnp.concatenate([hidden[i] for i in feature_layers or (num_layers,)], axis=-1)
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
     x = final_norm(x)
