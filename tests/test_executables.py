@@ -153,7 +153,7 @@ def test_the_compile_time_bench_loads_each_program_untraced_and_profiles_its_com
   run = subprocess.run(
       [sys.executable, "-m", "flashspec_jax.bench.compile_time", "--target=tiny_llama",
        "--arms=ngram:2,ar", "--prompt_length=10", "--max_new_tokens=6", "--profile",
-       f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
+       "--variants=default", f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr
   (path,) = (tmp_path / "compile_time").glob("*.json")
   result = json.loads(path.read_text())

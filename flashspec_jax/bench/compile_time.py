@@ -147,7 +147,10 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
            f"--arms={arms}", f"--prompt_length={prompt_length}",
            f"--max_new_tokens={max_new_tokens}", f"--cache_dir={cache}", f"--variant={variant}",
            f"--profile={profile}"],
-          capture_output=True, text=True, check=True)
+          capture_output=True, text=True)
+      if child.returncode:
+        raise RuntimeError(f"the second process ({variant}) exited with {child.returncode}:\n"
+                           + "\n".join(child.stderr.splitlines()[-30:]))
       warm += json.loads(child.stdout.splitlines()[-1])
   profiles = [dict(cold_host_profile=c.pop("host_profile"),
                    cached_host_profile=w.pop("host_profile")) if profile else {}
