@@ -8,11 +8,15 @@ over three arms (n-gram, layer-skip, AR). Each is compiled cold in a fresh
 persistent cache, then a second process that shares the cache times its whole
 first call: loading the program from disk (whole from the program store,
 executables.py, so untraced) plus generating. What that process compiled anyway
-is counted too (should be nothing). On a GPU each program is also compiled under
-other XLA options (`--variants`, named in VARIANTS): without the autotuning of
-matrix products, with cuBLAS in place of Triton's matrix products, or both; each
-variant's run seconds weigh what it costs in run time. Each row says whether the second
-process's call generated the same tokens as the first's.
+is counted too (should be nothing). The second process allocates GPU memory as
+it goes (XLA_PYTHON_CLIENT_PREALLOCATE=false): the first keeps the three quarters
+of it that JAX took at its start, and on an 80 GB H100, profiled, the rest was
+too little for a second such share (out of memory at its first call). On a GPU
+each program is also compiled under other XLA options (`--variants`, named in
+VARIANTS): without the autotuning of matrix products, with cuBLAS in place of
+Triton's matrix products, or both; each variant's run seconds weigh what it
+costs in run time. Each row says whether the second process's call generated
+the same tokens as the first's.
 
 With --profile, both processes compile (or load) each program under JAX's profiler
 and each row keeps the host's time by span name (bench/traces.host_self_times): XLA
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -147,7 +152,8 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
            f"--arms={arms}", f"--prompt_length={prompt_length}",
            f"--max_new_tokens={max_new_tokens}", f"--cache_dir={cache}", f"--variant={variant}",
            f"--profile={profile}"],
-          capture_output=True, text=True)
+          capture_output=True, text=True,
+          env=os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
       if child.returncode:
         raise RuntimeError(f"the second process ({variant}) exited with {child.returncode}:\n"
                            + "\n".join(child.stderr.splitlines()[-30:]))
@@ -171,7 +177,7 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
               synthetic_weights=True, batch=1, prompt_length=prompt_length,
               prompt_bucket=pipeline.bucket_width(prompt_length, config.prompts.bucket),
               max_new_tokens=max_new_tokens, unrolled_drafts=environment.on_gpu(),
-              profiled=profile, rows=rows)
+              second_process_preallocates=False, profiled=profile, rows=rows)
 
 
 def main(argv):
