@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from flax import struct
 
-from flashspec_jax.models.eagle import FeatureDrafterNet, rollout_visibility
+from flashspec_jax.models.eagle import FeatureDrafterNet, feature_width, rollout_visibility
 from flashspec_jax.models.llama import KVCache, LayerCache, Llama, lm_head
 from flashspec_jax.sampling import Sampler
 from flashspec_jax.sequences import Sequences
@@ -47,9 +47,11 @@ class Drafter(Protocol):
   def rollback(self, state, seq_lens) -> Any:
     """The state once rows hold seq_lens committed tokens."""
 
-  # A drafter that reads the target's features has `reads_features` True and an
+  # A drafter that reads the target's features has `reads_features` True, the
+  # target layers it reads in `feature_layers` (Llama's), and an
   # `observe(state, features, starts)` that the engine calls after every target
-  # forward, with features [B, T, D] of the positions starts[b] + t.
+  # forward, with the features of the positions starts[b] + t, as Llama returns them
+  # for those layers.
   reads_features: bool
   # True for a deterministic drafter with no model, whose proposal the engine can
   # score against the committed tokens at no cost (engine._scored_for_free). Such a
@@ -162,8 +164,7 @@ class ModelDrafter:
 
   @property
   def name(self) -> str:
-    layers = self.model.num_layers or self.model.config.num_layers
-    return (f"layer_skip_{layers}" if self.params_key == "target"
+    return (f"layer_skip_{self.model.depth}" if self.params_key == "target"
             else f"model_{self.params_key}")
 
   @property
@@ -402,7 +403,9 @@ class FeatureDrafter:
       what one of 16 does, and each forward of the loop waits for the host once.
     unroll: unroll the gamma draft steps in XLA (fastest on GPU).
     feature_layers: the target layers (0-based) whose residual streams it reads,
-      fused (EAGLE-3); empty reads the target's final-normed hidden state (EAGLE).
+      fused (EAGLE-3), the layer count standing for the final-normed state; empty
+      reads that state alone, unfused (EAGLE). Its params must match: fused ones
+      have the projection `combine`.
   """
 
   target: Llama
@@ -424,6 +427,10 @@ class FeatureDrafter:
   def vocab_size(self) -> int:
     return self.target.config.vocab_size
 
+  def __post_init__(self):
+    # A list would leave the dataclass unhashable, and jit keys programs by it.
+    object.__setattr__(self, "feature_layers", tuple(self.feature_layers))
+
   @property
   def net(self) -> FeatureDrafterNet:
     return FeatureDrafterNet(self.target.config, self.target.param_dtype,
@@ -437,8 +444,7 @@ class FeatureDrafter:
     dtype = self.target.param_dtype
     return FeatureDrafterState(
         cache=KVCache.init(c, batch, capacity, dtype=dtype, num_layers=1),
-        features=jnp.zeros((batch, capacity, max(len(self.feature_layers), 1) * c.hidden_size),
-                           dtype))
+        features=jnp.zeros((batch, capacity, feature_width(c, len(self.feature_layers))), dtype))
 
   def observe(self, state: FeatureDrafterState, features, starts) -> FeatureDrafterState:
     return state.replace(features=write_rows(state.features, features, starts))
@@ -491,7 +497,17 @@ class FeatureDrafter:
     return jnp.stack(outputs)
 
   def net_params(self, params) -> dict:
-    return {"params": params["drafters"][self.params_key]["params"]}
+    own = params["drafters"][self.params_key]["params"]
+    # Unfused params given to a fused drafter (or the reverse) would run, untrained
+    # where they do not fit: linen ignores params a module does not ask for.
+    fused = own.get("combine")
+    width = feature_width(self.target.config, len(self.feature_layers))
+    if (fused is None) == bool(self.feature_layers) or (fused is not None
+                                                         and fused.shape[0] != width):
+      raise ValueError(f"{self.name} reads target layers {self.feature_layers}, but its params "
+                       + ("fuse none" if fused is None
+                          else f"fuse {fused.shape[0] // self.target.config.hidden_size}"))
+    return {"params": own}
 
   def forward(self, params, cache: KVCache, features, tokens, num_valid,
               from_target: bool) -> tuple[jax.Array, jax.Array, KVCache]:

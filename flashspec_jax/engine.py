@@ -45,6 +45,7 @@ from flashspec_jax.sequences import (Sequences, append_tokens, check_max_new_tok
                                      is_stop_token, loop_until_done, raise_on_nan,
                                      still_running)
 from flashspec_jax.kernels.verify import get_verify_fn
+from flashspec_jax.models.eagle import feature_width
 from flashspec_jax.models.llama import KVCache, Llama, lm_head
 from flashspec_jax.sampling import Sampler, Samplers
 
@@ -379,7 +380,7 @@ class SpeculativeDecoder:
     scores_prompt = self.chooser.uses_free_feedback
     # Scoring the prompt reads the target's final-normed state, which fused features
     # may lack: the prefill then also returns it, last.
-    final = self.target.num_layers or self.target.config.num_layers
+    final = self.target.depth
     layers = self.feature_layers
     with_final = layers + (final,) if scores_prompt and layers and final not in layers else layers
     ar, features = ar_decoder.prefill(params["target"], prompt_tokens, prompt_lens, rng,
@@ -391,9 +392,9 @@ class SpeculativeDecoder:
         () if arm.drafter is None
         else arm.drafter.init(params, prompt_tokens, prompt_lens, capacity)
         for arm in self.arms]
-    width = self.target.config.hidden_size
     if self.feature_arms:
-      self._observe(drafter_states, features[..., :max(len(layers), 1) * width],
+      self._observe(drafter_states,
+                    features[..., :feature_width(self.target.config, len(layers))],
                     jnp.zeros_like(prompt_lens))
     state = SpecState(
         seqs=ar.seqs, target_cache=ar.cache, drafter_states=tuple(drafter_states),
@@ -405,7 +406,7 @@ class SpeculativeDecoder:
     if scores_prompt:
       # The first arm is chosen knowing how much this prompt repeats itself, with what
       # earlier requests taught faded by the chooser's request_carry.
-      at = with_final.index(final) if with_final else 0
+      at, width = (with_final.index(final) if with_final else 0), self.target.config.hidden_size
       prompt_logp = self._prompt_log_probs(
           params, ar.seqs, features[..., at * width:(at + 1) * width], target_sampler)
       state = state.replace(bandit=self.chooser.observe(

@@ -34,8 +34,11 @@ TARGET = Llama(CONFIG, param_dtype=jnp.float32)
 # The longest prompt (12 tokens) lacks 12 pairs at the first proposal: wide chunks of 6
 # and 5, then the last pair.
 DRAFTER = FeatureDrafter(TARGET, "eagle", chunk=4, wide_chunk=6, unroll=False)
-# EAGLE-3's fused features, without the final-normed state that scoring a prompt reads.
+# EAGLE-3's fused features, without the final-normed state that scoring a prompt reads,
+# and with it first.
 FUSED = FeatureDrafter(TARGET, "fused", chunk=4, wide_chunk=6, unroll=False, feature_layers=(0, 2))
+FUSED_FINAL_FIRST = FeatureDrafter(TARGET, "fused_final_first", chunk=4, wide_chunk=6,
+                                   unroll=False, feature_layers=(CONFIG.num_layers, 1))
 VOCABULARY = np.arange(0, CONFIG.vocab_size, 3)  # a restricted drafter's tokens
 PROMPTS = [[5, 6, 7], list(range(8, 20)), [1], [3, 3, 3, 3], [9, 2], list(range(30, 39)),
            [4] * 6, [60, 61, 62, 63, 0]]  # batch 8, lengths 1 to 12
@@ -46,7 +49,10 @@ def params():
   return {"target": spread_params(CONFIG, seed=0),
           "drafters": {"eagle": eagle.init_params(CONFIG, jax.random.key(3), jnp.float32),
                        "fused": eagle.init_params(CONFIG, jax.random.key(4), jnp.float32,
-                                                  len(FUSED.feature_layers))}}
+                                                  len(FUSED.feature_layers)),
+                       "fused_final_first": eagle.init_params(
+                           CONFIG, jax.random.key(5), jnp.float32,
+                           len(FUSED_FINAL_FIRST.feature_layers))}}
 
 
 def greedy_ar(params, max_new_tokens=16):
@@ -120,14 +126,15 @@ def test_an_idle_feature_drafter_catches_up_in_a_bandit(params):
   assert chosen[:3] == [0, 1, 2] and chosen.count(0) >= 2
 
 
-def test_a_fused_drafter_beside_a_chooser_that_scores_the_prompt(params):
-  """The prefill returns the fused features and, after them, the final-normed state that
-  scoring the prompt reads: the chooser's prompt prior (here at temperature 1, where
-  every probability counts) is the one it gets beside a final-feature drafter, and
-  greedy speculation is greedy AR."""
+@pytest.mark.parametrize("fused", [FUSED, FUSED_FINAL_FIRST], ids=lambda d: d.params_key)
+def test_a_fused_drafter_beside_a_chooser_that_scores_the_prompt(params, fused):
+  """The prefill returns the fused features and, unless they hold it, the final-normed
+  state that scoring the prompt reads: the chooser's prompt prior (here at temperature
+  1, where every probability counts) is the one it gets beside a final-feature
+  drafter, and greedy speculation is greedy AR."""
   ngram = engine.Arm(NgramDrafter(CONFIG.vocab_size, 2), 3)
   outs = []
-  for drafter in (DRAFTER, FUSED):
+  for drafter in (DRAFTER, fused):
     decoder = engine.SpeculativeDecoder(TARGET, (engine.Arm(drafter, 3), ngram, engine.Arm()), 16,
                                         strategy=AcceptanceKLUCB())
     outs.append(engine.run_speculative(params, decoder, PROMPTS, jax.random.key(0),
@@ -138,6 +145,39 @@ def test_a_fused_drafter_beside_a_chooser_that_scores_the_prompt(params):
     if drafter is DRAFTER:
       prior = state.bandit
   jax.tree.map(np.testing.assert_array_equal, state.bandit, prior)
+
+
+@pytest.mark.parametrize("fused", [FUSED, FUSED_FINAL_FIRST], ids=lambda d: d.params_key)
+def test_a_fused_drafter_observes_the_target_streams_of_its_layers(params, fused):
+  """After the prefill (beside a chooser that scores the prompt, whose final-normed state
+  the prefill may append) and after a step, the drafter holds the target's streams of
+  its layers at every committed position but the last."""
+  arms = (engine.Arm(fused, 3), engine.Arm(NgramDrafter(CONFIG.vocab_size, 2), 3), engine.Arm())
+  decoder = engine.SpeculativeDecoder(TARGET, arms, 16, strategy=AcceptanceKLUCB())
+  state = decoder.init(params, *decoder.ar_decoder.prepare(PROMPTS), jax.random.key(0), Greedy())
+  stepped, _ = decoder.arm_step(params, state, 0, Samplers.same(Greedy()))
+  for state in (state, stepped):
+    tokens, lengths = state.seqs.tokens, np.asarray(state.seqs.seq_lens) - 1
+    _, _, expected = TARGET.apply(
+        params["target"], tokens, KVCache.init(CONFIG, *tokens.shape, jnp.float32),
+        return_features=True, feature_layers=fused.feature_layers)
+    for row, length in enumerate(lengths):
+      np.testing.assert_allclose(state.drafter_states[0].features[row, :length],
+                                 expected[row, :length], rtol=1e-5, atol=1e-5)
+
+
+def test_a_drafter_refuses_params_fusing_other_layers(params):
+  with pytest.raises(ValueError, match=r"eagle_fused reads target layers \(0, 2\), but its "
+                                       r"params fuse none"):
+    FUSED.net_params({"drafters": {"fused": params["drafters"]["eagle"]}})
+  with pytest.raises(ValueError, match=r"eagle_eagle reads target layers \(\), but its "
+                                       r"params fuse 2"):
+    DRAFTER.net_params({"drafters": {"eagle": params["drafters"]["fused"]}})
+  three = FeatureDrafter(TARGET, "fused", feature_layers=[0, 1, 2])
+  assert three.feature_layers == (0, 1, 2)
+  with pytest.raises(ValueError, match=r"eagle_fused reads target layers \(0, 1, 2\), but its "
+                                       r"params fuse 2"):
+    three.net_params(params)
 
 
 def test_feature_drafters_of_different_layers_are_refused_together():
@@ -256,18 +296,20 @@ def test_a_fused_drafter_keeps_its_layers_in_its_weights_file(params, tmp_path):
                       feature_layers=FUSED.feature_layers)
   assert feature_layers(path, CONFIG) == FUSED.feature_layers
   loaded = load_drafter(path, CONFIG, jnp.float32, params["target"])
-  assert jax.tree.structure(loaded) == jax.tree.structure(params["drafters"]["fused"])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, jnp.asarray(b, jnp.bfloat16)
+                                                          .astype(jnp.float32)),
+               loaded, params["drafters"]["fused"])
   # Read as a final-feature drafter, its tensors do not fit.
   plain = save_drafter(tmp_path / "plain.safetensors", params["drafters"]["fused"], CONFIG.name)
   with pytest.raises(CheckpointError, match="plain.safetensors does not hold the drafter .*combine"):
     load_drafter(plain, CONFIG, jnp.float32, params["target"])
   tensors = safetensors.numpy.load_file(path)
-  for bad in ("[0, 5]", "[1.5]", "two", "[true]"):
+  for bad in ("[0, 5]", "[1.5]", "two", "[true]", "[1, 1]", "{}", "[[1]]"):
     safetensors.numpy.save_file(tensors, path, metadata={"target": CONFIG.name,
                                                          "dtype": "bfloat16",
                                                          "feature_layers": bad})
     with pytest.raises(CheckpointError, match=r"fused.safetensors: feature_layers must be a JSON "
-                                              r"list of integers in \[0, 4\]"):
+                                              r"list of distinct integers in \[0, 4\]"):
       load_drafter(path, CONFIG, jnp.float32, params["target"])
 
 

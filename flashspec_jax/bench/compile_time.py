@@ -11,7 +11,8 @@ executables.py, so untraced) plus generating. What that process compiled anyway
 is counted too (should be nothing). The second process allocates GPU memory as
 it goes (XLA_PYTHON_CLIENT_PREALLOCATE=false): the first keeps the three quarters
 of it that JAX took at its start, and on an 80 GB H100, profiled, the rest was
-too little for a second such share (out of memory at its first call). On a GPU
+too little for a second such share (out of memory at its first call). So its
+first call also grows its memory pool, which the first process's call does not. On a GPU
 each program is also compiled under other XLA options (`--variants`, named in
 VARIANTS): without the autotuning of matrix products, with cuBLAS in place of
 Triton's matrix products, or both; each variant's run seconds weigh what it

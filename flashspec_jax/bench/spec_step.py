@@ -71,7 +71,7 @@ def feature_draft_loop(drafter: FeatureDrafter, params, state, tokens, num_steps
     cache = dataclasses.replace(cache, lengths=cache.lengths - 1)
     return cache, hidden, checksum + jnp.argmax(drafter.head(params, normed[:, -1]), axis=-1)
 
-  hidden = state.features[:, :1]
+  hidden = state.features[:, :1, :drafter.target.config.hidden_size]
   zeros = jnp.zeros(tokens.shape[0], jnp.int32)
   return jax.lax.fori_loop(0, num_steps, body, (state.cache, hidden, zeros))[2]
 

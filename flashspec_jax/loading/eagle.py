@@ -53,60 +53,67 @@ def save_drafter(path: str | pathlib.Path, params: dict, target: str,
   return path
 
 
-def _read_header(path: pathlib.Path) -> dict[str, str]:
+def _open(path: pathlib.Path, config: LlamaConfig,
+          with_tensors: bool) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+  """The file's header and (with_tensors) its tensors, once its target is config's."""
   if not path.is_file():
     raise CheckpointError(f"no feature-drafter weights at {path}")
   try:
     with safetensors.safe_open(str(path), "numpy") as file:
-      return file.metadata() or {}
+      metadata = file.metadata() or {}
+      tensors = {name: file.get_tensor(name) for name in file.keys()} if with_tensors else {}
   except Exception as error:  # safetensors raises its own error types for broken files
     raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+  if metadata.get("target") != config.name:
+    raise CheckpointError(f"{path} holds a drafter for {metadata.get('target')!r}, not for the "
+                          f"target {config.name!r}")
+  return metadata, tensors
+
+
+def _layers(path: pathlib.Path, metadata: dict[str, str], config: LlamaConfig) -> tuple[int, ...]:
+  text = metadata.get("feature_layers", "[]")
+  try:
+    layers = json.loads(text)
+  except ValueError:
+    layers = None
+  if (not isinstance(layers, list)
+      or any(type(i) is not int or not 0 <= i <= config.num_layers for i in layers)
+      or len(set(layers)) < len(layers)):
+    raise CheckpointError(f"{path}: feature_layers must be a JSON list of distinct integers in "
+                          f"[0, {config.num_layers}], got {text!r}")
+  return tuple(layers)
 
 
 def feature_layers(path: str | pathlib.Path, config: LlamaConfig) -> tuple[int, ...]:
   """The target layers the drafter in `path` reads (FeatureDrafter.feature_layers).
 
   Raises:
-    CheckpointError: naming the file if it is missing or unreadable, or its layers
-      are not integers in [0, config.num_layers].
+    CheckpointError: naming the file if it is missing, unreadable, made for another
+      target, or its layers are not distinct integers in [0, config.num_layers].
   """
   path = pathlib.Path(path)
-  text = _read_header(path).get("feature_layers", "[]")
-  try:
-    layers = tuple(json.loads(text))
-  except (ValueError, TypeError):
-    layers = None
-  if layers is None or any(type(i) is not int or not 0 <= i <= config.num_layers for i in layers):
-    raise CheckpointError(f"{path}: feature_layers must be a JSON list of integers in "
-                          f"[0, {config.num_layers}], got {text!r}")
-  return layers
+  return _layers(path, _open(path, config, with_tensors=False)[0], config)
 
 
 def load_drafter(path: str | pathlib.Path, config: LlamaConfig, dtype: Any,
                  target_params: dict) -> dict:
   """The drafter's params for a target of `config` whose params are `target_params`
-  (a restricted drafter's head rows are taken from them), from `path`.
+  (a restricted drafter's head rows are taken from them), from `path`; the layers it
+  reads are `feature_layers(path, config)`.
 
   Raises:
     CheckpointError: naming the file if it is missing, unreadable, made for
-      another target, or holds missing or misshapen tensors.
+      another target, names bad feature layers, or holds missing or misshapen
+      tensors.
   """
   path = pathlib.Path(path)
-  layers = feature_layers(path, config)
-  try:
-    with safetensors.safe_open(str(path), "numpy") as file:
-      metadata = file.metadata() or {}
-      tensors = {name: file.get_tensor(name) for name in file.keys()}
-  except Exception as error:  # safetensors raises its own error types for broken files
-    raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+  metadata, tensors = _open(path, config, with_tensors=True)
+  layers = _layers(path, metadata, config)
   ids = tensors.pop(VOCABULARY_IDS, None)
   not_bf16 = sorted(name for name, value in tensors.items() if value.dtype != np.uint16)
   if metadata.get("dtype") != "bfloat16" or not_bf16:
     raise CheckpointError(f"{path} does not hold bf16 drafter tensors (as save_drafter writes "
                           f"them): {not_bf16[:3] or metadata.get('dtype')}")
-  if metadata.get("target") != config.name:
-    raise CheckpointError(f"{path} holds a drafter for {metadata.get('target')!r}, not for the "
-                          f"target {config.name!r}")
   expected = traverse_util.flatten_dict(
       jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype, len(layers)))["params"],
       sep=".")

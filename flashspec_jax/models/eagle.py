@@ -6,11 +6,13 @@ token j and the embedding of the token that followed. The feature is the
 target's final-normed hidden state, the vector its head reads (EAGLE), or the
 residual streams after a few of its layers, low, middle and high, each normed and
 projected together to one model width (EAGLE-3's fused features: what the
-target knows before its head has narrowed it to the next token). The block's output h_j predicts t_{j+2}
-through the target's frozen head. Drafting further, the drafter reads its own
-output where the target's feature is not known yet: (h_j, d_{j+2}) at slot
-j + 1, and so on. Its own weights are two input norms, a projection fusing
-the pair, one block and a final norm; the embedding and head are the target's.
+target knows before its head has narrowed it to the next token). The block's
+output h_j predicts t_{j+2} through the target's frozen head. Drafting further,
+the drafter reads its own output where the target's feature is not known yet:
+(h_j, d_{j+2}) at slot j + 1, and so on. Its own weights are two input norms, a
+projection fusing the pair, one block and a final norm, and for fused features
+a norm per target layer and the projection `combine`; the embedding and head
+are the target's.
 
 A drafter may draft from a subset of the vocabulary (EAGLE-3's draft
 vocabulary): its head is then those rows of the target's. Its q is zero off
@@ -46,6 +48,12 @@ from flashspec_jax.models.config import LlamaConfig
 from flashspec_jax.models.llama import Block, LayerCache, RMSNorm, rope_inverse_frequencies
 
 
+def feature_width(config: LlamaConfig, num_feature_layers: int) -> int:
+  """The width of the target's features for a drafter fusing that many layers (0: the
+  final-normed state alone)."""
+  return max(num_feature_layers, 1) * config.hidden_size
+
+
 class FeatureDrafterNet(nn.Module):
   """The drafter's network, as wide as its target (`config` is the target's)."""
 
@@ -58,7 +66,7 @@ class FeatureDrafterNet(nn.Module):
   @nn.compact
   def __call__(
       self,
-      features: jax.Array,  # [B, T, D] or from_target [B, T, F]; see from_target
+      features: jax.Array,  # [B, T, D], or from a target of fused features [B, T, F]
       token_embeds: jax.Array,  # [B, T, D] embeddings of the tokens that followed
       layer_cache: LayerCache,
       starts: jax.Array,  # [B] int32, the slot of the first pair
@@ -75,6 +83,9 @@ class FeatureDrafterNet(nn.Module):
     c = self.config
     eps = c.rms_norm_eps
     if from_target and self.num_feature_layers:
+      if features.shape[-1] != feature_width(c, self.num_feature_layers):
+        raise ValueError(f"features of width {features.shape[-1]} for a drafter fusing "
+                         f"{self.num_feature_layers} target layers of width {c.hidden_size}")
       # Each layer's stream is normed apart: deeper layers' are far larger.
       layers = jnp.split(features, self.num_feature_layers, axis=-1)
       fused = jnp.concatenate([RMSNorm(eps, self.param_dtype, name=f"layer_norm_{i}")(layer)
@@ -120,7 +131,7 @@ def init_params(config: LlamaConfig, rng: jax.Array, param_dtype=jnp.bfloat16,
   shape = (1, config.num_kv_heads, 1, config.head_dim)
   cache = LayerCache(k=jnp.zeros(shape, param_dtype), v=jnp.zeros(shape, param_dtype))
   x = jnp.zeros((1, 1, config.hidden_size), param_dtype)
-  features = jnp.zeros((1, 1, max(num_feature_layers, 1) * config.hidden_size), param_dtype)
+  features = jnp.zeros((1, 1, feature_width(config, num_feature_layers)), param_dtype)
   zeros = jnp.zeros((1,), jnp.int32)
   return jax.jit(functools.partial(net.init, from_target=True))(
       rng, features, x, cache, zeros, zeros[:, None])

@@ -218,6 +218,11 @@ class Llama(nn.Module):
   num_layers: int | None = None
   param_dtype: jnp.dtype = jnp.bfloat16
 
+  @property
+  def depth(self) -> int:
+    """The layers this model runs."""
+    return self.num_layers or self.config.num_layers
+
   @nn.compact
   def __call__(
       self,
@@ -240,7 +245,7 @@ class Llama(nn.Module):
         stream after layer i (0-based); for i equal to it, the final-normed state.
     """
     c = self.config
-    num_layers = self.num_layers or c.num_layers
+    num_layers = self.depth
     if len(cache.layers) != num_layers:
       raise ValueError(f"cache has {len(cache.layers)} layers, model runs {num_layers}")
     embedding = self.param("embedding", nn.initializers.normal(1.0), (c.vocab_size, c.hidden_size),
