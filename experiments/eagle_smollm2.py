@@ -7,6 +7,9 @@
     --config.prompts.num_per_set=8
   python run.py --config=experiments/eagle_smollm2.py --config.methods=eagle:smollm2 \
     --config.sweep=sampling.gamma=1,2,3,4,5,6,7,8
+  python run.py --config=experiments/eagle_smollm2.py \
+    --config.methods=ar,eagle:smollm2,eagle:fused \
+    --config.eagle_checkpoint=fused=path/to/model.safetensors  # a newly trained drafter
 
 Greedy, gamma 4, batch 1, 128 new tokens, five held-out prompts of each set
 (chat, code, copy-heavy edit) that training never saw; every method runs on

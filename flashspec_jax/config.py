@@ -25,7 +25,7 @@ KINDS = ("generate", "bandit_simulation", "kernel_bench", "train_drafter")
 # "draft_model:<shape>" (a separate model of a shape in configs/) and
 # "ngram:<n>" (prompt lookup with matches up to n tokens) and "eagle:<name>" (a
 # feature drafter: the shipped weights flashspec_jax/weights/eagle_<name>/, or
-# config.eagle_checkpoint; "eagle:random" is untrained), each optionally
+# config.eagle_checkpoint's; "eagle:random" is untrained), each optionally
 # followed by "@<gamma>". A method is an arm, run alone, or "bandit:<strategy>",
 # which chooses among config.arms at every step.
 ARM_KINDS = ("ar", "layer_skip", "draft_model", "ngram", "eagle")
@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.target = "smollm2_135m"
   config.checkpoint_dir = ""
   config.draft_checkpoint_dir = ""  # for a draft_model method; "" = its default place
-  config.eagle_checkpoint = ""  # a .safetensors for eagle:<name> arms; "" = the shipped one
+  # A .safetensors for every eagle:<name> arm, or "<name>=<path>,..." for some, the
+  # others shipped (two drafters side by side in one run); "" = the shipped ones.
+  config.eagle_checkpoint = ""
   config.synthetic_weights = False
   config.dtype = "auto"  # bfloat16 on GPU, float32 on CPU
   config.seed = 0  # sampling and synthetic weights; prompts.seed picks the prompts
@@ -309,6 +311,20 @@ def pass_width(config: ml_collections.ConfigDict) -> int | None:
   return max([config.sampling.gamma, *gammas]) + 1
 
 
+def eagle_checkpoints(config: ml_collections.ConfigDict) -> dict[str | None, str]:
+  """config.eagle_checkpoint by arm name, None standing for every eagle arm."""
+  text = config.eagle_checkpoint
+  if not text or "=" not in text:
+    pairs = {None: text} if text else {}
+  else:
+    pairs = dict(item.partition("=")[::2] for item in split_list(text))
+  used = {spec.arg for spec in map(ArmSpec.parse, used_arms(config)) if spec.kind == "eagle"}
+  if any(not path.endswith(".safetensors") or (name is not None and name not in used)
+         for name, path in pairs.items()):
+    raise ValueError(text)
+  return pairs
+
+
 def used_arms(config: ml_collections.ConfigDict) -> list[str]:
   """The arms the run builds: each method that is an arm, and config.arms if a bandit runs."""
   names = [n for n in method_names(config) if not n.startswith("bandit:")]
@@ -396,8 +412,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("kernel.batches", _parses(_ints, config.kernel.batches), "comma-separated integers"),
       ("kernel.gammas", _parses(_ints, config.kernel.gammas), "comma-separated integers"),
       ("kernel.vocabs", _parses(_ints, config.kernel.vocabs), "comma-separated integers"),
-      ("eagle_checkpoint", not config.eagle_checkpoint
-       or config.eagle_checkpoint.endswith(".safetensors"), "empty or a .safetensors file"),
+      ("eagle_checkpoint", _parses(eagle_checkpoints, config), "empty, a .safetensors file, "
+       "or <name>=<file>.safetensors pairs, comma-separated, each naming an eagle:<name> arm "
+       "the run builds"),
       *[(f"train.{name}", config.train[name] >= 1, ">= 1") for name in (
           "prompts_per_set", "max_prompt_tokens", "answer_tokens", "generate_batch",
           "max_tokens", "rollout_steps", "steps", "batch_size", "log_every",

@@ -145,8 +145,11 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
 
 
 def eagle_weights(name: str, config) -> pathlib.Path:
-  """The weights file of the arm eagle:<name>: config.eagle_checkpoint, else the shipped one."""
-  return pathlib.Path(config.eagle_checkpoint) if config.eagle_checkpoint else shipped_path(name)
+  """The weights file of the arm eagle:<name>: config.eagle_checkpoint's for it, else the
+  shipped one."""
+  paths = config_lib.eagle_checkpoints(config)
+  path = paths.get(name, paths.get(None))
+  return pathlib.Path(path) if path else shipped_path(name)
 
 
 def check_checkpoints(config, target_flag: str = TARGET_FLAG,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 import types
 
 import pytest
@@ -10,6 +11,7 @@ from helpers import with_fields
 from flashspec_jax import config as config_lib
 from flashspec_jax import pipeline, runner
 from flashspec_jax.engine import MAX_GAMMA
+from flashspec_jax.loading import CheckpointError
 from flashspec_jax.sequences import required_capacity
 from flashspec_jax.prompts import read_prompt_file
 
@@ -51,6 +53,11 @@ def no_loading(monkeypatch):
                                               f"invalid: expected distinct comma-separated "
                                               f"layers of smollm2_135m in \\[0, 30\\]")
       for bad in ("2,31", "-1", "2,2", "two")],
+    *[(dict(methods="ar,eagle:smollm2,eagle:fused", eagle_checkpoint=bad),
+       "config.eagle_checkpoint = .* is invalid: expected empty, a .safetensors file, or "
+       "<name>=<file>.safetensors pairs")
+      for bad in ("fused.bin", "fused=", "=fused.safetensors", "fused=a.bin",
+                  "fuse=a.safetensors")],
 ])
 def test_bad_values_are_refused_before_weights_load(tmp_path, no_loading, overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -159,3 +166,19 @@ def test_api_names_its_draft_checkpoint_field(tmp_path):
                            draft_checkpoint_dir=str(tmp_path / "absent"))
   with pytest.raises(ValueError, match="FlashSpecConfig.draft_checkpoint_dir"):
     FlashSpec(config)
+
+
+def test_eagle_checkpoints_name_every_arm_or_some(tmp_path):
+  """One file serves every eagle arm; <name>=<file> pairs serve theirs, and the others
+  read their shipped weights, so two drafters run side by side in one run."""
+  shipped = pipeline.shipped_path("smollm2")
+  config = make_config(tmp_path, methods="ar,eagle:smollm2,eagle:fused")
+  config.eagle_checkpoint = "/w/one.safetensors"
+  assert [pipeline.eagle_weights(n, config) for n in ("smollm2", "fused")] == [
+      pathlib.Path("/w/one.safetensors")] * 2
+  config.eagle_checkpoint = "fused=/w/fused.safetensors"
+  assert pipeline.eagle_weights("smollm2", config) == shipped
+  assert pipeline.eagle_weights("fused", config) == pathlib.Path("/w/fused.safetensors")
+  config_lib.validate(config)
+  with pytest.raises(CheckpointError, match="eagle:fused at /w/fused.safetensors"):
+    pipeline.check_checkpoints(config)
