@@ -17,6 +17,7 @@ from flashspec_jax.bandit import ENGINE_STRATEGIES, STRATEGIES
 from flashspec_jax.engine import MAX_GAMMA, REWARDS
 from flashspec_jax.kernels.verify import VERIFY_IMPLS, get_verify_fn
 from flashspec_jax.models.config import known_shapes, model_config
+from flashspec_jax.models.eagle import valid_feature_layers
 from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -444,9 +445,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as error:
     raise ValueError(f"config.mesh = {config.mesh!r} is invalid: {error}") from None
   num_layers = model_config(config.target).num_layers
-  layers = feature_layers(config) if _parses(feature_layers, config) else None
-  if layers is None or len(set(layers)) < len(layers) or any(
-      not 0 <= i <= num_layers for i in layers):
+  if not (_parses(feature_layers, config)
+          and valid_feature_layers(feature_layers(config), num_layers)):
     raise ValueError(f"config.train.feature_layers = {config.train.feature_layers!r} is invalid: "
                      f"expected distinct comma-separated layers of {config.target} in "
                      f"[0, {num_layers}] ({num_layers}: its final-normed state), or empty")

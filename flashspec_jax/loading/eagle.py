@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from flashspec_jax.loading.params import CheckpointError
 from flashspec_jax.models.config import LlamaConfig
-from flashspec_jax.models.eagle import init_params, restrict_vocabulary
+from flashspec_jax.models.eagle import init_params, restrict_vocabulary, valid_feature_layers
 
 VOCABULARY_IDS = "vocabulary.ids"
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "weights"
@@ -76,9 +76,7 @@ def _layers(path: pathlib.Path, metadata: dict[str, str], config: LlamaConfig) -
     layers = json.loads(text)
   except ValueError:
     layers = None
-  if (not isinstance(layers, list)
-      or any(type(i) is not int or not 0 <= i <= config.num_layers for i in layers)
-      or len(set(layers)) < len(layers)):
+  if not isinstance(layers, list) or not valid_feature_layers(layers, config.num_layers):
     raise CheckpointError(f"{path}: feature_layers must be a JSON list of distinct integers in "
                           f"[0, {config.num_layers}], got {text!r}")
   return tuple(layers)

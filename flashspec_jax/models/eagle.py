@@ -48,6 +48,13 @@ from flashspec_jax.models.config import LlamaConfig
 from flashspec_jax.models.llama import Block, LayerCache, RMSNorm, rope_inverse_frequencies
 
 
+def valid_feature_layers(layers, num_layers: int) -> bool:
+  """Whether layers name what a drafter may read of a target of num_layers layers (Llama's
+  feature_layers): distinct integers in [0, num_layers]."""
+  return (all(type(i) is int and 0 <= i <= num_layers for i in layers)
+          and len(set(layers)) == len(layers))
+
+
 def feature_width(config: LlamaConfig, num_feature_layers: int) -> int:
   """The width of the target's features for a drafter fusing that many layers (0: the
   final-normed state alone)."""
