@@ -841,6 +841,8 @@ SECTIONS = [
             _unprofiled),
     Section("compile_time", H200, "Where a compile and a load from the disk cache spend "
             "their time (H200)", compile_profile, _profiled),
+    Section("compile_time", H100, "Where a compile and a load from the disk cache spend "
+            "their time (H100)", compile_profile, _profiled),
     Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time,
             _unprofiled),
     Section("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),

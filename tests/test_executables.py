@@ -163,7 +163,9 @@ def test_the_compile_time_bench_loads_each_program_untraced_and_profiles_its_com
     assert row["cached_untraced"] and row["cached_same_tokens"], row["method"]
     assert row["compiles_with_warm_cache"] == 0, row["method"]
     cold = row["cold_host_profile"]
-    assert cold["threads"] >= 1 and "backend_compile_and_load" in cold["inclusive_seconds"]
+    # XLA's compile spans are named by backend (the CPU's PjRtCpuClient::Compile, the
+    # GPU's PjRtStreamExecutorClient::CompileInternal and CompileModuleToLlvmIr).
+    assert cold["threads"] >= 1 and any("Compile" in span for span in cold["inclusive_seconds"])
     assert all(seconds >= 0 for seconds in cold["self_seconds"].values())
     assert row["cached_host_profile"]["threads"] >= 1
     # Profiled, the lowering is timed with the compile, not as 0 s of its own.
