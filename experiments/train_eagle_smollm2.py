@@ -5,8 +5,8 @@
 
 Self-distillation (flashspec_jax/distill.py): SmolLM2 answers greedily, 512 at
 a time, every tune-split prompt (chat, code, edit; never a held-out one) and
-every later user turn of the tune split's chats, each alone as a prompt (none
-from a conversation any part of which is held out); then the drafter learns
+every later user turn of the tune split's chats, each alone as a prompt, none
+from a conversation any part of which is held out; then the drafter learns
 its next-token distributions with 4-step rollouts, batch 32, for 3,200 steps.
 Training never sees a prompt twice, nor one that repeats a held-out prompt
 word for word. --config.train.later_chat_turns=0 leaves the later turns out.
@@ -15,8 +15,10 @@ command, sha and device like the others, and the config's flags and sweeps apply
 Writes flashspec_jax/weights/eagle_smollm2/model.safetensors and
 results/train_eagle_smollm2/ (loss curve, acceptance per draft position on the
 validation split).
-Expected on one H200: 19,593 answers in about 2 minutes, then about 6 steps a
-second, 9 minutes for 3,200 steps; loss about 1.8 over the last batches,
+Expected on one H200: about 18,700 answers (19,593 for the shipped weights,
+whose first turns were filtered by record, not by conversation) in about 2
+minutes, then about 6 steps a second, 9 minutes for 3,200 steps; loss about 1.8
+over the last batches,
 and a validation split of whole conversations (the shipped weights ran this
 recipe in two parts, stopped by --config.train.max_seconds and resumed from
 --config.train.workdir, when validation rows were drawn one by one and gave

@@ -51,8 +51,8 @@ from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.eagle import init_params, restrict_vocabulary
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.pipeline import Method, Request, compile_and_run, make_setup, param_dtype
-from flashspec_jax.prompts import (conversation_of, load_later_chat_turns, load_prompts,
-                                   split_of, split_size)
+from flashspec_jax.prompts import (conversation_of, held_out_conversations,
+                                   load_later_chat_turns, load_prompts, split_of, split_size)
 
 DRAFTER_KEY = "training"
 
@@ -127,12 +127,14 @@ def kept_sequences(path: pathlib.Path | None, made_from: str,
 def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Request]:
   """Tune-split prompts of config.prompts.sets, at most train.prompts_per_set each (plus
   up to train.later_chat_turns later turns of the chats), no longer than
-  train.max_prompt_tokens, each text once and none a held-out prompt's; sorted by
-  length so batches pad little."""
+  train.max_prompt_tokens, each text once, none a held-out prompt's and none from a
+  held-out conversation (`prompts.held_out_conversations`); sorted by length so
+  batches pad little."""
   t = config.train
   # ShareGPT repeats some prompts word for word under other ids, held out or not.
   seen = {p.text for kind in config_lib.prompt_sets(config)
           for p in load_prompts(kind, split_size(kind, "heldout"), "heldout")}
+  held_out = held_out_conversations()
   requests = []
   for kind in config_lib.prompt_sets(config):
     prompts = load_prompts(kind, min(t.prompts_per_set, split_size(kind, "tune")), "tune",
@@ -141,22 +143,24 @@ def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Requ
       prompts += load_later_chat_turns(t.later_chat_turns, config.prompts.seed)
     unseen = []
     for prompt in prompts:
-      if prompt.text not in seen:
+      if prompt.text not in seen and conversation_of(prompt.id) not in held_out:
         seen.add(prompt.text)
         unseen.append(prompt)
     ids = encode_chat(tokenizer, [p.conversation for p in unseen])
     requests += [Request(p.id, kind, row) for p, row in zip(unseen, ids)
                  if len(row) <= t.max_prompt_tokens]
-  held_out = [r.id for r in requests if split_of(r.id) != "tune"]
-  if held_out:  # load_prompts draws from the tune split; this guards the guarantee
-    raise ValueError(f"held-out prompts reached training: {held_out[:5]}")
+  leaked = [r.id for r in requests
+            if split_of(r.id) != "tune" or conversation_of(r.id) in held_out]
+  if leaked:  # load_prompts draws from the tune split; this guards the guarantee
+    raise ValueError(f"held-out prompts reached training: {leaked[:5]}")
   return sorted(requests, key=lambda r: len(r.token_ids))
 
 
 def generate_sequences(config: ml_collections.ConfigDict, model: LoadedModel) -> TrainingData:
   """The target's answers to the training prompts, from this engine's AR decoder: one
   at train.answer_temperature, then train.sampled_answers more at temperature 1, which
-  show the drafter more of the target's ways to go on from the same prompts."""
+  show the drafter more of the target's ways to go on from the same prompts (all with
+  config.sampling's top_k and top_p, off by default)."""
   t = config.train
   dtype = param_dtype(config)
   gen_config = config.copy_and_resolve_references()
@@ -213,39 +217,53 @@ def prediction_mask(lengths, prompt_lens, width: int, step: int) -> jax.Array:
   return (j - step >= prompt_lens[:, None] - 1) & (j + 2 < lengths[:, None])
 
 
+def greedy_chains(draft_tops: jax.Array, target_top: jax.Array, tokens: jax.Array
+                  ) -> jax.Array:
+  """[steps, B, T] whether draft step k at j ends a chain of greedy matches that started
+  at j - k, given each step's draft argmax [steps, B, T], the target's argmax for the
+  token it predicts, t_{j+2} ([B, T]), and the sequences [B, T]. A later step reads the
+  sequence's token where a greedy engine reads the target's argmax (tokens[j + 1] is
+  what target_top[j - 1] predicts); in a sampled answer they can differ, and a chain
+  through such a token is one a greedy run never reaches."""
+  on_greedy_path = jnp.pad(tokens[:, 2:] == target_top[:, :-2], ((0, 0), (1, 1)))
+  chains, chain = [], None
+  for draft_top in draft_tops:
+    matches = draft_top == target_top
+    chain = matches if chain is None else (
+        jnp.pad(chain[:, :-1], ((0, 0), (1, 0))) & on_greedy_path & matches)
+    chains.append(chain)
+  return jnp.stack(chains)
+
+
 def rollout_loss(drafter: FeatureDrafter, params, batch: dict[str, jax.Array], steps: int,
                  keep_chains: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean soft cross-entropy of the target's p against the drafter's q over all draft
   steps, and per step the loss and the greedy chain acceptance; with keep_chains, also
-  `step_chains` [steps, B, T]: whether step k at j ends a chain of greedy matches (one
-  that started at j - k) at a draft the engine would make."""
+  `step_chains` [steps, B, T]: whether step k at j ends a chain of greedy matches
+  (`greedy_chains`) at a draft the engine would make."""
   tokens, lengths, prompt_lens = batch["tokens"], batch["lengths"], batch["prompt_lens"]
   features, target_logp = target_outputs(drafter.target, params, tokens, lengths,
                                          drafter.feature_layers)
   # Step k at j predicts t_{j+2}, which the target's distribution at j + 1 gives.
   target_logp = jnp.pad(target_logp[:, 1:], ((0, 0), (0, 1), (0, 0)))
-  target_top = jnp.argmax(target_logp, axis=-1)
   normed = drafter.rollout(params, features, tokens, steps)
-  losses, accepted, counts, chains = [], [], [], []
-  chain = jnp.ones(tokens.shape, bool)
+  losses, draft_tops = [], []
+  masks = jnp.stack([prediction_mask(lengths, prompt_lens, tokens.shape[1], step)
+                     for step in range(steps)])
   for step in range(steps):
     logq = jax.nn.log_softmax(drafter.head(params, normed[step]))
-    mask = prediction_mask(lengths, prompt_lens, tokens.shape[1], step)
     # A restricted drafter's q is 0 off its vocabulary: the loss is over its tokens, and
     # its minimum is p renormalised on them.
     cross_entropy = -jnp.sum(jnp.where(jnp.isneginf(logq), 0.0, jnp.exp(target_logp) * logq),
                              axis=-1)
-    losses.append(jnp.sum(cross_entropy * mask) / jnp.maximum(mask.sum(), 1))
-    counts.append(mask.sum())
-    # The chain at j started at j - step: its drafts up to this one all match.
-    chain = jnp.pad(chain[:, :-1], ((0, 0), (1, 0))) if step else chain
-    chain = chain & (jnp.argmax(logq, axis=-1) == target_top)
-    accepted.append(jnp.sum(chain * mask) / jnp.maximum(mask.sum(), 1))
-    chains.append(chain & mask)
+    losses.append(jnp.sum(cross_entropy * masks[step]) / jnp.maximum(masks[step].sum(), 1))
+    draft_tops.append(jnp.argmax(logq, axis=-1))
+  chains = greedy_chains(jnp.stack(draft_tops), jnp.argmax(target_logp, axis=-1), tokens) & masks
+  counts = masks.sum(axis=(1, 2))
   losses = jnp.stack(losses)
-  stats = dict(step_loss=losses, step_acceptance=jnp.stack(accepted),
-               step_predictions=jnp.stack(counts))
-  return losses.mean(), stats | (dict(step_chains=jnp.stack(chains)) if keep_chains else {})
+  stats = dict(step_loss=losses, step_acceptance=chains.sum(axis=(1, 2)) / jnp.maximum(counts, 1),
+               step_predictions=counts)
+  return losses.mean(), stats | (dict(step_chains=chains) if keep_chains else {})
 
 
 # One program per drafter and shape, whichever call of `evaluate` asks for it.
@@ -282,26 +300,35 @@ class Checkpoint:
   trained_from: str
 
   def save(self, path: pathlib.Path) -> None:
+    """Two files, each written whole: the JSON names the step, so a kill between the
+    two leaves a pair whose steps differ, which `restore` does not take."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    with results.open_atomic(path.with_suffix(".json")) as file:
+      file.write(json.dumps(dict(step=self.step, curve=self.curve, seconds=self.seconds,
+                                 trained_from=self.trained_from)))
     blob = flax.serialization.to_bytes(dict(step=self.step, params=self.params,
                                             opt_state=self.opt_state))
     with results.open_atomic(path, "wb") as file:
       file.write(blob)
-    with results.open_atomic(path.with_suffix(".json")) as file:
-      file.write(json.dumps(dict(curve=self.curve, seconds=self.seconds,
-                                 trained_from=self.trained_from)))
 
   @classmethod
   def restore(cls, path: pathlib.Path, template: Checkpoint) -> Checkpoint | None:
     """The checkpoint at `path` if it was trained with the template's settings."""
-    if not path.exists():
+    meta = path.with_suffix(".json")
+    if not (path.exists() and meta.exists()):
+      if path.exists() or meta.exists():
+        print(f"{path} is half a checkpoint (a save was cut short); starting afresh")
       return None
-    saved = json.loads(path.with_suffix(".json").read_text())
+    saved = json.loads(meta.read_text())
     if saved["trained_from"] != template.trained_from:
       print(f"{path} was trained with other settings; starting afresh")
       return None
     state = flax.serialization.from_bytes(
         dict(step=0, params=template.params, opt_state=template.opt_state), path.read_bytes())
+    if int(state["step"]) != saved.get("step"):
+      print(f"{path} and {meta.name} hold different steps (a save was cut short); "
+            "starting afresh")
+      return None
     return cls(int(state["step"]), state["params"], state["opt_state"], saved["curve"],
                saved["seconds"], saved["trained_from"])
 
@@ -355,7 +382,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   made_from = json.dumps(dict(
       target=config.target, weights=model.source, dtype=str(dtype), seed=config.seed,
       prompt_sets=config.prompts.sets, prompt_seed=config.prompts.seed,
-      **{name: t[name] for name in ("prompts_per_set", "later_chat_turns", "max_prompt_tokens",
+      held_out_filter="conversations", top_k=config.sampling.top_k,
+      top_p=config.sampling.top_p, **{name: t[name] for name in ("prompts_per_set", "later_chat_turns", "max_prompt_tokens",
                                     "answer_tokens", "answer_temperature", "sampled_answers",
                                     "generate_batch")}),
       sort_keys=True)
@@ -367,6 +395,10 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
   data = dataclasses.replace(data, tokens=data.tokens[:, :width],
                              lengths=np.minimum(data.lengths, width))
   train_data, validation = split_validation(data, t.validation_fraction, config.seed)
+  if not len(train_data.ids):
+    raise ValueError(f"the {len(data.ids)} answered sequences, split by whole conversations, "
+                     "leave none to train on: lower config.train.validation_fraction or "
+                     "answer more prompts")
   print(f"{len(train_data.ids)} training and {len(validation.ids)} validation sequences of "
         f"at most {width} tokens, " + ("kept from an earlier run" if sequences_kept
                                        else f"answered in {generate_seconds:.0f} s"))
@@ -439,6 +471,9 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
       Checkpoint(step + 1, drafter_params, opt_state, curve, seconds_so_far(),
                  trained_from).save(checkpoint_path)
   train_seconds = seconds_so_far()
+  if not steps_done:
+    raise ValueError(f"config.train.max_seconds ({t.max_seconds}) ran out before the first "
+                     "training step: no drafter to write")
   if checkpoint_path and not stopped_early:  # finished: the drafter file is what is left
     Checkpoint.remove(checkpoint_path)
 

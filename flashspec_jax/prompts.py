@@ -111,15 +111,22 @@ def conversation_of(prompt_id: str) -> str:
   return "sharegpt/" + record.partition("#")[0].rpartition("_")[0]
 
 
+@functools.cache
+def held_out_conversations() -> frozenset[str]:
+  """The ShareGPT conversations any record of which is held out: training takes no
+  prompt from them, first turn or later, since the held-out records' neighbours share
+  their topic and wording."""
+  return frozenset(conversation_of(f"sharegpt/{i}") for i in _sharegpt()[2]
+                   if split_of(f"sharegpt/{i}") == "heldout")
+
+
 def load_later_chat_turns(num: int, seed: int = 0) -> list[Prompt]:
   """Up to `num` later user turns of tune-split chats, each alone as a prompt (kind
   "chat"), by a seeded permutation: more prompts to train on. None comes from a
-  conversation any part of which is held out; word-for-word repeats of held-out
+  held-out conversation (`held_out_conversations`); word-for-word repeats of held-out
   prompts are training's to drop (distill.training_requests), as for first turns."""
-  _, later_turns, ids = _sharegpt()
-  held_out = {conversation_of(f"sharegpt/{i}") for i in ids
-              if split_of(f"sharegpt/{i}") == "heldout"}
-  pool = [p for p in later_turns if conversation_of(p.id) not in held_out]
+  held_out = held_out_conversations()
+  pool = [p for p in _sharegpt()[1] if conversation_of(p.id) not in held_out]
   order = np.random.default_rng(seed).permutation(len(pool))
   return [pool[i] for i in order[:num]]
 

@@ -237,6 +237,19 @@ def test_the_rollout_loss_trains_the_drafter_towards_the_target(params, drafter,
   assert np.isfinite(before).all() and (after < before).all(), (before, after)
 
 
+def test_greedy_chains_follow_the_path_a_greedy_run_takes():
+  """A chain at a later draft step goes on only where the sequence's token is the
+  target's argmax: in a sampled answer, the token at 5 is not, and no chain reads it."""
+  target_top = jnp.arange(10, 18)[None]  # what step k at j predicts, t_{j+2}
+  tokens = jnp.concatenate([jnp.array([[1, 2]]), target_top[:, :6]], axis=1)
+  tokens = tokens.at[0, 5].set(99)  # sampled, not the argmax target_top[3]
+  draft_tops = jnp.stack([target_top] * 3).at[0, 0, 2].set(0)  # one miss, step 0 at 2
+  chains = np.asarray(distill.greedy_chains(draft_tops, target_top, tokens))[:, 0]
+  np.testing.assert_array_equal(chains.astype(int), [[1, 1, 0, 1, 1, 1, 1, 1],
+                                                     [0, 1, 1, 0, 0, 1, 1, 0],
+                                                     [0, 0, 1, 1, 0, 0, 1, 0]])
+
+
 def test_a_restricted_drafter_drafts_only_its_vocabulary_and_stays_exact(params):
   """Its logits are the whole head's on its tokens and -inf elsewhere, and greedy
   speculation with it is greedy AR, though the target's tokens often lie outside it."""
@@ -372,6 +385,14 @@ def test_a_resumed_training_run_sees_what_an_uninterrupted_one_would(params, tmp
                (drafter_params, opt_state))
   assert distill.Checkpoint.restore(path, dataclasses.replace(template,
                                                               trained_from="training b")) is None
+  # A save cut short between its two files: the JSON of step 9 beside step 5's weights,
+  # or either file alone, is no checkpoint.
+  distill.Checkpoint(9, drafter_params, opt_state, [], 20.0, "training a").save(
+      tmp_path / "later" / "checkpoint.msgpack")
+  (tmp_path / "later" / "checkpoint.json").replace(path.with_suffix(".json"))
+  assert distill.Checkpoint.restore(path, template) is None
+  path.with_suffix(".json").unlink()
+  assert distill.Checkpoint.restore(path, template) is None
   distill.Checkpoint.remove(path)
   assert distill.Checkpoint.restore(path, template) is None and not list(tmp_path.glob("check*"))
 
@@ -385,8 +406,8 @@ def test_a_missing_drafter_is_refused_before_any_weights_load(tmp_path):
 
 
 def test_training_prompts_are_never_held_out(smollm2):
-  """No training prompt is held out, repeats a held-out prompt word for word, or is a
-  later turn of a conversation any part of which is held out."""
+  """No training prompt is held out, repeats a held-out prompt word for word, or comes
+  from a conversation any part of which is held out, as a first or a later turn."""
   _, _, tokenizer = smollm2
   config = config_lib.base_config()
   config.train.prompts_per_set = 300  # enough chat prompts to meet ShareGPT's repeats
@@ -403,8 +424,10 @@ def test_training_prompts_are_never_held_out(smollm2):
   held_out_conversations = {
       conversation(record) for record in prompts._sharegpt()[2]
       if hashlib.sha256(f"sharegpt/{record}".encode()).digest()[0] % 5 == 0}
-  later = [r.id.removeprefix("sharegpt/").partition("#")[0] for r in requests if "#" in r.id]
-  assert len(later) > 20 and not {conversation(r) for r in later} & held_out_conversations
+  records = [r.id.removeprefix("sharegpt/").partition("#")[0] for r in requests
+             if r.kind == "chat"]
+  assert sum("#" in r.id for r in requests) > 20  # later turns among them
+  assert not {conversation(r) for r in records} & held_out_conversations
   assert len(requests) > 100 and {r.kind for r in requests} == {"chat", "code", "edit"}
 
 
