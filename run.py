@@ -38,9 +38,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]}: run.py takes --config=<file> and "
+                     "--config.<field>=<value> flags")
   runner.run(_CONFIG.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

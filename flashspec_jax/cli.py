@@ -34,7 +34,23 @@ def install() -> None:
 def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run(main) with install()'s errors and Ctrl-C."""
   install()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for app.run, whose errors, a config file that raises among
+  them, come out as print_error's line rather than absl's traceback and usage."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    if "--verbose" in argv:
+      raise
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # ml_collections puts a config file's traceback in the message: its first and
+    # last lines name the flag and the error.
+    print(f"error: {lines[0]} {lines[-1]}" if len(lines) > 1 else f"error: {error}",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 def print_error(kind: type[BaseException], error: BaseException,

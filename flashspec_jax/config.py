@@ -1,8 +1,8 @@
 """The experiment config schema: every field `run.py` understands, with its default.
 
 Experiment files in `experiments/` start from `base_config()` and change
-fields; the returned config is locked, so a misspelt field fails at parse time
-with ml_collections' message naming it. `validate` checks values.
+fields; the config is locked, so a misspelt field, in a file or a flag, fails at
+parse time with ml_collections' message naming it. `validate` checks values.
 """
 
 from __future__ import annotations
@@ -188,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 500
   config.train.workdir = ""  # keeps the sequences and checkpoints to resume from; "" none
   config.train.output = ""  # the drafter's .safetensors; "" puts it beside the results file
+  # Locked here, not only once run.py has the file's config: a misspelt field set in
+  # an experiment file is refused too.
+  config.lock()
   return config
 
 
@@ -224,7 +227,8 @@ def parse_sweep(config: ml_collections.ConfigDict) -> tuple[str, list] | None:
   for part in field.split("."):
     node = node[part]  # KeyError for an unknown field
   if isinstance(node, bool):
-    return field, [v.lower() in ("1", "true") for v in split_list(values)]
+    booleans = {"1": True, "true": True, "0": False, "false": False}
+    return field, [booleans[v.lower()] for v in split_list(values)]  # KeyError for others
   return field, [type(node)(v) for v in split_list(values)]
 
 
@@ -409,7 +413,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("simulation.horizon", sim.horizon >= 1, ">= 1"),
       ("simulation.seeds", sim.seeds >= 1, ">= 1"),
       ("sweep", _parses(_sweep_or_raise, config), "empty or <field>=<v1>,<v2>,... naming an "
-       "existing field"),
+       "existing field, with values of its type (true or false for a flag)"),
       ("kernel.batches", _parses(_ints, config.kernel.batches), "comma-separated integers"),
       ("kernel.gammas", _parses(_ints, config.kernel.gammas), "comma-separated integers"),
       ("kernel.vocabs", _parses(_ints, config.kernel.vocabs), "comma-separated integers"),
@@ -425,6 +429,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("train.answer_temperature", config.train.answer_temperature >= 0, ">= 0 (0 is greedy)"),
       ("train.validation_fraction", 0 < config.train.validation_fraction < 1, "in (0, 1)"),
       ("train.learning_rate", config.train.learning_rate > 0, "> 0"),
+      ("train.grad_clip", config.train.grad_clip > 0, "> 0 (the gradients' largest norm)"),
+      *[(f"train.{name}", config.train[name] >= 0, ">= 0") for name in (
+          "weight_decay", "warmup_steps", "max_seconds")],
   ]
   for field, ok, expected in checks:
     if not ok:
@@ -463,3 +470,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError("config.prompts.file needs a tokenizer, and synthetic weights have no "
                        "tokenizer: drop one of prompts.file and synthetic_weights")
     read_prompt_file(config.prompts.file)
+  # Every point of a sweep, before the first runs: a bad one found at its turn loses
+  # the points run before it, which are written only once all have run.
+  sweep = parse_sweep(config)
+  for value in sweep[1] if sweep else ():
+    try:
+      validate(with_override(config, sweep[0], value))
+    except ValueError as error:
+      raise ValueError(f"config.sweep's point {sweep[0]}={value}: {error}") from None

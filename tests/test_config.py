@@ -53,6 +53,14 @@ def no_loading(monkeypatch):
                                               f"invalid: expected distinct comma-separated "
                                               f"layers of smollm2_135m in \\[0, 30\\]")
       for bad in ("2,31", "-1", "2,2", "two")],
+    (dict(sweep=f"sampling.gamma=1,{MAX_GAMMA + 1}"), f"config.sweep's point sampling.gamma="
+                                                      f"{MAX_GAMMA + 1}: config.sampling.gamma"),
+    (dict(sweep="methods=ar,ngarm:3"), "config.sweep's point methods=ngarm:3: config.methods"),
+    (dict(sweep="deterministic=yes,no"), "config.sweep = 'deterministic=yes,no' is invalid: "
+                                         "expected .* \\(true or false for a flag\\)"),
+    (dict(**{"train.grad_clip": 0.0}), "config.train.grad_clip = 0.0 is invalid: expected > 0"),
+    *[(dict(**{f"train.{name}": bad}), f"config.train.{name} = {bad} is invalid: expected >= 0")
+      for name, bad in (("max_seconds", -1.0), ("weight_decay", -0.5), ("warmup_steps", -3))],
     *[(dict(methods="ar,eagle:smollm2,eagle:fused", eagle_checkpoint=bad),
        "config.eagle_checkpoint = .* is invalid: expected empty, a .safetensors file, or "
        "<name>=<file>.safetensors pairs")

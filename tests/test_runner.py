@@ -57,10 +57,22 @@ def test_unknown_config_field_fails_naming_it():
     ("--config.nonexistent=1", "'nonexistent'"),
     ("--config.sampling.gamma=abc", "--config.sampling.gamma=abc"),
     ("--config=experiments/no_such_experiment.py", "experiments/no_such_experiment.py"),
+    ("--config=experiments/default.py:small", "unknown config argument 'small'"),
+    ("stray_argument", "unexpected arguments ['stray_argument']"),
 ])
 def test_bad_flags_fail_in_two_lines_at_most(flag, names):
   result = run_cli(flag)
   assert result.returncode != 0 and names in result.stderr
+  assert "Traceback" not in result.stderr and len(message_lines(result.stderr)) <= 2
+
+
+def test_a_misspelt_field_in_an_experiment_file_is_refused(tmp_path):
+  experiment = tmp_path / "typo.py"
+  experiment.write_text("from flashspec_jax.config import base_config\n\n\n"
+                        "def get_config():\n  config = base_config()\n"
+                        "  config.sampling.temprature = 0.5\n  return config\n")
+  result = run_cli(f"--config={experiment}")
+  assert result.returncode == 1 and 'Did you mean "temperature"' in result.stderr
   assert "Traceback" not in result.stderr and len(message_lines(result.stderr)) <= 2
 
 
