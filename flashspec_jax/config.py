@@ -8,6 +8,7 @@ parse time with ml_collections' message naming it. `validate` checks values.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import ml_collections
@@ -324,10 +325,21 @@ def eagle_checkpoints(config: ml_collections.ConfigDict) -> dict[str | None, str
   else:
     pairs = dict(item.partition("=")[::2] for item in split_list(text))
   used = {spec.arg for spec in map(ArmSpec.parse, used_arms(config)) if spec.kind == "eagle"}
-  if any(not path.endswith(".safetensors") or (name is not None and name not in used)
+  # A file for no arm the run builds would be silently unread.
+  if any(not path.endswith(".safetensors") or (not used if name is None else name not in used)
          for name, path in pairs.items()):
     raise ValueError(text)
   return pairs
+
+
+def bandit_states(path: str) -> dict:
+  """The bandit states in an earlier run's results file; ValueError if it is none."""
+  if not pathlib.Path(path).is_file():
+    raise ValueError(path)
+  data = json.loads(pathlib.Path(path).read_text())
+  if not isinstance(data, dict) or not isinstance(data.get("bandit_states", {}), dict):
+    raise ValueError(path)
+  return data.get("bandit_states", {})
 
 
 def used_arms(config: ml_collections.ConfigDict) -> list[str]:
@@ -400,8 +412,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("bandit.request_carry", 0 < config.bandit.request_carry <= 1, "in (0, 1]"),
       ("bandit.wait_cost", config.bandit.wait_cost >= 0, ">= 0"),
       ("bandit.initial_state", not config.bandit.initial_state
-       or pathlib.Path(config.bandit.initial_state).is_file(),
-       "empty or the results file of an earlier run"),
+       or _parses(bandit_states, config.bandit.initial_state),
+       "empty or the results file of an earlier run (a JSON object, whose bandit_states "
+       "are where this run's bandits start)"),
       ("bandit.epsilon", 0 <= config.bandit.epsilon <= 1, "in [0, 1]"),
       ("simulation.strategies", split_list(sim.strategies) and set(split_list(sim.strategies))
        <= set(STRATEGIES), f"a comma-separated subset of {sorted(STRATEGIES)}"),
@@ -417,9 +430,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("kernel.batches", _parses(_ints, config.kernel.batches), "comma-separated integers"),
       ("kernel.gammas", _parses(_ints, config.kernel.gammas), "comma-separated integers"),
       ("kernel.vocabs", _parses(_ints, config.kernel.vocabs), "comma-separated integers"),
-      ("eagle_checkpoint", _parses(eagle_checkpoints, config), "empty, a .safetensors file, "
-       "or <name>=<file>.safetensors pairs, comma-separated, each naming an eagle:<name> arm "
-       "the run builds"),
+      ("eagle_checkpoint", _parses(eagle_checkpoints, config), "empty, a .safetensors file "
+       "for the eagle arms the run builds, or <name>=<file>.safetensors pairs, comma-separated, "
+       "each naming an eagle:<name> arm the run builds"),
       *[(f"train.{name}", config.train[name] >= 1, ">= 1") for name in (
           "prompts_per_set", "max_prompt_tokens", "answer_tokens", "generate_batch",
           "max_tokens", "rollout_steps", "steps", "batch_size", "log_every",

@@ -14,9 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import itertools
-import json
 import os
-import pathlib
 from collections import Counter
 from typing import Any
 
@@ -58,12 +56,22 @@ def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> lis
   return [Request(prompt.id, prompt.kind, row) for prompt, row in zip(prompts, ids)]
 
 
+def batched(requests: list[Request], size: int) -> list[list[Request]]:
+  """The requests in order, in batches of `size` that each hold one prompt set (kind):
+  a bandit's steps are credited to their batch's set."""
+  batches = []
+  for _, same_kind in itertools.groupby(requests, key=lambda request: request.kind):
+    same_kind = list(same_kind)
+    batches += [same_kind[i:i + size] for i in range(0, len(same_kind), size)]
+  return batches
+
+
 def load_bandit_states(path: str, methods) -> dict[str, Any]:
   """Each bandit method's state saved at the end of an earlier run (its results file's
   bandit_states), to start from; {} without a path."""
   if not path:
     return {}
-  saved = json.loads(pathlib.Path(path).read_text()).get("bandit_states", {})
+  saved = config_lib.bandit_states(path)
   states = {}
   for method in methods:
     if method.is_bandit and method.name in saved:
@@ -166,9 +174,10 @@ def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared
         f"{jnp.dtype(dtype).name}")
   methods, params = build_methods(config, model, dtype)
   setup = make_setup(config, model, params, dtype)
-  requests = build_requests(config, model)
-  batches = [requests[i:i + config.batch_size]
-             for i in range(0, len(requests), config.batch_size)]
+  batches = batched(build_requests(config, model), config.batch_size)
+  if any(len(batch) < config.batch_size for batch in batches):
+    print(f"batches of {', '.join(str(len(batch)) for batch in batches)} prompts: a prompt "
+          f"set's last batch holds what is left of it (config.batch_size = {config.batch_size})")
 
   methods = with_arm_costs(methods, config, setup, batches[0])
   bandit_arms = next((m.arms for m in methods if m.is_bandit), ())

@@ -45,6 +45,8 @@ def no_loading(monkeypatch):
     (dict(batch_size=8, **{"prompts.order": "interleaved"}), "config.prompts.order = "
                                                               "'interleaved' is invalid"),
     (dict(**{"bandit.initial_state": "/nonexistent.json"}), "config.bandit.initial_state"),
+    (dict(**{"bandit.initial_state": __file__}), "config.bandit.initial_state = .* is invalid: "
+                                                  "expected empty or the results file"),
     (dict(mesh="dp:2"), "config.mesh = 'dp:2' is invalid: expected '' \\(one device\\) or "
                         "'tp:<n>'"),
     (dict(target="llama3_8b", mesh="tp:3"), "config.mesh = 'tp:3' is invalid: llama3_8b: "
@@ -61,9 +63,12 @@ def no_loading(monkeypatch):
     (dict(**{"train.grad_clip": 0.0}), "config.train.grad_clip = 0.0 is invalid: expected > 0"),
     *[(dict(**{f"train.{name}": bad}), f"config.train.{name} = {bad} is invalid: expected >= 0")
       for name, bad in (("max_seconds", -1.0), ("weight_decay", -0.5), ("warmup_steps", -3))],
+    (dict(methods="ar,ngram:3", eagle_checkpoint="fused.safetensors"),
+     "config.eagle_checkpoint = 'fused.safetensors' is invalid: expected empty, a .safetensors "
+     "file for the eagle arms the run builds"),
     *[(dict(methods="ar,eagle:smollm2,eagle:fused", eagle_checkpoint=bad),
-       "config.eagle_checkpoint = .* is invalid: expected empty, a .safetensors file, or "
-       "<name>=<file>.safetensors pairs")
+       "config.eagle_checkpoint = .* is invalid: expected empty, a .safetensors file for the "
+       "eagle arms the run builds, or <name>=<file>.safetensors pairs")
       for bad in ("fused.bin", "fused=", "=fused.safetensors", "fused=a.bin",
                   "fuse=a.safetensors")],
 ])

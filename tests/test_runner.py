@@ -46,6 +46,13 @@ def message_lines(stderr: str) -> list[str]:
           if line.strip() and not re.match(r"[IWEF]\d{4} \d\d:\d\d:\d\d", line)]
 
 
+def test_a_batch_holds_one_prompt_set():
+  requests = [pipeline.Request(f"{kind}/{i}", kind, [1]) for kind, count in
+              (("chat", 3), ("code", 1), ("edit", 2)) for i in range(count)]
+  assert [[r.id for r in batch] for batch in runner.batched(requests, 2)] == [
+      ["chat/0", "chat/1"], ["chat/2"], ["code/0"], ["edit/0", "edit/1"]]
+
+
 def test_unknown_config_field_fails_naming_it():
   result = run_cli("--config.sampling.temprature=1")
   assert result.returncode != 0
