@@ -79,7 +79,8 @@ class BanditConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FlashSpecConfig:
-  """target: a shape in configs/; drafters: arms as in config.arms ("ar",
+  """target: a shape in configs/; drafters: a tuple of arms (or one comma-separated
+  string of them) as in config.arms ("ar",
   "layer_skip:<k>", "draft_model:<shape>", "ngram:<n>", "eagle:<name>" (a shipped
   feature drafter, e.g. eagle:smollm2), each "@<gamma>" optional);
   one drafter means plain speculative decoding, several a bandit over them, none
@@ -106,6 +107,11 @@ class FlashSpecConfig:
   compilation_cache_dir: str = "auto"
   deterministic: bool = False
   mesh: str = ""
+
+  def __post_init__(self):
+    # A string is a comma-separated list of arms, as config.arms is, not its characters.
+    if isinstance(self.drafters, str):
+      object.__setattr__(self, "drafters", tuple(config_lib.split_list(self.drafters)))
 
   def to_config_dict(self):
     """The equivalent run.py config, validated."""
@@ -206,9 +212,8 @@ class FlashSpec:
 
   def _token_ids(self, prompts, chat: bool) -> list[list[int]]:
     """The batch's token ids; raises ValueError on anything but the forms `generate` takes."""
-    if isinstance(prompts, (str, Prompt)) or _is_conversation(prompts):
-      prompts = [prompts]
-    elif isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+    if (isinstance(prompts, (str, Prompt)) or _is_conversation(prompts)
+        or isinstance(prompts, np.ndarray) and prompts.ndim == 1 or _is_id_list(prompts)):
       prompts = [prompts]
     if isinstance(prompts, np.ndarray) and prompts.ndim != 2:
       raise ValueError(f"a token-id array must be 1-D (one prompt) or 2-D (a batch), got "
@@ -224,6 +229,11 @@ class FlashSpec:
           rows.append(self.model.tokenizer.encode(prompt))
         else:
           conversation = prompt.conversation if isinstance(prompt, Prompt) else prompt
+          bad = [m for m in conversation if isinstance(m, dict) and not (
+              isinstance(m.get("role"), str) and isinstance(m.get("content"), str))]
+          if bad:
+            raise ValueError(f"prompt {i}: each message needs 'role' and 'content' strings, "
+                             f"got {bad[0]!r:.80}")
           rows.append(encode_chat(self.model.tokenizer, [conversation])[0])
       else:
         rows.append(_integer_ids(prompt, i))
@@ -264,6 +274,11 @@ class FlashSpec:
 def _is_conversation(prompt) -> bool:
   return (isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0
           and all(isinstance(message, dict) for message in prompt))
+
+
+def _is_id_list(prompt) -> bool:
+  return (isinstance(prompt, Sequence) and len(prompt) > 0 and all(
+      isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in prompt))
 
 
 def _integer_ids(prompt, index: int) -> list[int]:

@@ -356,6 +356,10 @@ def _arms_fit(config: ml_collections.ConfigDict) -> str | None:
   return next((n for n in used_arms(config) if not _arm_fits(ArmSpec.parse(n), target)), None)
 
 
+ARM_FORMS = (f"ar, layer_skip:<k>, draft_model:<shape>, ngram:<n>, eagle:<name>, each with an "
+             f"optional @<gamma> in [1, {MAX_GAMMA}]")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field whose value is invalid."""
   sim = config.simulation
@@ -364,11 +368,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("kind", config.kind in KINDS, f"one of {KINDS}"),
       ("methods", bool(method_names(config)) and all(map(_valid_method, method_names(config)))
        and len(set(method_names(config))) == len(method_names(config)),
-       "distinct comma-separated methods: arms (ar, layer_skip:<k>, draft_model:<shape>, "
-       "ngram:<n>, each with an optional @<gamma>) or bandit:<strategy>"),
+       f"distinct comma-separated methods: arms ({ARM_FORMS}) or bandit:<strategy>, one of "
+       f"{sorted(set(ENGINE_STRATEGIES) - {'fixed'})}"),
       ("arms", bool(split_list(config.arms)) and _parses(arm_specs, config),
-       "comma-separated arms: ar, layer_skip:<k>, draft_model:<shape>, ngram:<n>, each with an "
-       "optional @<gamma>"),
+       f"comma-separated arms: {ARM_FORMS}"),
       ("dtype", config.dtype in DTYPES, f"one of {DTYPES}"),
       ("batch_size", config.batch_size >= 1, ">= 1"),
       ("compile_threads", config.compile_threads >= 0, ">= 0 (0 is half the CPU cores)"),

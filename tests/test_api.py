@@ -82,6 +82,21 @@ def test_non_integer_ids_are_refused(prompts):
     tiny_engine(()).generate(prompts)
 
 
+def test_a_list_of_ids_is_one_prompt_and_a_string_of_drafters_is_split():
+  engine = tiny_engine(())
+  assert engine.generate(PROMPTS[0]).token_ids == engine.generate([PROMPTS[0]]).token_ids
+  config = FlashSpecConfig(target="tiny_llama", drafters="ngram:2, ar")
+  assert config.drafters == ("ngram:2", "ar") and config.to_config_dict().arms == "ngram:2,ar"
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": 3}])
+def test_a_message_without_role_and_content_strings_is_refused(message):
+  engine = tiny_engine(())
+  engine.model.tokenizer = CharTokenizer()
+  with pytest.raises(ValueError, match="prompt 0: each message needs 'role' and 'content'"):
+    engine.generate([[message]])
+
+
 def test_the_bandit_config_reaches_the_run_config_and_is_checked():
   drafters = ("ngram:2", "ar")
   bandit = BanditConfig(strategy="kl_ucb", acceptance_discount=0.95, request_carry=0.25,

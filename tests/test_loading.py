@@ -241,6 +241,13 @@ def test_invalid_json_is_named(hf_dir, file):
     load_hf_checkpoint(hf_dir)
 
 
+def test_unreadable_tokenizer_is_named(hf_dir):
+  (hf_dir / "tokenizer.json").write_text('{"version": ')
+  with pytest.raises(CheckpointError, match=f"cannot load the tokenizer in "
+                                            f"{re.escape(str(hf_dir))} .*JSONDecodeError"):
+    load_tokenizer(hf_dir)
+
+
 def write_gguf_header(path, block_count=2, vocab=4, without=()):
   """A llama GGUF of metadata and no tensors: enough for the shape check and the tokenizer.
   `without` leaves out tokenizer fields (model, tokens, token_type, merges)."""

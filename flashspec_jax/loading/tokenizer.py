@@ -75,7 +75,13 @@ def load_tokenizer(source: str | pathlib.Path) -> PreTrainedTokenizerFast:
   if not (source / "tokenizer.json").exists():
     raise CheckpointError(f"no tokenizer.json in {source}")
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-  return AutoTokenizer.from_pretrained(source)
+  try:
+    return AutoTokenizer.from_pretrained(source)
+  except Exception as error:  # whatever transformers raises for the files it reads
+    message = " ".join(str(error).split()) or "(no message)"
+    raise CheckpointError(f"cannot load the tokenizer in {source} (tokenizer.json, "
+                          f"tokenizer_config.json, config.json): {type(error).__name__}: "
+                          f"{message}") from error
 
 
 def encode_chat(tokenizer, conversations: Sequence[str | Sequence[dict[str, str]]]
