@@ -137,7 +137,7 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
   if spec.arg not in drafter_configs:
     # load_target has checked the checkpoint, naming the draft flag (check_checkpoints).
     drafter = load_model(spec.arg, config.draft_checkpoint_dir, config.synthetic_weights, dtype,
-                         config.seed + 1)
+                         config.seed + 1, with_tokenizer=False)
     params["drafters"][spec.arg] = drafter.params
     drafter_configs[spec.arg] = drafter.config
   return Arm(ModelDrafter(Llama(drafter_configs[spec.arg], param_dtype=dtype), spec.arg,
@@ -155,14 +155,15 @@ def eagle_weights(name: str, config) -> pathlib.Path:
 def check_checkpoints(config, target_flag: str = TARGET_FLAG,
                       draft_flag: str = DRAFT_FLAG) -> None:
   """Fails before any weights load if the target's or a draft model's checkpoint is
-  missing or of another shape, or a feature drafter's weights file is missing; the
-  error names the flag (or field) to set."""
+  missing or of another shape, or a feature drafter's weights file is missing, or made
+  for another target; the error names the flag (or field) to set, or the file."""
   specs = list(map(config_lib.ArmSpec.parse, config_lib.used_arms(config)))
   for name in sorted({spec.arg for spec in specs if spec.kind == "eagle"} - {"random"}):
     if not eagle_weights(name, config).is_file():
       raise CheckpointError(f"no weights for the feature drafter eagle:{name} at "
                             f"{eagle_weights(name, config)}: set --config.eagle_checkpoint, or "
                             f"use eagle:random for an untrained one")
+    feature_layers(eagle_weights(name, config), model_config(config.target))  # its header
   if config.synthetic_weights:
     return
   check_checkpoint(config.target, config.checkpoint_dir, target_flag)

@@ -167,6 +167,9 @@ def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared
   """Loads the target and drafters, builds the methods and batches, times the arms
   (unless given), compiles every program and runs each once."""
   dtype = param_dtype(config)
+  if not (config.synthetic_weights or config.prompts.file):
+    for kind in config_lib.prompt_sets(config):  # a set too small fails before any load
+      load_prompts(kind, config.prompts.num_per_set, config.prompts.split, config.prompts.seed)
   model = load_target(config, dtype)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
   devices = f" x {model.config.tp_shards} (tensor parallel)" if model.config.tp_shards > 1 else ""

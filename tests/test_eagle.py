@@ -403,6 +403,10 @@ def test_a_missing_drafter_is_refused_before_any_weights_load(tmp_path):
   config.methods = "eagle:nonexistent"
   with pytest.raises(CheckpointError, match="eagle:nonexistent at .*eagle_checkpoint"):
     check_checkpoints(config)
+  config.methods, config.target = "eagle:smollm2", "tiny_llama"
+  with pytest.raises(CheckpointError, match="holds a drafter for 'smollm2_135m', not for the "
+                                            "target 'tiny_llama'"):
+    check_checkpoints(config)
 
 
 def test_training_prompts_are_never_held_out(smollm2):

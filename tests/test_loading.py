@@ -358,6 +358,17 @@ def test_missing_draft_checkpoint_names_the_draft_flag_before_the_target_loads(t
   assert "--config.checkpoint_dir" not in str(error.value)
 
 
+def test_a_draft_model_needs_no_tokenizer(tmp_path):
+  """A draft model reads the target's token ids: its checkpoint may lack a tokenizer."""
+  write_tiny_llama(tmp_path, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=1024,
+                   max_position_embeddings=4096, tie_word_embeddings=True)
+  assert load_model("tiny_llama_draft", str(tmp_path), dtype=jnp.float32,
+                    with_tokenizer=False).tokenizer is None
+  with pytest.raises(CheckpointError, match="no tokenizer.json"):
+    load_model("tiny_llama_draft", str(tmp_path), dtype=jnp.float32)
+
+
 def test_kernels_folder_does_not_pose_as_the_hub_package():
   """transformers imports the HF hub package `kernels` where it is installed (and requires
   it since 5.25); ours must not answer, even from the repository root where the folder is

@@ -33,7 +33,7 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "
 class LoadedModel:
   config: LlamaConfig
   params: Any
-  tokenizer: Any  # None for synthetic weights
+  tokenizer: Any  # None for synthetic weights and draft models
   synthetic: bool
   source: str
 
@@ -78,14 +78,16 @@ def check_checkpoint(name: str, checkpoint: str = "", flag: str = TARGET_FLAG) -
 
 
 def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
-               dtype: Any = jnp.bfloat16, seed: int = 0, mesh: Mesh | None = None
-               ) -> LoadedModel:
+               dtype: Any = jnp.bfloat16, seed: int = 0, mesh: Mesh | None = None,
+               with_tokenizer: bool = True) -> LoadedModel:
   """Loads the model `name` (a shape in configs/) from `checkpoint` or its default place,
   after `check_checkpoint(name, checkpoint)`; front ends that name their own flag in
   its errors check first (pipeline.check_checkpoints).
 
   With `synthetic`, the weights are random (for speed measurements only). With a
-  tensor-parallel mesh, the weights land in their shards (sharding.py).
+  tensor-parallel mesh, the weights land in their shards (sharding.py). Without
+  `with_tokenizer` (a draft model, which reads the target's token ids), its tokenizer
+  is None and its checkpoint needs none.
   """
   if synthetic:
     config = sharding.sharded_config(model_config(name), sharding.degree(mesh))
@@ -95,7 +97,7 @@ def load_model(name: str, checkpoint: str = "", synthetic: bool = False,
   logging.info("loading %s from %s", name, path)
   load = load_gguf_checkpoint if path.suffix == ".gguf" else load_hf_checkpoint
   config, params = load(path, dtype, mesh)
-  tokenizer = load_tokenizer(path)
+  tokenizer = load_tokenizer(path) if with_tokenizer else None
   return LoadedModel(dataclasses.replace(config, name=name), params, tokenizer, False, str(path))
 
 
