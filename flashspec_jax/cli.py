@@ -17,6 +17,7 @@ import types
 from collections.abc import Callable
 
 from absl import app, flags
+import tqdm
 
 from flashspec_jax import results
 
@@ -60,7 +61,8 @@ def print_error(kind: type[BaseException], error: BaseException,
   if VERBOSE.value if flags.FLAGS.is_parsed() else "--verbose" in sys.argv:
     sys.__excepthook__(kind, error, trace)
   else:
-    print(f"error: {describe(error)}", file=sys.stderr)
+    # Through tqdm, so that a progress bar the error cut short keeps its own line.
+    tqdm.tqdm.write(f"error: {describe(error)}", file=sys.stderr)
 
 
 def describe(error: BaseException) -> str:
