@@ -44,21 +44,31 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    if "--verbose" in argv:
+    if _verbose_asked(argv):
       raise
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # ml_collections puts a config file's traceback in the message: its first and
-    # last lines name the flag and the error.
-    print(f"error: {lines[0]} {lines[-1]}" if len(lines) > 1 else f"error: {error}",
-          file=sys.stderr)
+    # ml_collections wraps an error raised in a config file, traceback and all; the
+    # first error of the chain is the file's own.
+    cause = error
+    while cause.__context__ is not None:
+      cause = cause.__context__
+    message = " ".join(str(cause).split())
+    if cause is not error:
+      message = f"{str(error).partition(': ')[0]}: {type(cause).__name__}: {message}"
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def _verbose_asked(argv: list[str]) -> bool:
+  """Whether argv holds --verbose, read by hand where absl has not parsed it (yet)."""
+  return any(arg in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1")
+             for arg in argv)
 
 
 def print_error(kind: type[BaseException], error: BaseException,
                 trace: types.TracebackType | None) -> None:
   """sys.excepthook, which also sees the errors raised while absl parses the flags."""
   # A bad flag fails before absl has parsed --verbose.
-  if VERBOSE.value if flags.FLAGS.is_parsed() else "--verbose" in sys.argv:
+  if VERBOSE.value if flags.FLAGS.is_parsed() else _verbose_asked(sys.argv):
     sys.__excepthook__(kind, error, trace)
   else:
     # Through tqdm, so that a progress bar the error cut short keeps its own line.

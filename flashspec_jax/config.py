@@ -19,7 +19,7 @@ from flashspec_jax.engine import MAX_GAMMA, REWARDS
 from flashspec_jax.kernels.verify import VERIFY_IMPLS, get_verify_fn
 from flashspec_jax.models.config import known_shapes, model_config
 from flashspec_jax.models.eagle import valid_feature_layers
-from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file
+from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file, split_size
 
 DTYPES = ("auto", "float32", "bfloat16")
 KINDS = ("generate", "bandit_simulation", "kernel_bench", "train_drafter")
@@ -324,12 +324,31 @@ def eagle_checkpoints(config: ml_collections.ConfigDict) -> dict[str | None, str
     pairs = {None: text} if text else {}
   else:
     pairs = dict(item.partition("=")[::2] for item in split_list(text))
-  used = {spec.arg for spec in map(ArmSpec.parse, used_arms(config)) if spec.kind == "eagle"}
-  # A file for no arm the run builds would be silently unread.
-  if any(not path.endswith(".safetensors") or (not used if name is None else name not in used)
-         for name, path in pairs.items()):
+  if any(name == "" or not path.endswith(".safetensors") for name, path in pairs.items()):
     raise ValueError(text)
   return pairs
+
+
+def _eagle_checkpoints_read(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError if config.eagle_checkpoint names a file for no eagle arm the run
+  builds at any point of its sweep: it would be silently unread."""
+  used = _eagle_arm_names(config)
+  if any(not used if name is None else name not in used for name in eagle_checkpoints(config)):
+    raise ValueError(config.eagle_checkpoint)
+
+
+def _eagle_arm_names(config: ml_collections.ConfigDict) -> set[str]:
+  """The names of the eagle:<name> arms the run builds at any point of its sweep; a
+  point whose arms do not parse is left to its own validation."""
+  points = [config]
+  if _parses(parse_sweep, config) and parse_sweep(config):
+    field, values = parse_sweep(config)
+    points += [with_override(config, field, value) for value in values]
+  names = set()
+  for point in points:
+    if _parses(used_arm_specs, point):
+      names |= {spec.arg for spec in used_arm_specs(point) if spec.kind == "eagle"}
+  return names
 
 
 def bandit_states(path: str) -> dict:
@@ -348,6 +367,10 @@ def used_arms(config: ml_collections.ConfigDict) -> list[str]:
   if any(n.startswith("bandit:") for n in method_names(config)):
     names += split_list(config.arms)
   return names
+
+
+def used_arm_specs(config: ml_collections.ConfigDict) -> list[ArmSpec]:
+  return list(map(ArmSpec.parse, used_arms(config)))
 
 
 def _arms_fit(config: ml_collections.ConfigDict) -> str | None:
@@ -433,9 +456,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("kernel.batches", _parses(_ints, config.kernel.batches), "comma-separated integers"),
       ("kernel.gammas", _parses(_ints, config.kernel.gammas), "comma-separated integers"),
       ("kernel.vocabs", _parses(_ints, config.kernel.vocabs), "comma-separated integers"),
-      ("eagle_checkpoint", _parses(eagle_checkpoints, config), "empty, a .safetensors file "
-       "for the eagle arms the run builds, or <name>=<file>.safetensors pairs, comma-separated, "
-       "each naming an eagle:<name> arm the run builds"),
+      ("eagle_checkpoint", _parses(_eagle_checkpoints_read, config),
+       "empty, a .safetensors file for the eagle arms the run builds, or "
+       "<name>=<file>.safetensors pairs, comma-separated, each naming an eagle:<name> arm the "
+       "run builds"),
       *[(f"train.{name}", config.train[name] >= 1, ">= 1") for name in (
           "prompts_per_set", "max_prompt_tokens", "answer_tokens", "generate_batch",
           "max_tokens", "rollout_steps", "steps", "batch_size", "log_every",
@@ -486,11 +510,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError("config.prompts.file needs a tokenizer, and synthetic weights have no "
                        "tokenizer: drop one of prompts.file and synthetic_weights")
     read_prompt_file(config.prompts.file)
+  elif config.kind == "generate" and not config.synthetic_weights:
+    for kind in prompt_sets(config):
+      size = split_size(kind, config.prompts.split)
+      if config.prompts.num_per_set > size:
+        raise ValueError(f"config.prompts.num_per_set = {config.prompts.num_per_set} is "
+                         f"invalid: the {config.prompts.split} split holds {size} {kind} "
+                         "prompts")
   # Every point of a sweep, before the first runs: a bad one found at its turn loses
   # the points run before it, which are written only once all have run.
   sweep = parse_sweep(config)
   for value in sweep[1] if sweep else ():
+    point = with_override(config, sweep[0], value)
+    if sweep[0] != "eagle_checkpoint":  # checked above, for the arms of every point
+      point.eagle_checkpoint = ""
     try:
-      validate(with_override(config, sweep[0], value))
+      validate(point)
     except ValueError as error:
       raise ValueError(f"config.sweep's point {sweep[0]}={value}: {error}") from None

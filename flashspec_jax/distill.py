@@ -383,7 +383,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
       target=config.target, weights=model.source, dtype=str(dtype), seed=config.seed,
       prompt_sets=config.prompts.sets, prompt_seed=config.prompts.seed,
       held_out_filter="conversations", top_k=config.sampling.top_k,
-      top_p=config.sampling.top_p, **{name: t[name] for name in ("prompts_per_set", "later_chat_turns", "max_prompt_tokens",
+      top_p=config.sampling.top_p,
+      **{name: t[name] for name in ("prompts_per_set", "later_chat_turns", "max_prompt_tokens",
                                     "answer_tokens", "answer_temperature", "sampled_answers",
                                     "generate_batch")}),
       sort_keys=True)

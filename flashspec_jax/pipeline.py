@@ -157,7 +157,7 @@ def check_checkpoints(config, target_flag: str = TARGET_FLAG,
   """Fails before any weights load if the target's or a draft model's checkpoint is
   missing or of another shape, or a feature drafter's weights file is missing, or made
   for another target; the error names the flag (or field) to set, or the file."""
-  specs = list(map(config_lib.ArmSpec.parse, config_lib.used_arms(config)))
+  specs = config_lib.used_arm_specs(config)
   for name in sorted({spec.arg for spec in specs if spec.kind == "eagle"} - {"random"}):
     if not eagle_weights(name, config).is_file():
       raise CheckpointError(f"no weights for the feature drafter eagle:{name} at "

@@ -30,9 +30,9 @@ from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
-from flashspec_jax.pipeline import (Method, Request, Setup, build_methods, compile_ahead,
-                                    compile_and_run, load_target, make_setup, param_dtype,
-                                    warm_up, with_arm_costs)
+from flashspec_jax.pipeline import (Method, Request, Setup, build_methods, check_checkpoints,
+                                    compile_ahead, compile_and_run, load_target, make_setup,
+                                    param_dtype, warm_up, with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file
 
 
@@ -167,9 +167,6 @@ def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared
   """Loads the target and drafters, builds the methods and batches, times the arms
   (unless given), compiles every program and runs each once."""
   dtype = param_dtype(config)
-  if not (config.synthetic_weights or config.prompts.file):
-    for kind in config_lib.prompt_sets(config):  # a set too small fails before any load
-      load_prompts(kind, config.prompts.num_per_set, config.prompts.split, config.prompts.seed)
   model = load_target(config, dtype)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
   devices = f" x {model.config.tp_shards} (tensor parallel)" if model.config.tp_shards > 1 else ""
@@ -178,9 +175,10 @@ def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared
   methods, params = build_methods(config, model, dtype)
   setup = make_setup(config, model, params, dtype)
   batches = batched(build_requests(config, model), config.batch_size)
-  if any(len(batch) < config.batch_size for batch in batches):
-    print(f"batches of {', '.join(str(len(batch)) for batch in batches)} prompts: a prompt "
-          f"set's last batch holds what is left of it (config.batch_size = {config.batch_size})")
+  short = sum(len(batch) < config.batch_size for batch in batches)
+  if short:
+    print(f"{short} of {len(batches)} batches hold fewer than config.batch_size = "
+          f"{config.batch_size} prompts: a batch holds prompts of one set (kind), in order")
 
   methods = with_arm_costs(methods, config, setup, batches[0])
   bandit_arms = next((m.arms for m in methods if m.is_bandit), ())
@@ -283,6 +281,8 @@ def write_generation(config, env, payload, records) -> dict[str, Any]:
 
 def run_sweep(config, env, field: str, values: list) -> dict[str, Any]:
   """One generation run per value of `field`; one results file and plot for all of them."""
+  for value in values:  # a point's missing file, found at its turn, loses the points before
+    check_checkpoints(config_lib.with_override(config, field, value))
   points, records = [], []
   for value in tqdm.tqdm(values, desc=f"sweep {field}", unit="point"):
     print(f"\n=== {field} = {value} ===")

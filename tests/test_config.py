@@ -60,7 +60,13 @@ def no_loading(monkeypatch):
     (dict(sweep="methods=ar,ngarm:3"), "config.sweep's point methods=ngarm:3: config.methods"),
     (dict(sweep="deterministic=yes,no"), "config.sweep = 'deterministic=yes,no' is invalid: "
                                          "expected .* \\(true or false for a flag\\)"),
-    (dict(**{"prompts.num_per_set": 100_000, "prompts.sets": "code"}), "asked for 100000 code"),
+    (dict(**{"prompts.num_per_set": 100_000, "prompts.sets": "code"}),
+     "config.prompts.num_per_set = 100000 is invalid: the tune split holds \\d+ code"),
+    (dict(sweep="prompts.num_per_set=1,100000"), "config.sweep's point prompts.num_per_set="
+                                                 "100000: config.prompts.num_per_set"),
+    (dict(methods="ar,eagle:smollm2", sweep="methods=ar,eagle:smollm2,eagle:fused",
+          eagle_checkpoint="fused=f.safetensors"), "no weights for the feature drafter "
+                                                   "eagle:fused at f.safetensors"),
     (dict(**{"train.grad_clip": 0.0}), "config.train.grad_clip = 0.0 is invalid: expected > 0"),
     *[(dict(**{f"train.{name}": bad}), f"config.train.{name} = {bad} is invalid: expected >= 0")
       for name, bad in (("max_seconds", -1.0), ("weight_decay", -0.5), ("warmup_steps", -3))],

@@ -62,7 +62,7 @@ def check_checkpoint(name: str, checkpoint: str = "", flag: str = TARGET_FLAG) -
     raise CheckpointError(
         f"no weights for {name!r}: looked in {path}.\n"
         f"Put the Hugging Face checkpoint of {hub_name} there (config.json, *.safetensors, "
-        f"tokenizer.json), or pass {flag}=/path/to/it.\n"
+        f"and for a target tokenizer.json), or pass {flag}=/path/to/it.\n"
         f"To measure speed without weights, add --config.synthetic_weights=True.")
   if path.suffix == ".gguf":
     found, source = config_from_gguf(path), path
