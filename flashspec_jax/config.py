@@ -19,7 +19,7 @@ from flashspec_jax.engine import MAX_GAMMA, REWARDS
 from flashspec_jax.kernels.verify import VERIFY_IMPLS, get_verify_fn
 from flashspec_jax.models.config import known_shapes, model_config
 from flashspec_jax.models.eagle import valid_feature_layers
-from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file, split_size
+from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file
 
 DTYPES = ("auto", "float32", "bfloat16")
 KINDS = ("generate", "bandit_simulation", "kernel_bench", "train_drafter")
@@ -510,13 +510,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError("config.prompts.file needs a tokenizer, and synthetic weights have no "
                        "tokenizer: drop one of prompts.file and synthetic_weights")
     read_prompt_file(config.prompts.file)
-  elif config.kind == "generate" and not config.synthetic_weights:
-    for kind in prompt_sets(config):
-      size = split_size(kind, config.prompts.split)
-      if config.prompts.num_per_set > size:
-        raise ValueError(f"config.prompts.num_per_set = {config.prompts.num_per_set} is "
-                         f"invalid: the {config.prompts.split} split holds {size} {kind} "
-                         "prompts")
   # Every point of a sweep, before the first runs: a bad one found at its turn loses
   # the points run before it, which are written only once all have run.
   sweep = parse_sweep(config)

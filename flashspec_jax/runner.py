@@ -33,7 +33,7 @@ from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.pipeline import (Method, Request, Setup, build_methods, check_checkpoints,
                                     compile_ahead, compile_and_run, load_target, make_setup,
                                     param_dtype, warm_up, with_arm_costs)
-from flashspec_jax.prompts import load_prompts, read_prompt_file
+from flashspec_jax.prompts import load_prompts, read_prompt_file, split_size
 
 
 def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> list[Request]:
@@ -281,8 +281,6 @@ def write_generation(config, env, payload, records) -> dict[str, Any]:
 
 def run_sweep(config, env, field: str, values: list) -> dict[str, Any]:
   """One generation run per value of `field`; one results file and plot for all of them."""
-  for value in values:  # a point's missing file, found at its turn, loses the points before
-    check_checkpoints(config_lib.with_override(config, field, value))
   points, records = [], []
   for value in tqdm.tqdm(values, desc=f"sweep {field}", unit="point"):
     print(f"\n=== {field} = {value} ===")
@@ -312,6 +310,32 @@ def run_kernel_bench(config, env) -> dict[str, Any]:
   return dict(rows=result["rows"], path=str(path))
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Fails before any weights load if a checkpoint is missing or misfits, or a prompt set
+  holds fewer prompts than asked for, at every point of a sweep: a point that failed at
+  its turn would lose the points run before it, which are written once all have run."""
+  sweep = config_lib.parse_sweep(config)
+  if not sweep:
+    return _check_point_inputs(config)
+  field, values = sweep
+  for value in values:
+    try:
+      _check_point_inputs(config_lib.with_override(config, field, value))
+    except ValueError as error:
+      raise ValueError(f"config.sweep's point {field}={value}: {error}") from None
+
+
+def _check_point_inputs(config: ml_collections.ConfigDict) -> None:
+  check_checkpoints(config)
+  if config.synthetic_weights or config.prompts.file:
+    return
+  for kind in config_lib.prompt_sets(config):
+    size = split_size(kind, config.prompts.split)
+    if config.prompts.num_per_set > size:
+      raise ValueError(f"config.prompts.num_per_set = {config.prompts.num_per_set} is "
+                       f"invalid: the {config.prompts.split} split holds {size} {kind} prompts")
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs one experiment config end to end, writes its results and returns them."""
   config_lib.validate(config)
@@ -324,6 +348,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return run_kernel_bench(config, env)
   if config.kind == "train_drafter":
     return distill.train(config, env)
+  check_inputs(config)
   sweep = config_lib.parse_sweep(config)
   if sweep is not None:
     return run_sweep(config, env, *sweep)
