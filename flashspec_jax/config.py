@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Callable
 
 import ml_collections
 
@@ -31,6 +32,8 @@ KINDS = ("generate", "bandit_simulation", "kernel_bench", "train_drafter")
 # followed by "@<gamma>". A method is an arm, run alone, or "bandit:<strategy>",
 # which chooses among config.arms at every step.
 ARM_KINDS = ("ar", "layer_skip", "draft_model", "ngram", "eagle")
+ARM_FORMS = (f"ar, layer_skip:<k>, draft_model:<shape>, ngram:<n>, eagle:<name>, each with an "
+             f"optional @<gamma> in [1, {MAX_GAMMA}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +236,27 @@ def parse_sweep(config: ml_collections.ConfigDict) -> tuple[str, list] | None:
   return field, [type(node)(v) for v in split_list(values)]
 
 
+def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """("<field>=<value>", the config it runs) for each point of config.sweep; [] without one."""
+  sweep = parse_sweep(config)
+  if sweep is None:
+    return []
+  field, values = sweep
+  return [(f"{field}={value}", with_override(config, field, value)) for value in values]
+
+
+def for_each_sweep_point(config: ml_collections.ConfigDict,
+                         check: Callable[[ml_collections.ConfigDict], None]) -> None:
+  """check(point) for every point of config.sweep, before the first runs: a bad one found
+  at its turn loses the points run before it, which are written once all have run. A
+  ValueError names its point."""
+  for label, point in sweep_points(config):
+    try:
+      check(point)
+    except ValueError as error:
+      raise ValueError(f"config.sweep's point {label}: {error}") from None
+
+
 def with_override(config: ml_collections.ConfigDict, field: str, value):
   config = config.copy_and_resolve_references()
   *parents, leaf = field.split(".")
@@ -340,10 +364,8 @@ def _eagle_checkpoints_read(config: ml_collections.ConfigDict) -> None:
 def _eagle_arm_names(config: ml_collections.ConfigDict) -> set[str]:
   """The names of the eagle:<name> arms the run builds at any point of its sweep; a
   point whose arms do not parse is left to its own validation."""
-  points = [config]
-  if _parses(parse_sweep, config) and parse_sweep(config):
-    field, values = parse_sweep(config)
-    points += [with_override(config, field, value) for value in values]
+  points = [config] + ([point for _, point in sweep_points(config)]
+                        if _parses(parse_sweep, config) else [])
   names = set()
   for point in points:
     if _parses(used_arm_specs, point):
@@ -377,10 +399,6 @@ def _arms_fit(config: ml_collections.ConfigDict) -> str | None:
   """The first arm the run builds that cannot draft for config.target, or None."""
   target = model_config(config.target)
   return next((n for n in used_arms(config) if not _arm_fits(ArmSpec.parse(n), target)), None)
-
-
-ARM_FORMS = (f"ar, layer_skip:<k>, draft_model:<shape>, ngram:<n>, eagle:<name>, each with an "
-             f"optional @<gamma> in [1, {MAX_GAMMA}]")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -510,14 +528,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError("config.prompts.file needs a tokenizer, and synthetic weights have no "
                        "tokenizer: drop one of prompts.file and synthetic_weights")
     read_prompt_file(config.prompts.file)
-  # Every point of a sweep, before the first runs: a bad one found at its turn loses
-  # the points run before it, which are written only once all have run.
-  sweep = parse_sweep(config)
-  for value in sweep[1] if sweep else ():
-    point = with_override(config, sweep[0], value)
-    if sweep[0] != "eagle_checkpoint":  # checked above, for the arms of every point
-      point.eagle_checkpoint = ""
-    try:
-      validate(point)
-    except ValueError as error:
-      raise ValueError(f"config.sweep's point {sweep[0]}={value}: {error}") from None
+
+  def validate_point(point: ml_collections.ConfigDict) -> None:
+    if not config.sweep.startswith("eagle_checkpoint="):
+      point.eagle_checkpoint = ""  # checked above, for the arms of every point
+    validate(point)
+
+  for_each_sweep_point(config, validate_point)

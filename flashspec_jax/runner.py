@@ -312,17 +312,11 @@ def run_kernel_bench(config, env) -> dict[str, Any]:
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
   """Fails before any weights load if a checkpoint is missing or misfits, or a prompt set
-  holds fewer prompts than asked for, at every point of a sweep: a point that failed at
-  its turn would lose the points run before it, which are written once all have run."""
-  sweep = config_lib.parse_sweep(config)
-  if not sweep:
-    return _check_point_inputs(config)
-  field, values = sweep
-  for value in values:
-    try:
-      _check_point_inputs(config_lib.with_override(config, field, value))
-    except ValueError as error:
-      raise ValueError(f"config.sweep's point {field}={value}: {error}") from None
+  holds fewer prompts than asked for, at every point of a sweep."""
+  if config.sweep:
+    config_lib.for_each_sweep_point(config, _check_point_inputs)
+  else:
+    _check_point_inputs(config)
 
 
 def _check_point_inputs(config: ml_collections.ConfigDict) -> None:
