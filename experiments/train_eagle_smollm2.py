@@ -15,10 +15,10 @@ command, sha and device like the others, and the config's flags and sweeps apply
 Writes flashspec_jax/weights/eagle_smollm2/model.safetensors and
 results/train_eagle_smollm2/ (loss curve, acceptance per draft position on the
 validation split).
-Expected on one H200: about 18,700 answers (19,593 for the shipped weights,
-whose first turns were filtered by record, not by conversation) in about 2
-minutes, then about 6 steps a second, 9 minutes for 3,200 steps; loss about 1.8
-over the last batches,
+Expected on one H200: fewer answers than the shipped weights' 19,593 (their
+first turns were filtered by record, not by conversation), in about 2 minutes,
+then about 6 steps a second, 9 minutes for 3,200 steps; loss about 1.8 over the
+last batches,
 and a validation split of whole conversations (the shipped weights ran this
 recipe in two parts, stopped by --config.train.max_seconds and resumed from
 --config.train.workdir, when validation rows were drawn one by one and gave
