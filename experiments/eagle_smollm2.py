@@ -15,9 +15,9 @@ Greedy, gamma 4, batch 1, 128 new tokens, five held-out prompts of each set
 (chat, code, copy-heavy edit) that training never saw; every method runs on
 the same prompts in one run. Writes results/eagle_smollm2/. The table gives
 alpha, tau, tok/s and the speedup against AR.
-Expected: on one H200 (bf16) eagle:smollm2 is the fastest method on chat and
-code; the figures and what they mean are in
-flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md. On 2 CPU cores (f32) every
+Expected: on one H100 (bf16) eagle:smollm2 is the fastest method on chat and
+code, about 2x AR over the three sets (n-gram is faster on edit); the figures
+and what they mean are in flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md. On 2 CPU cores (f32) every
 speculative method is slower than AR, since there a verify pass of gamma + 1
 tokens costs several one-token steps; the CPU file in results/ came from
 --config.prompts.num_per_set=2 --config.sampling.max_new_tokens=64, in about

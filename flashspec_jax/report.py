@@ -689,18 +689,42 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
+# eagle:smollm2 reads EAGLE-3's fused features (the streams after layers 2, 15 and 27)
+# since the weights trained at this time; before, it read the last layer's. Its first
+# runs read the new weights from where training wrote them on the device machine, before
+# they were committed (the model card gives the file's sha256).
+FUSED_DRAFTER_TRAINED = "2026-12-07T07:53:50"
+FUSED_DRAFTER_UNCOMMITTED = "/root/new/model.safetensors"
+
+
+def _fused_drafter(data: dict) -> bool:
+  """Whether the run's eagle:smollm2 is the fused-feature drafter."""
+  return (data["environment"]["date"] >= FUSED_DRAFTER_TRAINED
+          and data.get("config", {}).get("eagle_checkpoint", "") in (
+              "", FUSED_DRAFTER_UNCOMMITTED))
+
+
+def _fused_against_last_layer(data: dict) -> bool:
+  """A run of the fused-feature drafter (eagle:fused) beside the last-layer one."""
+  return "eagle:fused" in data["config"]["methods"].split(",")
+
+
 def _stream_sections(device: str, name: str, priced_waits: bool = False,
-                     step_context: bool = False) -> list[Section]:
+                     step_context: bool = False, fused: bool = False) -> list[Section]:
   """The choosers' four streams on one device: greedy and at temperature 1, in blocks
   and interleaved; with priced_waits, those whose choosers priced waits for the host
-  (config.bandit.wait_cost), and with step_context, learnt the drafter in n-gram
-  lookup's context (config.bandit.step_context). A stream not run has no section."""
+  (config.bandit.wait_cost), with step_context, learnt the drafter in n-gram lookup's
+  context (config.bandit.step_context), and with fused, ran the fused-feature drafter
+  (the others ran the last-layer one). A stream not run has no section."""
   options = (", waits for the host priced" if priced_waits else "") + (
-      ", the drafter learnt in n-gram lookup's context" if step_context else "")
+      ", the drafter learnt in n-gram lookup's context" if step_context else "") + (
+      ", the fused-feature drafter" if fused else "")
   return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling}"
                   f"{options} ({name})", choosers,
-                  _stream(temperature, order, priced_waits=priced_waits,
-                          step_context=step_context))
+                  lambda data, temperature=temperature, order=order: (
+                      _stream(temperature, order, priced_waits=priced_waits,
+                              step_context=step_context)(data)
+                      and _fused_drafter(data) == fused))
           for temperature, sampling in ((0, "greedy"), (1, "temperature 1"))
           for order, how in (("blocks", " in blocks of one set"), ("interleaved",
                                                                    ", sets interleaved"))]
@@ -738,24 +762,48 @@ SECTIONS = [
             verify_kernel),
     Section("layer_skip_smollm2", "cpu", "SmolLM2-135M with layer-skip drafters against AR (CPU)",
             method_table),
-    Section("train_eagle_smollm2", H200, "Training eagle:smollm2 (H200)", drafter_training),
-    Section("eagle_smollm2", H200, "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
-            "prompts (H200)", by_prompt_set, _plain_run),
-    Section("eagle_smollm2", H200, "eagle:smollm2 at temperature 1 (H200)", by_prompt_set,
-            lambda data: data["config"]["sampling"]["temperature"] == 1 and not
-            data["config"]["sweep"]),
-    Section("eagle_smollm2", H200, "eagle:smollm2 at batch 8 (H200)", batch_steps,
-            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]),
-    # The newest batch-8 run, of the shipped weights (the H100's runs compared retrained ones).
+    Section("train_eagle_smollm2", H100, "Training eagle:smollm2 on fused features (H100)",
+            drafter_training, lambda data: bool(data["config"]["train"].get("feature_layers"))),
+    Section("eagle_smollm2", H100, "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
+            "prompts (H100)", by_prompt_set,
+            lambda data: _plain_run(data) and _fused_drafter(data)),
+    Section("eagle_smollm2", H100, "eagle:smollm2 at temperature 1 (H100)", by_prompt_set,
+            lambda data: data["config"]["sampling"]["temperature"] == 1
+            and not data["config"]["sweep"] and _fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
             lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
-            and not data["config"]["eagle_checkpoint"]),
-    Section("eagle_smollm2", H200, "eagle:smollm2 against gamma (H200)", sweep,
+            and _fused_drafter(data)),
+    Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
+            "greedy (H100)", by_prompt_set,
+            lambda data: _fused_against_last_layer(data) and _plain_run(data)),
+    Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
+            "temperature 1 (H100)", by_prompt_set,
+            lambda data: _fused_against_last_layer(data)
+            and data["config"]["sampling"]["temperature"] == 1),
+    Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
+            "batch 8 (H100)", batch_steps,
+            lambda data: _fused_against_last_layer(data) and data["config"]["batch_size"] == 8),
+    Section("train_eagle_smollm2", H200, "Training the last-layer eagle:smollm2 (H200)",
+            drafter_training),
+    Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against AR, n-gram and "
+            "layer-skip on held-out prompts (H200)", by_prompt_set, _plain_run),
+    Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at temperature 1 (H200)",
+            by_prompt_set, lambda data: data["config"]["sampling"]["temperature"] == 1 and not
+            data["config"]["sweep"]),
+    Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at batch 8 (H200)", batch_steps,
+            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]),
+    Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against gamma (H200)", sweep,
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
-            "prompts (CPU)", by_prompt_set, _plain_run),
+            "prompts (CPU)", by_prompt_set, lambda data: _plain_run(data) and _fused_drafter(data)),
     Section("teacher_forced", "cpu", "eagle:smollm2 on held-out answers, scored as training "
-            "scores them (CPU)", teacher_forced),
+            "scores them (CPU)", teacher_forced, _fused_drafter),
+    Section("eagle_smollm2", "cpu", "The last-layer eagle:smollm2 against AR, n-gram and "
+            "layer-skip on held-out prompts (CPU)", by_prompt_set,
+            lambda data: _plain_run(data) and not _fused_drafter(data)),
+    Section("teacher_forced", "cpu", "The last-layer eagle:smollm2 on held-out answers, scored "
+            "as training scores them (CPU)", teacher_forced,
+            lambda data: not _fused_drafter(data)),
     *_stream_sections(H200, "H200"),
     Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "greedy, deterministic mode (H200)", choosers,
@@ -773,6 +821,7 @@ SECTIONS = [
             _stream(1, "interleaved", request_carry=0.25)),
     # The H200 was not lent in the sessions after the prompt prior changed; the same
     # streams ran on an H100, with the H200's calibrated arm costs.
+    *_stream_sections(H100, "H100", fused=True),
     *_stream_sections(H100, "H100"),
     *_stream_sections(H200, "H200", priced_waits=True),
     *_stream_sections(H100, "H100", priced_waits=True),
@@ -799,7 +848,12 @@ SECTIONS = [
             "(CPU)", ngram_contexts),
     Section("drafter_contexts", "cpu", "eagle:smollm2's steps by n-gram lookup's context, "
             "temperature 1 (CPU)", drafter_contexts,
-            lambda data: data["arm"] == "eagle:smollm2" and data["temperature"] == 1),
+            lambda data: data["arm"] == "eagle:smollm2" and data["temperature"] == 1
+            and _fused_drafter(data)),
+    Section("drafter_contexts", "cpu", "The last-layer eagle:smollm2's steps by n-gram lookup's "
+            "context, temperature 1 (CPU)", drafter_contexts,
+            lambda data: data["arm"] == "eagle:smollm2" and data["temperature"] == 1
+            and not _fused_drafter(data)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy, request_carry 0.25 (CPU)", choosers,
             _stream(0, "blocks", request_carry=0.25)),

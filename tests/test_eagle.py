@@ -455,9 +455,9 @@ def test_shipped_drafter_speculates_exactly_on_smollm2(smollm2, smollm2_heldout)
             "drafters": {"smollm2": load_drafter(shipped_path("smollm2"), config, jnp.float32,
                                                  target_params)}}
   gamma = 4
-  decoder = engine.SpeculativeDecoder(
-      target, (engine.Arm(FeatureDrafter(target, "smollm2", unroll=False), gamma),), 128,
-      eos_ids=())
+  drafter = FeatureDrafter(target, "smollm2", unroll=False,
+                           feature_layers=feature_layers(shipped_path("smollm2"), config))
+  decoder = engine.SpeculativeDecoder(target, (engine.Arm(drafter, gamma),), 128, eos_ids=())
   out = engine.run_speculative(params, decoder, ids, jax.random.key(0), Samplers.same(Greedy()))
   np.testing.assert_array_equal(out.tokens, ar_tokens)
   assert all(np.asarray(out.metrics.accept_hist).sum(axis=0) > 0), out.metrics.accept_hist
