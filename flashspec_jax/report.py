@@ -689,21 +689,6 @@ def _model(name: str) -> Callable[[dict], bool]:
   return lambda data: data["model"] == name
 
 
-# eagle:smollm2 reads EAGLE-3's fused features (the streams after layers 2, 15 and 27)
-# since the weights trained at this time; before, it read the last layer's. Its first
-# runs read the new weights from where training wrote them on the device machine, before
-# they were committed (the model card gives the file's sha256).
-FUSED_DRAFTER_TRAINED = "2026-12-07T07:53:50"
-FUSED_DRAFTER_UNCOMMITTED = "/root/new/model.safetensors"
-
-
-def _fused_drafter(data: dict) -> bool:
-  """Whether the run's eagle:smollm2 is the fused-feature drafter."""
-  return (data["environment"]["date"] >= FUSED_DRAFTER_TRAINED
-          and data.get("config", {}).get("eagle_checkpoint", "") in (
-              "", FUSED_DRAFTER_UNCOMMITTED))
-
-
 def _fused_against_last_layer(data: dict) -> bool:
   """A run of the fused-feature drafter (eagle:fused) beside the last-layer one."""
   return "eagle:fused" in data["config"]["methods"].split(",")
@@ -724,7 +709,7 @@ def _stream_sections(device: str, name: str, priced_waits: bool = False,
                   lambda data, temperature=temperature, order=order: (
                       _stream(temperature, order, priced_waits=priced_waits,
                               step_context=step_context)(data)
-                      and _fused_drafter(data) == fused))
+                      and results.fused_drafter(data) == fused))
           for temperature, sampling in ((0, "greedy"), (1, "temperature 1"))
           for order, how in (("blocks", " in blocks of one set"), ("interleaved",
                                                                    ", sets interleaved"))]
@@ -766,13 +751,13 @@ SECTIONS = [
             drafter_training, lambda data: bool(data["config"]["train"].get("feature_layers"))),
     Section("eagle_smollm2", H100, "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (H100)", by_prompt_set,
-            lambda data: _plain_run(data) and _fused_drafter(data)),
+            lambda data: _plain_run(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 at temperature 1 (H100)", by_prompt_set,
             lambda data: data["config"]["sampling"]["temperature"] == 1
-            and not data["config"]["sweep"] and _fused_drafter(data)),
+            and not data["config"]["sweep"] and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
             lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
-            and _fused_drafter(data)),
+            and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
             "greedy (H100)", by_prompt_set,
             lambda data: _fused_against_last_layer(data) and _plain_run(data)),
@@ -795,15 +780,15 @@ SECTIONS = [
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against gamma (H200)", sweep,
             lambda data: "sweep_field" in data),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
-            "prompts (CPU)", by_prompt_set, lambda data: _plain_run(data) and _fused_drafter(data)),
+            "prompts (CPU)", by_prompt_set, lambda data: _plain_run(data) and results.fused_drafter(data)),
     Section("teacher_forced", "cpu", "eagle:smollm2 on held-out answers, scored as training "
-            "scores them (CPU)", teacher_forced, _fused_drafter),
+            "scores them (CPU)", teacher_forced, results.fused_drafter),
     Section("eagle_smollm2", "cpu", "The last-layer eagle:smollm2 against AR, n-gram and "
             "layer-skip on held-out prompts (CPU)", by_prompt_set,
-            lambda data: _plain_run(data) and not _fused_drafter(data)),
+            lambda data: _plain_run(data) and not results.fused_drafter(data)),
     Section("teacher_forced", "cpu", "The last-layer eagle:smollm2 on held-out answers, scored "
             "as training scores them (CPU)", teacher_forced,
-            lambda data: not _fused_drafter(data)),
+            lambda data: not results.fused_drafter(data)),
     *_stream_sections(H200, "H200"),
     Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "greedy, deterministic mode (H200)", choosers,
@@ -849,11 +834,11 @@ SECTIONS = [
     Section("drafter_contexts", "cpu", "eagle:smollm2's steps by n-gram lookup's context, "
             "temperature 1 (CPU)", drafter_contexts,
             lambda data: data["arm"] == "eagle:smollm2" and data["temperature"] == 1
-            and _fused_drafter(data)),
+            and results.fused_drafter(data)),
     Section("drafter_contexts", "cpu", "The last-layer eagle:smollm2's steps by n-gram lookup's "
             "context, temperature 1 (CPU)", drafter_contexts,
             lambda data: data["arm"] == "eagle:smollm2" and data["temperature"] == 1
-            and not _fused_drafter(data)),
+            and not results.fused_drafter(data)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy, request_carry 0.25 (CPU)", choosers,
             _stream(0, "blocks", request_carry=0.25)),

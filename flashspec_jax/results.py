@@ -127,3 +127,19 @@ def abandon_writes() -> None:
   _creating.acquire()
   for temporary in _in_flight.copy():
     temporary.unlink(missing_ok=True)
+
+
+# eagle:smollm2 reads EAGLE-3's fused features (the streams after layers 2, 15 and 27)
+# since the weights trained at this time; before, it read the last layer's. Its first
+# runs read the new weights from where training wrote them on the device machine, before
+# they were committed (the model card gives the file's sha256).
+FUSED_DRAFTER_TRAINED = "2026-12-07T07:53:50"
+FUSED_DRAFTER_UNCOMMITTED = "/root/new/model.safetensors"
+
+
+def fused_drafter(data: dict) -> bool:
+  """Whether a results file's eagle:smollm2 is the fused-feature drafter (a file without
+  a config, a benchmark's, ran the shipped weights of its day)."""
+  return (data["environment"]["date"] >= FUSED_DRAFTER_TRAINED
+          and data.get("config", {}).get("eagle_checkpoint", "") in (
+              "", FUSED_DRAFTER_UNCOMMITTED))

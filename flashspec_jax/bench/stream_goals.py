@@ -27,7 +27,7 @@ def describe(path: str, run: dict) -> dict:
   config = run["config"]
   return dict(run=path, device=run["environment"]["device"],
               temperature=config["sampling"]["temperature"], order=config["prompts"]["order"],
-              seed=config["seed"], options=run_options(config))
+              seed=config["seed"], options=run_options(run))
 
 
 def best_chooser(choosers: dict[str, dict]) -> str:
@@ -89,15 +89,18 @@ def main(argv, options: dict[str, flags.FlagHolder]):
           + ", ".join(f"{name} {n}/{group['ran'][name]}" for name, n in group["all_met"].items()))
 
 
-def run_options(config: dict) -> str:
+def run_options(run: dict) -> str:
   """The chooser options, and the engine's deterministic mode, that a run's config set
-  away from their defaults."""
+  away from their defaults, and the fused-feature drafter, which replaced the last-layer
+  one as eagle:smollm2."""
+  config = run["config"]
   bandit = config["bandit"]
   set_ = [f"wait_cost {bandit['wait_cost']:g}" if bandit.get("wait_cost") else "",
           "step_context" if bandit.get("step_context") else "",
           f"request_carry {bandit['request_carry']:g}"
           if bandit.get("request_carry", 1.0) != 1.0 else "",
-          "deterministic" if config.get("deterministic") else ""]
+          "deterministic" if config.get("deterministic") else "",
+          "fused drafter" if results.fused_drafter(run) else ""]
   return ", ".join(s for s in set_ if s) or "defaults"
 
 
