@@ -758,6 +758,8 @@ SECTIONS = [
     Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
             lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
             and results.fused_drafter(data)),
+    Section("eagle_smollm2", H100, "eagle:smollm2 against gamma (H100)", sweep,
+            lambda data: "sweep_field" in data and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
             "greedy (H100)", by_prompt_set,
             lambda data: _fused_against_last_layer(data) and _plain_run(data)),
