@@ -17,7 +17,8 @@ the same prompts in one run. Writes results/eagle_smollm2/. The table gives
 alpha, tau, tok/s and the speedup against AR.
 Expected: on one H100 (bf16) eagle:smollm2 is the fastest method on chat and
 code, about 2x AR over the three sets (n-gram is faster on edit); the figures
-and what they mean are in flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md. On 2 CPU cores (f32) AR is the fastest over the three sets (eagle:smollm2
+and what they mean are in flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md.
+On 2 CPU cores (f32) AR is the fastest over the three sets (eagle:smollm2
 0.92x, faster only on edit), since there a verify pass of gamma + 1 tokens
 costs several one-token steps (an eagle step about 87 ms against AR's 30); the
 CPU file in results/ came from --config.prompts.num_per_set=2

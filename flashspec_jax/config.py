@@ -343,7 +343,12 @@ def pass_width(config: ml_collections.ConfigDict) -> int | None:
 
 def eagle_checkpoints(config: ml_collections.ConfigDict) -> dict[str | None, str]:
   """config.eagle_checkpoint by arm name, None standing for every eagle arm."""
-  text = config.eagle_checkpoint
+  return parse_eagle_checkpoint(config.eagle_checkpoint)
+
+
+def parse_eagle_checkpoint(text: str) -> dict[str | None, str]:
+  """An eagle_checkpoint value (one path for every eagle arm, or name=path pairs) by arm
+  name, None standing for every eagle arm."""
   if not text or "=" not in text:
     pairs = {None: text} if text else {}
   else:

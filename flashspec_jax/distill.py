@@ -183,8 +183,8 @@ def split_validation(data: TrainingData, fraction: float, seed: int) -> tuple[Tr
                                                                          TrainingData]:
   """(train, validation). Validation takes whole conversations (`conversation_of`), by a
   seeded permutation, until it holds `fraction` of the rows: drawn row by row, a chat's
-  other turns trained the drafter, and its chat validation gave tau 3.14 where the
-  held-out chats give 2.16 (bench/teacher_forced.py, MODEL_CARD.md)."""
+  other turns trained the drafter, and the last-layer drafter's chat validation gave
+  tau 3.14 where the held-out chats gave 2.16 (bench/teacher_forced.py, MODEL_CARD.md)."""
   rows_of = collections.defaultdict(list)
   for row, prompt_id in enumerate(data.ids):
     rows_of[conversation_of(prompt_id)].append(row)

@@ -651,10 +651,11 @@ def _plain_run(data: dict) -> bool:
 
 def _stream(temperature: float, order: str, request_carry: float = 1.0,
             deterministic: bool = False, priced_waits: bool = False,
-            step_context: bool = False) -> Callable[[dict], bool]:
+            step_context: bool = False, fused: bool = False) -> Callable[[dict], bool]:
   # Runs from before config.bandit.request_carry (wait_cost, step_context) carried all
   # evidence over (priced no wait for the host, learnt the drafter as one mean).
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
+                       and results.fused_drafter(data) == fused
                        and _whole_stream(data)
                        and data["config"]["prompts"]["order"] == order
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
@@ -690,8 +691,13 @@ def _model(name: str) -> Callable[[dict], bool]:
 
 
 def _fused_against_last_layer(data: dict) -> bool:
-  """A run of the fused-feature drafter (eagle:fused) beside the last-layer one."""
-  return "eagle:fused" in data["config"]["methods"].split(",")
+  """An unswept run of the fused-feature drafter (eagle:fused) beside the last-layer one."""
+  return "eagle:fused" in data["config"]["methods"].split(",") and not data["config"]["sweep"]
+
+
+def _last_layer(data: dict) -> bool:
+  """A run of the last-layer eagle:smollm2, shipped before the fused-feature drafter."""
+  return not results.fused_drafter(data)
 
 
 def _stream_sections(device: str, name: str, priced_waits: bool = False,
@@ -706,10 +712,8 @@ def _stream_sections(device: str, name: str, priced_waits: bool = False,
       ", the fused-feature drafter" if fused else "")
   return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling}"
                   f"{options} ({name})", choosers,
-                  lambda data, temperature=temperature, order=order: (
-                      _stream(temperature, order, priced_waits=priced_waits,
-                              step_context=step_context)(data)
-                      and results.fused_drafter(data) == fused))
+                  _stream(temperature, order, priced_waits=priced_waits,
+                          step_context=step_context, fused=fused))
           for temperature, sampling in ((0, "greedy"), (1, "temperature 1"))
           for order, how in (("blocks", " in blocks of one set"), ("interleaved",
                                                                    ", sets interleaved"))]
@@ -765,32 +769,35 @@ SECTIONS = [
             lambda data: _fused_against_last_layer(data) and _plain_run(data)),
     Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
             "temperature 1 (H100)", by_prompt_set,
-            lambda data: _fused_against_last_layer(data)
+            lambda data: _fused_against_last_layer(data) and data["config"]["batch_size"] == 1
             and data["config"]["sampling"]["temperature"] == 1),
     Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
             "batch 8 (H100)", batch_steps,
-            lambda data: _fused_against_last_layer(data) and data["config"]["batch_size"] == 8),
+            lambda data: _fused_against_last_layer(data) and data["config"]["batch_size"] == 8
+            and data["config"]["sampling"]["temperature"] == 0),
     Section("train_eagle_smollm2", H200, "Training the last-layer eagle:smollm2 (H200)",
-            drafter_training),
+            drafter_training, lambda data: not data["config"]["train"].get("feature_layers")),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against AR, n-gram and "
-            "layer-skip on held-out prompts (H200)", by_prompt_set, _plain_run),
+            "layer-skip on held-out prompts (H200)", by_prompt_set,
+            lambda data: _plain_run(data) and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at temperature 1 (H200)",
-            by_prompt_set, lambda data: data["config"]["sampling"]["temperature"] == 1 and not
-            data["config"]["sweep"]),
+            by_prompt_set, lambda data: data["config"]["sampling"]["temperature"] == 1
+            and not data["config"]["sweep"] and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at batch 8 (H200)", batch_steps,
-            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]),
+            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
+            and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against gamma (H200)", sweep,
-            lambda data: "sweep_field" in data),
+            lambda data: "sweep_field" in data and _last_layer(data)),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set, lambda data: _plain_run(data) and results.fused_drafter(data)),
     Section("teacher_forced", "cpu", "eagle:smollm2 on held-out answers, scored as training "
             "scores them (CPU)", teacher_forced, results.fused_drafter),
     Section("eagle_smollm2", "cpu", "The last-layer eagle:smollm2 against AR, n-gram and "
             "layer-skip on held-out prompts (CPU)", by_prompt_set,
-            lambda data: _plain_run(data) and not results.fused_drafter(data)),
+            lambda data: _plain_run(data) and _last_layer(data)),
     Section("teacher_forced", "cpu", "The last-layer eagle:smollm2 on held-out answers, scored "
             "as training scores them (CPU)", teacher_forced,
-            lambda data: not results.fused_drafter(data)),
+            _last_layer),
     *_stream_sections(H200, "H200"),
     Section("choosers_smollm2", H200, "Choosers on a held-out stream in blocks of one set, "
             "greedy, deterministic mode (H200)", choosers,
@@ -840,7 +847,7 @@ SECTIONS = [
     Section("drafter_contexts", "cpu", "The last-layer eagle:smollm2's steps by n-gram lookup's "
             "context, temperature 1 (CPU)", drafter_contexts,
             lambda data: data["arm"] == "eagle:smollm2" and data["temperature"] == 1
-            and not results.fused_drafter(data)),
+            and _last_layer(data)),
     Section("choosers_smollm2", "cpu", "Choosers on a held-out stream in blocks of one set, "
             "greedy, request_carry 0.25 (CPU)", choosers,
             _stream(0, "blocks", request_carry=0.25)),

@@ -130,16 +130,22 @@ def abandon_writes() -> None:
 
 
 # eagle:smollm2 reads EAGLE-3's fused features (the streams after layers 2, 15 and 27)
-# since the weights trained at this time; before, it read the last layer's. Its first
-# runs read the new weights from where training wrote them on the device machine, before
-# they were committed (the model card gives the file's sha256).
-FUSED_DRAFTER_TRAINED = "2026-12-07T07:53:50"
-FUSED_DRAFTER_UNCOMMITTED = "/root/new/model.safetensors"
+# since the commit that shipped them; before, it read the last layer's. Runs at the
+# training's commit read them from where training wrote them on the device machine
+# (the model card gives the file's sha256); later runs that name that path read whatever
+# was trained there next. Runs are told apart by date, which assumes each ran a checkout
+# of its day.
+FUSED_DRAFTER_SHIPPED = "2026-12-07T08:23:14+00:00"
+FUSED_DRAFTER_UNCOMMITTED = ("5515e4a3", "/root/new/model.safetensors")
 
 
 def fused_drafter(data: dict) -> bool:
   """Whether a results file's eagle:smollm2 is the fused-feature drafter (a file without
   a config, a benchmark's, ran the shipped weights of its day)."""
-  return (data["environment"]["date"] >= FUSED_DRAFTER_TRAINED
-          and data.get("config", {}).get("eagle_checkpoint", "") in (
-              "", FUSED_DRAFTER_UNCOMMITTED))
+  from flashspec_jax.config import parse_eagle_checkpoint  # config imports the engine
+  env = data["environment"]
+  given = parse_eagle_checkpoint(data.get("config", {}).get("eagle_checkpoint", ""))
+  path = given.get(None) or given.get("smollm2")
+  if path:
+    return (env["git_sha"][:8], path) == FUSED_DRAFTER_UNCOMMITTED
+  return env["date"] >= FUSED_DRAFTER_SHIPPED
