@@ -31,7 +31,12 @@ class Drafter(Protocol):
   """What the engine needs of a drafter (static and hashable; its state is a pytree)."""
 
   @property
-  def name(self) -> str: ...
+  def name(self) -> str:
+    """The name results files and arm costs know it by."""
+
+  @property
+  def method(self) -> str:
+    """The name a user gives it (config.methods, the API's drafters)."""
 
   @property
   def vocab_size(self) -> int: ...
@@ -168,6 +173,11 @@ class ModelDrafter:
             else f"model_{self.params_key}")
 
   @property
+  def method(self) -> str:
+    return (f"layer_skip:{self.model.depth}" if self.params_key == "target"
+            else f"draft_model:{self.params_key}")
+
+  @property
   def vocab_size(self) -> int:
     return self.model.config.vocab_size
 
@@ -292,6 +302,10 @@ class NgramDrafter:
   @property
   def name(self) -> str:
     return f"ngram_{self.max_n}"
+
+  @property
+  def method(self) -> str:
+    return f"ngram:{self.max_n}"
 
   def init(self, params, prompt_tokens, prompt_lens, capacity: int):
     del params, prompt_tokens, prompt_lens, capacity
@@ -422,6 +436,10 @@ class FeatureDrafter:
   @property
   def name(self) -> str:
     return f"eagle_{self.params_key}"
+
+  @property
+  def method(self) -> str:
+    return f"eagle:{self.params_key}"
 
   @property
   def vocab_size(self) -> int:

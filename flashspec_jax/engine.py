@@ -108,6 +108,11 @@ class Arm:
   def name(self) -> str:
     return "ar" if self.drafter is None else f"{self.drafter.name}:g{self.gamma}"
 
+  @property
+  def method(self) -> str:
+    """The arm as a user writes it (config.methods' syntax)."""
+    return "ar" if self.drafter is None else f"{self.drafter.method}@{self.gamma}"
+
 
 @struct.dataclass(kw_only=True)
 class SpecMetrics:
@@ -847,7 +852,7 @@ class SpeculativeDecoder:
     Raises:
       FloatingPointError: naming the target or the arm whose drafter gave NaN logits.
     """
-    raise_on_nan(out.nan_rows, out.nan_arm, self.arm_names)
+    raise_on_nan(out.nan_rows, out.nan_arm, [arm.method for arm in self.arms])
     return out
 
 

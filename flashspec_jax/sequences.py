@@ -134,7 +134,7 @@ def append_tokens(tokens: jax.Array, seq_lens: jax.Array, new: jax.Array,
 def raise_on_nan(nan_rows: jax.Array, nan_arm: jax.Array | None = None,
                  arm_names: Sequence[str] = ()) -> None:
   """Raises FloatingPointError naming what produced NaN logits: the target, or the
-  drafter of arm arm_names[nan_arm[row]]."""
+  drafter of arm arm_names[nan_arm[row]] (as the user wrote the arm)."""
   nan_rows = np.asarray(nan_rows)
   nan_arm = np.full(nan_rows.shape, -1) if nan_arm is None else np.asarray(nan_arm)
   culprits = [(f"the drafter of arm {arm_names[arm]!r}", nan_rows & (nan_arm == arm))

@@ -151,7 +151,7 @@ def test_nan_drafter_is_named_under_greedy_sampling(params):
   poisoned = {"target": params["target"],
               "drafters": {"small": jax.tree.map(lambda x: x.at[...].set(jnp.nan),
                                                  params["drafters"]["small"])}}
-  with pytest.raises(FloatingPointError, match="the drafter of arm 'model_small:g3' produced NaN "
+  with pytest.raises(FloatingPointError, match="the drafter of arm 'draft_model:small@3' produced NaN "
                                                "logits for rows \\[0, 1, 2, 3, 4, 5, 6, 7\\]"):
     speculate(poisoned, "small")
 
