@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import numbers
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ import numpy as np
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, results, sharding
+from flashspec_jax.bandit import ENGINE_STRATEGIES
 from flashspec_jax.engine import summarize
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
@@ -115,7 +117,11 @@ class FlashSpecConfig:
       object.__setattr__(self, "drafters", tuple(config_lib.split_list(self.drafters)))
 
   def to_config_dict(self):
-    """The equivalent run.py config, validated."""
+    """The equivalent run.py config, validated; an error names this API's fields."""
+    # Checked whatever the drafters: with one, run.py's config would not read it.
+    if self.bandit.strategy not in set(ENGINE_STRATEGIES) - {"fixed"}:
+      raise ValueError(f"BanditConfig.strategy = {self.bandit.strategy!r} is invalid: expected "
+                       f"one of {sorted(set(ENGINE_STRATEGIES) - {'fixed'})}")
     config = config_lib.base_config()
     config.target, config.checkpoint_dir = self.target, self.checkpoint_dir
     config.draft_checkpoint_dir = self.draft_checkpoint_dir
@@ -135,8 +141,19 @@ class FlashSpecConfig:
     for field in dataclasses.fields(SamplingConfig):
       config.sampling[field.name] = getattr(self.sampling, field.name)
     config.sampling.max_new_tokens = self.max_new_tokens
-    config_lib.validate(config)
+    try:
+      config_lib.validate(config)
+    except ValueError as error:
+      raise ValueError(_API_FIELD.sub(lambda match: _API_FIELDS[match[0]], str(error))) from None
     return config
+
+
+# config.validate's messages name run.py's fields; the API's user set these instead.
+_API_FIELDS = {"config.sampling.max_new_tokens": "FlashSpecConfig.max_new_tokens",
+               "config.sampling.": "SamplingConfig.", "sampling.": "SamplingConfig.",
+               "config.bandit.": "BanditConfig.", "config.arms": "FlashSpecConfig.drafters",
+               "config.methods": "FlashSpecConfig.drafters", "config.": "FlashSpecConfig."}
+_API_FIELD = re.compile(r"(?<![\w.])(?:" + "|".join(map(re.escape, _API_FIELDS)) + ")")
 
 
 @dataclasses.dataclass

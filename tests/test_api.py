@@ -106,9 +106,25 @@ def test_the_bandit_config_reaches_the_run_config_and_is_checked():
   assert (config.bandit.acceptance_discount, config.bandit.request_carry,
           config.bandit.wait_cost) == (0.95, 0.25, 1e-4)
   for field, value in [("request_carry", 0.0), ("wait_cost", -1.0)]:
-    with pytest.raises(ValueError, match=f"bandit.{field}"):
+    with pytest.raises(ValueError, match=f"^BanditConfig.{field} = "):
       FlashSpecConfig(target="tiny_llama", drafters=drafters,
                       bandit=BanditConfig(**{field: value})).to_config_dict()
+
+
+@pytest.mark.parametrize("config, message", [
+    (FlashSpecConfig(sampling=SamplingConfig(top_k=5, top_p=0.9)),
+     "^SamplingConfig.top_k = 5 is invalid: expected 0 while SamplingConfig.top_p < 1"),
+    (FlashSpecConfig(sampling=SamplingConfig(gamma=0)), "^SamplingConfig.gamma = 0 is invalid"),
+    (FlashSpecConfig(max_new_tokens=0), "^FlashSpecConfig.max_new_tokens = 0 is invalid"),
+    (FlashSpecConfig(drafters=("ngram:x",)), "^FlashSpecConfig.drafters = 'ngram:x' is invalid"),
+    (FlashSpecConfig(drafters=("ngram:3", "x")), "^FlashSpecConfig.drafters = 'ngram:3,x'"),
+    (FlashSpecConfig(target="nonexistent"), "^FlashSpecConfig.target = 'nonexistent'"),
+    # With one drafter no chooser runs, but a misspelt one is still refused.
+    (FlashSpecConfig(bandit=BanditConfig(strategy="ucb")), "^BanditConfig.strategy = 'ucb'"),
+])
+def test_bad_values_are_named_by_the_apis_own_fields(config, message):
+  with pytest.raises(ValueError, match=message):
+    config.to_config_dict()
 
 
 def test_the_defaults_are_the_drafter_and_chooser_that_paid():
