@@ -833,6 +833,10 @@ SECTIONS = [
             "interleaved, greedy (CPU)", choosers,
             lambda data: _stream(0, "interleaved")(data) and _contextual_against_plain(data)),
     Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
+            "interleaved, greedy, the fused-feature drafter (CPU)", choosers,
+            lambda data: _stream(0, "interleaved", fused=True)(data)
+            and _contextual_against_plain(data)),
+    Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
             "interleaved, temperature 1 (CPU)", choosers,
             lambda data: _stream(1, "interleaved")(data) and _contextual_against_plain(data)),
     Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
