@@ -789,7 +789,8 @@ SECTIONS = [
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against gamma (H200)", sweep,
             lambda data: "sweep_field" in data and _last_layer(data)),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
-            "prompts (CPU)", by_prompt_set, lambda data: _plain_run(data) and results.fused_drafter(data)),
+            "prompts (CPU)", by_prompt_set,
+            lambda data: _plain_run(data) and results.fused_drafter(data)),
     Section("teacher_forced", "cpu", "eagle:smollm2 on held-out answers, scored as training "
             "scores them (CPU)", teacher_forced, results.fused_drafter),
     Section("eagle_smollm2", "cpu", "The last-layer eagle:smollm2 against AR, n-gram and "
