@@ -40,7 +40,6 @@ import numpy as np
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import environment, results, sharding
-from flashspec_jax.bandit import ENGINE_STRATEGIES
 from flashspec_jax.engine import summarize
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
@@ -119,9 +118,9 @@ class FlashSpecConfig:
   def to_config_dict(self):
     """The equivalent run.py config, validated; an error names this API's fields."""
     # Checked whatever the drafters: with one, run.py's config would not read it.
-    if self.bandit.strategy not in set(ENGINE_STRATEGIES) - {"fixed"}:
+    if self.bandit.strategy not in config_lib.CHOOSERS:
       raise ValueError(f"BanditConfig.strategy = {self.bandit.strategy!r} is invalid: expected "
-                       f"one of {sorted(set(ENGINE_STRATEGIES) - {'fixed'})}")
+                       f"one of {list(config_lib.CHOOSERS)}")
     config = config_lib.base_config()
     config.target, config.checkpoint_dir = self.target, self.checkpoint_dir
     config.draft_checkpoint_dir = self.draft_checkpoint_dir

@@ -34,6 +34,9 @@ KINDS = ("generate", "bandit_simulation", "kernel_bench", "train_drafter")
 ARM_KINDS = ("ar", "layer_skip", "draft_model", "ngram", "eagle")
 ARM_FORMS = (f"ar, layer_skip:<k>, draft_model:<shape>, ngram:<n>, eagle:<name>, each with an "
              f"optional @<gamma> in [1, {MAX_GAMMA}]")
+# The strategies a user may name for bandit:<strategy>; "fixed" is the engine's own, for
+# a method that runs one arm.
+CHOOSERS = tuple(sorted(set(ENGINE_STRATEGIES) - {"fixed"}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +320,7 @@ def _sweep_or_raise(config):
 def _valid_method(name: str) -> bool:
   kind, _, arg = name.partition(":")
   if kind == "bandit":
-    return arg in ENGINE_STRATEGIES and arg != "fixed"
+    return arg in CHOOSERS
   return _parses(ArmSpec.parse, name)
 
 
@@ -415,7 +418,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("methods", bool(method_names(config)) and all(map(_valid_method, method_names(config)))
        and len(set(method_names(config))) == len(method_names(config)),
        f"distinct comma-separated methods: arms ({ARM_FORMS}) or bandit:<strategy>, one of "
-       f"{sorted(set(ENGINE_STRATEGIES) - {'fixed'})}"),
+       f"{list(CHOOSERS)}"),
       ("arms", bool(split_list(config.arms)) and _parses(arm_specs, config),
        f"comma-separated arms: {ARM_FORMS}"),
       ("dtype", config.dtype in DTYPES, f"one of {DTYPES}"),
