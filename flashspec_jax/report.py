@@ -649,6 +649,16 @@ def _plain_run(data: dict) -> bool:
           and config["sampling"]["temperature"] == 0)
 
 
+def _at_temperature_1(data: dict) -> bool:
+  """An unswept run sampling at temperature 1."""
+  return data["config"]["sampling"]["temperature"] == 1 and not data["config"]["sweep"]
+
+
+def _at_batch_8(data: dict) -> bool:
+  """An unswept run at batch 8."""
+  return data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
+
+
 def _stream(temperature: float, order: str, request_carry: float = 1.0,
             deterministic: bool = False, priced_waits: bool = False,
             step_context: bool = False, fused: bool = False) -> Callable[[dict], bool]:
@@ -757,11 +767,9 @@ SECTIONS = [
             "prompts (H100)", by_prompt_set,
             lambda data: _plain_run(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 at temperature 1 (H100)", by_prompt_set,
-            lambda data: data["config"]["sampling"]["temperature"] == 1
-            and not data["config"]["sweep"] and results.fused_drafter(data)),
+            lambda data: _at_temperature_1(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
-            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
-            and results.fused_drafter(data)),
+            lambda data: _at_batch_8(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 against gamma (H100)", sweep,
             lambda data: "sweep_field" in data and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
@@ -781,11 +789,9 @@ SECTIONS = [
             "layer-skip on held-out prompts (H200)", by_prompt_set,
             lambda data: _plain_run(data) and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at temperature 1 (H200)",
-            by_prompt_set, lambda data: data["config"]["sampling"]["temperature"] == 1
-            and not data["config"]["sweep"] and _last_layer(data)),
+            by_prompt_set, lambda data: _at_temperature_1(data) and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at batch 8 (H200)", batch_steps,
-            lambda data: data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
-            and _last_layer(data)),
+            lambda data: _at_batch_8(data) and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against gamma (H200)", sweep,
             lambda data: "sweep_field" in data and _last_layer(data)),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
