@@ -65,8 +65,8 @@ class BanditConfig:
   drafter (None: timed on the first call, or read from the per-user cache where an
   earlier engine timed them); the rest as config.bandit's fields of the same names."""
 
-  # The chooser that met all four stream goals in the most GPU runs: 18 of 38, against
-  # 13 for contextual_kl_ucb and none for UCB1 (results/stream_goals/, the README).
+  # The chooser that met all four stream goals in the most GPU runs: 18 of 41, against
+  # 14 for contextual_kl_ucb and none for UCB1 (results/stream_goals/, the README).
   strategy: str = "contextual_thompson"
   reward: str = "goodput"
   costs: tuple[float, ...] | None = None
