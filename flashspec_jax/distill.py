@@ -47,10 +47,10 @@ from flashspec_jax import plots, results
 from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.loading import LoadedModel, load_model
 from flashspec_jax.loading.eagle import save_drafter
-from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models.eagle import init_params, restrict_vocabulary
 from flashspec_jax.models.llama import KVCache, Llama
-from flashspec_jax.pipeline import Method, Request, compile_and_run, make_setup, param_dtype
+from flashspec_jax.pipeline import (Method, Request, compile_and_run, make_setup, param_dtype,
+                                    requests_of)
 from flashspec_jax.prompts import (conversation_of, held_out_conversations,
                                    load_later_chat_turns, load_prompts, split_of, split_size)
 
@@ -146,9 +146,8 @@ def training_requests(config: ml_collections.ConfigDict, tokenizer) -> list[Requ
       if prompt.text not in seen and conversation_of(prompt.id) not in held_out:
         seen.add(prompt.text)
         unseen.append(prompt)
-    ids = encode_chat(tokenizer, [p.conversation for p in unseen])
-    requests += [Request(p.id, kind, row) for p, row in zip(unseen, ids)
-                 if len(row) <= t.max_prompt_tokens]
+    requests += [r for r in requests_of(unseen, tokenizer)
+                 if len(r.token_ids) <= t.max_prompt_tokens]
   leaked = [r.id for r in requests
             if split_of(r.id) != "tune" or conversation_of(r.id) in held_out]
   if leaked:  # load_prompts draws from the tune split; this guards the guarantee

@@ -34,6 +34,7 @@ from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, check_checkpoint,
                                    load_model)
 from flashspec_jax.loading.eagle import feature_layers, load_drafter, shipped_path
+from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.models import eagle
 from flashspec_jax.models.config import model_config
 from flashspec_jax.models.llama import Llama
@@ -48,6 +49,12 @@ class Request:
   id: str
   kind: str
   token_ids: list[int]
+
+
+def requests_of(prompts, tokenizer) -> list[Request]:
+  """Requests of `prompts.Prompt`s, each its conversation in the chat template."""
+  ids = encode_chat(tokenizer, [prompt.conversation for prompt in prompts])
+  return [Request(prompt.id, prompt.kind, row) for prompt, row in zip(prompts, ids)]
 
 
 @dataclasses.dataclass(frozen=True)

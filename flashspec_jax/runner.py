@@ -29,10 +29,9 @@ from flashspec_jax import distill, environment, plots, results, streams
 from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel
-from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.pipeline import (Method, Request, Setup, build_methods, check_checkpoints,
                                     compile_ahead, compile_and_run, load_target, make_setup,
-                                    param_dtype, warm_up, with_arm_costs)
+                                    param_dtype, requests_of, warm_up, with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file, split_size
 
 
@@ -52,8 +51,7 @@ def build_requests(config: ml_collections.ConfigDict, model: LoadedModel) -> lis
                            config.prompts.seed) for kind in config_lib.prompt_sets(config)]
     order = zip(*by_set) if config.prompts.order == "interleaved" else by_set
     prompts = [prompt for group in order for prompt in group]
-  ids = encode_chat(model.tokenizer, [p.conversation for p in prompts])
-  return [Request(prompt.id, prompt.kind, row) for prompt, row in zip(prompts, ids)]
+  return requests_of(prompts, model.tokenizer)
 
 
 def batched(requests: list[Request], size: int) -> list[list[Request]]:

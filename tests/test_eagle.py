@@ -435,6 +435,19 @@ def test_training_prompts_are_never_held_out(smollm2):
   assert len(requests) > 100 and {r.kind for r in requests} == {"chat", "code", "edit"}
 
 
+def test_later_chat_turns_keep_to_their_split():
+  """The tune split's later turns come from no held-out conversation; the held-out
+  split's (teacher_forced's --chat_turns=later) come from held-out conversations only."""
+  held_out = prompts.held_out_conversations()
+  tune = prompts.load_later_chat_turns(200)
+  heldout = prompts.load_later_chat_turns(200, split="heldout")
+  for turns, inside in ((tune, False), (heldout, True)):
+    assert len(turns) == 200 and all("#" in p.id and p.kind == "chat" for p in turns)
+    assert all((prompts.conversation_of(p.id) in held_out) == inside for p in turns)
+  with pytest.raises(ValueError, match="split must be 'tune' or 'heldout', not 'test'"):
+    prompts.load_later_chat_turns(1, split="test")
+
+
 def test_the_held_out_prompts_the_experiments_run_have_no_twin_in_the_tune_split():
   """Apart from training's own filter: the held-out prompts the experiments run (up to 8
   per set, seed 0) repeat no tune-split prompt word for word, so the held-out figures

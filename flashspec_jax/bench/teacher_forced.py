@@ -20,6 +20,13 @@ that starts where it starts, and the next starts after the tokens it emitted.
 Replayed steps that emit what the engine's emitted say that the engine drafts as
 training scores; the chain acceptance over every start position, against the
 model card's, says how much harder held-out answers are.
+
+  python -m flashspec_jax.bench.teacher_forced --sets=chat --chat_turns=later
+
+scores answers to later user turns of held-out conversations instead, each alone
+as a prompt, as training takes the tune split's: they are three quarters of the
+shipped drafter's training and validation chats, while every held-out chat prompt
+of the experiments is a record's first turn.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from flashspec_jax import cli, distill, pipeline
 from flashspec_jax.bench import run_and_write
 from flashspec_jax.config import base_config
 from flashspec_jax.drafters import FeatureDrafter
+from flashspec_jax.prompts import load_later_chat_turns
 from flashspec_jax.runner import build_requests
 
 
@@ -59,13 +67,19 @@ def replay(chains: np.ndarray, prompt_len: int, length: int) -> list[int]:
 
 
 def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
-          batch_size: int, dtype: str = "auto") -> dict:
+          batch_size: int, dtype: str = "auto", sets: str = "chat,code,edit",
+          chat_turns: str = "first") -> dict:
   """dtype: the target's and drafter's ('auto': bfloat16 on a GPU, else float32). In
   bfloat16 on the H200 the engine's steps and the replayed ones differed (the engine
   drafts a token at a time, the scoring takes whole answers, and each rounds its own
-  way), so float32 is what tells whether the engine drafts as training scores."""
+  way), so float32 is what tells whether the engine drafts as training scores.
+  chat_turns: 'first', the experiments' held-out chat prompts, or 'later', later user
+  turns of held-out conversations (`prompts.load_later_chat_turns`)."""
+  if chat_turns not in ("first", "later"):
+    raise ValueError(f"chat_turns must be 'first' or 'later', not {chat_turns!r}")
   config = base_config()
   config.dtype = dtype
+  config.prompts.sets = sets
   config.methods, config.arms = arm, arm
   config.sampling.temperature = 0.0
   config.sampling.max_new_tokens, config.sampling.gamma = max_new_tokens, gamma
@@ -78,6 +92,10 @@ def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
     raise ValueError(f"--arm={arm} is not a feature drafter (eagle:<name>)")
   setup = pipeline.make_setup(config, model, params, dtype)
   requests = build_requests(config, model)
+  if chat_turns == "later" and any(r.kind == "chat" for r in requests):
+    later = load_later_chat_turns(num_per_set, config.prompts.seed, "heldout")
+    requests = (pipeline.requests_of(later, model.tokenizer)
+                + [r for r in requests if r.kind != "chat"])
   answers, engine_steps = [], []
   for i, request in enumerate(tqdm.tqdm(requests, desc="answers", unit="prompt")):
     out = pipeline.compile_and_run(method, setup, [request], jax.random.key(i)).output
@@ -103,7 +121,7 @@ def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
         engine_steps=engine, replayed_steps=replayed)
   return dict(model=config.target, weights=model.source, dtype=np.dtype(dtype).name, arm=arm,
               num_per_set=num_per_set, max_new_tokens=max_new_tokens, gamma=gamma,
-              ids=list(data.ids), by_set=by_set)
+              chat_turns=chat_turns, ids=list(data.ids), by_set=by_set)
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -117,6 +135,10 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       batch_size=flags.DEFINE_integer("batch_size", 4, "Answers scored at once.", lower_bound=1),
       dtype=flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                               "Weights' dtype ('auto': bfloat16 on a GPU)."),
+      sets=flags.DEFINE_string("sets", "chat,code,edit", "Held-out prompt sets."),
+      chat_turns=flags.DEFINE_enum("chat_turns", "first", ["first", "later"],
+                                   "Chat prompts: records' first turns, as the experiments "
+                                   "take, or later turns of held-out conversations."),
       out=flags.DEFINE_string("out", "results", "Results directory."))
 
 
@@ -124,7 +146,7 @@ def main(argv, options):
   del argv
   result, path = run_and_write("teacher_forced", bench, options)
   print(f"\n{result['arm']}, greedy answers of {result['max_new_tokens']} tokens to held-out "
-        f"prompts, gamma {result['gamma']} -> {path}")
+        f"prompts ({result['chat_turns']} chat turns), gamma {result['gamma']} -> {path}")
   print(f"{'set':<6} {'answers':>7} {'engine tau':>10} {'replayed':>9} {'same steps':>10} "
         f"{'tau, every start':>16}  acceptance per position")
   for kind, s in result["by_set"].items():
