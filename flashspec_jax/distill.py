@@ -197,6 +197,15 @@ def split_validation(data: TrainingData, fraction: float, seed: int) -> tuple[Tr
   return data.take(np.setdiff1d(np.arange(len(data.ids)), validation)), data.take(validation)
 
 
+def prompt_sources(data: TrainingData) -> dict[str, int]:
+  """Sequences per prompt set, a chat's later turns ("<record>#<turn>", each alone as a
+  prompt) apart from its records' first turns, which are all the held-out chat prompts
+  the experiments run."""
+  return dict(sorted(collections.Counter(
+      f"{kind} later turns" if "#" in prompt_id else kind
+      for prompt_id, kind in zip(data.ids, data.kinds)).items()))
+
+
 def target_outputs(target: Llama, params, tokens, lengths, feature_layers: tuple[int, ...]
                    ) -> tuple[jax.Array, jax.Array]:
   """The target's features [B, T, D or F] (Llama's, for feature_layers) and log p [B, T, V]
@@ -492,6 +501,8 @@ def train(config: ml_collections.ConfigDict, env: dict) -> dict[str, Any]:
                  drafter=t.output or "beside this file, as <its name>.safetensors",
                  sequences=dict(train=len(train_data.ids), validation=len(validation.ids),
                                 max_tokens=width),
+                 sources=dict(train=prompt_sources(train_data),
+                              validation=prompt_sources(validation)),
                  validation_split="whole conversations",
                  sequences_kept=sequences_kept, steps=steps_done, stopped_early=stopped_early,
                  seconds=dict(generate=generate_seconds, train=train_seconds),

@@ -500,6 +500,14 @@ def test_the_engine_drafts_as_training_scores_held_out_answers(tmp_path):
     assert row["same_steps"] == row["sequences"] == 1
 
 
+def test_prompt_sources_count_a_chats_later_turns_apart():
+  ids = ("sharegpt/a_0", "sharegpt/a_0#1", "sharegpt/a_0#2", "sharegpt/b_3", "humaneval/HumanEval/1")
+  kinds = ("chat", "chat", "chat", "chat", "code")
+  data = distill.TrainingData(np.zeros((5, 4), np.int32), np.full(5, 4, np.int32),
+                              np.ones(5, np.int32), ids, kinds)
+  assert distill.prompt_sources(data) == {"chat": 2, "chat later turns": 2, "code": 1}
+
+
 def test_validation_takes_whole_conversations():
   """A chat's first turn, its later turns and ShareGPT's other parts of it fall on one
   side of the split; other prompts are each their own conversation."""

@@ -44,6 +44,8 @@ def test_tiny_variant_runs_and_writes_results(name, tmp_path):
   if config.kind == "train_drafter":  # a few steps, and the loss falls
     losses = [point["loss"] for point in saved["curve"]]
     assert saved["steps"] == config.train.steps and max(losses[-3:]) < losses[0], losses
+    for split in ("train", "validation"):
+      assert sum(saved["sources"][split].values()) == saved["sequences"][split] > 0
     ids = safetensors.numpy.load_file(out["output"]).get("vocabulary.ids")
     assert (0 if ids is None else len(ids)) == config.train.draft_vocabulary
     assert (eagle.feature_layers(out["output"], model_config(config.target))

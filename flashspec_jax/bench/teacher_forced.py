@@ -24,9 +24,9 @@ model card's, says how much harder held-out answers are.
   python -m flashspec_jax.bench.teacher_forced --sets=chat --chat_turns=later
 
 scores answers to later user turns of held-out conversations instead, each alone
-as a prompt, as training takes the tune split's: they are three quarters of the
-shipped drafter's training and validation chats, while every held-out chat prompt
-of the experiments is a record's first turn.
+as a prompt, as training takes the tune split's: they are most of the shipped
+drafter's training chats, while every held-out chat prompt of the experiments is a
+record's first turn.
 """
 
 from __future__ import annotations
