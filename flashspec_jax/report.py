@@ -277,8 +277,10 @@ def drafter_contexts(data: dict) -> list[str]:
 
 
 def teacher_forced(data: dict) -> list[str]:
-  lines = [f"{data['model']} answers {data['num_per_set']} held-out prompts per set greedily "
-           f"with {data['arm']} (gamma {data['gamma']}, {data['max_new_tokens']} tokens, real "
+  chat = (" (chat: later user turns of held-out conversations, each alone as a prompt)"
+          if data.get("chat_turns") == "later" else "")
+  lines = [f"{data['model']} answers {data['num_per_set']} held-out prompts per set{chat} "
+           f"greedily with {data['arm']} (gamma {data['gamma']}, {data['max_new_tokens']} tokens, real "
            f"weights in {data['dtype']}); each answer is then scored whole as training scores "
            f"its validation answers (acceptance of draft position k: the whole chain before it "
            f"accepted too, over every start position), and the engine's steps are replayed on "
@@ -649,6 +651,11 @@ def _plain_run(data: dict) -> bool:
           and config["sampling"]["temperature"] == 0)
 
 
+def _scored_as_experiments(data: dict) -> bool:
+  """A teacher_forced run on the experiments' held-out prompts and answer length."""
+  return data["max_new_tokens"] == 128 and data.get("chat_turns", "first") == "first"
+
+
 def _at_temperature_1(data: dict) -> bool:
   """An unswept run sampling at temperature 1."""
   return data["config"]["sampling"]["temperature"] == 1 and not data["config"]["sweep"]
@@ -798,7 +805,16 @@ SECTIONS = [
             "prompts (CPU)", by_prompt_set,
             lambda data: _plain_run(data) and results.fused_drafter(data)),
     Section("teacher_forced", "cpu", "eagle:smollm2 on held-out answers, scored as training "
-            "scores them (CPU)", teacher_forced, results.fused_drafter),
+            "scores them (CPU)", teacher_forced,
+            lambda data: results.fused_drafter(data) and _scored_as_experiments(data)
+            and len(data["by_set"]) == 3),
+    Section("teacher_forced", "cpu", "eagle:smollm2 on held-out chat answers of 256 tokens, "
+            "scored as training scores them (CPU)", teacher_forced,
+            lambda data: results.fused_drafter(data) and data["max_new_tokens"] == 256
+            and data.get("chat_turns", "first") == "first"),
+    Section("teacher_forced", "cpu", "eagle:smollm2 on answers to later chat turns, scored as "
+            "training scores them (CPU)", teacher_forced,
+            lambda data: results.fused_drafter(data) and data.get("chat_turns") == "later"),
     Section("eagle_smollm2", "cpu", "The last-layer eagle:smollm2 against AR, n-gram and "
             "layer-skip on held-out prompts (CPU)", by_prompt_set,
             lambda data: _plain_run(data) and _last_layer(data)),
