@@ -5,7 +5,7 @@
   python run.py --config=experiments/eagle_smollm2.py --config.sampling.temperature=1
   python run.py --config=experiments/eagle_smollm2.py --config.batch_size=8 \
     --config.prompts.num_per_set=8
-  python run.py --config=experiments/eagle_smollm2.py --config.methods=eagle:smollm2 \
+  python run.py --config=experiments/eagle_smollm2.py --config.methods=ar,eagle:smollm2 \
     --config.sweep=sampling.gamma=1,2,3,4,5,6,7,8
   python run.py --config=experiments/eagle_smollm2.py \
     --config.methods=ar,eagle:smollm2,eagle:fused \
@@ -18,6 +18,8 @@ alpha, tau, tok/s and the speedup against AR.
 Expected: on one H100 (bf16) eagle:smollm2 is the fastest method on chat and
 code, about 2x AR over the three sets (n-gram is faster on edit); the figures
 and what they mean are in flashspec_jax/weights/eagle_smollm2/MODEL_CARD.md.
+Against gamma (the sweep above with --config.prompts.bucket=512, one H100):
+1.53x AR at gamma 1, 1.97-2.01x at 3 to 5, 1.87-1.95x at 6 to 8.
 On 2 CPU cores (f32) AR is the fastest over the three sets (eagle:smollm2
 0.92x, faster only on edit), since there a verify pass of gamma + 1 tokens
 costs several one-token steps (an eagle step about 87 ms against AR's 30); the
