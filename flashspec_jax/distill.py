@@ -199,8 +199,8 @@ def split_validation(data: TrainingData, fraction: float, seed: int) -> tuple[Tr
 
 def prompt_sources(data: TrainingData) -> dict[str, int]:
   """Sequences per prompt set, a chat's later turns ("<record>#<turn>", each alone as a
-  prompt) apart from its records' first turns, which are all the held-out chat prompts
-  the experiments run."""
+  prompt) apart from its records' first turns (the only kind of chat prompt the
+  experiments hold out)."""
   return dict(sorted(collections.Counter(
       f"{kind} later turns" if "#" in prompt_id else kind
       for prompt_id, kind in zip(data.ids, data.kinds)).items()))

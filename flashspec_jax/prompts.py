@@ -120,17 +120,16 @@ def held_out_conversations() -> frozenset[str]:
                    if split_of(f"sharegpt/{i}") == "heldout")
 
 
-def load_later_chat_turns(num: int, seed: int = 0, split: str = "tune") -> list[Prompt]:
-  """Up to `num` later user turns of `split`'s chats, each alone as a prompt (kind
-  "chat"), by a seeded permutation. The tune split's are more prompts to train on:
-  none comes from a held-out conversation (`held_out_conversations`), and
-  word-for-word repeats of held-out prompts are training's to drop
-  (distill.training_requests), as for first turns. The held-out split's come from
-  held-out conversations alone, so no part of their conversation trained anything."""
-  if split not in ("tune", "heldout"):
-    raise ValueError(f"split must be 'tune' or 'heldout', not {split!r}")
-  held_out = held_out_conversations()
-  pool = [p for p in _sharegpt()[1] if (conversation_of(p.id) in held_out) == (split == "heldout")]
+def load_later_chat_turns(num: int, seed: int = 0, held_out: bool = False) -> list[Prompt]:
+  """Up to `num` later user turns of ShareGPT chats, each alone as a prompt (kind
+  "chat"), by a seeded permutation: more prompts to train on, from no held-out
+  conversation (`held_out_conversations`; word-for-word repeats of held-out prompts
+  are training's to drop, distill.training_requests, as for first turns). With
+  held_out, from held-out conversations alone, which no prompt of training comes
+  from, though a short request ("Continue writing please") may repeat one word for
+  word."""
+  conversations = held_out_conversations()
+  pool = [p for p in _sharegpt()[1] if (conversation_of(p.id) in conversations) == held_out]
   order = np.random.default_rng(seed).permutation(len(pool))
   return [pool[i] for i in order[:num]]
 

@@ -277,14 +277,14 @@ def drafter_contexts(data: dict) -> list[str]:
 
 
 def teacher_forced(data: dict) -> list[str]:
-  chat = (" (chat: later user turns of held-out conversations, each alone as a prompt)"
-          if data.get("chat_turns") == "later" else "")
+  chat = ("" if _first_chat_turns(data)
+          else " (chat: later user turns of held-out conversations, each alone as a prompt)")
   lines = [f"{data['model']} answers {data['num_per_set']} held-out prompts per set{chat} "
-           f"greedily with {data['arm']} (gamma {data['gamma']}, {data['max_new_tokens']} tokens, real "
-           f"weights in {data['dtype']}); each answer is then scored whole as training scores "
-           f"its validation answers (acceptance of draft position k: the whole chain before it "
-           f"accepted too, over every start position), and the engine's steps are replayed on "
-           f"those scores.", "",
+           f"greedily with {data['arm']} (gamma {data['gamma']}, {data['max_new_tokens']} "
+           f"tokens, real weights in {data['dtype']}); each answer is then scored whole as "
+           f"training scores its validation answers (acceptance of draft position k: the whole "
+           f"chain before it accepted too, over every start position), and the engine's steps "
+           f"are replayed on those scores.", "",
            "| set | answers | engine tau | replayed tau | answers whose steps all match | "
            "tau, every start | acceptance per draft position |", "|---|---|---|---|---|---|---|"]
   for kind, v in data["by_set"].items():
@@ -651,9 +651,10 @@ def _plain_run(data: dict) -> bool:
           and config["sampling"]["temperature"] == 0)
 
 
-def _scored_as_experiments(data: dict) -> bool:
-  """A teacher_forced run on the experiments' held-out prompts and answer length."""
-  return data["max_new_tokens"] == 128 and data.get("chat_turns", "first") == "first"
+def _first_chat_turns(data: dict) -> bool:
+  """A teacher_forced run whose chat prompts are records' first turns, as the
+  experiments' held-out chat prompts are."""
+  return data.get("chat_turns", "first") == "first"
 
 
 def _at_temperature_1(data: dict) -> bool:
@@ -806,15 +807,15 @@ SECTIONS = [
             lambda data: _plain_run(data) and results.fused_drafter(data)),
     Section("teacher_forced", "cpu", "eagle:smollm2 on held-out answers, scored as training "
             "scores them (CPU)", teacher_forced,
-            lambda data: results.fused_drafter(data) and _scored_as_experiments(data)
-            and len(data["by_set"]) == 3),
+            lambda data: results.fused_drafter(data) and _first_chat_turns(data)
+            and data["max_new_tokens"] == 128 and len(data["by_set"]) == 3),
     Section("teacher_forced", "cpu", "eagle:smollm2 on held-out chat answers of 256 tokens, "
             "scored as training scores them (CPU)", teacher_forced,
-            lambda data: results.fused_drafter(data) and data["max_new_tokens"] == 256
-            and data.get("chat_turns", "first") == "first"),
+            lambda data: results.fused_drafter(data) and _first_chat_turns(data)
+            and data["max_new_tokens"] == 256 and "chat" in data["by_set"]),
     Section("teacher_forced", "cpu", "eagle:smollm2 on answers to later chat turns, scored as "
             "training scores them (CPU)", teacher_forced,
-            lambda data: results.fused_drafter(data) and data.get("chat_turns") == "later"),
+            lambda data: results.fused_drafter(data) and not _first_chat_turns(data)),
     Section("eagle_smollm2", "cpu", "The last-layer eagle:smollm2 against AR, n-gram and "
             "layer-skip on held-out prompts (CPU)", by_prompt_set,
             lambda data: _plain_run(data) and _last_layer(data)),

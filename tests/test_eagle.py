@@ -435,17 +435,14 @@ def test_training_prompts_are_never_held_out(smollm2):
   assert len(requests) > 100 and {r.kind for r in requests} == {"chat", "code", "edit"}
 
 
-def test_later_chat_turns_keep_to_their_split():
-  """The tune split's later turns come from no held-out conversation; the held-out
-  split's (teacher_forced's --chat_turns=later) come from held-out conversations only."""
+def test_later_chat_turns_come_from_held_out_conversations_only_when_asked():
+  """Training's later turns come from no held-out conversation; with held_out
+  (teacher_forced's --chat_turns=later), from held-out conversations alone."""
   held_out = prompts.held_out_conversations()
-  tune = prompts.load_later_chat_turns(200)
-  heldout = prompts.load_later_chat_turns(200, split="heldout")
-  for turns, inside in ((tune, False), (heldout, True)):
+  for inside in (False, True):
+    turns = prompts.load_later_chat_turns(200, held_out=inside)
     assert len(turns) == 200 and all("#" in p.id and p.kind == "chat" for p in turns)
     assert all((prompts.conversation_of(p.id) in held_out) == inside for p in turns)
-  with pytest.raises(ValueError, match="split must be 'tune' or 'heldout', not 'test'"):
-    prompts.load_later_chat_turns(1, split="test")
 
 
 def test_the_held_out_prompts_the_experiments_run_have_no_twin_in_the_tune_split():
@@ -492,16 +489,24 @@ def test_replayed_steps_accept_each_chain_and_stop_at_the_answers_end():
 @pytest.mark.skipif(not shipped_path("smollm2").exists(), reason="eagle:smollm2 is not trained yet")
 def test_the_engine_drafts_as_training_scores_held_out_answers(tmp_path):
   """Each greedy step eagle:smollm2 takes on real prompts (f32) emits what the training
-  rollout's chains, replayed over the same answer, say it should."""
+  rollout's chains, replayed over the same answer, say it should; the chat prompt is a
+  later turn of a held-out conversation (--chat_turns=later)."""
+  with pytest.raises(ValueError, match="chat_turns='later' asks for chat prompts, which "
+                                       "sets='code' leaves out"):
+    teacher_forced.bench("eagle:smollm2", 1, 16, 4, 4, sets="code", chat_turns="later")
   result = teacher_forced.bench("eagle:smollm2", num_per_set=1, max_new_tokens=16, gamma=4,
-                                batch_size=4, dtype="float32")
+                                batch_size=4, dtype="float32", chat_turns="later")
+  chat_id = next(i for i in result["ids"] if i.startswith("sharegpt/"))
+  assert "#" in chat_id and prompts.conversation_of(chat_id) in prompts.held_out_conversations()
+  assert set(result["by_set"]) == {"chat", "code", "edit"}
   for kind, row in result["by_set"].items():
     assert row["engine_steps"] == row["replayed_steps"], kind
     assert row["same_steps"] == row["sequences"] == 1
 
 
 def test_prompt_sources_count_a_chats_later_turns_apart():
-  ids = ("sharegpt/a_0", "sharegpt/a_0#1", "sharegpt/a_0#2", "sharegpt/b_3", "humaneval/HumanEval/1")
+  ids = ("sharegpt/a_0", "sharegpt/a_0#1", "sharegpt/a_0#2", "sharegpt/b_3",
+         "humaneval/HumanEval/1")
   kinds = ("chat", "chat", "chat", "chat", "code")
   data = distill.TrainingData(np.zeros((5, 4), np.int32), np.full(5, 4, np.int32),
                               np.ones(5, np.int32), ids, kinds)

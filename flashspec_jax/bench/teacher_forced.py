@@ -40,6 +40,7 @@ from absl import flags
 
 from flashspec_jax import cli, distill, pipeline
 from flashspec_jax.bench import run_and_write
+from flashspec_jax import config as config_lib
 from flashspec_jax.config import base_config
 from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.prompts import load_later_chat_turns
@@ -75,11 +76,13 @@ def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
   way), so float32 is what tells whether the engine drafts as training scores.
   chat_turns: 'first', the experiments' held-out chat prompts, or 'later', later user
   turns of held-out conversations (`prompts.load_later_chat_turns`)."""
-  if chat_turns not in ("first", "later"):
-    raise ValueError(f"chat_turns must be 'first' or 'later', not {chat_turns!r}")
   config = base_config()
   config.dtype = dtype
   config.prompts.sets = sets
+  if chat_turns not in ("first", "later"):
+    raise ValueError(f"chat_turns must be 'first' or 'later', not {chat_turns!r}")
+  if chat_turns == "later" and "chat" not in config_lib.prompt_sets(config):
+    raise ValueError(f"chat_turns='later' asks for chat prompts, which sets={sets!r} leaves out")
   config.methods, config.arms = arm, arm
   config.sampling.temperature = 0.0
   config.sampling.max_new_tokens, config.sampling.gamma = max_new_tokens, gamma
@@ -92,8 +95,8 @@ def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
     raise ValueError(f"--arm={arm} is not a feature drafter (eagle:<name>)")
   setup = pipeline.make_setup(config, model, params, dtype)
   requests = build_requests(config, model)
-  if chat_turns == "later" and any(r.kind == "chat" for r in requests):
-    later = load_later_chat_turns(num_per_set, config.prompts.seed, "heldout")
+  if chat_turns == "later":
+    later = load_later_chat_turns(num_per_set, config.prompts.seed, held_out=True)
     requests = (pipeline.requests_of(later, model.tokenizer)
                 + [r for r in requests if r.kind != "chat"])
   answers, engine_steps = [], []
