@@ -59,7 +59,10 @@ bandit:contextual_kl_ucb, about 12 minutes per order, at b8072e82), contextual
 Thompson runs at 1.12x the best fixed arm and 1.03x the per-set oracle in blocks,
 1.09x and 1.00x interleaved, and at temperature 1 interleaved, where AR is the
 CPU's best fixed arm, at 1.02x it (1.00x at 6000e59b, with the weighed prompt
-prior: 0.96x, 1.01x and 1.05x it on chat, code and edit).
+prior: 0.96x, 1.01x and 1.05x it on chat, code and edit). With the fused drafter,
+it ran the greedy interleaved stream at 1.11x the best fixed arm (the drafter) but
+0.96x AR on chat (98612cf5), and the temperature-1 one at 0.97x AR, its best arm
+(0e692e80).
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny

@@ -864,6 +864,10 @@ SECTIONS = [
             "interleaved, temperature 1 (CPU)", choosers,
             lambda data: _stream(1, "interleaved")(data) and _contextual_against_plain(data)),
     Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
+            "interleaved, temperature 1, the fused-feature drafter (CPU)", choosers,
+            lambda data: _stream(1, "interleaved", fused=True)(data)
+            and _contextual_against_plain(data)),
+    Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
             "interleaved, temperature 1, the drafter learnt in n-gram lookup's context (CPU)",
             choosers, _stream(1, "interleaved", step_context=True)),
     Section("ngram_contexts", "cpu", "n-gram lookup's drafts by the match they follow, SmolLM2 "
