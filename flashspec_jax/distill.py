@@ -51,7 +51,7 @@ from flashspec_jax.models.eagle import init_params, restrict_vocabulary
 from flashspec_jax.models.llama import KVCache, Llama
 from flashspec_jax.pipeline import (Method, Request, compile_and_run, make_setup, param_dtype,
                                     requests_of)
-from flashspec_jax.prompts import (conversation_of, held_out_conversations,
+from flashspec_jax.prompts import (conversation_of, held_out_conversations, is_later_turn,
                                    load_later_chat_turns, load_prompts, split_of, split_size)
 
 DRAFTER_KEY = "training"
@@ -202,7 +202,7 @@ def prompt_sources(data: TrainingData) -> dict[str, int]:
   prompt) apart from its records' first turns (the only kind of chat prompt the
   experiments hold out)."""
   return dict(sorted(collections.Counter(
-      f"{kind} later turns" if "#" in prompt_id else kind
+      f"{kind} later turns" if is_later_turn(prompt_id) else kind
       for prompt_id, kind in zip(data.ids, data.kinds)).items()))
 
 

@@ -111,6 +111,11 @@ def conversation_of(prompt_id: str) -> str:
   return "sharegpt/" + record.partition("#")[0].rpartition("_")[0]
 
 
+def is_later_turn(prompt_id: str) -> bool:
+  """Whether a prompt is a chat's later user turn ("<record>#<turn>"), not a first one."""
+  return "#" in prompt_id
+
+
 @functools.cache
 def held_out_conversations() -> frozenset[str]:
   """The ShareGPT conversations any record of which is held out: training takes no

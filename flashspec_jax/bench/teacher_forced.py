@@ -39,9 +39,8 @@ import tqdm
 from absl import flags
 
 from flashspec_jax import cli, distill, pipeline
-from flashspec_jax.bench import run_and_write
 from flashspec_jax import config as config_lib
-from flashspec_jax.config import base_config
+from flashspec_jax.bench import run_and_write
 from flashspec_jax.drafters import FeatureDrafter
 from flashspec_jax.prompts import load_later_chat_turns
 from flashspec_jax.runner import build_requests
@@ -76,7 +75,7 @@ def bench(arm: str, num_per_set: int, max_new_tokens: int, gamma: int,
   way), so float32 is what tells whether the engine drafts as training scores.
   chat_turns: 'first', the experiments' held-out chat prompts, or 'later', later user
   turns of held-out conversations (`prompts.load_later_chat_turns`)."""
-  config = base_config()
+  config = config_lib.base_config()
   config.dtype = dtype
   config.prompts.sets = sets
   if chat_turns not in ("first", "later"):
