@@ -5,7 +5,7 @@
   python run.py --config=experiments/llama3_70b.py:tiny   # CPU-sized, synthetic tiny shapes
 
 Weights are looked for in checkpoints/llama3_70b/, checkpoints/llama3_8b/ and
-checkpoints/llama3.2_1b/. Methods: AR, each drafter alone, and UCB1 over
+checkpoints/llama3.2_1b/. Methods: AR, each model drafter alone, and UCB1 over
 {8B, 1B, n-gram, AR}. The 70B target in bf16 (about 141 GB) does not fit on
 one H200, so it is split over two GPUs (config.mesh = "tp:2", sharding.py); on
 fewer devices the run stops before loading and says what it needs.

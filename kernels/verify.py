@@ -27,7 +27,8 @@ normalised distributions exist anyway: top-k, top-p and temperature are
 applied by the sampler, outside the kernel, exactly as for AR sampling.
 
 This module holds the pure-jnp reference (`verify_reference`) and the Pallas
-kernel (`verify_pallas`, Triton lowering: one program per batch row), which
+kernel (`verify_pallas`, Triton lowering: each batch row split over programs
+by vocabulary tile, `VerifyTiling.num_splits`), which
 agree exactly given the same seeds.
 """
 
