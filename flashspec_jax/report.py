@@ -657,6 +657,12 @@ def _first_chat_turns(data: dict) -> bool:
   return data.get("chat_turns", "first") == "first"
 
 
+def _against_layer_skip(data: dict) -> bool:
+  """A run of the experiment's whole comparison, layer-skip too (issue 13's point 5),
+  rather than a shorter one of a few methods on more prompts."""
+  return any(m.startswith("layer_skip") for m in data["config"]["methods"].split(","))
+
+
 def _at_temperature_1(data: dict) -> bool:
   """An unswept run sampling at temperature 1."""
   return data["config"]["sampling"]["temperature"] == 1 and not data["config"]["sweep"]
@@ -773,9 +779,19 @@ SECTIONS = [
             drafter_training, lambda data: bool(data["config"]["train"].get("feature_layers"))),
     Section("eagle_smollm2", H100, "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (H100)", by_prompt_set,
-            lambda data: _plain_run(data) and results.fused_drafter(data)),
+            lambda data: (_plain_run(data) and results.fused_drafter(data)
+                          and _against_layer_skip(data))),
     Section("eagle_smollm2", H100, "eagle:smollm2 at temperature 1 (H100)", by_prompt_set,
-            lambda data: _at_temperature_1(data) and results.fused_drafter(data)),
+            lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
+                          and _against_layer_skip(data))),
+    Section("eagle_smollm2", H100, "eagle:smollm2 against AR and n-gram on 16 held-out prompts "
+            "per set, greedy (H100)", by_prompt_set,
+            lambda data: (_plain_run(data) and results.fused_drafter(data)
+                          and not _against_layer_skip(data))),
+    Section("eagle_smollm2", H100, "eagle:smollm2 against AR and n-gram on 16 held-out prompts "
+            "per set, temperature 1 (H100)", by_prompt_set,
+            lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
+                          and not _against_layer_skip(data))),
     Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
             lambda data: _at_batch_8(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 against gamma (H100)", sweep,
