@@ -4,7 +4,10 @@
   python -m flashspec_jax.report --check  # fail if either is out of date (CI)
 
 No number in the README is typed by hand: each table below is rendered from
-the newest results file of its experiment, which it names.
+the newest results file of its experiment, which it names. Only the files git
+tracks (staged ones too) count, where results/ is in a git checkout: a run of
+one's own written into results/ (`make run`'s) changes neither page until its
+file is added, and `--check` still holds after it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import pathlib
 import re
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -37,11 +41,29 @@ def _parsed(path: pathlib.Path, mtime_ns: int) -> dict:
   return json.loads(path.read_text())
 
 
+def results_files(pattern: str) -> list[pathlib.Path]:
+  """RESULTS' files matching the glob pattern that the report renders from, sorted."""
+  tracked = _tracked(RESULTS)
+  return sorted(path for path in RESULTS.glob(pattern) if tracked is None or path in tracked)
+
+
+@functools.cache
+def _tracked(folder: pathlib.Path) -> frozenset[pathlib.Path] | None:
+  """The files under folder that git tracks or has staged; None where folder is not in
+  a git checkout (a copy of the tree without .git, a test's folder): every file."""
+  try:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=folder, capture_output=True,
+                            text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return frozenset(folder / name for name in listed.split("\0") if name)
+
+
 def newest(name: str, device: str = "",
            select: Callable[[dict], bool] = lambda data: True) -> tuple[pathlib.Path, dict] | None:
   """The newest results file of experiment `name` whose device starts with `device` and
   whose contents `select` accepts."""
-  loaded = [(f, load(f)) for f in sorted(RESULTS.glob(f"{name}/*.json"))]
+  loaded = [(f, load(f)) for f in results_files(f"{name}/*.json")]
   loaded = [item for item in loaded
             if item[1]["environment"]["device"].startswith(device) and select(item[1])]
   if not loaded:
@@ -973,7 +995,7 @@ def results_index() -> str:
            "section from them; the newest file of an experiment backs the README section named "
            "beside it.", "", "| file | backs | command | device | date |",
            "|---|---|---|---|---|"]
-  for path in sorted(RESULTS.glob("*/*.json")):
+  for path in results_files("*/*.json"):
     data = load(path)
     env = data["environment"]
     lines.append(f"| [`{path.relative_to(RESULTS)}`]({path.relative_to(RESULTS)}) | "

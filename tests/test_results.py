@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import subprocess
 
 import matplotlib.figure
 import numpy as np
@@ -110,6 +111,28 @@ def test_sections_that_name_a_gpu_draw_only_its_runs(tmp_path, monkeypatch):
     (tmp_path / "exp" / f"{stem}.json").write_text(json.dumps({"environment": env}))
   assert report.newest("exp", report.H200)[0].stem == "2026-11-29T060000Z_aaaaaaaa"
   assert report.newest("exp", "gpu")[0].stem == "2026-11-29T070000Z_bbbbbbbb"
+
+
+def test_the_report_renders_only_the_results_git_tracks(tmp_path, monkeypatch):
+  """A run written into results/ and not added (the Quickstart's `make run`) is not
+  published: the README stays as committed, and `make test` after it still passes."""
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  (tmp_path / "exp").mkdir()
+  for stem, date in {"2026-11-29T060000Z_aaaaaaaa": "2026-11-29T06:00:00+00:00",
+                     "2026-11-29T070000Z_bbbbbbbb": "2026-11-29T07:00:00+00:00"}.items():
+    (tmp_path / "exp" / f"{stem}.json").write_text(
+        json.dumps({"environment": dict(ENV, date=date)}))
+  # Not a git checkout: every file counts.
+  assert report.newest("exp")[0].stem == "2026-11-29T070000Z_bbbbbbbb"
+  git = dict(cwd=tmp_path, check=True, capture_output=True)
+  subprocess.run(["git", "init", "-q"], **git)
+  subprocess.run(["git", "add", "exp/2026-11-29T060000Z_aaaaaaaa.json"], **git)
+  report._tracked.cache_clear()
+  try:
+    assert [p.stem for p in report.results_files("*/*.json")] == ["2026-11-29T060000Z_aaaaaaaa"]
+    assert report.newest("exp")[0].stem == "2026-11-29T060000Z_aaaaaaaa"
+  finally:
+    report._tracked.cache_clear()
 
 
 def test_report_parses_a_results_file_once_until_it_changes(tmp_path):
