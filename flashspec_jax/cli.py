@@ -10,9 +10,12 @@ start through run(main), which does the same.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
+import sysconfig
 import threading
+import traceback
 import types
 from collections.abc import Callable
 
@@ -77,10 +80,10 @@ def print_error(kind: type[BaseException], error: BaseException,
 
 def describe(error: BaseException) -> str:
   """One line, two for a misspelt config field or a bug."""
-  # ml_collections raises AttributeError(KeyError(message)) for a --config.<field>
-  # that does not exist; the message may go on with 'Did you mean "..."'.
+  # ml_collections raises AttributeError(KeyError(message)) for a config field that
+  # does not exist, set on the command line or in a config file.
   if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
-    return f"no config field {error.args[0].args[0]}"
+    return _missing_field(str(error.args[0].args[0]), error.__traceback__)
   # A --config file that cannot be loaded: ml_collections lists where it looked,
   # with the reason last.
   if isinstance(error, OSError) and str(error).startswith("Configuration is not available"):
@@ -89,6 +92,27 @@ def describe(error: BaseException) -> str:
     return str(error)
   first_line = str(error).partition("\n")[0]
   return f"{type(error).__name__}: {first_line}\n(run with --verbose for the traceback)"
+
+
+def _missing_field(message: str, trace: types.TracebackType | None) -> str:
+  """A config field that does not exist, named where it was set: the --config.<path>
+  flag, or the line of the config file that set it. ml_collections' message names only
+  the path's last part ('Key "x" does not exist ... Other fields present: ...' from a
+  file, "'x'" from a flag), perhaps followed by 'Did you mean "y" instead of "x"?'."""
+  key = re.search(r"""["']([^"']+)["']""", message)[1]
+  suggestion = re.search(r'Did you mean "([^"]+)"', message)
+  hint = f' (did you mean "{suggestion[1]}"?)' if suggestion else ""
+  for arg in sys.argv[1:]:
+    flag = arg.partition("=")[0]
+    if flag.startswith("--config.") and flag.split(".")[-1] == key:
+      return f"{flag}: no such config field{hint}"
+  # Set in a config file: the innermost frame outside the installed libraries made the
+  # assignment.
+  library = tuple(sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib"))
+  setters = [frame for frame, _ in traceback.walk_tb(trace)
+             if not frame.f_code.co_filename.startswith(library)]
+  where = f"{setters[-1].f_code.co_filename}:{setters[-1].f_lineno}: " if setters else ""
+  return f"{where}no config field {key!r}{hint}"
 
 
 def exit_on_interrupt() -> None:

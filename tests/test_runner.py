@@ -56,12 +56,13 @@ def test_a_batch_holds_one_prompt_set():
 def test_unknown_config_field_fails_naming_it():
   result = run_cli("--config.sampling.temprature=1")
   assert result.returncode != 0
-  assert "temprature" in result.stderr and 'Did you mean "temperature"' in result.stderr
-  assert "Traceback" not in result.stderr and len(message_lines(result.stderr)) <= 2
+  [line] = message_lines(result.stderr)
+  assert line == ('error: --config.sampling.temprature: no such config field '
+                  '(did you mean "temperature"?)')
 
 
 @pytest.mark.parametrize("flag, names", [
-    ("--config.nonexistent=1", "'nonexistent'"),
+    ("--config.nonexistent=1", "--config.nonexistent: no such config field"),
     ("--config.sampling.gamma=abc", "--config.sampling.gamma=abc"),
     ("--config=experiments/no_such_experiment.py", "experiments/no_such_experiment.py"),
     ("--config=experiments/default.py:small", "unknown config argument 'small'"),
@@ -79,8 +80,10 @@ def test_a_misspelt_field_in_an_experiment_file_is_refused(tmp_path):
                         "def get_config():\n  config = base_config()\n"
                         "  config.sampling.temprature = 0.5\n  return config\n")
   result = run_cli(f"--config={experiment}")
-  assert result.returncode == 1 and 'Did you mean "temperature"' in result.stderr
-  assert "Traceback" not in result.stderr and len(message_lines(result.stderr)) <= 2
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  [line] = message_lines(result.stderr)
+  assert line == (f"error: {experiment}:6: no config field 'temprature' "
+                  '(did you mean "temperature"?)')
 
 
 def test_errors_are_one_line_and_verbose_adds_the_traceback():
