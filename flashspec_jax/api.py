@@ -230,7 +230,7 @@ class FlashSpec:
   def _token_ids(self, prompts, chat: bool) -> list[list[int]]:
     """The batch's token ids; raises ValueError on anything but the forms `generate` takes."""
     if (isinstance(prompts, (str, Prompt)) or _is_conversation(prompts)
-        or isinstance(prompts, np.ndarray) and prompts.ndim == 1 or _is_id_list(prompts)):
+        or isinstance(prompts, np.ndarray) and prompts.ndim == 1 or _is_number_list(prompts)):
       prompts = [prompts]
     if isinstance(prompts, np.ndarray) and prompts.ndim != 2:
       raise ValueError(f"a token-id array must be 1-D (one prompt) or 2-D (a batch), got "
@@ -293,9 +293,11 @@ def _is_conversation(prompt) -> bool:
           and all(isinstance(message, dict) for message in prompt))
 
 
-def _is_id_list(prompt) -> bool:
-  return (isinstance(prompt, Sequence) and len(prompt) > 0 and all(
-      isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in prompt))
+def _is_number_list(prompt) -> bool:
+  """A flat sequence of numbers: one prompt of token ids, floats too, so that
+  `_integer_ids` names them rather than a batch of one-number prompts."""
+  return (isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0
+          and all(isinstance(x, numbers.Number) for x in prompt))
 
 
 def _integer_ids(prompt, index: int) -> list[int]:
@@ -304,7 +306,9 @@ def _integer_ids(prompt, index: int) -> list[int]:
   if ids.ndim != 1:
     raise ValueError(f"prompt {index}: expected text or a 1-D sequence of token ids, got "
                      f"{prompt!r:.80}")
-  if ids.size and (ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer)):
-    bad = [x for x in ids.tolist() if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
-    raise ValueError(f"prompt {index}: token ids must be integers, got {bad[:5] or ids.dtype}")
+  # Each value as given: numpy would make [True, 5] integers, and [1, 2.0] floats.
+  values = ids.tolist() if isinstance(prompt, np.ndarray) else list(prompt)
+  bad = [x for x in values if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+  if bad:
+    raise ValueError(f"prompt {index}: token ids must be integers, got {bad[:5]}")
   return ids.astype(np.int64).tolist()

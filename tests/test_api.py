@@ -76,7 +76,8 @@ def test_numpy_integer_ids_are_prompts():
 
 
 @pytest.mark.parametrize("prompts", [
-    [[1.5, 2]], [[1, 2.0]], np.array([1.0, 2.0]), [[True, False]], [["a", "b"]]])
+    [[1.5, 2]], [[1, 2.0]], np.array([1.0, 2.0]), [[True, False]], [["a", "b"]],
+    [1.5, 2.0], [1, 2.0], [True, 5]])  # the last three: a flat list is one prompt
 def test_non_integer_ids_are_refused(prompts):
   with pytest.raises(ValueError, match="prompt 0: token ids must be integers"):
     tiny_engine(()).generate(prompts)
