@@ -364,20 +364,21 @@ def parse_eagle_checkpoint(text: str) -> dict[str | None, str]:
 def _eagle_checkpoints_read(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError if config.eagle_checkpoint names a file for no eagle arm the run
   builds at any point of its sweep: it would be silently unread."""
-  used = _eagle_arm_names(config)
+  used = _arm_args(config, "eagle")
   if any(not used if name is None else name not in used for name in eagle_checkpoints(config)):
     raise ValueError(config.eagle_checkpoint)
 
 
-def _eagle_arm_names(config: ml_collections.ConfigDict) -> set[str]:
-  """The names of the eagle:<name> arms the run builds at any point of its sweep; a
-  point whose arms do not parse is left to its own validation."""
+def _arm_args(config: ml_collections.ConfigDict, kind: str) -> set[str]:
+  """The args of the arms of this kind (eagle:<name>, draft_model:<shape>) that the run
+  builds at any point of its sweep; a point whose arms do not parse is left to its own
+  validation."""
   points = [config] + ([point for _, point in sweep_points(config)]
                         if _parses(parse_sweep, config) else [])
   names = set()
   for point in points:
     if _parses(used_arm_specs, point):
-      names |= {spec.arg for spec in used_arm_specs(point) if spec.kind == "eagle"}
+      names |= {spec.arg for spec in used_arm_specs(point) if spec.kind == kind}
   return names
 
 
@@ -482,6 +483,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("kernel.batches", _parses(_ints, config.kernel.batches), "comma-separated integers"),
       ("kernel.gammas", _parses(_ints, config.kernel.gammas), "comma-separated integers"),
       ("kernel.vocabs", _parses(_ints, config.kernel.vocabs), "comma-separated integers"),
+      ("draft_checkpoint_dir", not config.draft_checkpoint_dir
+       or bool(_arm_args(config, "draft_model")),
+       "empty unless a draft_model:<shape> arm runs, whose checkpoint it is: it would be "
+       "silently unread"),
       ("eagle_checkpoint", _parses(_eagle_checkpoints_read, config),
        "empty, a .safetensors file for the eagle arms the run builds, or "
        "<name>=<file>.safetensors pairs, comma-separated, each naming an eagle:<name> arm the "

@@ -70,6 +70,9 @@ def no_loading(monkeypatch):
     (dict(**{"train.grad_clip": 0.0}), "config.train.grad_clip = 0.0 is invalid: expected > 0"),
     *[(dict(**{f"train.{name}": bad}), f"config.train.{name} = {bad} is invalid: expected >= 0")
       for name, bad in (("max_seconds", -1.0), ("weight_decay", -0.5), ("warmup_steps", -3))],
+    (dict(methods="ar,ngram:3", draft_checkpoint_dir="/no/such/dir"),
+     "config.draft_checkpoint_dir = '/no/such/dir' is invalid: expected empty unless a "
+     "draft_model:<shape> arm runs"),
     (dict(methods="ar,ngram:3", eagle_checkpoint="fused.safetensors"),
      "config.eagle_checkpoint = 'fused.safetensors' is invalid: expected empty, a .safetensors "
      "file for the eagle arms the run builds"),
