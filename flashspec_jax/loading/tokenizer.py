@@ -7,6 +7,7 @@ torch. The test suite checks it encodes exactly as transformers' GGUF path does.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,6 +21,10 @@ from flashspec_jax.loading.params import CheckpointError
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerFast
+
+# Only transformers' tokenizers are used, which need no torch: without torch, its
+# import would advise on every run that its models are unavailable.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 _CONTROL = int(gguf.TokenType.CONTROL)
 _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
