@@ -141,5 +141,6 @@ def _exit_when_interrupted(read_fd: int) -> None:
   threading.Timer(2.0, os._exit, [130]).start()
   results.abandon_writes()
   sys.stdout.flush()
-  os.write(sys.stderr.fileno(), b"interrupted\n")
+  # A progress bar leaves its line unended: the word goes on a line of its own.
+  os.write(sys.stderr.fileno(), b"\ninterrupted\n" if tqdm.tqdm._instances else b"interrupted\n")
   os._exit(130)

@@ -134,6 +134,20 @@ def test_ctrl_c_exits_130_in_one_line_leaving_no_files(tmp_path, wait_for, delay
   assert time.monotonic() - sent < 5  # not held back until an import or a compile ends
 
 
+def test_ctrl_c_under_a_progress_bar_says_so_on_a_line_of_its_own():
+  code = ("import os, signal, time, tqdm\n"
+          "from flashspec_jax import cli\n"
+          "cli.exit_on_interrupt()\n"
+          "bar = tqdm.tqdm(total=3, desc='ar')\n"
+          "os.kill(os.getpid(), signal.SIGINT)\n"
+          "time.sleep(60)\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 130
+  bar, word = result.stderr.rsplit("\n", 2)[-3:-1]
+  assert bar.strip().startswith("ar:   0%") and word == "interrupted"
+
+
 def test_ctrl_c_during_a_write_removes_its_temporary_file(tmp_path):
   code = ("import os, signal, sys, time\n"
           "from flashspec_jax import cli, results\n"
