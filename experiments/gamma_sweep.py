@@ -6,8 +6,8 @@
 A sweep over config.sampling.gamma: each point runs AR, the layer-skip drafter
 at 26 of 30 layers and n-gram lookup on the same chat, code and edit prompts
 (greedy, 128 new tokens). Writes one file with every point and a PNG of tok/s
-and alpha against gamma to results/gamma_sweep/. Expected: about 40 minutes on
-2 CPU cores; alpha falls and tau rises with gamma.
+and alpha against gamma to results/gamma_sweep/ (:tiny to gamma_sweep_tiny/).
+Expected: about 40 minutes on 2 CPU cores; alpha falls and tau rises with gamma.
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny

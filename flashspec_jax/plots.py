@@ -72,7 +72,8 @@ def sweep(points: list[dict], field: str, path: pathlib.Path) -> pathlib.Path:
   alpha.set(xlabel=field, ylabel="alpha", title="acceptance (to the first rejection)")
   for ax in (speed, alpha):
     ax.set_xscale("log", base=2)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # an AR-only sweep has no alpha
+      ax.legend()
   return _save(fig, path)
 
 
