@@ -306,8 +306,10 @@ def _integer_ids(prompt, index: int) -> list[int]:
   if ids.ndim != 1:
     raise ValueError(f"prompt {index}: expected text or a 1-D sequence of token ids, got "
                      f"{prompt!r:.80}")
-  # Each value as given: numpy would make [True, 5] integers, and [1, 2.0] floats.
-  values = ids.tolist() if isinstance(prompt, np.ndarray) else list(prompt)
+  # A list's values as given: numpy would make [True, 5] integers, and [1, 2.0] floats;
+  # 0-d arrays in it (np.int64(3), jnp.array(3)) as the Python numbers they hold.
+  values = list(prompt) if isinstance(prompt, Sequence) else ids.tolist()
+  values = [x.item() if getattr(x, "ndim", None) == 0 else x for x in values]
   bad = [x for x in values if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
   if bad:
     raise ValueError(f"prompt {index}: token ids must be integers, got {bad[:5]}")

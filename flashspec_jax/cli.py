@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sys
-import sysconfig
 import threading
 import traceback
 import types
@@ -79,7 +78,7 @@ def print_error(kind: type[BaseException], error: BaseException,
 
 
 def describe(error: BaseException) -> str:
-  """One line, two for a misspelt config field or a bug."""
+  """One line, two for a bug."""
   # ml_collections raises AttributeError(KeyError(message)) for a config field that
   # does not exist, set on the command line or in a config file.
   if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
@@ -95,24 +94,32 @@ def describe(error: BaseException) -> str:
 
 
 def _missing_field(message: str, trace: types.TracebackType | None) -> str:
-  """A config field that does not exist, named where it was set: the --config.<path>
-  flag, or the line of the config file that set it. ml_collections' message names only
-  the path's last part ('Key "x" does not exist ... Other fields present: ...' from a
-  file, "'x'" from a flag), perhaps followed by 'Did you mean "y" instead of "x"?'."""
-  key = re.search(r"""["']([^"']+)["']""", message)[1]
+  """A config field that does not exist, named where it was set: the line of the
+  --config file that set it, else the --config.<path> flag. ml_collections' message
+  names only the path's last part ('Key "x" does not exist ... Other fields present:
+  ...' from a file, "'x'" from a flag), perhaps followed by 'Did you mean "y" instead
+  of "x"?'."""
+  quoted = re.search(r"""["']([^"']+)["']""", message)
+  key = quoted[1] if quoted else message
   suggestion = re.search(r'Did you mean "([^"]+)"', message)
   hint = f' (did you mean "{suggestion[1]}"?)' if suggestion else ""
+  # The file loads before any --config.<path> flag applies, so its error comes first.
+  files = {os.path.realpath(path) for path in _config_files(sys.argv[1:])}
+  for frame, line in reversed(list(traceback.walk_tb(trace))):
+    if os.path.realpath(frame.f_code.co_filename) in files:
+      return f"{frame.f_code.co_filename}:{line}: no config field {key!r}{hint}"
   for arg in sys.argv[1:]:
     flag = arg.partition("=")[0]
     if flag.startswith("--config.") and flag.split(".")[-1] == key:
       return f"{flag}: no such config field{hint}"
-  # Set in a config file: the innermost frame outside the installed libraries made the
-  # assignment.
-  library = tuple(sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib"))
-  setters = [frame for frame, _ in traceback.walk_tb(trace)
-             if not frame.f_code.co_filename.startswith(library)]
-  where = f"{setters[-1].f_code.co_filename}:{setters[-1].f_lineno}: " if setters else ""
-  return f"{where}no config field {key!r}{hint}"
+  return f"no config field {key!r}{hint}"
+
+
+def _config_files(argv: list[str]) -> list[str]:
+  """The --config=<file>[:<arg>] files named in argv (either form of the flag)."""
+  values = [arg.partition("=")[2] for arg in argv if arg.startswith("--config=")]
+  values += [value for flag, value in zip(argv, argv[1:]) if flag == "--config"]
+  return [value.partition(":")[0] for value in values]
 
 
 def exit_on_interrupt() -> None:

@@ -375,11 +375,11 @@ def _arm_args(config: ml_collections.ConfigDict, kind: str) -> set[str]:
   validation."""
   points = [config] + ([point for _, point in sweep_points(config)]
                         if _parses(parse_sweep, config) else [])
-  names = set()
+  args = set()
   for point in points:
     if _parses(used_arm_specs, point):
-      names |= {spec.arg for spec in used_arm_specs(point) if spec.kind == kind}
-  return names
+      args |= {spec.arg for spec in used_arm_specs(point) if spec.kind == kind}
+  return args
 
 
 def bandit_states(path: str) -> dict:

@@ -27,9 +27,9 @@ normalised distributions exist anyway: top-k, top-p and temperature are
 applied by the sampler, outside the kernel, exactly as for AR sampling.
 
 This module holds the pure-jnp reference (`verify_reference`) and the Pallas
-kernel (`verify_pallas`, Triton lowering: each batch row split over programs
-by vocabulary tile, `VerifyTiling.num_splits`), which
-agree exactly given the same seeds.
+kernel (`verify_pallas`, Triton lowering: each batch row split into shares of
+vocabulary tiles, one program per share, `VerifyTiling.num_splits`), which agree
+exactly given the same seeds.
 """
 
 from __future__ import annotations

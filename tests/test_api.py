@@ -70,6 +70,8 @@ def test_numpy_integer_ids_are_prompts():
   expected = engine.generate(PROMPTS).token_ids
   assert engine.generate(np.array(PROMPTS[0], np.int32)).token_ids == expected[:1]
   assert engine.generate([np.array(p, np.int64) for p in PROMPTS]).token_ids == expected
+  assert engine.generate([jnp.array(p) for p in PROMPTS]).token_ids == expected
+  assert engine.generate([[np.array(i) for i in PROMPTS[0]]]).token_ids == expected[:1]
   square = [PROMPTS[0][:2], PROMPTS[1]]
   assert (engine.generate(np.array(square, np.uint16)).token_ids
           == engine.generate(square).token_ids)

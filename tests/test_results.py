@@ -124,7 +124,9 @@ def test_the_report_renders_only_the_results_git_tracks(tmp_path, monkeypatch):
         json.dumps({"environment": dict(ENV, date=date)}))
   # Not a git checkout: every file counts.
   assert report.newest("exp")[0].stem == "2026-11-29T070000Z_bbbbbbbb"
-  git = dict(cwd=tmp_path, check=True, capture_output=True)
+  # A git hook's GIT_DIR or GIT_INDEX_FILE would point these at another repository.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+  git = dict(cwd=tmp_path, check=True, capture_output=True, env=env)
   subprocess.run(["git", "init", "-q"], **git)
   subprocess.run(["git", "add", "exp/2026-11-29T060000Z_aaaaaaaa.json"], **git)
   report._tracked.cache_clear()

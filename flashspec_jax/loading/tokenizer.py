@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import gguf
@@ -22,10 +23,7 @@ from flashspec_jax.loading.params import CheckpointError
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerFast
 
-# Only transformers' tokenizers are used, which need no torch: without torch, its
-# import would advise on every run that its models are unavailable.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
+_NO_ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
 _CONTROL = int(gguf.TokenType.CONTROL)
 _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
 
@@ -62,10 +60,7 @@ def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
     return None if token_id is None else tokens[int(token_id)]
 
   template = fields.get("tokenizer.chat_template")
-  # Imported here: transformers (and torch, where installed) takes seconds to import,
-  # which every process that never tokenizes would pay (error exits, synthetic runs).
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
-  return PreTrainedTokenizerFast(
+  return _transformers().PreTrainedTokenizerFast(
       tokenizer_object=bpe,
       bos_token=special("bos"), eos_token=special("eos"), unk_token=special("unknown"),
       pad_token=special("padding"),
@@ -79,9 +74,8 @@ def load_tokenizer(source: str | pathlib.Path) -> PreTrainedTokenizerFast:
     return tokenizer_from_gguf(source)
   if not (source / "tokenizer.json").exists():
     raise CheckpointError(f"no tokenizer.json in {source}")
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   try:
-    return AutoTokenizer.from_pretrained(source)
+    return _transformers().AutoTokenizer.from_pretrained(source)
   except Exception as error:  # whatever transformers raises for the files it reads
     message = " ".join(str(error).split()) or "(no message)"
     raise CheckpointError(f"cannot load the tokenizer in {source} (tokenizer.json, "
@@ -106,3 +100,21 @@ def encode_chat(tokenizer, conversations: Sequence[str | Sequence[dict[str, str]
     else:
       encoded.append(tokenizer.encode("\n".join(m["content"] for m in messages)))
   return encoded
+
+
+def _transformers() -> ModuleType:
+  """transformers, imported on first use: it (and torch, where installed) takes seconds
+  to import, which every process that never tokenizes would pay (error exits, synthetic
+  runs). Only its tokenizers are used, which need no torch; without torch its import
+  would advise that its models are unavailable, so the advice is off while it imports
+  (the variable is read then), and as it was afterwards."""
+  previous = os.environ.get(_NO_ADVICE)
+  os.environ[_NO_ADVICE] = "1"
+  try:
+    import transformers  # pylint: disable=import-outside-toplevel
+  finally:
+    if previous is None:
+      del os.environ[_NO_ADVICE]
+    else:
+      os.environ[_NO_ADVICE] = previous
+  return transformers
