@@ -76,6 +76,7 @@ class BanditConfig:
   request_carry: float = 1.0
   wait_cost: float = 0.0
   step_context: bool = False
+  commit: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ class FlashSpecConfig:
     else:
       config.methods = self.drafters[0] if self.drafters else "ar"
     for name in ("reward", "discount", "epsilon", "acceptance_discount", "request_carry",
-                 "wait_cost", "step_context"):
+                 "wait_cost", "step_context", "commit"):
       config.bandit[name] = getattr(self.bandit, name)
     for field in dataclasses.fields(SamplingConfig):
       config.sampling[field.name] = getattr(self.sampling, field.name)
@@ -208,7 +209,8 @@ class FlashSpec:
         self.method = dataclasses.replace(self.method, arms=self._arm_costs(batch))
         self._costs_pending = False
       try:
-        run = compile_and_run(self.method, self.setup, batch, key, self.bandit)
+        run = compile_and_run(self.method, self.setup, batch, key, self.bandit,
+                              self.run_config.bandit.commit)
       except BaseException:
         # A call that ran took the bandit's state (donated, SpeculativeDecoder.generate)
         # and, raising (NaN logits, out of memory, Ctrl-C), returned none: the next call

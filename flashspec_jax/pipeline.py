@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import pathlib
 import statistics
 import time
@@ -28,7 +29,8 @@ from flashspec_jax import config as config_lib
 from flashspec_jax import environment, executables, sharding, timing
 from flashspec_jax.bandit import ACCEPTANCE_STRATEGIES, Fixed, Strategy, make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
-from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named, step_bodies
+from flashspec_jax.engine import (Arm, Reward, SpecMetrics, SpeculativeDecoder, reward_named,
+                                  step_bodies)
 from flashspec_jax.generate import Decoder, slots_past_budget
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, check_checkpoint,
@@ -352,10 +354,55 @@ def warm_up(jobs: list[tuple[Method, list[Request]]], setup: Setup) -> float:
   return time.perf_counter() - start
 
 
+def committed_methods(method: Method) -> list[Method]:
+  """The one-arm methods a bandit's requests may commit to (`compile_and_run`), one
+  per arm. An arm's cost steers only a chooser, so each runs at the default cost: a
+  fixed method of the same arm then shares its program."""
+  if not method.is_bandit:
+    return []
+  return [Method(f"{method.name}@{arm.name}", (dataclasses.replace(arm, cost=1.0),))
+          for arm in method.arms]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _commit_test(chooser, state, key, confidence):
+  return chooser.committed_arm(state, key, confidence)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _learn_committed(chooser, state, arm, metrics: SpecMetrics, steps):
+  return chooser.learn_committed(state, arm, steps, metrics.accepted.sum(),
+                                 metrics.tested.sum())
+
+
 def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
-                    bandit=None) -> BatchRun:
+                    bandit=None, commit: float = 0.0) -> BatchRun:
   """Runs one batch, loading or compiling its program first unless the Setup holds it;
-  times each."""
+  times each.
+
+  commit > 0: a bandit whose chooser would pick one arm throughout (its
+  `committed_arm`, at confidence `commit`) runs the batch on that arm's own
+  program, without the chooser's work in each step, then learns from the batch's
+  totals; the output is the bandit's, its history that arm at every step. The
+  seconds count the test and the learning.
+  """
+  if commit and method.is_bandit and bandit is not None:
+    chooser = method.strategy.bind(method.arms)
+    if getattr(chooser, "commits", False):
+      start = time.perf_counter()
+      test_key, key = jax.random.split(key)
+      arm = int(_commit_test(chooser, bandit, test_key, commit))
+      test_seconds = time.perf_counter() - start
+      if arm >= 0:
+        run = compile_and_run(committed_methods(method)[arm], setup, batch, key)
+        start = time.perf_counter()
+        out = run.output
+        bandit = jax.block_until_ready(
+            _learn_committed(chooser, bandit, arm, out.metrics, out.steps))
+        out = out.replace(bandit=bandit,
+                          history=out.history.replace(arm=jnp.where(out.history.arm >= 0, arm, -1)))
+        return dataclasses.replace(
+            run, output=out, seconds=run.seconds + test_seconds + time.perf_counter() - start)
   decoder, inputs, program = _program(method, setup, batch, key, bandit)
   lower_seconds = compile_seconds = 0.0
   if program not in setup.programs:

@@ -30,8 +30,9 @@ from flashspec_jax.engine import acceptance_rates
 from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.pipeline import (Method, Request, Setup, build_methods, check_checkpoints,
-                                    compile_ahead, compile_and_run, load_target, make_setup,
-                                    param_dtype, requests_of, warm_up, with_arm_costs)
+                                    committed_methods, compile_ahead, compile_and_run,
+                                    load_target, make_setup, param_dtype, requests_of, warm_up,
+                                    with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file, split_size
 
 
@@ -184,7 +185,8 @@ def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared
     print("arm costs (s/step): " + ", ".join(f"{a.name} {a.cost:.4f}" for a in bandit_arms))
 
   threads = config.compile_threads or max(1, (os.cpu_count() or 2) // 2)
-  jobs = [(m, b) for m in methods for b in batches]
+  committed = [c for m in methods if config.bandit.commit for c in committed_methods(m)]
+  jobs = [(m, b) for m in methods + committed for b in batches]
   compile_seconds = compile_ahead(jobs, setup, threads)
   warm_up_seconds = warm_up(jobs, setup)
   # From the disk caches a program loads rather than compiles, in a fraction of the time.
@@ -211,7 +213,7 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
       method_records, batch_seconds, step_seconds = [], [], []
       for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
         rng, key = jax.random.split(rng)
-        run = compile_and_run(method, setup, batch, key, bandit)
+        run = compile_and_run(method, setup, batch, key, bandit, config.bandit.commit)
         seconds = run.seconds
         # One transfer: indexing device arrays element by element would dispatch an op
         # (and compile a slice for each new length) per element.

@@ -293,6 +293,93 @@ def test_a_contextual_chooser_runs_ngram_only_where_its_context_pays(strategy):
   assert {int(plain.select(pooled, jax.random.key(k))) for k in range(5)} == {1}
 
 
+@pytest.mark.parametrize("strategy", [AcceptanceThompson, AcceptanceKLUCB])
+def test_a_request_commits_only_to_the_arm_the_choosers_rule_picks_in_every_context(strategy):
+  """The drafter is right 60% of the time. Where n-gram lookup is right 95% of the time
+  after a 2-token match, the contextual chooser would run it there and so commits to
+  nothing; where it is right 20% of the time, the drafter wins in every context seen and
+  a request commits to it. The chooser that pools n-gram's contexts commits likewise;
+  nothing commits before any evidence, nor to a drafter learnt per context, nor Hedge."""
+  arms = (engine.Arm(NGRAM, 4), engine.Arm(SELF, 4))
+  chooser, plain = strategy(contextual=True).bind(arms), strategy().bind(arms)
+  tested = jnp.array([[600.0, 0.0, 400.0], [1000.0, 0.0, 0.0]])
+
+  def committed(chooser, long_match_alpha, pooled=False):
+    accepted = tested * jnp.array([[0.0, 0.0, long_match_alpha], [0.6, 0.0, 0.0]])
+    if pooled:
+      accepted, tested_ = accepted.sum(1, keepdims=True), tested.sum(1, keepdims=True)
+    else:
+      tested_ = tested
+    state = chooser.init(2).replace(accepted=accepted, tested=tested_, pulls=jnp.int32(200))
+    return int(chooser.committed_arm(state, jax.random.key(0), 0.9))
+
+  assert committed(chooser, 0.95) == -1 and committed(chooser, 0.2) == 1
+  assert committed(plain, 0.95, pooled=True) == committed(plain, 0.2, pooled=True) == 1
+  assert int(chooser.committed_arm(chooser.init(2), jax.random.key(0), 0.9)) == -1
+  # n-gram lookup wins everywhere, but it learns per context: its program alone tells none.
+  state = chooser.init(2).replace(accepted=tested * jnp.array([[0.9], [0.1]]), tested=tested,
+                                  pulls=jnp.int32(200))
+  assert int(chooser.committed_arm(state, jax.random.key(0), 0.9)) == -1
+  hedge = Hedge().bind(arms)
+  state = hedge.init(2).replace(accepted=jnp.array([[0.0], [600.0]]),
+                                tested=jnp.array([[600.0], [1000.0]]), pulls=jnp.int32(200))
+  assert int(hedge.committed_arm(state, jax.random.key(0), 0.5)) == -1
+
+
+def test_a_committed_requests_evidence_is_faded_as_its_steps_would_have_faded_it():
+  arms = (engine.Arm(NGRAM, 4), engine.Arm(SELF, 4))
+  chooser = AcceptanceKLUCB(discount=0.9, request_carry=0.5).bind(arms)
+  state = chooser.init(2).replace(accepted=jnp.array([[8.0], [6.0]]),
+                                  tested=jnp.array([[10.0], [10.0]]), pulls=jnp.int32(7))
+  learned = chooser.learn_committed(state, 1, 3, 6.0, 9.0)
+  # Three steps of 2 accepted of 3 tested each, learnt one by one after the new request.
+  stepped = chooser.observe(state, jnp.zeros((2, 1)), jnp.zeros((2, 1)))
+  for _ in range(3):
+    stepped = chooser.learn(stepped, 1, Feedback(
+        reward=jnp.float32(0), accepted=jnp.array([[0.0], [2.0]]),
+        tested=jnp.array([[0.0], [3.0]]), rows=jnp.float32(1)))
+  np.testing.assert_allclose(learned.accepted, stepped.accepted, rtol=1e-6)
+  np.testing.assert_allclose(learned.tested, stepped.tested, rtol=1e-6)
+  np.testing.assert_array_equal(learned.counts, stepped.counts)
+  assert int(learned.pulls) == int(stepped.pulls) == 10 and int(learned.last_arm) == 1
+
+
+def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_from_it():
+  """Through the pipeline, greedy: a chooser whose evidence says n-gram lookup beats AR
+  commits the batch to it. The tokens are the fixed n-gram program's, every step is
+  n-gram's in the history, and the chooser's state has the batch's drafts and steps.
+  With commit off, the same state runs the chooser's own program."""
+  config = base_config()
+  config.target, config.synthetic_weights = "tiny_llama", True
+  config.methods, config.arms, config.bandit.costs = "bandit:kl_ucb", "ngram:2,ar", "1,1"
+  config.bandit.acceptance_discount = 1.0  # evidence adds up without fading
+  config.sampling.max_new_tokens = 8
+  model = runner.load_target(config, jnp.float32)
+  (method,), params = pipeline.build_methods(config, model, jnp.float32)
+  setup = pipeline.make_setup(config, model, params, jnp.float32)
+  batch = runner.build_requests(config, model)
+  chooser = method.strategy.bind(method.arms)
+
+  def evidence():  # a fresh copy each call: the chooser's program takes its state donated
+    return chooser.init(2).replace(accepted=jnp.array([[90.0], [0.0]]),
+                                   tested=jnp.array([[100.0], [0.0]]), pulls=jnp.int32(50))
+
+  key = jax.random.key(3)
+  run = pipeline.compile_and_run(method, setup, batch, key, evidence(), commit=0.5)
+  (fixed,) = pipeline.committed_methods(method)[:1]
+  alone = pipeline.compile_and_run(fixed, setup, batch, jax.random.split(key)[1])
+  np.testing.assert_array_equal(run.output.tokens, alone.output.tokens)
+  steps = int(run.output.steps)
+  np.testing.assert_array_equal(run.output.history.arm[:steps], 0)
+  assert (np.asarray(run.output.history.arm[steps:]) == -1).all()
+  bandit = run.output.bandit
+  assert float(bandit.tested[0, 0]) == 100 + int(alone.output.metrics.tested.sum())
+  assert float(bandit.counts[0]) == steps and int(bandit.pulls) == 50 + steps
+  # The chooser's own steps record their rewards; a committed request's are not known.
+  held = pipeline.compile_and_run(method, setup, batch, key, evidence())
+  assert float(held.output.bandit.sums.sum()) > 0 == float(bandit.sums.sum())
+
+
 def test_host_waits_follow_the_loops_between_two_step_bodies():
   """Three bodies in one outer loop: forward passes the loops between, back goes round
   through the outer loop's predicate too."""
