@@ -45,7 +45,8 @@ from flashspec_jax.loading import LoadedModel
 from flashspec_jax.loading.tokenizer import encode_chat
 from flashspec_jax.prompts import Prompt
 from flashspec_jax.pipeline import (Request, build_methods, calibrate_costs, compile_and_run,
-                                    load_target, make_setup, param_dtype, with_arm_costs)
+                                    load_target, make_setup, param_dtype, warm_commit,
+                                    with_arm_costs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +209,8 @@ class FlashSpec:
       if self._costs_pending:
         self.method = dataclasses.replace(self.method, arms=self._arm_costs(batch))
         self._costs_pending = False
+      if self.bandit is None:  # the first call, or one after a call that raised
+        warm_commit(self.method, self.run_config.bandit.commit)
       try:
         run = compile_and_run(self.method, self.setup, batch, key, self.bandit,
                               self.run_config.bandit.commit)

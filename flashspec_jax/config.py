@@ -147,9 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
   # context too, not as one mean (bandit/acceptance.py, step_context).
   config.bandit.step_context = False
   # The acceptance choosers but Hedge: > 0 runs a request on one arm's own program,
-  # without the chooser's work in its steps, where the chooser's rule would pick that
-  # arm in every context seen so far in at least this share of its draws (KL-UCB's
-  # rule draws nothing: any value > 0 asks it to pick the arm); 0 never commits
+  # without the chooser's work in its steps, where confidence bounds at this level
+  # (0.9: 90%) on the drafters' acceptance say the arm yields more tokens per cost
+  # than any other in every context seen so far; 0 never commits
   # (bandit/acceptance.py, committed_arm).
   config.bandit.commit = 0.0
   # A results file of an earlier run: its bandit methods' final states are where this
@@ -470,7 +470,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("bandit.acceptance_discount", 0 < config.bandit.acceptance_discount <= 1, "in (0, 1]"),
       ("bandit.request_carry", 0 < config.bandit.request_carry <= 1, "in (0, 1]"),
       ("bandit.wait_cost", config.bandit.wait_cost >= 0, ">= 0"),
-      ("bandit.commit", 0 <= config.bandit.commit <= 1, "in [0, 1] (0 never commits)"),
+      ("bandit.commit", 0 <= config.bandit.commit < 1, "in [0, 1) (0 never commits)"),
       ("bandit.initial_state", not config.bandit.initial_state
        or _parses(bandit_states, config.bandit.initial_state),
        "empty or the results file of an earlier run (a JSON object, whose bandit_states "

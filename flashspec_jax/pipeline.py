@@ -29,8 +29,7 @@ from flashspec_jax import config as config_lib
 from flashspec_jax import environment, executables, sharding, timing
 from flashspec_jax.bandit import ACCEPTANCE_STRATEGIES, Fixed, Strategy, make_strategy
 from flashspec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
-from flashspec_jax.engine import (Arm, Reward, SpecMetrics, SpeculativeDecoder, reward_named,
-                                  step_bodies)
+from flashspec_jax.engine import Arm, Reward, SpeculativeDecoder, reward_named, step_bodies
 from flashspec_jax.generate import Decoder, slots_past_budget
 from flashspec_jax.kernels.verify import get_verify_fn
 from flashspec_jax.loading import (TARGET_FLAG, CheckpointError, LoadedModel, check_checkpoint,
@@ -364,15 +363,24 @@ def committed_methods(method: Method) -> list[Method]:
           for arm in method.arms]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _commit_test(chooser, state, key, confidence):
-  return chooser.committed_arm(state, key, confidence)
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _commit_test(chooser, state, confidence):
+  return chooser.committed_arm(state, confidence)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _learn_committed(chooser, state, arm, metrics: SpecMetrics, steps):
-  return chooser.learn_committed(state, arm, steps, metrics.accepted.sum(),
-                                 metrics.tested.sum())
+def _learn_committed(chooser, state, arm, steps, accepted, tested):
+  return chooser.learn_committed(state, arm, steps, accepted, tested)
+
+
+def warm_commit(method: Method, confidence: float) -> None:
+  """Compiles a bandit's commit test and learning (`compile_and_run`) on its fresh
+  state, so that no timed call pays for it."""
+  chooser = method.strategy.bind(method.arms) if method.is_bandit else None
+  if confidence and getattr(chooser, "commits", False):
+    state = chooser.init(len(method.arms))
+    jax.block_until_ready((_commit_test(chooser, state, confidence), _learn_committed(
+        chooser, state, jnp.int32(0), jnp.int32(1), jnp.int32(0), jnp.int32(0))))
 
 
 def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
@@ -380,25 +388,25 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
   """Runs one batch, loading or compiling its program first unless the Setup holds it;
   times each.
 
-  commit > 0: a bandit whose chooser would pick one arm throughout (its
+  commit > 0: a bandit whose evidence says one arm beats every other (its chooser's
   `committed_arm`, at confidence `commit`) runs the batch on that arm's own
   program, without the chooser's work in each step, then learns from the batch's
   totals; the output is the bandit's, its history that arm at every step. The
-  seconds count the test and the learning.
+  seconds count the test and the learning (`warm_commit` compiles both).
   """
   if commit and method.is_bandit and bandit is not None:
     chooser = method.strategy.bind(method.arms)
     if getattr(chooser, "commits", False):
       start = time.perf_counter()
-      test_key, key = jax.random.split(key)
-      arm = int(_commit_test(chooser, bandit, test_key, commit))
+      arm = int(_commit_test(chooser, bandit, commit))
       test_seconds = time.perf_counter() - start
       if arm >= 0:
         run = compile_and_run(committed_methods(method)[arm], setup, batch, key)
         start = time.perf_counter()
         out = run.output
-        bandit = jax.block_until_ready(
-            _learn_committed(chooser, bandit, arm, out.metrics, out.steps))
+        bandit = jax.block_until_ready(_learn_committed(
+            chooser, bandit, jnp.int32(arm), out.steps, out.metrics.accepted.sum(),
+            out.metrics.tested.sum()))
         out = out.replace(bandit=bandit,
                           history=out.history.replace(arm=jnp.where(out.history.arm >= 0, arm, -1)))
         return dataclasses.replace(

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import itertools
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -31,8 +32,8 @@ from flashspec_jax.simulation import run_simulation
 from flashspec_jax.loading import LoadedModel
 from flashspec_jax.pipeline import (Method, Request, Setup, build_methods, check_checkpoints,
                                     committed_methods, compile_ahead, compile_and_run,
-                                    load_target, make_setup, param_dtype, requests_of, warm_up,
-                                    with_arm_costs)
+                                    load_target, make_setup, param_dtype, requests_of,
+                                    warm_commit, warm_up, with_arm_costs)
 from flashspec_jax.prompts import load_prompts, read_prompt_file, split_size
 
 
@@ -188,7 +189,10 @@ def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared
   committed = [c for m in methods if config.bandit.commit for c in committed_methods(m)]
   jobs = [(m, b) for m in methods + committed for b in batches]
   compile_seconds = compile_ahead(jobs, setup, threads)
-  warm_up_seconds = warm_up(jobs, setup)
+  start = time.perf_counter()
+  for method in methods:
+    warm_commit(method, config.bandit.commit)
+  warm_up_seconds = warm_up(jobs, setup) + time.perf_counter() - start
   # From the disk caches a program loads rather than compiles, in a fraction of the time.
   print(f"compiled or loaded {len(setup.programs)} programs in {compile_seconds:.1f} s "
         f"({threads} at a time), ran each once in {warm_up_seconds:.1f} s")

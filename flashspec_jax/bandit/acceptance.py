@@ -55,6 +55,7 @@ pays for its waits, and the dearer way back is priced when leaving.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +66,6 @@ from flashspec_jax.drafters import host_waits, step_bodies
 
 # Bisection steps of the KL-UCB bound: 2^-24 of the unit interval.
 _BISECTION_STEPS = 24
-# Draws of a Thompson chooser's posterior behind each request's commit test.
-_COMMIT_DRAWS = 64
 
 
 @struct.dataclass(kw_only=True)
@@ -268,39 +267,43 @@ class _AcceptanceModel:
     of each arm's drafter now (needed if C > 1)."""
     return self.choose(state, self.draw(state, key), weights)
 
-  def committed_arm(self, state: AcceptanceState, key: jax.Array,
-                    confidence: float) -> jax.Array:
+  def committed_arm(self, state: AcceptanceState, confidence: float) -> jax.Array:
     """[] int32: the arm a new request may run alone, or -1 for none.
 
     On a GPU a chooser's step costs more than its arm's step alone: held on the
     feature drafter, KL-UCB's steps took 1.68 ms against the fixed drafter's 1.59
-    (docs/bandits.md, "Committing a request to one arm"). Where this chooser's own
-    rule would pick one arm in every context its drafters have been seen in, in at
-    least `confidence` of its draws (in all of them, for a rule that draws
-    nothing), the request runs that arm's own program, and the chooser learns from
-    its totals (`learn_committed`). Only an arm learnt in one context can commit:
-    a lone drafter's program reports no contexts. Nothing commits before any
-    evidence.
+    (docs/bandits.md, "Committing a request to one arm"). So where the evidence
+    says one arm beats every other, the request runs that arm's own program, and
+    the chooser learns from its totals (`learn_committed`). "Beats" is by KL
+    confidence bounds at level `confidence` on each drafter's acceptance: the arm's
+    tokens per cost at the lower end of its bound exceed every other arm's at the
+    upper end, in every context its drafters have been seen in. Not the chooser's
+    own pick: an optimistic rule picks arms to learn about them, and a whole request
+    committed to learning cost up to 0.38x of an H100 stream. While a request is
+    committed, the other arms' evidence fades with each step and their bounds
+    widen, so a later request runs the chooser again and refreshes them. Only an
+    arm learnt in one context can commit, since a lone drafter's program reports
+    no contexts; nothing commits before any evidence.
     """
-    num_arms, num_contexts = len(self.gammas), self.num_contexts
-    # Context c of the drafters that tell contexts; the others are always in context 0.
-    weights = jnp.stack([
-        jax.nn.one_hot(jnp.where(jnp.asarray(self.arm_contexts) > 1, c, 0), num_contexts)
-        for c in range(num_contexts)])  # [C, K, C]
+    accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)  # [K, C]
+    mean = accepted / jnp.maximum(tested, 1e-9)
+    budget = jnp.float32(-math.log1p(-min(confidence, 1 - 1e-6)))
+    upper = jnp.where(tested > 0, kl_upper_bound(mean, tested, budget), 1.0)
+    lower = jnp.where(tested > 0, 1 - kl_upper_bound(1 - mean, tested, budget), 0.0)
+    gammas = jnp.asarray(self.gammas, jnp.float32)[:, None]
+    costs = jnp.asarray(self.costs, jnp.float32)[:, None]
+    best_case = expected_tokens(gammas, upper) / costs  # [K, C]
+    worst_case = expected_tokens(gammas[:, 0], lower[:, 0]) / costs[:, 0]  # [K], context 0
+    # Each arm's contexts: those seen, for an arm learnt per context; else its one.
+    contextual = jnp.asarray(self.arm_contexts)[:, None] > 1
     seen = state.tested.sum(0) > 0  # [C]
-    keys = jax.random.split(key, _COMMIT_DRAWS)
-
-    def picks(key):  # [C] the arm chosen in each context
-      draws = self.draw(state, key)
-      return jnp.stack([self.choose(state, draws, w) for w in weights])
-
-    chosen = jax.vmap(picks)(keys)  # [DRAWS, C]
-    always = ((chosen[..., None] == jnp.arange(num_arms)) | ~seen[:, None]).all(1)
-    share = always.mean(0)  # [K] draws in which the arm is chosen in every seen context
-    arm = jnp.argmax(share)
-    commits = ((share[arm] >= confidence) & seen.any()
-               & (jnp.asarray(self.arm_contexts)[arm] == 1) & self.commits)
-    return jnp.where(commits, arm, -1).astype(jnp.int32)
+    in_play = jnp.where(contextual, seen, jnp.arange(self.num_contexts) == 0)
+    rivals = ~jnp.eye(len(self.gammas), dtype=bool)  # [K, K]: b is a's rival
+    rival_best = jnp.max(jnp.where(rivals[:, :, None] & in_play, best_case, 0.0), (1, 2))
+    known = (tested[:, 0] > 0) | (gammas[:, 0] == 0)
+    commits = ((worst_case > rival_best) & known & ~contextual[:, 0]
+               & seen.any() & self.commits)
+    return jnp.where(commits.any(), jnp.argmax(commits), -1).astype(jnp.int32)
 
   def learn_committed(self, state: AcceptanceState, arm, steps, accepted,
                       tested) -> AcceptanceState:
