@@ -707,7 +707,8 @@ def _stream(temperature: float, order: str, request_carry: float = 1.0,
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
                        and data["config"].get("deterministic", False) == deterministic
                        and (data["config"]["bandit"].get("wait_cost", 0.0) > 0) == priced_waits
-                       and data["config"]["bandit"].get("step_context", False) == step_context)
+                       and data["config"]["bandit"].get("step_context", False) == step_context
+                       and not data["config"]["bandit"].get("commit", 0.0))
 
 
 def _whole_stream(data: dict) -> bool:
@@ -747,19 +748,25 @@ def _last_layer(data: dict) -> bool:
 
 
 def _stream_sections(device: str, name: str, priced_waits: bool = False,
-                     step_context: bool = False, fused: bool = False) -> list[Section]:
+                     step_context: bool = False, fused: bool = False,
+                     every_chooser: bool = False) -> list[Section]:
   """The choosers' four streams on one device: greedy and at temperature 1, in blocks
   and interleaved; with priced_waits, those whose choosers priced waits for the host
   (config.bandit.wait_cost), with step_context, learnt the drafter in n-gram lookup's
   context (config.bandit.step_context), and with fused, ran the fused-feature drafter
-  (the others ran the last-layer one). A stream not run has no section."""
+  (the others ran the last-layer one); with every_chooser, only runs of the reward
+  bandits too. A stream not run has no section."""
   options = (", waits for the host priced" if priced_waits else "") + (
       ", the drafter learnt in n-gram lookup's context" if step_context else "") + (
       ", the fused-feature drafter" if fused else "")
+
+  def select(temperature, order):
+    stream = _stream(temperature, order, priced_waits=priced_waits, step_context=step_context,
+                     fused=fused)
+    return lambda data: stream(data) and (not every_chooser or _with_reward_bandits(data))
+
   return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling}"
-                  f"{options} ({name})", choosers,
-                  _stream(temperature, order, priced_waits=priced_waits,
-                          step_context=step_context, fused=fused))
+                  f"{options} ({name})", choosers, select(temperature, order))
           for temperature, sampling in ((0, "greedy"), (1, "temperature 1"))
           for order, how in (("blocks", " in blocks of one set"), ("interleaved",
                                                                    ", sets interleaved"))]
@@ -877,7 +884,7 @@ SECTIONS = [
             _stream(1, "interleaved", request_carry=0.25)),
     # The H200 was not lent in the sessions after the prompt prior changed; the same
     # streams ran on an H100, with the H200's calibrated arm costs.
-    *_stream_sections(H100, "H100", fused=True),
+    *_stream_sections(H100, "H100", fused=True, every_chooser=True),
     *_stream_sections(H100, "H100"),
     *_stream_sections(H200, "H200", priced_waits=True),
     *_stream_sections(H100, "H100", priced_waits=True),
