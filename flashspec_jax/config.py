@@ -147,10 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   # context too, not as one mean (bandit/acceptance.py, step_context).
   config.bandit.step_context = False
   # The acceptance choosers but Hedge: > 0 runs a request on one arm's own program,
-  # without the chooser's work in its steps, where confidence bounds at this level
-  # (0.9: 90%) on the drafters' acceptance say the arm yields more tokens per cost
-  # than any other in every context seen so far; 0 never commits
-  # (bandit/acceptance.py, committed_arm).
+  # without the chooser's work in its steps, where KL confidence bounds at this level
+  # (nominal: no union over arms and contexts) on the drafters' acceptance say the arm
+  # yields more tokens per cost than any other in every context seen so far; 0 never
+  # commits (bandit/acceptance.py, committed_arm). Measured slower so far.
   config.bandit.commit = 0.0
   # A results file of an earlier run: its bandit methods' final states are where this
   # run's same-named methods start ("" starts fresh).
@@ -471,6 +471,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("bandit.request_carry", 0 < config.bandit.request_carry <= 1, "in (0, 1]"),
       ("bandit.wait_cost", config.bandit.wait_cost >= 0, ">= 0"),
       ("bandit.commit", 0 <= config.bandit.commit < 1, "in [0, 1) (0 never commits)"),
+      # A committed request teaches only its own arm: unless evidence fades, the
+      # others' bounds never widen and the first commit lasts for good.
+      ("bandit.commit", not config.bandit.commit or config.bandit.acceptance_discount < 1
+       or config.bandit.request_carry < 1,
+       "> 0 needs acceptance_discount or request_carry below 1"),
       ("bandit.initial_state", not config.bandit.initial_state
        or _parses(bandit_states, config.bandit.initial_state),
        "empty or the results file of an earlier run (a JSON object, whose bandit_states "

@@ -353,14 +353,32 @@ def warm_up(jobs: list[tuple[Method, list[Request]]], setup: Setup) -> float:
   return time.perf_counter() - start
 
 
+def committing_chooser(method: Method) -> Strategy | None:
+  """The bandit's chooser bound to its arms, if it can commit a request to one arm
+  (`compile_and_run`); else None."""
+  chooser = method.strategy.bind(method.arms) if method.is_bandit else None
+  return chooser if getattr(chooser, "commits", False) else None
+
+
 def committed_methods(method: Method) -> list[Method]:
-  """The one-arm methods a bandit's requests may commit to (`compile_and_run`), one
-  per arm. An arm's cost steers only a chooser, so each runs at the default cost: a
-  fixed method of the same arm then shares its program."""
-  if not method.is_bandit:
+  """The one-arm methods a bandit's requests may commit to, one per arm (none for a
+  chooser that never commits). An arm's cost steers only a chooser, so each runs at
+  the default cost: a fixed method of the same drafter arm then shares its program."""
+  if committing_chooser(method) is None:
     return []
   return [Method(f"{method.name}@{arm.name}", (dataclasses.replace(arm, cost=1.0),))
           for arm in method.arms]
+
+
+def _host_device():
+  """Where a chooser's commit test and learning run: the host's CPU. On a GPU, small
+  programs of their own would allocate between the fixed program's calls and can
+  move its buffers, and a program whose buffers moved records its command buffers
+  again (docs/bandits.md, "Committing a request to one arm")."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS leaves the CPU out
+    return jax.devices()[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -374,13 +392,14 @@ def _learn_committed(chooser, state, arm, steps, accepted, tested):
 
 
 def warm_commit(method: Method, confidence: float) -> None:
-  """Compiles a bandit's commit test and learning (`compile_and_run`) on its fresh
-  state, so that no timed call pays for it."""
-  chooser = method.strategy.bind(method.arms) if method.is_bandit else None
-  if confidence and getattr(chooser, "commits", False):
-    state = chooser.init(len(method.arms))
-    jax.block_until_ready((_commit_test(chooser, state, confidence), _learn_committed(
-        chooser, state, jnp.int32(0), jnp.int32(1), jnp.int32(0), jnp.int32(0))))
+  """Compiles a bandit's commit test and learning (`compile_and_run`) for the host,
+  on its fresh state, so that no timed call pays for it."""
+  chooser = committing_chooser(method) if confidence else None
+  if chooser is not None:
+    state = jax.device_put(chooser.init(len(method.arms)), _host_device())
+    zero = np.int32(0)
+    jax.block_until_ready((_commit_test(chooser, state, confidence),
+                           _learn_committed(chooser, state, zero, np.int32(1), zero, zero)))
 
 
 def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
@@ -391,26 +410,31 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
   commit > 0: a bandit whose evidence says one arm beats every other (its chooser's
   `committed_arm`, at confidence `commit`) runs the batch on that arm's own
   program, without the chooser's work in each step, then learns from the batch's
-  totals; the output is the bandit's, its history that arm at every step. The
-  seconds count the test and the learning (`warm_commit` compiles both).
+  totals; the output is the bandit's, its history that arm at every step, its
+  state on the host. The seconds count the test and the learning (`warm_commit`
+  compiles both).
   """
-  if commit and method.is_bandit and bandit is not None:
-    chooser = method.strategy.bind(method.arms)
-    if getattr(chooser, "commits", False):
+  chooser = committing_chooser(method) if commit and bandit is not None else None
+  if chooser is not None:
+    start = time.perf_counter()
+    state = jax.device_put(bandit, _host_device())
+    arm = int(_commit_test(chooser, state, commit))
+    test_seconds = time.perf_counter() - start
+    if arm >= 0:
+      run = compile_and_run(committed_methods(method)[arm], setup, batch, key)
       start = time.perf_counter()
-      arm = int(_commit_test(chooser, bandit, commit))
-      test_seconds = time.perf_counter() - start
-      if arm >= 0:
-        run = compile_and_run(committed_methods(method)[arm], setup, batch, key)
-        start = time.perf_counter()
-        out = run.output
-        bandit = jax.block_until_ready(_learn_committed(
-            chooser, bandit, jnp.int32(arm), out.steps, out.metrics.accepted.sum(),
-            out.metrics.tested.sum()))
-        out = out.replace(bandit=bandit,
-                          history=out.history.replace(arm=jnp.where(out.history.arm >= 0, arm, -1)))
-        return dataclasses.replace(
-            run, output=out, seconds=run.seconds + test_seconds + time.perf_counter() - start)
+      steps, metrics, arms = jax.device_get((run.output.steps, run.output.metrics,
+                                             run.output.history.arm))
+      state = jax.block_until_ready(_learn_committed(
+          chooser, state, np.int32(arm), np.int32(steps), np.int32(metrics.accepted.sum()),
+          np.int32(metrics.tested.sum())))
+      history = run.output.history.replace(arm=np.where(arms >= 0, arm, -1).astype(np.int32))
+      return dataclasses.replace(
+          run, output=run.output.replace(bandit=state, history=history),
+          seconds=run.seconds + test_seconds + time.perf_counter() - start)
+    # Back where the program reads it, from the host if a committed request left it there.
+    bandit = (jax.device_put(bandit, jax.devices()[0]) if setup.mesh is None
+              else sharding.replicated(bandit, setup.mesh))
   decoder, inputs, program = _program(method, setup, batch, key, bandit)
   lower_seconds = compile_seconds = 0.0
   if program not in setup.programs:

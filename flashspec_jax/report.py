@@ -754,8 +754,8 @@ def _stream_sections(device: str, name: str, priced_waits: bool = False,
   and interleaved; with priced_waits, those whose choosers priced waits for the host
   (config.bandit.wait_cost), with step_context, learnt the drafter in n-gram lookup's
   context (config.bandit.step_context), and with fused, ran the fused-feature drafter
-  (the others ran the last-layer one); with every_chooser, only runs of the reward
-  bandits too. A stream not run has no section."""
+  (the others ran the last-layer one); with every_chooser, only runs that compare
+  every chooser, the reward bandits too. A stream not run has no section."""
   options = (", waits for the host priced" if priced_waits else "") + (
       ", the drafter learnt in n-gram lookup's context" if step_context else "") + (
       ", the fused-feature drafter" if fused else "")

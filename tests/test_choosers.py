@@ -11,6 +11,7 @@ import pytest
 from conftest import spread_params, tiny_config
 from helpers import latest_longest_match
 
+from flashspec_jax import config as config_lib
 from flashspec_jax import drafters, engine, pipeline, runner, streams
 from flashspec_jax.bench import drafter_contexts, hlo, ngram_contexts, step_kernels, stream_goals
 from flashspec_jax.bench.synthetic import SyntheticTarget
@@ -374,8 +375,7 @@ def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_fr
 
   key = jax.random.key(3)
   run = pipeline.compile_and_run(method, setup, batch, key, evidence(), commit=0.5)
-  (fixed,) = pipeline.committed_methods(method)[:1]
-  alone = pipeline.compile_and_run(fixed, setup, batch, jax.random.split(key)[1])
+  alone = pipeline.compile_and_run(pipeline.committed_methods(method)[0], setup, batch, key)
   np.testing.assert_array_equal(run.output.tokens, alone.output.tokens)
   steps = int(run.output.steps)
   np.testing.assert_array_equal(run.output.history.arm[:steps], 0)
@@ -386,6 +386,21 @@ def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_fr
   # The chooser's own steps record their rewards; a committed request's are not known.
   held = pipeline.compile_and_run(method, setup, batch, key, evidence())
   assert float(held.output.bandit.sums.sum()) > 0 == float(bandit.sums.sum())
+  # A state the evidence is not sure of runs the chooser's program, from the host too.
+  unsure = jax.device_put(chooser.init(2), pipeline._host_device())
+  again = pipeline.compile_and_run(method, setup, batch, key, unsure, commit=0.5)
+  assert float(again.output.bandit.sums.sum()) > 0
+
+
+def test_commit_is_refused_where_no_evidence_fades():
+  """A committed request teaches only its arm; with no fading, the first commit would
+  last for good."""
+  config = base_config()
+  config.bandit.commit, config.bandit.acceptance_discount = 0.9, 1.0
+  with pytest.raises(ValueError, match="commit.*acceptance_discount or request_carry"):
+    config_lib.validate(config)
+  config.bandit.request_carry = 0.5
+  config_lib.validate(config)
 
 
 def test_host_waits_follow_the_loops_between_two_step_bodies():

@@ -278,20 +278,24 @@ class _AcceptanceModel:
     from its totals (`learn_committed`). "Beats" is by KL confidence bounds at
     level `confidence` on each drafter's acceptance: the arm's tokens per cost at
     the lower end of its bound exceed every other arm's at the upper end, in every
-    context its drafters have been seen in. Not the chooser's own pick: an
+    context any drafter has been seen in. Not the chooser's own pick: an
     optimistic rule picks arms to learn about them, and whole requests committed
     to learning ran KL-UCB at 0.62x the drafter in an H100 stream. While a request
-    is committed the other arms' evidence fades with each step and their bounds
-    widen, so a later request runs the chooser again and refreshes them. Only an
+    is committed the other arms' evidence fades with each step (the discount, and
+    request_carry at each request; config.validate refuses commit with neither) and
+    their bounds widen, so a later request runs the chooser again and refreshes
+    them. Only an
     arm learnt in one context can commit, since a lone drafter's program reports
     no contexts; nothing commits before any evidence.
     """
     accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)  # [K, C]
     mean = accepted / jnp.maximum(tested, 1e-9)
     budget = jnp.float32(-math.log1p(-min(confidence, 1 - 1e-6)))
-    upper = jnp.where(tested > 0, kl_upper_bound(mean, tested, budget), 1.0)
-    lower = jnp.where(tested > 0, 1 - kl_upper_bound(1 - mean, tested, budget), 0.0)
     gammas = jnp.asarray(self.gammas, jnp.float32)[:, None]
+    # Untried, a drafter may accept every draft; AR's step yields one token whatever.
+    upper = jnp.where(tested > 0, kl_upper_bound(mean, tested, budget),
+                      jnp.where(gammas > 0, 1.0, 0.0))
+    lower = jnp.where(tested > 0, 1 - kl_upper_bound(1 - mean, tested, budget), 0.0)
     costs = jnp.asarray(self.costs, jnp.float32)[:, None]
     best_case = expected_tokens(gammas, upper) / costs  # [K, C]
     worst_case = expected_tokens(gammas[:, 0], lower[:, 0]) / costs[:, 0]  # [K], context 0
