@@ -475,7 +475,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       # others' bounds never widen and the first commit lasts for good.
       ("bandit.commit", not config.bandit.commit or config.bandit.acceptance_discount < 1
        or config.bandit.request_carry < 1,
-       "> 0 needs acceptance_discount or request_carry below 1"),
+       "0 (off) unless acceptance_discount or request_carry is below 1"),
       ("bandit.initial_state", not config.bandit.initial_state
        or _parses(bandit_states, config.bandit.initial_state),
        "empty or the results file of an earlier run (a JSON object, whose bandit_states "
