@@ -360,14 +360,19 @@ def committing_chooser(method: Method) -> Strategy | None:
   return chooser if getattr(chooser, "commits", False) else None
 
 
+def committed_method(method: Method, arm: Arm) -> Method:
+  """The one-arm method a bandit's request runs when committed to `arm`. An arm's cost
+  steers only a chooser, so it runs at the default cost: a fixed method of the same
+  drafter arm then shares its program."""
+  return Method(f"{method.name}@{arm.name}", (dataclasses.replace(arm, cost=1.0),))
+
+
 def committed_methods(method: Method) -> list[Method]:
   """The one-arm methods a bandit's requests may commit to, one per arm (none for a
-  chooser that never commits). An arm's cost steers only a chooser, so each runs at
-  the default cost: a fixed method of the same drafter arm then shares its program."""
+  chooser that never commits)."""
   if committing_chooser(method) is None:
     return []
-  return [Method(f"{method.name}@{arm.name}", (dataclasses.replace(arm, cost=1.0),))
-          for arm in method.arms]
+  return [committed_method(method, arm) for arm in method.arms]
 
 
 def _host_device():
@@ -423,7 +428,7 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
     arm = int(_commit_test(chooser, state, commit))
     test_seconds = time.perf_counter() - start
     if arm >= 0:
-      run = compile_and_run(committed_methods(method)[arm], setup, batch, key)
+      run = compile_and_run(committed_method(method, method.arms[arm]), setup, batch, key)
       start = time.perf_counter()
       steps, metrics, arms = jax.device_get((run.output.steps, run.output.metrics,
                                              run.output.history.arm))

@@ -284,9 +284,8 @@ class _AcceptanceModel:
     is committed the other arms' evidence fades with each step (the discount, and
     request_carry at each request; config.validate refuses commit with neither) and
     their bounds widen, so a later request runs the chooser again and refreshes
-    them. Only an
-    arm learnt in one context can commit, since a lone drafter's program reports
-    no contexts; nothing commits before any evidence.
+    them. Only an arm learnt in one context can commit, since a lone drafter's
+    program reports no contexts; nothing commits before any evidence.
     """
     accepted, tested = self.pooled(state.accepted), self.pooled(state.tested)  # [K, C]
     mean = accepted / jnp.maximum(tested, 1e-9)
