@@ -68,6 +68,12 @@ With --config.bandit.commit=0.9 (a request the evidence is sure of runs its arm'
 own program) at temperature 1 in blocks on an H100, KL-UCB ran at 0.929x the
 drafter against 0.946x with commit off, acceptance Thompson 0.866x against 0.946x
 (fa573b16; docs/bandits.md, "Committing a request to one arm").
+A chooser can start from an earlier run's state, e.g. one on the tune split:
+  python run.py --config=experiments/choosers_smollm2.py --config.prompts.split=tune
+  python run.py --config=experiments/choosers_smollm2.py --config.bandit.commit=0.9 \
+    --config.bandit.initial_state=results/choosers_smollm2/<that run>.json
+On the CPU (KL-UCB, AR and the drafter, 4 prompts per set, 64 tokens; c9a52b35)
+10 of KL-UCB's 12 held-out requests then ran committed to the drafter.
 """
 
 from flashspec_jax.config import base_config, is_tiny, make_tiny
