@@ -67,7 +67,9 @@ it ran the greedy interleaved stream at 1.11x the best fixed arm (the drafter) b
 With --config.bandit.commit=0.9 (a request the evidence is sure of runs its arm's
 own program) at temperature 1 in blocks on an H100, KL-UCB ran at 0.929x the
 drafter against 0.946x with commit off, acceptance Thompson 0.866x against 0.946x
-(fa573b16; docs/bandits.md, "Committing a request to one arm").
+(fa573b16; docs/bandits.md, "Committing a request to one arm"); since the test
+runs on the host (c9a52b35, KL-UCB beside AR and the drafter alone), 0.977x
+fresh and 0.978x from a tune-split prior, against 0.970x from that prior uncommitted.
 A chooser can start from an earlier run's state, e.g. one on the tune split:
   python run.py --config=experiments/choosers_smollm2.py --config.prompts.split=tune
   python run.py --config=experiments/choosers_smollm2.py --config.bandit.commit=0.9 \
