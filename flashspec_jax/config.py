@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   # without the chooser's work in its steps, where KL confidence bounds at this level
   # (nominal: no union over arms and contexts) on the drafters' acceptance say the arm
   # yields more tokens per cost than any other in every context seen so far; 0 never
-  # commits (bandit/acceptance.py, committed_arm). No measured gain yet (docs/bandits.md).
+  # commits (bandit/acceptance.py, committed_arm). No clear gain yet (docs/bandits.md).
   config.bandit.commit = 0.0
   # A results file of an earlier run: its bandit methods' final states are where this
   # run's same-named methods start ("" starts fresh).
