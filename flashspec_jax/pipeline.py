@@ -273,12 +273,15 @@ class BatchRun:
       Setup held the program or the program store had it: see executables.py).
     compile_seconds: XLA's compile, or loading the program from the store (0 when
       the Setup held it).
+    committed_arm: the arm a bandit's batch ran alone, committed (`compile_and_run`),
+      or -1.
   """
 
   output: Any
   seconds: float
   lower_seconds: float
   compile_seconds: float
+  committed_arm: int = -1
 
 
 def _program(method: Method, setup: Setup, batch: list[Request], key, bandit=None):
@@ -438,7 +441,7 @@ def compile_and_run(method: Method, setup: Setup, batch: list[Request], key,
       history = run.output.history.replace(arm=np.where(arms >= 0, arm, -1).astype(np.int32))
       return dataclasses.replace(
           run, output=run.output.replace(bandit=state, history=history),
-          seconds=run.seconds + test_seconds + time.perf_counter() - start)
+          seconds=run.seconds + test_seconds + time.perf_counter() - start, committed_arm=arm)
     # Back where the program reads it, from the host if a committed request left it there.
     bandit = (jax.device_put(bandit, jax.devices()[0], may_alias=True) if setup.mesh is None
               else sharding.replicated(bandit, setup.mesh))

@@ -238,6 +238,8 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
           if method.arms:
             record |= {name: int(getattr(out.metrics, name)[row])
                        for name in ("steps", "proposed", "tested", "accepted", "emitted")}
+          if method.is_bandit and config.bandit.commit:
+            record["committed"] = run.committed_arm >= 0
           method_records.append(record)
       summaries[method.name] = summarize_method(method_records, batch_seconds, step_seconds)
       if method.is_bandit:

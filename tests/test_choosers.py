@@ -3,6 +3,7 @@ stream comparison (streams.py) and a chooser's state carried from one run to the
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -377,6 +378,7 @@ def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_fr
   run = pipeline.compile_and_run(method, setup, batch, key, evidence(), commit=0.5)
   alone = pipeline.compile_and_run(pipeline.committed_methods(method)[0], setup, batch, key)
   np.testing.assert_array_equal(run.output.tokens, alone.output.tokens)
+  assert run.committed_arm == 0
   steps = int(run.output.steps)
   np.testing.assert_array_equal(run.output.history.arm[:steps], 0)
   assert (np.asarray(run.output.history.arm[steps:]) == -1).all()
@@ -389,7 +391,27 @@ def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_fr
   # A state the evidence is not sure of runs the chooser's program, from the host too.
   unsure = jax.device_put(chooser.init(2), pipeline._host_device())
   again = pipeline.compile_and_run(method, setup, batch, key, unsure, commit=0.5)
-  assert float(again.output.bandit.sums.sum()) > 0
+  assert float(again.output.bandit.sums.sum()) > 0 and again.committed_arm == -1
+
+
+def test_a_run_from_a_saved_state_commits_its_requests_and_records_so(tmp_path):
+  """run.py's path: an earlier run's state, sure that n-gram lookup beats AR, starts the
+  chooser (config.bandit.initial_state); every request runs committed, and its record
+  says so."""
+  config = base_config()
+  config.experiment, config.results_dir = "test_commit", str(tmp_path / "results")
+  config.target, config.synthetic_weights = "tiny_llama", True
+  config.methods, config.arms, config.bandit.costs = "bandit:kl_ucb", "ngram:2,ar", "1,1"
+  config.prompts.sets, config.sampling.max_new_tokens, config.print_text = "chat", 4, False
+  sure = AcceptanceKLUCB().init(2).replace(accepted=jnp.array([[90.0], [0.0]]),
+                                           tested=jnp.array([[100.0], [0.0]]),
+                                           pulls=jnp.int32(50))
+  saved = jax.tree.map(lambda x: np.asarray(x).tolist(), dataclasses.asdict(sure))
+  earlier = tmp_path / "earlier.json"
+  earlier.write_text(json.dumps({"bandit_states": {"bandit:kl_ucb": saved}}))
+  config.bandit.initial_state, config.bandit.commit = str(earlier), 0.5
+  records = json.loads(pathlib.Path(runner.run(config)["path"]).read_text())["records"]
+  assert records and all(record["committed"] for record in records)
 
 
 def test_commit_is_refused_where_no_evidence_fades():
