@@ -13,8 +13,9 @@ from conftest import spread_params, tiny_config
 from helpers import latest_longest_match
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import drafters, engine, pipeline, runner, streams
-from flashspec_jax.bench import drafter_contexts, hlo, ngram_contexts, step_kernels, stream_goals
+from flashspec_jax import drafters, engine, environment, pipeline, runner, streams
+from flashspec_jax.bench import (drafter_contexts, hlo, ngram_contexts, step_kernels,
+                                 stream_goals, trace_calls)
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
@@ -394,10 +395,9 @@ def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_fr
   assert float(again.output.bandit.sums.sum()) > 0 and again.committed_arm == -1
 
 
-def test_a_run_from_a_saved_state_commits_its_requests_and_records_so(tmp_path):
-  """run.py's path: an earlier run's state, sure that n-gram lookup beats AR, starts the
-  chooser (config.bandit.initial_state); every request runs committed, and its record
-  says so."""
+def _committing_config(tmp_path):
+  """run.py's config for KL-UCB over n-gram lookup and AR, starting from an earlier
+  run's state (config.bandit.initial_state) that is sure n-gram lookup beats AR."""
   config = base_config()
   config.experiment, config.results_dir = "test_commit", str(tmp_path / "results")
   config.target, config.synthetic_weights = "tiny_llama", True
@@ -410,8 +410,21 @@ def test_a_run_from_a_saved_state_commits_its_requests_and_records_so(tmp_path):
   earlier = tmp_path / "earlier.json"
   earlier.write_text(json.dumps({"bandit_states": {"bandit:kl_ucb": saved}}))
   config.bandit.initial_state, config.bandit.commit = str(earlier), 0.5
+  return config
+
+
+def test_a_run_from_a_saved_state_commits_its_requests_and_records_so(tmp_path):
+  """Every request runs committed, and its record says so."""
+  config = _committing_config(tmp_path)
   records = json.loads(pathlib.Path(runner.run(config)["path"]).read_text())["records"]
   assert records and all(record["committed"] for record in records)
+
+
+def test_traced_calls_tell_committed_calls_apart(tmp_path):
+  """bench/trace_calls, on the CPU: the same run's calls, named as committed."""
+  config = _committing_config(tmp_path)
+  calls = trace_calls.traced_calls(config, environment.describe(), tmp_path / "trace")
+  assert calls and {call["method"] for call in calls} == {"bandit:kl_ucb (committed)"}
 
 
 def test_commit_is_refused_where_no_evidence_fades():

@@ -16,12 +16,16 @@ leaves the GPU idle longer; this tells the two apart. A chooser's call that
 costs more than the fixed arm's call with the same steps (bench/chooser_steps.py:
 held calls) spends it before its first GPU work, after its last, or in host work,
 so per call it also gives those two edges and the host's longest spans by name.
+With --config.bandit.commit (and --config.bandit.initial_state, a state to start
+from), the calls a bandit ran committed to one arm are summarised apart, as
+"<method> (committed)".
 --trace=<dir> summarises a trace written earlier (with the calls.json beside it)
 instead of running.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -34,14 +38,8 @@ from flashspec_jax import config as config_lib
 from flashspec_jax import cli, environment, results
 from flashspec_jax.bench import traces
 from flashspec_jax.pipeline import compile_and_run
-from flashspec_jax.runner import prepare_generation
+from flashspec_jax.runner import load_bandit_states, prepare_generation
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_TRACE = flags.DEFINE_string("trace", "", "Summarise this trace directory instead of running.")
-_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/flashspec_trace",
-                                 "Where a run writes its trace (tens of MB; not results/).")
-_OUT = flags.DEFINE_string("out", "results", "Results directory.")
 
 
 def traced_calls(config, env: dict, trace_dir: pathlib.Path) -> list[dict]:
@@ -50,44 +48,60 @@ def traced_calls(config, env: dict, trace_dir: pathlib.Path) -> list[dict]:
   id and loop steps."""
   config_lib.validate(config)
   prepared = prepare_generation(config, env)
+  saved_states = load_bandit_states(config.bandit.initial_state, prepared.methods)
   calls = []
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
     for method in prepared.methods:
-      rng, bandit = jax.random.key(config.seed), None
+      rng, bandit = jax.random.key(config.seed), saved_states.get(method.name)
       for batch in prepared.batches:
         rng, key = jax.random.split(rng)
         with jax.profiler.TraceAnnotation(f"{traces.ANNOTATION}{len(calls)}"):
-          run = compile_and_run(method, prepared.setup, batch, key, bandit)
+          run = compile_and_run(method, prepared.setup, batch, key, bandit, config.bandit.commit)
         if method.is_bandit:
           bandit = run.output.bandit
-        calls.append(dict(method=method.name, id=batch[0].id, kind=batch[0].kind,
+        # A committed call runs its arm's own program: summarised apart from the held ones.
+        name = method.name + (" (committed)" if run.committed_arm >= 0 else "")
+        calls.append(dict(method=name, id=batch[0].id, kind=batch[0].kind,
                           steps=int(run.output.steps), seconds=run.seconds))
   return calls
 
 
-def main(argv):
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags; defined only when run as a program, so that tests can
+  import this module beside other benchmarks that define flags of the same names."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                             lock_config=True),
+      trace=flags.DEFINE_string("trace", "", "Summarise this trace directory instead of "
+                                "running."),
+      trace_dir=flags.DEFINE_string("trace_dir", "/tmp/flashspec_trace",
+                                    "Where a run writes its trace (tens of MB; not results/)."),
+      out=flags.DEFINE_string("out", "results", "Results directory."))
+
+
+def main(argv, options: dict[str, flags.FlagHolder]):
   del argv
   env = environment.describe()  # captured as the run starts, as results.write asks
-  if _TRACE.value:
-    trace_dir = pathlib.Path(_TRACE.value)
+  if options["trace"].value:
+    trace_dir = pathlib.Path(options["trace"].value)
     recorded = json.loads((trace_dir / "calls.json").read_text())
     calls, config = recorded["calls"], recorded["config"]
     # The trace's run, where it ran; this process only read it.
     env = recorded["environment"] | dict(summarised_by=" ".join(sys.argv),
                                          summarised_at=env["git_sha"])
   else:
-    if _CONFIG.value is None:
+    if options["config"].value is None:
       raise app.UsageError("give --config (a run.py config) or --trace")
-    config = _CONFIG.value
+    config = options["config"].value
     environment.enable_compilation_cache(config.compilation_cache_dir)
-    trace_dir = pathlib.Path(_TRACE_DIR.value)
+    trace_dir = pathlib.Path(options["trace_dir"].value)
     calls = traced_calls(config, env, trace_dir)
     config = config.to_dict()
     (trace_dir / "calls.json").write_text(json.dumps(dict(calls=calls, config=config,
                                                           environment=env)))
   summary = traces.summarise(trace_dir, calls)
-  path = results.write("trace_calls", dict(config=config, **summary), directory=_OUT.value,
-                       env=env)
+  path = results.write("trace_calls", dict(config=config, **summary),
+                       directory=options["out"].value, env=env)
   print(f"\nGPU time per loop step, median over calls -> {path}")
   print(f"{'method':<28} {'calls':>5} {'wall us':>8} {'busy us':>8} {'idle us':>8} "
         f"{'kernels':>8} {'DtoH':>6} {'graphs':>7} {'updates':>7} {'update us':>9}")
@@ -104,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(functools.partial(main, options=define_flags()))
