@@ -711,6 +711,12 @@ def _stream(temperature: float, order: str, request_carry: float = 1.0,
                        and not data["config"]["bandit"].get("commit", 0.0))
 
 
+def _traced_held(data: dict) -> bool:
+  """A trace of calls at batch 1 whose choosers never committed a request to one arm."""
+  return (data["config"]["batch_size"] == 1
+          and not data["config"].get("bandit", {}).get("commit", 0.0))
+
+
 def _whole_stream(data: dict) -> bool:
   """A stream run with AR among its methods, whose table the goals need; not a run of a
   few methods, such as the A/B of two source trees in docs/bandits.md."""
@@ -935,9 +941,9 @@ SECTIONS = [
     Section("chooser_steps", "", "Where the choosers' time went in the recorded streams",
             chooser_steps),
     Section("trace_calls", H200, "A chooser's step against fixed arms' steps, traced (H200)",
-            trace_calls, lambda data: data["config"]["batch_size"] == 1),
+            trace_calls, _traced_held),
     Section("trace_calls", H100, "A chooser's step against fixed arms' steps, traced (H100)",
-            trace_calls, lambda data: data["config"]["batch_size"] == 1),
+            trace_calls, _traced_held),
     Section("trace_calls", H200, "AR and eagle:smollm2 at batch 8, traced (H200)", trace_calls,
             lambda data: data["config"]["batch_size"] == 8),
     Section("bandit_regret", "", "Bandit regret, stationary arms", regret),

@@ -284,13 +284,14 @@ def _held_call_overhead_ms(run: dict, calls: list[dict], arms_per_call: list[lis
   the chooser's calls that ran one arm at every step and match, in loop steps and text,
   a later call of that arm's fixed method on the same prompt (the same tokens from the
   same steps), each call's milliseconds beyond that fixed call's; and their median
-  (None with no such call)."""
+  (None with no such call). A call committed to its arm (config.bandit.commit) ran that
+  arm's own program, not the chooser's, and is left out."""
   gamma = run["config"]["sampling"]["gamma"]
   fixed_by_arm = {_arm_name(method, gamma): method for method in fixed}
   fixed_calls = {(method, r["id"]): r for method in fixed for r in _calls(run, method)[1:]}
   extra = []
   for call, arms in zip(calls, arms_per_call, strict=True):
-    if len(set(arms)) != 1 or arms[0] not in fixed_by_arm:
+    if len(set(arms)) != 1 or arms[0] not in fixed_by_arm or call.get("committed"):
       continue
     twin = fixed_calls.get((fixed_by_arm[arms[0]], call["id"]))
     if (twin is not None and twin["loop_steps"] == call["loop_steps"]

@@ -3,7 +3,6 @@ stream comparison (streams.py) and a chooser's state carried from one run to the
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -392,39 +391,46 @@ def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_fr
   # A state the evidence is not sure of runs the chooser's program, from the host too.
   unsure = jax.device_put(chooser.init(2), pipeline._host_device())
   again = pipeline.compile_and_run(method, setup, batch, key, unsure, commit=0.5)
-  assert float(again.output.bandit.sums.sum()) > 0 and again.committed_arm == -1
+  assert float(again.output.bandit.sums.sum()) > 0
+  assert again.committed_arm == -1
 
 
-def _committing_config(tmp_path):
-  """run.py's config for KL-UCB over n-gram lookup and AR, starting from an earlier
-  run's state (config.bandit.initial_state) that is sure n-gram lookup beats AR."""
+def _committing_config(tmp_path, sure: bool):
+  """run.py's config for KL-UCB over n-gram lookup and AR with commit on, starting from
+  an earlier run's state (config.bandit.initial_state) that is sure n-gram lookup beats
+  AR, or (not sure) from a fresh state, whose first request cannot commit."""
   config = base_config()
   config.experiment, config.results_dir = "test_commit", str(tmp_path / "results")
   config.target, config.synthetic_weights = "tiny_llama", True
   config.methods, config.arms, config.bandit.costs = "bandit:kl_ucb", "ngram:2,ar", "1,1"
   config.prompts.sets, config.sampling.max_new_tokens, config.print_text = "chat", 4, False
-  sure = AcceptanceKLUCB().init(2).replace(accepted=jnp.array([[90.0], [0.0]]),
-                                           tested=jnp.array([[100.0], [0.0]]),
-                                           pulls=jnp.int32(50))
-  saved = jax.tree.map(lambda x: np.asarray(x).tolist(), dataclasses.asdict(sure))
-  earlier = tmp_path / "earlier.json"
-  earlier.write_text(json.dumps({"bandit_states": {"bandit:kl_ucb": saved}}))
-  config.bandit.initial_state, config.bandit.commit = str(earlier), 0.5
+  config.bandit.commit = 0.5
+  if sure:
+    state = AcceptanceKLUCB().init(2).replace(accepted=jnp.array([[90.0], [0.0]]),
+                                              tested=jnp.array([[100.0], [0.0]]),
+                                              pulls=jnp.int32(50))
+    saved = jax.tree.map(lambda x: np.asarray(x).tolist(), dataclasses.asdict(state))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"bandit_states": {"bandit:kl_ucb": saved}}))
+    config.bandit.initial_state = str(earlier)
   return config
 
 
-def test_a_run_from_a_saved_state_commits_its_requests_and_records_so(tmp_path):
-  """Every request runs committed, and its record says so."""
-  config = _committing_config(tmp_path)
-  records = json.loads(pathlib.Path(runner.run(config)["path"]).read_text())["records"]
+def test_a_runs_records_say_which_requests_ran_committed(tmp_path):
+  records = runner.run(_committing_config(tmp_path, sure=True))["records"]
   assert records and all(record["committed"] for record in records)
+  records = runner.run(_committing_config(tmp_path, sure=False))["records"]
+  assert records[0]["committed"] is False
 
 
 def test_traced_calls_tell_committed_calls_apart(tmp_path):
-  """bench/trace_calls, on the CPU: the same run's calls, named as committed."""
-  config = _committing_config(tmp_path)
-  calls = trace_calls.traced_calls(config, environment.describe(), tmp_path / "trace")
+  """bench/trace_calls, on the CPU: a bandit's committed calls under a name of their own."""
+  calls = trace_calls.traced_calls(_committing_config(tmp_path, sure=True),
+                                   environment.describe(), tmp_path / "trace")
   assert calls and {call["method"] for call in calls} == {"bandit:kl_ucb (committed)"}
+  calls = trace_calls.traced_calls(_committing_config(tmp_path, sure=False),
+                                   environment.describe(), tmp_path / "trace")
+  assert calls[0]["method"] == "bandit:kl_ucb"
 
 
 def test_commit_is_refused_where_no_evidence_fades():
@@ -641,6 +647,21 @@ def test_chooser_steps_splits_first_calls_and_prices_the_arm_mix():
   assert hedge["vs_best_fixed"] == pytest.approx((34 / 70) / (30 / 31))
   with pytest.raises(ValueError, match="batch > 1"):
     streams.step_costs(run | dict(records=[r | dict(batch_rows=2) for r in run["records"]]))
+
+
+def test_held_calls_leave_out_those_committed_to_their_arm():
+  """A call committed to n-gram lookup ran n-gram's own program: it says nothing of what
+  the chooser's program costs beyond that arm's."""
+
+  def call(method, prompt, seconds, **extra):
+    return dict(method=method, id=prompt, kind="chat", new_tokens=20, loop_steps=10,
+                batch_seconds=seconds, batch_rows=1, text="same") | extra
+  run = dict(config=dict(sampling=dict(gamma=4)),
+             records=[call("ngram:3", "first", 0.01), call("ngram:3", "a", 0.010),
+                      call("ngram:3", "b", 0.010)])
+  calls = [call("bandit:kl_ucb", "a", 0.012), call("bandit:kl_ucb", "b", 0.011, committed=True)]
+  held = streams._held_call_overhead_ms(run, calls, [["ngram_3:g4"] * 10] * 2, ["ngram:3"])
+  assert held["calls"] == pytest.approx([2.0])
 
 
 def test_entry_opcodes_counts_the_instructions_of_the_entry_computation_alone():

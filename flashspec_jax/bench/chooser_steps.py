@@ -12,7 +12,8 @@ its own calibrated cost (prefill, call overhead). From that it estimates the
 chooser's speed had each of its steps cost what its arm costs alone: how much of
 its shortfall is its choices and how much the program's steps. Held calls take
 the choices out: the chooser's calls that ran one arm at every step and match that
-arm's fixed call on the same prompt step for step, each against that call. Last,
+arm's fixed call on the same prompt step for step, each against that call (not those
+committed to the arm, config.bandit.commit, which ran the arm's own program). Last,
 each later call's excess: its time beyond the calibrated cost of the steps it ran (median,
 90th percentile and maximum), which tells a cost paid by every step from one paid
 by some calls only. And per prompt set, the chooser's speed against the set's best

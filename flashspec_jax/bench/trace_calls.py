@@ -41,11 +41,11 @@ from flashspec_jax.pipeline import compile_and_run
 from flashspec_jax.runner import load_bandit_states, prepare_generation
 
 
-
 def traced_calls(config, env: dict, trace_dir: pathlib.Path) -> list[dict]:
   """Runs every method over the config's prompts, one batch a call, inside one trace
-  (its programs compiled and run once before it); returns each call's method, prompt
-  id and loop steps."""
+  (its programs compiled and run once before it); returns each call's method (a
+  bandit's committed calls as "<method> (committed)"), prompt id and set, loop steps
+  and seconds."""
   config_lib.validate(config)
   prepared = prepare_generation(config, env)
   saved_states = load_bandit_states(config.bandit.initial_state, prepared.methods)
@@ -103,17 +103,17 @@ def main(argv, options: dict[str, flags.FlagHolder]):
   path = results.write("trace_calls", dict(config=config, **summary),
                        directory=options["out"].value, env=env)
   print(f"\nGPU time per loop step, median over calls -> {path}")
-  print(f"{'method':<28} {'calls':>5} {'wall us':>8} {'busy us':>8} {'idle us':>8} "
+  print(f"{'method':<36} {'calls':>5} {'wall us':>8} {'busy us':>8} {'idle us':>8} "
         f"{'kernels':>8} {'DtoH':>6} {'graphs':>7} {'updates':>7} {'update us':>9}")
   for name, s in summary["methods"].items():
-    print(f"{name:<28} {s['calls']:>5} {s['wall_us']:>8.1f} {s['busy_us']:>8.1f} "
+    print(f"{name:<36} {s['calls']:>5} {s['wall_us']:>8.1f} {s['busy_us']:>8.1f} "
           f"{s['idle_us']:>8.1f} {s['kernels']:>8.1f} {s['device_to_host']:>6.2f} "
           f"{s['graph_launches']:>7.2f} {s['graph_updates']:>7.2f} {s['graph_update_us']:>9.1f}")
-  print(f"\nPer call, median over calls\n{'method':<28} {'wall ms':>8} {'busy ms':>8} "
+  print(f"\nPer call, median over calls\n{'method':<36} {'wall ms':>8} {'busy ms':>8} "
         f"{'lead us':>8} {'tail us':>8}  longest host spans (ms)")
   for name, s in summary["per_call"].items():
     spans = ", ".join(f"{span} {us / 1e3:.2f}" for span, us in list(s["host_us"].items())[:4])
-    print(f"{name:<28} {s['wall_us'] / 1e3:>8.2f} {s['busy_us'] / 1e3:>8.2f} "
+    print(f"{name:<36} {s['wall_us'] / 1e3:>8.2f} {s['busy_us'] / 1e3:>8.2f} "
           f"{s['lead_us']:>8.0f} {s['tail_us']:>8.0f}  {spans}")
 
 

@@ -5,8 +5,8 @@ a step count cannot explain: the time before the first and after the last GPU
 activity, and the host's own spans by name. And, for any trace, the host's time by
 span name (host_self_times), which under a compile names XLA's passes and phases.
 
-Kept apart from bench/trace_calls.py, which defines absl flags on import, so that
-tests and other tools can read traces.
+Kept apart from bench/trace_calls.py, which runs the calls, so that tests and other
+tools can read traces without running any.
 """
 
 from __future__ import annotations
