@@ -708,13 +708,17 @@ def _stream(temperature: float, order: str, request_carry: float = 1.0,
                        and data["config"].get("deterministic", False) == deterministic
                        and (data["config"]["bandit"].get("wait_cost", 0.0) > 0) == priced_waits
                        and data["config"]["bandit"].get("step_context", False) == step_context
-                       and not data["config"]["bandit"].get("commit", 0.0))
+                       and not _commits(data))
+
+
+def _commits(data: dict) -> bool:
+  """Whether the run's choosers could commit a request to one arm (config.bandit.commit)."""
+  return bool(data["config"]["bandit"].get("commit", 0.0))
 
 
 def _traced_held(data: dict) -> bool:
   """A trace of calls at batch 1 whose choosers never committed a request to one arm."""
-  return (data["config"]["batch_size"] == 1
-          and not data["config"].get("bandit", {}).get("commit", 0.0))
+  return data["config"]["batch_size"] == 1 and not _commits(data)
 
 
 def _whole_stream(data: dict) -> bool:

@@ -354,6 +354,13 @@ def test_a_committed_requests_evidence_is_faded_as_its_steps_would_have_faded_it
   assert int(learned.pulls) == int(stepped.pulls) == 10 and int(learned.last_arm) == 1
 
 
+def _sure_of_ngram(chooser):
+  """A state of KL-UCB over n-gram lookup and AR whose evidence (90 of 100 drafts
+  accepted) says n-gram lookup beats AR."""
+  return chooser.init(2).replace(accepted=jnp.array([[90.0], [0.0]]),
+                                 tested=jnp.array([[100.0], [0.0]]), pulls=jnp.int32(50))
+
+
 def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_from_it():
   """Through the pipeline, greedy: a chooser whose evidence says n-gram lookup beats AR
   commits the batch to it. The tokens are the fixed n-gram program's, every step is
@@ -371,8 +378,7 @@ def test_a_committed_request_runs_the_arms_own_program_and_the_chooser_learns_fr
   chooser = method.strategy.bind(method.arms)
 
   def evidence():  # a fresh copy each call: the chooser's program takes its state donated
-    return chooser.init(2).replace(accepted=jnp.array([[90.0], [0.0]]),
-                                   tested=jnp.array([[100.0], [0.0]]), pulls=jnp.int32(50))
+    return _sure_of_ngram(chooser)
 
   key = jax.random.key(3)
   run = pipeline.compile_and_run(method, setup, batch, key, evidence(), commit=0.5)
@@ -406,10 +412,8 @@ def _committing_config(tmp_path, sure: bool):
   config.prompts.sets, config.sampling.max_new_tokens, config.print_text = "chat", 4, False
   config.bandit.commit = 0.5
   if sure:
-    state = AcceptanceKLUCB().init(2).replace(accepted=jnp.array([[90.0], [0.0]]),
-                                              tested=jnp.array([[100.0], [0.0]]),
-                                              pulls=jnp.int32(50))
-    saved = jax.tree.map(lambda x: np.asarray(x).tolist(), dataclasses.asdict(state))
+    saved = jax.tree.map(lambda x: np.asarray(x).tolist(),
+                         dataclasses.asdict(_sure_of_ngram(AcceptanceKLUCB())))
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"bandit_states": {"bandit:kl_ucb": saved}}))
     config.bandit.initial_state = str(earlier)
