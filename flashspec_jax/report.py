@@ -752,6 +752,12 @@ def _fused_against_last_layer(data: dict) -> bool:
   return "eagle:fused" in data["config"]["methods"].split(",") and not data["config"]["sweep"]
 
 
+def _shipped_eagle_only(data: dict) -> bool:
+  """A run whose feature drafters are the shipped ones: no weights of a trial run beside
+  them (config.eagle_checkpoint; MODEL_CARD.md reports those)."""
+  return not data["config"].get("eagle_checkpoint")
+
+
 def _last_layer(data: dict) -> bool:
   """A run of the last-layer eagle:smollm2, shipped before the fused-feature drafter."""
   return not results.fused_drafter(data)
@@ -815,7 +821,8 @@ SECTIONS = [
     Section("layer_skip_smollm2", "cpu", "SmolLM2-135M with layer-skip drafters against AR (CPU)",
             method_table),
     Section("train_eagle_smollm2", H100, "Training eagle:smollm2 on fused features (H100)",
-            drafter_training, lambda data: bool(data["config"]["train"].get("feature_layers"))),
+            drafter_training, lambda data: (bool(data["config"]["train"].get("feature_layers"))
+                                            and results.wrote_shipped_drafter(data))),
     Section("eagle_smollm2", H100, "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (H100)", by_prompt_set,
             lambda data: (_plain_run(data) and results.fused_drafter(data)
@@ -826,11 +833,11 @@ SECTIONS = [
     Section("eagle_smollm2", H100, "eagle:smollm2 against AR and n-gram alone, on more "
             "held-out prompts, greedy (H100)", by_prompt_set,
             lambda data: (_plain_run(data) and results.fused_drafter(data)
-                          and not _against_layer_skip(data))),
+                          and not _against_layer_skip(data) and _shipped_eagle_only(data))),
     Section("eagle_smollm2", H100, "eagle:smollm2 against AR and n-gram alone, on more "
             "held-out prompts, temperature 1 (H100)", by_prompt_set,
             lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
-                          and not _against_layer_skip(data))),
+                          and not _against_layer_skip(data) and _shipped_eagle_only(data))),
     Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
             lambda data: _at_batch_8(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 against gamma (H100)", sweep,

@@ -149,3 +149,15 @@ def fused_drafter(data: dict) -> bool:
   if path:
     return (env["git_sha"][:8], path) == FUSED_DRAFTER_UNCOMMITTED
   return env["date"] >= FUSED_DRAFTER_SHIPPED
+
+
+def wrote_shipped_drafter(data: dict) -> bool:
+  """Whether a training results file is the run that wrote the shipped eagle:smollm2:
+  the weights' header names that run's commit and steps. Later runs of the recipe
+  (the full schedule, say) are results without being what the package ships."""
+  import safetensors  # pylint: disable=import-outside-toplevel
+  from flashspec_jax.loading.eagle import shipped_path  # loading imports jax
+  with safetensors.safe_open(str(shipped_path("smollm2")), "numpy") as file:
+    header = file.metadata() or {}
+  return (data["environment"]["git_sha"] == header.get("git_sha")
+          and str(data["steps"]) == header.get("steps"))

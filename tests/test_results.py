@@ -166,6 +166,25 @@ def test_stream_sections_skip_a_run_of_a_few_methods(tmp_path, monkeypatch):
                        section.select)[0].stem == "2026-11-29T060000Z_aaaaaaaa"
 
 
+def test_the_training_section_draws_the_run_that_wrote_the_shipped_drafter(tmp_path, monkeypatch):
+  """A later run of the recipe (the full schedule, at another commit) is newer, but the
+  README's training section describes the weights the package ships."""
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  (tmp_path / "train_eagle_smollm2").mkdir()
+  shipped = {"2026-12-07T075350Z_5515e4a3": ("5515e4a33ff83f8f58a78648cce9a8e21921fa97", 2660),
+             "2026-12-07T211135Z_6a2af29b": ("6a2af29b" + "0" * 32, 3200)}
+  for stem, (sha, steps) in shipped.items():
+    env = dict(ENV, date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00", git_sha=sha,
+               device="gpu:NVIDIA H100 80GB HBM3")
+    run = {"environment": env, "config": {"train": {"feature_layers": "2,15,27"}},
+           "steps": steps}
+    (tmp_path / "train_eagle_smollm2" / f"{stem}.json").write_text(json.dumps(run))
+  section, = [s for s in report.SECTIONS if s.title == (
+      "Training eagle:smollm2 on fused features (H100)")]
+  assert report.newest(section.experiment, section.device,
+                       section.select)[0].stem == "2026-12-07T075350Z_5515e4a3"
+
+
 def test_a_run_under_xla_flags_is_cited_with_them(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
   env = results.environment.describe()
