@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import app
 from conftest import spread_params, tiny_config
 from helpers import latest_longest_match
 
 from flashspec_jax import config as config_lib
 from flashspec_jax import drafters, engine, environment, pipeline, runner, streams
-from flashspec_jax.bench import (drafter_contexts, hlo, ngram_contexts, step_kernels,
-                                 stream_goals, trace_calls)
+from flashspec_jax.bench import (drafter_contexts, hlo, ngram_contexts, program_switch,
+                                 step_kernels, stream_goals, trace_calls)
 from flashspec_jax.bench.synthetic import SyntheticTarget
 from flashspec_jax.bandit import (AcceptanceKLUCB, AcceptanceThompson, Feedback, Hedge, UCB1,
                                   expected_tokens)
@@ -435,6 +436,24 @@ def test_traced_calls_tell_committed_calls_apart(tmp_path):
   calls = trace_calls.traced_calls(_committing_config(tmp_path, sure=False),
                                    environment.describe(), tmp_path / "trace")
   assert calls[0]["method"] == "bandit:kl_ucb"
+
+
+def test_a_program_switch_is_timed_on_the_same_steps(tmp_path):
+  """bench/program_switch, on the CPU: the fixed method's call after itself and after the
+  bandit's, on each prompt with the same steps, and a summary over those prompts."""
+  config = _committing_config(tmp_path, sure=False)
+  config.methods = "ngram:2,bandit:kl_ucb"
+  calls = program_switch.switch_times(config, environment.describe())
+  assert len(calls) == config.prompts.num_per_set
+  for call in calls:
+    assert call["after_itself_ms"] > 0
+    assert call["after"]["bandit:kl_ucb"]["steps"] == call["steps"] > 0
+  summary = program_switch.summarise(calls)["bandit:kl_ucb"]
+  assert summary["prompts"] == len(calls)
+  assert summary["extra_ms_min"] <= summary["extra_ms_median"] <= summary["extra_ms_max"]
+  config.methods = "bandit:kl_ucb,ngram:2"
+  with pytest.raises(app.UsageError, match="a fixed method first"):
+    program_switch.switch_times(config, environment.describe())
 
 
 def test_commit_is_refused_where_no_evidence_fades():
