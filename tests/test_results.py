@@ -171,9 +171,9 @@ def test_the_training_section_draws_the_run_that_wrote_the_shipped_drafter(tmp_p
   README's training section describes the weights the package ships."""
   monkeypatch.setattr(report, "RESULTS", tmp_path)
   (tmp_path / "train_eagle_smollm2").mkdir()
-  shipped = {"2026-12-07T075350Z_5515e4a3": ("5515e4a33ff83f8f58a78648cce9a8e21921fa97", 2660),
-             "2026-12-07T211135Z_6a2af29b": ("6a2af29b" + "0" * 32, 3200)}
-  for stem, (sha, steps) in shipped.items():
+  runs = {"2026-12-07T075350Z_5515e4a3": ("5515e4a33ff83f8f58a78648cce9a8e21921fa97", 2660),
+          "2026-12-07T211135Z_6a2af29b": ("6a2af29b" + "0" * 32, 3200)}
+  for stem, (sha, steps) in runs.items():
     env = dict(ENV, date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00", git_sha=sha,
                device="gpu:NVIDIA H100 80GB HBM3")
     run = {"environment": env, "config": {"train": {"feature_layers": "2,15,27"}},

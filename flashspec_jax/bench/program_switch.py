@@ -7,10 +7,10 @@ profiler.
 The trace at 6a2af29b (docs/bandits.md, "Committing a request to one arm") found that
 calls committed to the feature drafter spent longer updating recorded command buffers
 than the fixed drafter's calls (a median of 5.9 ms a call against 1.8 ms), though they
-run the same program for the same steps. Each of those calls came right after a call
-of the chooser's program, and a program whose buffers moved since its last call
-records its command buffers again. The profiler doubles every step's time, so this
-benchmark times the same switch without it. For each prompt, the first method (a
+run the same program for the same steps. The committed calls ran among the chooser's
+own, the fixed drafter's in a block of their own; a program whose buffers moved since
+its last call records its command buffers again. The profiler doubles every step's
+time and scatters the host's, so this benchmark times a switch of programs without it. For each prompt, the first method (a
 fixed arm) runs twice in a row, and the second call is timed ("after itself"). Then
 each other method runs once, each followed by the first method again ("after
 <method>"). Every call of the first method on a prompt takes the same key, so they all
