@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import functools
 import io
 import itertools
 import json
@@ -155,9 +156,15 @@ def wrote_shipped_drafter(data: dict) -> bool:
   """Whether a training results file is the run that wrote the shipped eagle:smollm2:
   the weights' header names that run's commit and steps. Later runs of the recipe
   (the full schedule, say) are results without being what the package ships."""
+  header = _shipped_drafter_header()
+  return (data["environment"]["git_sha"] == header.get("git_sha")
+          and str(data["steps"]) == header.get("steps"))
+
+
+@functools.cache
+def _shipped_drafter_header() -> dict[str, str]:
+  """The shipped eagle:smollm2's header, read once for every file the report weighs."""
   import safetensors  # pylint: disable=import-outside-toplevel
   from flashspec_jax.loading.eagle import shipped_path  # loading imports jax
   with safetensors.safe_open(str(shipped_path("smollm2")), "numpy") as file:
-    header = file.metadata() or {}
-  return (data["environment"]["git_sha"] == header.get("git_sha")
-          and str(data["steps"]) == header.get("steps"))
+    return file.metadata() or {}

@@ -161,11 +161,15 @@ class Prepared:
   setup: Setup
   batches: list[list[Request]]
   compile: dict[str, Any]  # seconds, threads, programs, warm_up_seconds
+  # Where each bandit method starts: its state from config.bandit.initial_state's run
+  # (absent: fresh).
+  initial_states: dict[str, Any]
 
 
 def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared:
   """Loads the target and drafters, builds the methods and batches, times the arms
-  (unless given), compiles every program and runs each once."""
+  (unless given), compiles every program and runs each once, and loads the bandits'
+  starting states."""
   dtype = param_dtype(config)
   model = load_target(config, dtype)
   label = "SYNTHETIC WEIGHTS (speed only, text is meaningless)" if model.synthetic else model.source
@@ -198,7 +202,8 @@ def prepare_generation(config: ml_collections.ConfigDict, env: dict) -> Prepared
         f"({threads} at a time), ran each once in {warm_up_seconds:.1f} s")
   return Prepared(model, methods, setup, batches,
                   dict(seconds=compile_seconds, threads=threads, programs=len(setup.programs),
-                       warm_up_seconds=warm_up_seconds))
+                       warm_up_seconds=warm_up_seconds),
+                  load_bandit_states(config.bandit.initial_state, methods))
 
 
 def run_generation(config: ml_collections.ConfigDict, env: dict
@@ -209,11 +214,10 @@ def run_generation(config: ml_collections.ConfigDict, env: dict
                                     prepared.batches)
   bandit_arms = next((m.arms for m in methods if m.is_bandit), ())
   records, summaries, histories, final_states = [], {}, {}, {}
-  saved_states = load_bandit_states(config.bandit.initial_state, methods)
   with frozen_heap():
     for method in tqdm.tqdm(methods, desc="methods", unit="method", disable=len(methods) < 2):
       rng = jax.random.key(config.seed)  # the same randomness for every method
-      bandit, steps_by_kind = saved_states.get(method.name), []
+      bandit, steps_by_kind = prepared.initial_states.get(method.name), []
       method_records, batch_seconds, step_seconds = [], [], []
       for batch in tqdm.tqdm(batches, desc=method.name, unit="batch", leave=False):
         rng, key = jax.random.split(rng)

@@ -9,12 +9,12 @@ calls committed to the feature drafter spent longer updating recorded command bu
 than the fixed drafter's calls (a median of 5.9 ms a call against 1.8 ms), though they
 run the same program for the same steps. The committed calls ran among the chooser's
 own, the fixed drafter's in a block of their own; a program whose buffers moved since
-its last call records its command buffers again. The profiler doubles every step's
-time and scatters the host's, so this benchmark times a switch of programs without it. For each prompt, the first method (a
-fixed arm) runs twice in a row, and the second call is timed ("after itself"). Then
-each other method runs once, each followed by the first method again ("after
-<method>"). Every call of the first method on a prompt takes the same key, so they all
-make the same steps.
+its last call records its command buffers again. The profiler doubles every step's time
+and scatters the host's, so this benchmark times a switch of programs without it. For
+each prompt, the first method (a fixed arm) runs twice in a row, and the second call is
+timed ("after itself"). Then each other method runs once, each followed by the first
+method again ("after <method>"). Every call of the first method on a prompt takes the
+same key, so they all make the same steps.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from flashspec_jax import config as config_lib
 from flashspec_jax import cli, environment, results
 from flashspec_jax.pipeline import compile_and_run
-from flashspec_jax.runner import load_bandit_states, prepare_generation
+from flashspec_jax.runner import prepare_generation
 
 
 def switch_times(config, env: dict) -> list[dict]:
@@ -41,7 +41,7 @@ def switch_times(config, env: dict) -> list[dict]:
   fixed, *others = prepared.methods
   if fixed.is_bandit or not others:
     raise app.UsageError("--config.methods: a fixed method first, then at least one other")
-  states = load_bandit_states(config.bandit.initial_state, prepared.methods)
+  states = dict(prepared.initial_states)  # each bandit's, as its last call left it
   rng, calls = jax.random.key(config.seed), []
   for batch in tqdm.tqdm(prepared.batches, desc="prompts", unit="prompt"):
     rng, key = jax.random.split(rng)
@@ -64,7 +64,7 @@ def summarise(calls: list[dict]) -> dict[str, dict]:
   """Per other method: how much longer the first method's call took after it than after
   itself (ms; median, least and most over prompts), over prompts where both calls made
   the same steps."""
-  summary = {}
+  summary, alone = {}, statistics.median(c["after_itself_ms"] for c in calls)
   for name in calls[0]["after"]:
     extra = [c["after"][name]["ms"] - c["after_itself_ms"] for c in calls
              if c["after"][name]["steps"] == c["steps"]]
@@ -72,8 +72,7 @@ def summarise(calls: list[dict]) -> dict[str, dict]:
       raise ValueError(f"no prompt where {name} left the first method's steps unchanged")
     summary[name] = dict(prompts=len(extra), extra_ms_median=statistics.median(extra),
                          extra_ms_min=min(extra), extra_ms_max=max(extra),
-                         after_itself_ms_median=statistics.median(
-                             c["after_itself_ms"] for c in calls))
+                         after_itself_ms_median=alone)
   return summary
 
 

@@ -38,7 +38,7 @@ from flashspec_jax import config as config_lib
 from flashspec_jax import cli, environment, results
 from flashspec_jax.bench import traces
 from flashspec_jax.pipeline import compile_and_run
-from flashspec_jax.runner import load_bandit_states, prepare_generation
+from flashspec_jax.runner import prepare_generation
 
 
 def traced_calls(config, env: dict, trace_dir: pathlib.Path) -> list[dict]:
@@ -48,11 +48,10 @@ def traced_calls(config, env: dict, trace_dir: pathlib.Path) -> list[dict]:
   and seconds."""
   config_lib.validate(config)
   prepared = prepare_generation(config, env)
-  saved_states = load_bandit_states(config.bandit.initial_state, prepared.methods)
   calls = []
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
     for method in prepared.methods:
-      rng, bandit = jax.random.key(config.seed), saved_states.get(method.name)
+      rng, bandit = jax.random.key(config.seed), prepared.initial_states.get(method.name)
       for batch in prepared.batches:
         rng, key = jax.random.split(rng)
         with jax.profiler.TraceAnnotation(f"{traces.ANNOTATION}{len(calls)}"):
