@@ -695,13 +695,28 @@ def _at_batch_8(data: dict) -> bool:
   return data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
 
 
+def _greedy_sweep(data: dict) -> bool:
+  return "sweep_field" in data and data["config"]["sampling"]["temperature"] == 0
+
+
+def _sweep_at_temperature_1(data: dict) -> bool:
+  return "sweep_field" in data and data["config"]["sampling"]["temperature"] == 1
+
+
+def _drafter_gammas(data: dict) -> bool:
+  """Whether the choosers had the feature drafter at several gammas among their arms."""
+  return sum(arm.startswith("eagle:") for arm in data["config"]["arms"].split(",")) > 1
+
+
 def _stream(temperature: float, order: str, request_carry: float = 1.0,
             deterministic: bool = False, priced_waits: bool = False,
-            step_context: bool = False, fused: bool = False) -> Callable[[dict], bool]:
+            step_context: bool = False, fused: bool = False,
+            drafter_gammas: bool = False) -> Callable[[dict], bool]:
   # Runs from before config.bandit.request_carry (wait_cost, step_context) carried all
   # evidence over (priced no wait for the host, learnt the drafter as one mean).
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
                        and results.fused_drafter(data) == fused
+                       and _drafter_gammas(data) == drafter_gammas
                        and _whole_stream(data)
                        and data["config"]["prompts"]["order"] == order
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
@@ -765,20 +780,22 @@ def _last_layer(data: dict) -> bool:
 
 def _stream_sections(device: str, name: str, priced_waits: bool = False,
                      step_context: bool = False, fused: bool = False,
-                     every_chooser: bool = False) -> list[Section]:
+                     every_chooser: bool = False, drafter_gammas: bool = False) -> list[Section]:
   """The choosers' four streams on one device: greedy and at temperature 1, in blocks
   and interleaved; with priced_waits, those whose choosers priced waits for the host
   (config.bandit.wait_cost), with step_context, learnt the drafter in n-gram lookup's
   context (config.bandit.step_context), and with fused, ran the fused-feature drafter
   (the others ran the last-layer one); with every_chooser, only runs that compare
-  every chooser, the reward bandits too. A stream not run has no section."""
+  every chooser, the reward bandits too; with drafter_gammas, runs whose arms held the
+  feature drafter at several gammas. A stream not run has no section."""
   options = (", waits for the host priced" if priced_waits else "") + (
       ", the drafter learnt in n-gram lookup's context" if step_context else "") + (
-      ", the fused-feature drafter" if fused else "")
+      ", the fused-feature drafter" if fused else "") + (
+      " at several gammas" if drafter_gammas else "")
 
   def select(temperature, order):
     stream = _stream(temperature, order, priced_waits=priced_waits, step_context=step_context,
-                     fused=fused)
+                     fused=fused, drafter_gammas=drafter_gammas)
     return lambda data: stream(data) and (not every_chooser or _with_reward_bandits(data))
 
   return [Section("choosers_smollm2", device, f"Choosers on a held-out stream{how}, {sampling}"
@@ -841,7 +858,9 @@ SECTIONS = [
     Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
             lambda data: _at_batch_8(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "eagle:smollm2 against gamma (H100)", sweep,
-            lambda data: "sweep_field" in data and results.fused_drafter(data)),
+            lambda data: _greedy_sweep(data) and results.fused_drafter(data)),
+    Section("eagle_smollm2", H100, "eagle:smollm2 against gamma, temperature 1 (H100)", sweep,
+            lambda data: _sweep_at_temperature_1(data) and results.fused_drafter(data)),
     Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
             "greedy (H100)", by_prompt_set,
             lambda data: _fused_against_last_layer(data) and _plain_run(data)),
@@ -863,7 +882,7 @@ SECTIONS = [
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at batch 8 (H200)", batch_steps,
             lambda data: _at_batch_8(data) and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against gamma (H200)", sweep,
-            lambda data: "sweep_field" in data and _last_layer(data)),
+            lambda data: _greedy_sweep(data) and _last_layer(data)),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set,
             lambda data: _plain_run(data) and results.fused_drafter(data)),
@@ -902,6 +921,7 @@ SECTIONS = [
     # The H200 was not lent in the sessions after the prompt prior changed; the same
     # streams ran on an H100, with the H200's calibrated arm costs.
     *_stream_sections(H100, "H100", fused=True, every_chooser=True),
+    *_stream_sections(H100, "H100", fused=True, drafter_gammas=True),
     *_stream_sections(H100, "H100"),
     *_stream_sections(H200, "H200", priced_waits=True),
     *_stream_sections(H100, "H100", priced_waits=True),

@@ -153,7 +153,7 @@ def test_stream_sections_skip_a_run_of_a_few_methods(tmp_path, monkeypatch):
   monkeypatch.setattr(report, "RESULTS", tmp_path)
   (tmp_path / "choosers_smollm2").mkdir()
   config = {"sampling": {"temperature": 1.0}, "prompts": {"order": "interleaved"},
-            "bandit": {}}
+            "bandit": {}, "arms": "ngram:3,eagle:smollm2,ar"}
   for stem, methods in {"2026-11-29T060000Z_aaaaaaaa": "ar,eagle:smollm2,bandit:kl_ucb",
                         "2026-11-29T070000Z_bbbbbbbb": "eagle:smollm2,bandit:kl_ucb"}.items():
     env = dict(ENV, date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00",
@@ -164,6 +164,40 @@ def test_stream_sections_skip_a_run_of_a_few_methods(tmp_path, monkeypatch):
       "Choosers on a held-out stream, sets interleaved, temperature 1 (H100)")]
   assert report.newest(section.experiment, section.device,
                        section.select)[0].stem == "2026-11-29T060000Z_aaaaaaaa"
+
+
+def test_variants_of_a_run_get_sections_of_their_own(tmp_path, monkeypatch):
+  """A newer stream whose arms hold the drafter at several gammas, or a newer gamma sweep
+  at temperature 1, backs a section of its own and leaves the plain one its run."""
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  monkeypatch.setattr(report.results, "fused_drafter", lambda data: True)
+  env = dict(ENV, device="gpu:NVIDIA H100 80GB HBM3")
+  runs = {
+      "choosers_smollm2": {
+          "2026-11-29T060000Z_aaaaaaaa": dict(arms="ngram:3,eagle:smollm2,ar"),
+          "2026-11-29T070000Z_bbbbbbbb": dict(arms="ngram:3,eagle:smollm2@2,eagle:smollm2,ar")},
+      "eagle_smollm2": {
+          "2026-11-29T060000Z_aaaaaaaa": dict(sampling={"temperature": 0.0}),
+          "2026-11-29T070000Z_bbbbbbbb": dict(sampling={"temperature": 1.0})}}
+  for experiment, stems in runs.items():
+    (tmp_path / experiment).mkdir()
+    for stem, changes in stems.items():
+      config = {"sampling": {"temperature": 1.0}, "prompts": {"order": "blocks"}, "bandit": {},
+                "methods": "ar,bandit:ucb1", "sweep": ""} | changes
+      run = {"environment": dict(env, date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00"),
+             "config": config} | ({"sweep_field": "sampling.gamma"}
+                                  if experiment == "eagle_smollm2" else {})
+      (tmp_path / experiment / f"{stem}.json").write_text(json.dumps(run))
+  drawn = {}
+  for title in ("Choosers on a held-out stream in blocks of one set, temperature 1, the "
+                "fused-feature drafter (H100)",
+                "Choosers on a held-out stream in blocks of one set, temperature 1, the "
+                "fused-feature drafter at several gammas (H100)",
+                "eagle:smollm2 against gamma (H100)",
+                "eagle:smollm2 against gamma, temperature 1 (H100)"):
+    section, = [s for s in report.SECTIONS if s.title == title]
+    drawn[title] = report.newest(section.experiment, section.device, section.select)[0].stem[-8:]
+  assert list(drawn.values()) == ["aaaaaaaa", "bbbbbbbb", "aaaaaaaa", "bbbbbbbb"]
 
 
 def test_the_training_section_draws_the_run_that_wrote_the_shipped_drafter(tmp_path, monkeypatch):
