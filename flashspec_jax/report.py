@@ -805,6 +805,35 @@ def _stream_sections(device: str, name: str, priced_waits: bool = False,
                                                                    ", sets interleaved"))]
 
 
+def _drafter_sections(device: str, name: str) -> list[Section]:
+  """The shipped (fused-feature) eagle:smollm2's runs on one device: against every other
+  drafter, then on more prompts against AR and n-gram alone, greedy and at temperature 1;
+  at batch 8; against gamma, greedy and at temperature 1. A run not made has no section."""
+  return [
+      Section("eagle_smollm2", device, "eagle:smollm2 against AR, n-gram and layer-skip on "
+              f"held-out prompts ({name})", by_prompt_set,
+              lambda data: (_plain_run(data) and results.fused_drafter(data)
+                            and _against_layer_skip(data))),
+      Section("eagle_smollm2", device, f"eagle:smollm2 at temperature 1 ({name})", by_prompt_set,
+              lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
+                            and _against_layer_skip(data))),
+      Section("eagle_smollm2", device, "eagle:smollm2 against AR and n-gram alone, on more "
+              f"held-out prompts, greedy ({name})", by_prompt_set,
+              lambda data: (_plain_run(data) and results.fused_drafter(data)
+                            and not _against_layer_skip(data) and _shipped_eagle_only(data))),
+      Section("eagle_smollm2", device, "eagle:smollm2 against AR and n-gram alone, on more "
+              f"held-out prompts, temperature 1 ({name})", by_prompt_set,
+              lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
+                            and not _against_layer_skip(data) and _shipped_eagle_only(data))),
+      Section("eagle_smollm2", device, f"eagle:smollm2 at batch 8 ({name})", batch_steps,
+              lambda data: _at_batch_8(data) and results.fused_drafter(data)),
+      Section("eagle_smollm2", device, f"eagle:smollm2 against gamma ({name})", sweep,
+              lambda data: _greedy_sweep(data) and results.fused_drafter(data)),
+      Section("eagle_smollm2", device, f"eagle:smollm2 against gamma, temperature 1 ({name})",
+              sweep, lambda data: _sweep_at_temperature_1(data) and results.fused_drafter(data)),
+  ]
+
+
 def _profiled(data: dict) -> bool:
   return data.get("profiled", False)
 
@@ -840,27 +869,8 @@ SECTIONS = [
     Section("train_eagle_smollm2", H100, "Training eagle:smollm2 on fused features (H100)",
             drafter_training, lambda data: (bool(data["config"]["train"].get("feature_layers"))
                                             and results.wrote_shipped_drafter(data))),
-    Section("eagle_smollm2", H100, "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
-            "prompts (H100)", by_prompt_set,
-            lambda data: (_plain_run(data) and results.fused_drafter(data)
-                          and _against_layer_skip(data))),
-    Section("eagle_smollm2", H100, "eagle:smollm2 at temperature 1 (H100)", by_prompt_set,
-            lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
-                          and _against_layer_skip(data))),
-    Section("eagle_smollm2", H100, "eagle:smollm2 against AR and n-gram alone, on more "
-            "held-out prompts, greedy (H100)", by_prompt_set,
-            lambda data: (_plain_run(data) and results.fused_drafter(data)
-                          and not _against_layer_skip(data) and _shipped_eagle_only(data))),
-    Section("eagle_smollm2", H100, "eagle:smollm2 against AR and n-gram alone, on more "
-            "held-out prompts, temperature 1 (H100)", by_prompt_set,
-            lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
-                          and not _against_layer_skip(data) and _shipped_eagle_only(data))),
-    Section("eagle_smollm2", H100, "eagle:smollm2 at batch 8 (H100)", batch_steps,
-            lambda data: _at_batch_8(data) and results.fused_drafter(data)),
-    Section("eagle_smollm2", H100, "eagle:smollm2 against gamma (H100)", sweep,
-            lambda data: _greedy_sweep(data) and results.fused_drafter(data)),
-    Section("eagle_smollm2", H100, "eagle:smollm2 against gamma, temperature 1 (H100)", sweep,
-            lambda data: _sweep_at_temperature_1(data) and results.fused_drafter(data)),
+    *_drafter_sections(H100, "H100"),
+    *_drafter_sections(H200, "H200"),
     Section("eagle_smollm2", H100, "Fused features against the last layer's, side by side, "
             "greedy (H100)", by_prompt_set,
             lambda data: _fused_against_last_layer(data) and _plain_run(data)),
@@ -922,6 +932,7 @@ SECTIONS = [
     # streams ran on an H100, with the H200's calibrated arm costs.
     *_stream_sections(H100, "H100", fused=True, every_chooser=True),
     *_stream_sections(H100, "H100", fused=True, drafter_gammas=True),
+    *_stream_sections(H200, "H200", fused=True, drafter_gammas=True),
     *_stream_sections(H100, "H100"),
     *_stream_sections(H200, "H200", priced_waits=True),
     *_stream_sections(H100, "H100", priced_waits=True),
