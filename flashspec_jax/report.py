@@ -703,11 +703,6 @@ def _sweep_at_temperature_1(data: dict) -> bool:
   return "sweep_field" in data and data["config"]["sampling"]["temperature"] == 1
 
 
-def _drafter_gammas(data: dict) -> bool:
-  """Whether the choosers had the feature drafter at several gammas among their arms."""
-  return sum(arm.startswith("eagle:") for arm in data["config"]["arms"].split(",")) > 1
-
-
 def _stream(temperature: float, order: str, request_carry: float = 1.0,
             deterministic: bool = False, priced_waits: bool = False,
             step_context: bool = False, fused: bool = False,
@@ -716,7 +711,7 @@ def _stream(temperature: float, order: str, request_carry: float = 1.0,
   # evidence over (priced no wait for the host, learnt the drafter as one mean).
   return lambda data: (data["config"]["sampling"]["temperature"] == temperature
                        and results.fused_drafter(data) == fused
-                       and _drafter_gammas(data) == drafter_gammas
+                       and bool(results.drafter_gammas(data)) == drafter_gammas
                        and _whole_stream(data)
                        and data["config"]["prompts"]["order"] == order
                        and data["config"]["bandit"].get("request_carry", 1.0) == request_carry
@@ -933,6 +928,7 @@ SECTIONS = [
     *_stream_sections(H100, "H100", fused=True, every_chooser=True),
     *_stream_sections(H100, "H100", fused=True, drafter_gammas=True),
     *_stream_sections(H200, "H200", fused=True, drafter_gammas=True),
+    *_stream_sections("cpu", "CPU", fused=True, drafter_gammas=True),
     *_stream_sections(H100, "H100"),
     *_stream_sections(H200, "H200", priced_waits=True),
     *_stream_sections(H100, "H100", priced_waits=True),

@@ -152,6 +152,18 @@ def fused_drafter(data: dict) -> bool:
   return env["date"] >= FUSED_DRAFTER_SHIPPED
 
 
+def drafter_gammas(data: dict) -> tuple[int, ...]:
+  """The gammas of a run's feature-drafter arms (config.arms) when there are several: a
+  stream whose choosers could pick the drafter's gamma; () otherwise."""
+  from flashspec_jax.config import ArmSpec  # config imports the engine
+  config = data["config"]
+  drafters = [spec for spec in map(ArmSpec.parse, config["arms"].split(","))
+              if spec.kind == "eagle"]
+  if len(drafters) < 2:
+    return ()
+  return tuple(spec.gamma or config["sampling"]["gamma"] for spec in drafters)
+
+
 def wrote_shipped_drafter(data: dict) -> bool:
   """Whether a training results file is the run that wrote the shipped eagle:smollm2:
   the weights' header names that run's commit and steps. Later runs of the recipe

@@ -777,11 +777,16 @@ def test_stream_goals_hold_each_chooser_to_every_goal():
   (group,) = stream_goals.tally(runs)
   assert group["all_met"] == {"bandit:x": 2, "bandit:y": 1}
   assert group["ran"] == {"bandit:x": 3, "bandit:y": 1}
-  before, after = ({"environment": {"date": date}, "config": {
-      "bandit": dict(wait_cost=5e-5, step_context=True), "eagle_checkpoint": ""}}
-      for date in ("2026-12-06T00:00:00", "2026-12-08T00:00:00"))
+  before, after, gammas = ({"environment": {"date": date}, "config": {
+      "bandit": dict(wait_cost=5e-5, step_context=True), "eagle_checkpoint": "",
+      "arms": arms, "sampling": {"gamma": 4}}}
+      for date, arms in (("2026-12-06T00:00:00", "ngram:3,eagle:smollm2,ar"),
+                         ("2026-12-08T00:00:00", "ngram:3,eagle:smollm2,ar"),
+                         ("2026-12-08T00:00:00", "eagle:smollm2@2,eagle:smollm2,ar")))
   assert stream_goals.run_options(before) == "wait_cost 5e-05, step_context"
   assert stream_goals.run_options(after) == "wait_cost 5e-05, step_context, fused drafter"
+  assert stream_goals.run_options(gammas) == ("wait_cost 5e-05, step_context, fused drafter, "
+                                              "drafter at gammas 2, 4")
 
 
 def test_held_calls_price_the_chooser_program_against_the_same_steps_of_a_fixed_arm():

@@ -182,8 +182,8 @@ def test_variants_of_a_run_get_sections_of_their_own(tmp_path, monkeypatch):
   for experiment, stems in runs.items():
     (tmp_path / experiment).mkdir()
     for stem, changes in stems.items():
-      config = {"sampling": {"temperature": 1.0}, "prompts": {"order": "blocks"}, "bandit": {},
-                "methods": "ar,bandit:ucb1", "sweep": ""} | changes
+      config = {"sampling": {"temperature": 1.0, "gamma": 4}, "prompts": {"order": "blocks"},
+                "bandit": {}, "methods": "ar,bandit:ucb1", "sweep": ""} | changes
       run = {"environment": dict(env, date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00"),
              "config": config} | ({"sweep_field": "sampling.gamma"}
                                   if experiment == "eagle_smollm2" else {})

@@ -91,8 +91,8 @@ def main(argv, options: dict[str, flags.FlagHolder]):
 
 def run_options(run: dict) -> str:
   """The chooser options, and the engine's deterministic mode, that a run's config set
-  away from their defaults, and the fused-feature drafter, which replaced the last-layer
-  one as eagle:smollm2."""
+  away from their defaults, the fused-feature drafter, which replaced the last-layer
+  one as eagle:smollm2, and the drafter's gammas where its arms hold several."""
   config = run["config"]
   bandit = config["bandit"]
   set_ = [f"wait_cost {bandit['wait_cost']:g}" if bandit.get("wait_cost") else "",
@@ -100,7 +100,9 @@ def run_options(run: dict) -> str:
           f"request_carry {bandit['request_carry']:g}"
           if bandit.get("request_carry", 1.0) != 1.0 else "",
           "deterministic" if config.get("deterministic") else "",
-          "fused drafter" if results.fused_drafter(run) else ""]
+          "fused drafter" if results.fused_drafter(run) else "",
+          "drafter at gammas " + ", ".join(map(str, gammas))
+          if (gammas := results.drafter_gammas(run)) else ""]
   return ", ".join(s for s in set_ if s) or "defaults"
 
 
