@@ -928,7 +928,6 @@ SECTIONS = [
     *_stream_sections(H100, "H100", fused=True, every_chooser=True),
     *_stream_sections(H100, "H100", fused=True, drafter_gammas=True),
     *_stream_sections(H200, "H200", fused=True, drafter_gammas=True),
-    *_stream_sections("cpu", "CPU", fused=True, drafter_gammas=True),
     *_stream_sections(H100, "H100"),
     *_stream_sections(H200, "H200", priced_waits=True),
     *_stream_sections(H100, "H100", priced_waits=True),
@@ -959,6 +958,7 @@ SECTIONS = [
     Section("choosers_smollm2", "cpu", "Contextual choosers on a held-out stream, sets "
             "interleaved, temperature 1, the drafter learnt in n-gram lookup's context (CPU)",
             choosers, _stream(1, "interleaved", step_context=True)),
+    *_stream_sections("cpu", "CPU", fused=True, drafter_gammas=True),
     Section("ngram_contexts", "cpu", "n-gram lookup's drafts by the match they follow, SmolLM2 "
             "(CPU)", ngram_contexts),
     Section("drafter_contexts", "cpu", "eagle:smollm2's steps by n-gram lookup's context, "
