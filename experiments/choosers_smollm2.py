@@ -76,9 +76,10 @@ The drafter at several gammas among the arms is an adaptive gamma for it:
 eagle:smollm2@4,layer_skip:26,ar \
     --config.methods=ar,ngram:3,eagle:smollm2@2,eagle:smollm2@3,eagle:smollm2,layer_skip:26,\
 bandit:acceptance_thompson,bandit:kl_ucb,bandit:contextual_thompson
-On 2 CPU cores (blocks, 64 new tokens, 3628ab2f) the drafter at gamma 3 was the best
-fixed arm (1.12x AR; gamma 4 1.02x) and the best chooser ran at 0.97x it (contextual
-Thompson; docs/bandits.md, "The feature drafter's gamma at temperature 1").
+On 2 CPU cores (blocks, --config.sampling.max_new_tokens=64, at 3628ab2f) the drafter
+at gamma 3 was the best fixed arm (1.12x AR; gamma 4 1.02x) and the best chooser ran
+at 0.97x it (contextual Thompson; docs/bandits.md, "The feature drafter's gamma at
+temperature 1").
 A chooser can start from an earlier run's state, e.g. one on the tune split:
   python run.py --config=experiments/choosers_smollm2.py --config.prompts.split=tune
   python run.py --config=experiments/choosers_smollm2.py --config.bandit.commit=0.9 \
