@@ -695,12 +695,10 @@ def _at_batch_8(data: dict) -> bool:
   return data["config"]["batch_size"] == 8 and not data["config"]["sweep"]
 
 
-def _greedy_sweep(data: dict) -> bool:
-  return "sweep_field" in data and data["config"]["sampling"]["temperature"] == 0
-
-
-def _sweep_at_temperature_1(data: dict) -> bool:
-  return "sweep_field" in data and data["config"]["sampling"]["temperature"] == 1
+def _swept_at(temperature: float) -> Callable[[dict], bool]:
+  """A sweep sampling at this temperature."""
+  return lambda data: ("sweep_field" in data
+                       and data["config"]["sampling"]["temperature"] == temperature)
 
 
 def _stream(temperature: float, order: str, request_carry: float = 1.0,
@@ -804,28 +802,25 @@ def _drafter_sections(device: str, name: str) -> list[Section]:
   """The shipped (fused-feature) eagle:smollm2's runs on one device: against every other
   drafter, then on more prompts against AR and n-gram alone, greedy and at temperature 1;
   at batch 8; against gamma, greedy and at temperature 1. A run not made has no section."""
+  def section(title: str, render, select: Callable[[dict], bool]) -> Section:
+    return Section("eagle_smollm2", device, f"eagle:smollm2 {title} ({name})", render,
+                   lambda data: results.fused_drafter(data) and select(data))
+
+  def more_prompts(data: dict) -> bool:
+    return not _against_layer_skip(data) and _shipped_eagle_only(data)
+
   return [
-      Section("eagle_smollm2", device, "eagle:smollm2 against AR, n-gram and layer-skip on "
-              f"held-out prompts ({name})", by_prompt_set,
-              lambda data: (_plain_run(data) and results.fused_drafter(data)
-                            and _against_layer_skip(data))),
-      Section("eagle_smollm2", device, f"eagle:smollm2 at temperature 1 ({name})", by_prompt_set,
-              lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
-                            and _against_layer_skip(data))),
-      Section("eagle_smollm2", device, "eagle:smollm2 against AR and n-gram alone, on more "
-              f"held-out prompts, greedy ({name})", by_prompt_set,
-              lambda data: (_plain_run(data) and results.fused_drafter(data)
-                            and not _against_layer_skip(data) and _shipped_eagle_only(data))),
-      Section("eagle_smollm2", device, "eagle:smollm2 against AR and n-gram alone, on more "
-              f"held-out prompts, temperature 1 ({name})", by_prompt_set,
-              lambda data: (_at_temperature_1(data) and results.fused_drafter(data)
-                            and not _against_layer_skip(data) and _shipped_eagle_only(data))),
-      Section("eagle_smollm2", device, f"eagle:smollm2 at batch 8 ({name})", batch_steps,
-              lambda data: _at_batch_8(data) and results.fused_drafter(data)),
-      Section("eagle_smollm2", device, f"eagle:smollm2 against gamma ({name})", sweep,
-              lambda data: _greedy_sweep(data) and results.fused_drafter(data)),
-      Section("eagle_smollm2", device, f"eagle:smollm2 against gamma, temperature 1 ({name})",
-              sweep, lambda data: _sweep_at_temperature_1(data) and results.fused_drafter(data)),
+      section("against AR, n-gram and layer-skip on held-out prompts", by_prompt_set,
+              lambda data: _plain_run(data) and _against_layer_skip(data)),
+      section("at temperature 1", by_prompt_set,
+              lambda data: _at_temperature_1(data) and _against_layer_skip(data)),
+      section("against AR and n-gram alone, on more held-out prompts, greedy", by_prompt_set,
+              lambda data: _plain_run(data) and more_prompts(data)),
+      section("against AR and n-gram alone, on more held-out prompts, temperature 1",
+              by_prompt_set, lambda data: _at_temperature_1(data) and more_prompts(data)),
+      section("at batch 8", batch_steps, _at_batch_8),
+      section("against gamma", sweep, _swept_at(0)),
+      section("against gamma, temperature 1", sweep, _swept_at(1)),
   ]
 
 
@@ -887,7 +882,7 @@ SECTIONS = [
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 at batch 8 (H200)", batch_steps,
             lambda data: _at_batch_8(data) and _last_layer(data)),
     Section("eagle_smollm2", H200, "The last-layer eagle:smollm2 against gamma (H200)", sweep,
-            lambda data: _greedy_sweep(data) and _last_layer(data)),
+            lambda data: _swept_at(0)(data) and _last_layer(data)),
     Section("eagle_smollm2", "cpu", "eagle:smollm2 against AR, n-gram and layer-skip on held-out "
             "prompts (CPU)", by_prompt_set,
             lambda data: _plain_run(data) and results.fused_drafter(data)),
