@@ -1,10 +1,16 @@
-"""Every experiment documents itself and runs in its :tiny form; every notebook executes."""
+"""Every experiment documents itself and runs in its :tiny form; every notebook executes;
+every run.py command the docs give parses and passes the config's checks."""
 
 import ast
 import importlib.util
 import json
 import pathlib
+import re
+import shlex
+import sys
 
+from absl import flags
+from ml_collections import config_flags
 import nbformat
 import pytest
 import safetensors.numpy
@@ -50,6 +56,44 @@ def test_tiny_variant_runs_and_writes_results(name, tmp_path):
     assert (0 if ids is None else len(ids)) == config.train.draft_vocabulary
     assert (eagle.feature_layers(out["output"], model_config(config.target))
             == config_lib.feature_layers(config))
+
+
+def documented_commands() -> list[tuple[str, str]]:
+  """(source, command) for each `python run.py ...` in the README (its generated results
+  section aside: those are the commands that made each file, as they were), the docs,
+  the model card and the experiments' docstrings; templates with <placeholders> aside."""
+  readme = (REPO / "README.md").read_text()
+  begin, end = readme.index("<!-- results:begin -->"), readme.index("<!-- results:end -->")
+  texts = {"README.md": readme[:begin] + readme[end:]}
+  for path in [*(REPO / "docs").glob("*.md"),
+               REPO / "flashspec_jax" / "weights" / "eagle_smollm2" / "MODEL_CARD.md"]:
+    texts[str(path.relative_to(REPO))] = path.read_text()
+  for name in EXPERIMENTS:
+    path = REPO / "experiments" / f"{name}.py"
+    texts[f"experiments/{name}.py"] = ast.get_docstring(ast.parse(path.read_text()))
+  found = []
+  for source, text in texts.items():
+    # In backticks, perhaps wrapped over lines; or a line of its own, perhaps continued.
+    inline = [m.group(1) for m in re.finditer(r"`(python run\.py[^`]*)`", text)]
+    lines = re.findall(r"^\s*(python run\.py[^`\n]*(?:\n\s+--[^`\n]*)*)", text, re.M)
+    for command in inline + [line.split(" #")[0] for line in lines]:
+      if "<" not in command:
+        found.append((source, " ".join(command.split())))
+  return found
+
+
+@pytest.mark.parametrize("source,command", documented_commands())
+def test_documented_command_parses_and_validates(source, command, monkeypatch):
+  args = shlex.split(command)[2:]
+  if not any(arg.startswith("--config=") for arg in args):
+    args.insert(0, "--config=experiments/default.py")
+  # ml_collections reads a config's --config.<field> overrides from sys.argv.
+  monkeypatch.setattr(sys, "argv", ["run.py", *args])
+  monkeypatch.chdir(REPO)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+  flag_values(sys.argv)
+  config_lib.validate(flag_values.config)
 
 
 def test_unknown_config_argument_is_refused():
