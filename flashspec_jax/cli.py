@@ -83,6 +83,9 @@ def describe(error: BaseException) -> str:
   # does not exist, set on the command line or in a config file.
   if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
     return _missing_field(str(error.args[0].args[0]), error.__traceback__)
+  # ...and a bare KeyError for a missing group on a --config.<path> flag's way.
+  if isinstance(error, KeyError) and error.args and _raised_in_ml_collections(error):
+    return _missing_field(str(error.args[0]), error.__traceback__)
   # A --config file that cannot be loaded: ml_collections lists where it looked,
   # with the reason last.
   if isinstance(error, OSError) and str(error).startswith("Configuration is not available"):
@@ -112,7 +115,14 @@ def _missing_field(message: str, trace: types.TracebackType | None) -> str:
     flag = arg.partition("=")[0]
     if flag.startswith("--config.") and flag.split(".")[-1] == key:
       return f"{flag}: no such config field{hint}"
+    if flag.startswith("--config.") and key in flag.split(".")[1:-1]:
+      return f"{flag}: no config group {key!r}{hint}"
   return f"no config field {key!r}{hint}"
+
+
+def _raised_in_ml_collections(error: BaseException) -> bool:
+  frames = list(traceback.walk_tb(error.__traceback__))
+  return bool(frames) and f"{os.sep}ml_collections{os.sep}" in frames[-1][0].f_code.co_filename
 
 
 def _config_files(argv: list[str]) -> list[str]:

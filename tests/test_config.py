@@ -131,6 +131,7 @@ def test_prompt_file_gives_text_and_chat_requests(tmp_path):
     ('{"text": ""}', '"text" must be a non-empty string'),
     ('{"messages": [{"role": "user"}]}', '"messages" must be a non-empty list'),
     ('{"text": "hi", "kind": 3}', '"kind" must be a non-empty string'),
+    ('{"text": "hi", "knd": "chat"}', "unknown key 'knd'"),
 ])
 def test_a_bad_prompt_line_is_named_by_its_number(tmp_path, line, message):
   path = write_lines(tmp_path / "bad.jsonl", json.dumps({"text": "fine"}), line)
@@ -187,8 +188,10 @@ def test_api_names_its_draft_checkpoint_field(tmp_path):
   from flashspec_jax import FlashSpec, FlashSpecConfig
   config = FlashSpecConfig(drafters=("draft_model:tiny_smollm2",),
                            draft_checkpoint_dir=str(tmp_path / "absent"))
-  with pytest.raises(ValueError, match="FlashSpecConfig.draft_checkpoint_dir"):
+  with pytest.raises(ValueError, match="FlashSpecConfig.draft_checkpoint_dir") as error:
     FlashSpec(config)
+  assert "FlashSpecConfig.synthetic_weights=True" in str(error.value)
+  assert "--config" not in str(error.value) and len(str(error.value).splitlines()) == 2
 
 
 def test_eagle_checkpoints_name_every_arm_or_some(tmp_path):

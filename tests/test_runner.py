@@ -63,6 +63,8 @@ def test_unknown_config_field_fails_naming_it():
 
 @pytest.mark.parametrize("flag, names", [
     ("--config.nonexistent=1", "--config.nonexistent: no such config field"),
+    ("--config.prompt.num_per_set=1",
+     "--config.prompt.num_per_set: no config group 'prompt' (did you mean \"prompts\"?)"),
     ("--config.sampling.gamma=abc", "--config.sampling.gamma=abc"),
     ("--config=experiments/no_such_experiment.py", "experiments/no_such_experiment.py"),
     ("--config=experiments/default.py:small", "unknown config argument 'small'"),

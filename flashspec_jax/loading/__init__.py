@@ -59,11 +59,13 @@ def check_checkpoint(name: str, checkpoint: str = "", flag: str = TARGET_FLAG) -
   path = pathlib.Path(checkpoint) if checkpoint else default_checkpoint(name)
   if not path.exists():
     hub_name = json.loads((CONFIGS_DIR / f"{name}.json").read_text()).get("_name_or_path", name)
+    # The flag's own prefix (run.py's --config. or the API's FlashSpecConfig.) names the
+    # setting that does without weights.
+    synthetic = f"{flag.rpartition('.')[0]}.synthetic_weights=True"
     raise CheckpointError(
-        f"no weights for {name!r}: looked in {path}.\n"
-        f"Put the Hugging Face checkpoint of {hub_name} there (config.json, *.safetensors, "
-        f"and for a target tokenizer.json), or pass {flag}=/path/to/it.\n"
-        f"To measure speed without weights, add --config.synthetic_weights=True.")
+        f"no weights for {name!r}: looked in {path}. Put the Hugging Face checkpoint of "
+        f"{hub_name} there (config.json, *.safetensors, and for a target tokenizer.json), "
+        f"or pass {flag}=/path/to/it.\nTo measure speed without weights, set {synthetic}.")
   if path.suffix == ".gguf":
     found, source = config_from_gguf(path), path
   else:
