@@ -92,7 +92,9 @@ class FlashSpecConfig:
   config ("auto": the per-user cache; "": off). deterministic: greedy output of
   every engine of one pass width (the largest gamma + 1, sampling.gamma's for AR)
   is the same, bit for bit (run.py's config.deterministic). mesh: "tp:<n>" splits the
-  target over n devices (run.py's config.mesh; "" is one device)."""
+  target over n devices (run.py's config.mesh; "" is one device). draft_steps:
+  "unrolled", "loop" or "auto", as run.py's config.draft_steps (a loop compiles
+  faster)."""
 
   target: str = "smollm2_135m"
   # Prompt lookup drafts for any target and costs next to nothing; a layer-skip drafter
@@ -111,6 +113,7 @@ class FlashSpecConfig:
   compilation_cache_dir: str = "auto"
   deterministic: bool = False
   mesh: str = ""
+  draft_steps: str = "auto"
 
   def __post_init__(self):
     # A string is a comma-separated list of arms, as config.arms is, not its characters.
@@ -130,6 +133,7 @@ class FlashSpecConfig:
     config.synthetic_weights, config.verify_impl, config.seed = (
         self.synthetic_weights, self.verify_impl, self.seed)
     config.deterministic, config.mesh = self.deterministic, self.mesh
+    config.draft_steps = self.draft_steps
     if len(self.drafters) > 1:
       config.arms = ",".join(self.drafters)
       config.methods = f"bandit:{self.bandit.strategy}"

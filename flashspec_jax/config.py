@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from flashspec_jax import sharding
+from flashspec_jax import environment, sharding
 from flashspec_jax.bandit import ENGINE_STRATEGIES, STRATEGIES
 from flashspec_jax.engine import MAX_GAMMA, REWARDS
 from flashspec_jax.kernels.verify import VERIFY_IMPLS, get_verify_fn
@@ -23,6 +23,7 @@ from flashspec_jax.models.eagle import valid_feature_layers
 from flashspec_jax.prompts import PROMPT_SETS, SPLITS, read_prompt_file
 
 DTYPES = ("auto", "float32", "bfloat16")
+DRAFT_STEPS = ("auto", "unrolled", "loop")
 KINDS = ("generate", "bandit_simulation", "kernel_bench", "train_drafter")
 # Arms: "ar", "layer_skip:<k>" (the target's first k layers draft),
 # "draft_model:<shape>" (a separate model of a shape in configs/) and
@@ -118,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling.gamma = 4  # draft tokens per speculative step
   # auto: the Pallas kernel on a GPU, the jnp reference elsewhere.
   config.verify_impl = "auto"
+  # How a model drafter's gamma draft steps compile: "unrolled" (the fastest steps on a
+  # GPU, at the price of gamma copies of the drafter in the program), "loop" (one copy:
+  # a faster compile and a smaller program) or "auto" (unrolled on a GPU, else a loop).
+  config.draft_steps = "auto"
   # Greedy speculative output equal to greedy AR's bit for bit, in any dtype: every
   # target pass after the prefill, AR steps too, is `pass_width(config)` tokens wide,
   # and XLA picks kernels without autotuning (docs/exactness.md).
@@ -340,6 +345,13 @@ def _arm_fits(spec: ArmSpec, target) -> bool:
   return True
 
 
+def unrolled_drafts(config: ml_collections.ConfigDict) -> bool:
+  """Whether model drafters unroll their draft steps (config.draft_steps)."""
+  if config.draft_steps == "auto":
+    return environment.on_gpu()
+  return config.draft_steps == "unrolled"
+
+
 def pass_width(config: ml_collections.ConfigDict) -> int | None:
   """Deterministic mode's width of every target pass: the largest gamma of the run
   (sampling.gamma or an arm's @gamma) + 1, so that AR and every arm of one config
@@ -456,6 +468,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("sampling.max_new_tokens", config.sampling.max_new_tokens >= 1, ">= 1"),
       ("sampling.gamma", 1 <= config.sampling.gamma <= MAX_GAMMA, f"in [1, {MAX_GAMMA}] "
        f"(see engine.MAX_GAMMA for why)"),
+      ("draft_steps", config.draft_steps in DRAFT_STEPS, f"one of {DRAFT_STEPS}"),
       ("verify_impl", config.verify_impl in VERIFY_IMPLS and _parses(get_verify_fn,
                                                                       config.verify_impl),
        f"one of {VERIFY_IMPLS}; 'pallas' needs a CUDA GPU"),

@@ -122,16 +122,16 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
   gamma = spec.gamma or config.sampling.gamma
   if spec.kind == "ar":
     return Arm()
-  # Unrolled draft steps run fastest on a GPU; on a CPU they mostly cost compile time.
-  # Likewise n-gram arms share a step body of their widest gamma only on a GPU, where
-  # a wider verify pass costs about the same (NgramDrafter.shares_step_body).
-  on_gpu = environment.on_gpu()
+  # Unrolled draft steps run fastest on a GPU; on a CPU they mostly cost compile time
+  # (config.draft_steps). N-gram arms share a step body of their widest gamma only on a
+  # GPU, where a wider verify pass costs about the same (NgramDrafter.shares_step_body).
+  unroll = config_lib.unrolled_drafts(config)
   if spec.kind == "layer_skip":  # config.validate has checked k against the target's layers
     return Arm(ModelDrafter(Llama(target.config, num_layers=int(spec.arg), param_dtype=dtype),
-                            unroll=on_gpu), gamma)
+                            unroll=unroll), gamma)
   if spec.kind == "ngram":
-    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg), shares_step_body=on_gpu),
-               gamma)
+    return Arm(NgramDrafter(target.config.vocab_size, int(spec.arg),
+                            shares_step_body=environment.on_gpu()), gamma)
   if spec.kind == "eagle":
     layers = (() if spec.arg == "random"
               else feature_layers(eagle_weights(spec.arg, config), target.config))
@@ -140,7 +140,7 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
           eagle.init_params(target.config, jax.random.key(config.seed + 2), dtype)
           if spec.arg == "random" else load_drafter(eagle_weights(spec.arg, config), target.config,
                                                     dtype, params["target"]))
-    return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=on_gpu,
+    return Arm(FeatureDrafter(Llama(target.config, param_dtype=dtype), spec.arg, unroll=unroll,
                               feature_layers=layers), gamma)
   if spec.arg not in drafter_configs:
     # load_target has checked the checkpoint, naming the draft flag (check_checkpoints).
@@ -149,7 +149,7 @@ def build_arm(spec: config_lib.ArmSpec, config, target: LoadedModel, dtype,
     params["drafters"][spec.arg] = drafter.params
     drafter_configs[spec.arg] = drafter.config
   return Arm(ModelDrafter(Llama(drafter_configs[spec.arg], param_dtype=dtype), spec.arg,
-                          unroll=on_gpu), gamma)
+                          unroll=unroll), gamma)
 
 
 def eagle_weights(name: str, config) -> pathlib.Path:

@@ -832,6 +832,15 @@ def _unprofiled(data: dict) -> bool:
   return not _profiled(data)
 
 
+def _compiled_as_run_py(data: dict) -> bool:
+  """An unprofiled compile_time run whose drafts compile as run.py's do on that device."""
+  return _unprofiled(data) and data.get("draft_steps", "auto") == "auto"
+
+
+def _drafts_in_a_loop(data: dict) -> bool:
+  return _unprofiled(data) and data.get("draft_steps") == "loop"
+
+
 # Every GPU section's title names its GPU, and the section draws only that GPU's runs: a
 # run on another would pass for one (tests/test_results.py checks both).
 H200 = "gpu:NVIDIA H200"
@@ -1002,13 +1011,17 @@ SECTIONS = [
     Section("deterministic_smollm2", "cpu", "Deterministic mode off and on (CPU)",
             deterministic),
     Section("compile_time", H200, "Compile time and the disk cache (H200)", compile_time,
-            _unprofiled),
+            _compiled_as_run_py),
+    Section("compile_time", H200, "Compile time and the disk cache, draft steps in a loop "
+            "(H200)", compile_time, _drafts_in_a_loop),
+    Section("compile_time", H100, "Compile time and the disk cache, draft steps in a loop "
+            "(H100)", compile_time, _drafts_in_a_loop),
     Section("compile_time", H200, "Where a compile and a load from the disk cache spend "
             "their time (H200)", compile_profile, _profiled),
     Section("compile_time", H100, "Where a compile and a load from the disk cache spend "
             "their time (H100)", compile_profile, _profiled),
     Section("compile_time", "cpu", "Compile time and the disk cache (CPU)", compile_time,
-            _unprofiled),
+            _compiled_as_run_py),
     Section("gamma_sweep", "", "Throughput and acceptance against gamma", sweep),
     Section("baselines", "", "Baselines on held-out prompts", bandit_run),
 ]

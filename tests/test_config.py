@@ -68,6 +68,8 @@ def no_loading(monkeypatch):
           eagle_checkpoint="fused=f.safetensors"), "no weights for the feature drafter "
                                                    "eagle:fused at f.safetensors"),
     (dict(**{"train.grad_clip": 0.0}), "config.train.grad_clip = 0.0 is invalid: expected > 0"),
+    (dict(draft_steps="rolled"), "config.draft_steps = 'rolled' is invalid: expected one of "
+                                 "\\('auto', 'unrolled', 'loop'\\)"),
     *[(dict(**{f"train.{name}": bad}), f"config.train.{name} = {bad} is invalid: expected >= 0")
       for name, bad in (("max_seconds", -1.0), ("weight_decay", -0.5), ("warmup_steps", -3))],
     (dict(methods="ar,ngram:3", draft_checkpoint_dir="/no/such/dir"),
@@ -150,6 +152,21 @@ def test_prompt_file_with_synthetic_weights_is_refused(tmp_path, no_loading):
                        **{"prompts.file": path})
   with pytest.raises(ValueError, match="synthetic weights have no tokenizer"):
     runner.run(config)
+
+
+@pytest.mark.parametrize("draft_steps, unrolled", [("auto", False), ("unrolled", True),
+                                                    ("loop", False)])
+def test_draft_steps_set_how_every_model_drafter_compiles(tmp_path, draft_steps, unrolled):
+  """On this CPU "auto" is a loop; the API's field reaches the same arms."""
+  config = make_config(tmp_path, target="tiny_llama", synthetic_weights=True,
+                       methods="bandit:ucb1", arms="layer_skip:1,eagle:random,ngram:3",
+                       draft_steps=draft_steps)
+  model = pipeline.load_model("tiny_llama", synthetic=True, dtype="float32")
+  (method,), _ = pipeline.build_methods(config, model, "float32")
+  assert [arm.drafter.unroll for arm in method.arms[:2]] == [unrolled, unrolled]
+  from flashspec_jax import FlashSpecConfig
+  api = FlashSpecConfig(target="tiny_llama", synthetic_weights=True, draft_steps=draft_steps)
+  assert config_lib.unrolled_drafts(api.to_config_dict()) is unrolled
 
 
 def test_budget_counts_real_prompt_lengths_not_bucket_padding():

@@ -167,8 +167,9 @@ def test_stream_sections_skip_a_run_of_a_few_methods(tmp_path, monkeypatch):
 
 
 def test_variants_of_a_run_get_sections_of_their_own(tmp_path, monkeypatch):
-  """A newer stream whose arms hold the drafter at several gammas, or a newer gamma sweep
-  at temperature 1, backs a section of its own and leaves the plain one its run."""
+  """A newer stream whose arms hold the drafter at several gammas, a newer gamma sweep
+  at temperature 1, or a newer compile-time run with draft steps in a loop, backs a
+  section of its own and leaves the plain one its run."""
   monkeypatch.setattr(report, "RESULTS", tmp_path)
   monkeypatch.setattr(report.results, "fused_drafter", lambda data: True)
   env = dict(ENV, device="gpu:NVIDIA H100 80GB HBM3")
@@ -188,8 +189,17 @@ def test_variants_of_a_run_get_sections_of_their_own(tmp_path, monkeypatch):
              "config": config} | ({"sweep_field": "sampling.gamma"}
                                   if experiment == "eagle_smollm2" else {})
       (tmp_path / experiment / f"{stem}.json").write_text(json.dumps(run))
+  (tmp_path / "compile_time").mkdir()
+  for stem, draft_steps in {"2026-11-29T060000Z_aaaaaaaa": "auto",
+                            "2026-11-29T070000Z_bbbbbbbb": "loop"}.items():
+    run = {"environment": dict(env, device="gpu:NVIDIA H200",
+                               date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00"),
+           "draft_steps": draft_steps}
+    (tmp_path / "compile_time" / f"{stem}.json").write_text(json.dumps(run))
   drawn = {}
-  for title in ("Choosers on a held-out stream in blocks of one set, temperature 1, the "
+  for title in ("Compile time and the disk cache (H200)",
+                "Compile time and the disk cache, draft steps in a loop (H200)",
+                "Choosers on a held-out stream in blocks of one set, temperature 1, the "
                 "fused-feature drafter (H100)",
                 "Choosers on a held-out stream in blocks of one set, temperature 1, the "
                 "fused-feature drafter at several gammas (H100)",
@@ -197,7 +207,7 @@ def test_variants_of_a_run_get_sections_of_their_own(tmp_path, monkeypatch):
                 "eagle:smollm2 against gamma, temperature 1 (H100)"):
     section, = [s for s in report.SECTIONS if s.title == title]
     drawn[title] = report.newest(section.experiment, section.device, section.select)[0].stem[-8:]
-  assert list(drawn.values()) == ["aaaaaaaa", "bbbbbbbb", "aaaaaaaa", "bbbbbbbb"]
+  assert list(drawn.values()) == ["aaaaaaaa", "bbbbbbbb"] * 3
 
 
 def test_the_training_section_draws_the_run_that_wrote_the_shipped_drafter(tmp_path, monkeypatch):

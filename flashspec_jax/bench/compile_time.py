@@ -52,6 +52,8 @@ from flashspec_jax.loading import load_model
 _TARGET = flags.DEFINE_string("target", "smollm2_135m", "Target shape in configs/.")
 _ARMS = flags.DEFINE_string("arms", "ngram:3,layer_skip:26,ar", "The bandit's arms.")
 _PROMPT = flags.DEFINE_integer("prompt_length", 100, "Prompt tokens (padded to its bucket).")
+_DRAFT_STEPS = flags.DEFINE_enum("draft_steps", "auto", config_lib.DRAFT_STEPS,
+                                 "How the drafters' steps compile (config.draft_steps).")
 _NEW = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per call.")
 _OUT = flags.DEFINE_string("out", "results", "Results directory.")
 _CACHE = flags.DEFINE_string("cache_dir", "", "Internal: the cache a second process reads.")
@@ -73,9 +75,11 @@ VARIANTS = {"default": None, "no_autotune": {"xla_gpu_autotune_level": 0},
                                    "xla_gpu_autotune_level": 0}}
 
 
-def run_config(target: str, arms: str, prompt_length: int, max_new_tokens: int):
+def run_config(target: str, arms: str, prompt_length: int, max_new_tokens: int,
+               draft_steps: str = "auto"):
   config = config_lib.base_config()
   config.target, config.synthetic_weights = target, True
+  config.draft_steps = draft_steps
   config.methods = f"ar,{arms.split(',')[0]},bandit:ucb1"
   config.arms = arms
   # Given costs: this measures compiling the generation programs, not calibration's.
@@ -141,8 +145,8 @@ def time_programs(config, variant: str, profile: bool = False) -> list[dict]:
 
 
 def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
-          variants: list[str], profile: bool = False) -> dict:
-  config = run_config(target, arms, prompt_length, max_new_tokens)
+          variants: list[str], profile: bool = False, draft_steps: str = "auto") -> dict:
+  config = run_config(target, arms, prompt_length, max_new_tokens, draft_steps)
   cold, warm = [], []
   with tempfile.TemporaryDirectory() as cache:
     environment.enable_compilation_cache(cache)
@@ -152,7 +156,7 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
           [sys.executable, "-m", "flashspec_jax.bench.compile_time", f"--target={target}",
            f"--arms={arms}", f"--prompt_length={prompt_length}",
            f"--max_new_tokens={max_new_tokens}", f"--cache_dir={cache}", f"--variant={variant}",
-           f"--profile={profile}"],
+           f"--profile={profile}", f"--draft_steps={draft_steps}"],
           capture_output=True, text=True,
           env=os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
       if child.returncode:
@@ -177,7 +181,8 @@ def bench(target: str, arms: str, prompt_length: int, max_new_tokens: int,
   return dict(target=target, dtype=jax.numpy.dtype(pipeline.param_dtype(config)).name,
               synthetic_weights=True, batch=1, prompt_length=prompt_length,
               prompt_bucket=pipeline.bucket_width(prompt_length, config.prompts.bucket),
-              max_new_tokens=max_new_tokens, unrolled_drafts=environment.on_gpu(),
+              max_new_tokens=max_new_tokens, draft_steps=draft_steps,
+              unrolled_drafts=config_lib.unrolled_drafts(config),
               second_process_preallocates=False, profiled=profile, rows=rows)
 
 
@@ -185,14 +190,15 @@ def main(argv):
   del argv
   if _CACHE.value:  # the second process: read the parent's cache, report as JSON
     environment.enable_compilation_cache(_CACHE.value)
-    print(json.dumps(time_programs(run_config(_TARGET.value, _ARMS.value, _PROMPT.value,
-                                              _NEW.value), _VARIANT.value, _PROFILE.value)))
+    config = run_config(_TARGET.value, _ARMS.value, _PROMPT.value, _NEW.value,
+                        _DRAFT_STEPS.value)
+    print(json.dumps(time_programs(config, _VARIANT.value, _PROFILE.value)))
     return
   unknown = set(_VARIANTS.value) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"--variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
   result = bench(_TARGET.value, _ARMS.value, _PROMPT.value, _NEW.value, _VARIANTS.value,
-                 _PROFILE.value)
+                 _PROFILE.value, _DRAFT_STEPS.value)
   path = results.write("compile_time", result, directory=_OUT.value)
   for row in result["rows"] if result["profiled"] else []:
     for call in ("cold", "cached"):
