@@ -270,8 +270,10 @@ class FlashSpec:
     and caching those it lacks."""
     arms = self.method.arms
     device = self._device()
+    # Unrolled draft steps cost a model drafter's step less on a GPU than a loop does.
+    drafts = "unrolled" if config_lib.unrolled_drafts(self.run_config) else "loop"
     key = (f"{self.config.target}|{jnp.dtype(self.model.dtype).name}|{device.platform}:"
-           f"{device.device_kind}|batch {len(batch)}")
+           f"{device.device_kind}|batch {len(batch)}|drafts {drafts}")
     path = environment.user_cache_dir() / "arm_costs.json"
     try:
       cache = json.loads(path.read_text())

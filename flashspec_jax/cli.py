@@ -83,8 +83,10 @@ def describe(error: BaseException) -> str:
   # does not exist, set on the command line or in a config file.
   if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
     return _missing_field(str(error.args[0].args[0]), error.__traceback__)
-  # ...and a bare KeyError for a missing group on a --config.<path> flag's way.
-  if isinstance(error, KeyError) and error.args and _raised_in_ml_collections(error):
+  # ...and a bare KeyError for a missing group on a --config.<path> flag's way (a bug's
+  # KeyError from a ConfigDict names no flag's group, and stays a bug).
+  if (isinstance(error, KeyError) and error.args and _raised_in_ml_collections(error)
+      and _flag_with_group(_quoted_key(str(error.args[0])))):
     return _missing_field(str(error.args[0]), error.__traceback__)
   # A --config file that cannot be loaded: ml_collections lists where it looked,
   # with the reason last.
@@ -102,8 +104,7 @@ def _missing_field(message: str, trace: types.TracebackType | None) -> str:
   names only the path's last part ('Key "x" does not exist ... Other fields present:
   ...' from a file, "'x'" from a flag), perhaps followed by 'Did you mean "y" instead
   of "x"?'."""
-  quoted = re.search(r"""["']([^"']+)["']""", message)
-  key = quoted[1] if quoted else message
+  key = _quoted_key(message)
   suggestion = re.search(r'Did you mean "([^"]+)"', message)
   hint = f' (did you mean "{suggestion[1]}"?)' if suggestion else ""
   # The file loads before any --config.<path> flag applies, so its error comes first.
@@ -115,9 +116,24 @@ def _missing_field(message: str, trace: types.TracebackType | None) -> str:
     flag = arg.partition("=")[0]
     if flag.startswith("--config.") and flag.split(".")[-1] == key:
       return f"{flag}: no such config field{hint}"
-    if flag.startswith("--config.") and key in flag.split(".")[1:-1]:
-      return f"{flag}: no config group {key!r}{hint}"
+  flag = _flag_with_group(key)
+  if flag:
+    return f"{flag}: no config group {key!r}{hint}"
   return f"no config field {key!r}{hint}"
+
+
+def _quoted_key(message: str) -> str:
+  quoted = re.search(r"""["']([^"']+)["']""", message)
+  return quoted[1] if quoted else message
+
+
+def _flag_with_group(key: str) -> str | None:
+  """The --config.<path> flag in sys.argv whose path runs through the group `key`."""
+  for arg in sys.argv[1:]:
+    flag = arg.partition("=")[0]
+    if flag.startswith("--config.") and key in flag.split(".")[1:-1]:
+      return flag
+  return None
 
 
 def _raised_in_ml_collections(error: BaseException) -> bool:

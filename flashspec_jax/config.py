@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   # auto: the Pallas kernel on a GPU, the jnp reference elsewhere.
   config.verify_impl = "auto"
   # How a model drafter's gamma draft steps compile: "unrolled" (the fastest steps on a
-  # GPU, at the price of gamma copies of the drafter in the program), "loop" (one copy:
+  # GPU, at the price of gamma - 1 copies of a draft step in the program), "loop" (one:
   # a faster compile and a smaller program) or "auto" (unrolled on a GPU, else a loop).
   config.draft_steps = "auto"
   # Greedy speculative output equal to greedy AR's bit for bit, in any dtype: every

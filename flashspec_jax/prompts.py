@@ -202,13 +202,13 @@ def _prompt_from_line(line: str, where: str) -> Prompt:
     record = json.loads(line)
   except json.JSONDecodeError as error:
     raise ValueError(f"{where}: not valid JSON ({error.msg}, column {error.colno})") from None
-  if not isinstance(record, dict) or ("text" in record) == ("messages" in record):
-    raise ValueError(f'{where}: expected an object with either "text" or "messages"')
-  # A misspelt "kind" would otherwise pass unnoticed, as kind "file".
-  unknown = sorted(set(record) - {"text", "messages", "kind"})
+  # A misspelt key is named, not passed over: a misspelt "kind" would run as kind "file".
+  unknown = sorted(set(record) - {"text", "messages", "kind"}) if isinstance(record, dict) else []
   if unknown:
     raise ValueError(f'{where}: unknown key {unknown[0]!r}; a line holds "text" or "messages", '
                      f'and optionally "kind"')
+  if not isinstance(record, dict) or ("text" in record) == ("messages" in record):
+    raise ValueError(f'{where}: expected an object with either "text" or "messages"')
   kind = record.get("kind", "file")
   if not isinstance(kind, str) or not kind:
     raise ValueError(f'{where}: "kind" must be a non-empty string')

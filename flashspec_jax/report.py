@@ -833,12 +833,17 @@ def _unprofiled(data: dict) -> bool:
 
 
 def _compiled_as_run_py(data: dict) -> bool:
-  """An unprofiled compile_time run whose drafts compile as run.py's do on that device."""
-  return _unprofiled(data) and data.get("draft_steps", "auto") == "auto"
+  """An unprofiled compile_time run whose drafts compile as run.py's do by default on its
+  device: unrolled on a GPU, in a loop elsewhere."""
+  return _unprofiled(data) and data["unrolled_drafts"] == _on_gpu(data)
 
 
 def _drafts_in_a_loop(data: dict) -> bool:
-  return _unprofiled(data) and data.get("draft_steps") == "loop"
+  return _unprofiled(data) and not data["unrolled_drafts"]
+
+
+def _on_gpu(data: dict) -> bool:
+  return data["environment"]["device"].startswith("gpu")
 
 
 # Every GPU section's title names its GPU, and the section draws only that GPU's runs: a

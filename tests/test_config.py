@@ -128,12 +128,14 @@ def test_prompt_file_gives_text_and_chat_requests(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not valid JSON"),
-    ('{"prompt": "hi"}', 'expected an object with either "text" or "messages"'),
+    ('{"prompt": "hi"}', "unknown key 'prompt'"),
+    ('{"kind": "chat"}', 'expected an object with either "text" or "messages"'),
     ('{"text": "hi", "messages": []}', 'expected an object with either "text" or "messages"'),
     ('{"text": ""}', '"text" must be a non-empty string'),
     ('{"messages": [{"role": "user"}]}', '"messages" must be a non-empty list'),
     ('{"text": "hi", "kind": 3}', '"kind" must be a non-empty string'),
     ('{"text": "hi", "knd": "chat"}', "unknown key 'knd'"),
+    ('{"txt": "hi"}', "unknown key 'txt'"),
 ])
 def test_a_bad_prompt_line_is_named_by_its_number(tmp_path, line, message):
   path = write_lines(tmp_path / "bad.jsonl", json.dumps({"text": "fine"}), line)

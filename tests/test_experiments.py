@@ -73,6 +73,7 @@ def documented_commands() -> list[tuple[str, str]]:
     texts[f"experiments/{name}.py"] = ast.get_docstring(ast.parse(path.read_text()))
   found = []
   for source, text in texts.items():
+    text = text.replace("\\\n", " ")  # a shell line continuation
     # In backticks, perhaps wrapped over lines; or a line of its own, perhaps continued.
     inline = [m.group(1) for m in re.finditer(r"`(python run\.py[^`]*)`", text)]
     lines = re.findall(r"^\s*(python run\.py[^`\n]*(?:\n\s+--[^`\n]*)*)", text, re.M)
@@ -80,6 +81,12 @@ def documented_commands() -> list[tuple[str, str]]:
       if "<" not in command:
         found.append((source, " ".join(command.split())))
   return found
+
+
+def test_the_docs_give_commands_from_every_kind_of_source():
+  sources = {source.partition("/")[0] for source, _ in documented_commands()}
+  assert {"README.md", "experiments", "flashspec_jax"} <= sources
+  assert len(documented_commands()) >= 50
 
 
 @pytest.mark.parametrize("source,command", documented_commands())
@@ -92,7 +99,7 @@ def test_documented_command_parses_and_validates(source, command, monkeypatch):
   monkeypatch.chdir(REPO)
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
-  flag_values(sys.argv)
+  assert flag_values(sys.argv) == ["run.py"]  # every argument was a flag it knows
   config_lib.validate(flag_values.config)
 
 

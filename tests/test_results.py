@@ -190,11 +190,11 @@ def test_variants_of_a_run_get_sections_of_their_own(tmp_path, monkeypatch):
                                   if experiment == "eagle_smollm2" else {})
       (tmp_path / experiment / f"{stem}.json").write_text(json.dumps(run))
   (tmp_path / "compile_time").mkdir()
-  for stem, draft_steps in {"2026-11-29T060000Z_aaaaaaaa": "auto",
-                            "2026-11-29T070000Z_bbbbbbbb": "loop"}.items():
+  for stem, unrolled in {"2026-11-29T060000Z_aaaaaaaa": True,
+                         "2026-11-29T070000Z_bbbbbbbb": False}.items():
     run = {"environment": dict(env, device="gpu:NVIDIA H200",
                                date=f"{stem[:10]}T{stem[11:13]}:00:00+00:00"),
-           "draft_steps": draft_steps}
+           "unrolled_drafts": unrolled}
     (tmp_path / "compile_time" / f"{stem}.json").write_text(json.dumps(run))
   drawn = {}
   for title in ("Compile time and the disk cache (H200)",

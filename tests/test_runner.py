@@ -17,7 +17,7 @@ import pytest
 from helpers import with_fields, write_tiny_llama
 
 from flashspec_jax import config as config_lib
-from flashspec_jax import engine, executables, pipeline, runner
+from flashspec_jax import cli, engine, executables, pipeline, runner
 from flashspec_jax.loading import CheckpointError, load_model
 from flashspec_jax.loading.gguf import smollm2_path
 from flashspec_jax.loading.tokenizer import load_tokenizer
@@ -74,6 +74,22 @@ def test_bad_flags_fail_in_two_lines_at_most(flag, names):
   result = run_cli(flag)
   assert result.returncode != 0 and names in result.stderr
   assert "Traceback" not in result.stderr and len(message_lines(result.stderr)) <= 2
+
+
+def test_a_bugs_missing_config_key_stays_a_bug(monkeypatch):
+  """A KeyError that ml_collections raises for code's own lookup, with no --config flag
+  running through that group, is not blamed on the user's flags."""
+  monkeypatch.setattr(sys, "argv", ["run.py", "--config.sampling.gamma=3"])
+  try:
+    config_lib.base_config()["trian"]
+  except KeyError as error:
+    message = cli.describe(error)
+  assert message.startswith("KeyError: ") and "--verbose" in message
+  monkeypatch.setattr(sys, "argv", ["run.py", "--config.trian.steps=3"])
+  try:
+    config_lib.base_config()["trian"]
+  except KeyError as error:
+    assert cli.describe(error).startswith("--config.trian.steps: no config group 'trian'")
 
 
 @pytest.mark.parametrize("assignment, flags, names", [
