@@ -507,7 +507,7 @@ def deterministic(data: dict) -> list[str]:
   c = data["config"]
   # "auto" is bf16 on a GPU and f32 elsewhere (pipeline.param_dtype).
   dtype = c["dtype"] if c["dtype"] != "auto" else (
-      "bfloat16" if data["environment"]["device"].startswith("gpu") else "float32")
+      "bfloat16" if _on_gpu(data) else "float32")
   lines = [f"{c['target']} in {dtype}, batch {c['batch_size']}, greedy, gamma "
            f"{c['sampling']['gamma']}, "
            f"{c['sampling']['max_new_tokens']} new tokens, {c['prompts']['num_per_set']} held-out "
